@@ -1,0 +1,67 @@
+"""The `rau-rt` command. Each subcommand is a (configure, run) pair in `COMMANDS`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from rau_rt._version import __version__
+from rau_rt.errors import RauRtError
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def _configure_doctor(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _run_doctor(args: argparse.Namespace) -> int:
+    from rau_rt import doctor
+
+    rows = doctor.collect()
+    if args.json:
+        print(json.dumps(doctor.to_json(rows), indent=2))
+    else:
+        print(doctor.to_table(rows))
+    return 0
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command("doctor", "report what this host can run (versions, providers, GPU, native ops)",
+            _configure_doctor, _run_doctor),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rau-rt", description="Edge inference runtime for reference-based anatomy tracking.")
+    parser.add_argument("--version", action="version", version=f"rau-rt {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command in COMMANDS:
+        sub = subparsers.add_parser(command.name, help=command.help, description=command.help)
+        command.configure(sub)
+        sub.set_defaults(run=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `rau-rt` console script; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.run(args)
+    except RauRtError as exc:
+        print(f"rau-rt {args.command}: error: {exc}", file=sys.stderr)
+        return 1
