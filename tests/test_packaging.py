@@ -25,7 +25,7 @@ def test_wheel_maps_engines_and_export_into_rau_rt(tmp_path):
     )
     (wheel,) = wheels.glob("rau_rt-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for expected in ("rau_rt/__init__.py", "rau_rt/ops.py", "rau_rt/engines/__init__.py",
+    for expected in ("rau_rt/__init__.py", "rau_rt/ops/__init__.py", "rau_rt/engines/__init__.py",
                      "rau_rt/export/__init__.py"):
         assert expected in names
     assert any(n.startswith("rau_rt/_native.") and n.endswith((".so", ".pyd")) for n in names)

@@ -1,75 +1,71 @@
 #include "rau_rt_native/preprocess.hpp"
 
 #include <algorithm>
-#include <cmath>
-#include <vector>
 
 #include "rau_rt_native/parallel.hpp"
+#include "rau_rt_native/resample.hpp"
 
 namespace rau_rt_native {
-namespace {
-
-// Source taps for one output coordinate along one axis.
-struct Tap {
-  int64_t lo;
-  int64_t hi;
-  float frac;
-};
-
-// Half-pixel-centre mapping, as in torch's area_pixel_compute_source_index(align_corners=False).
-std::vector<Tap> make_taps(int64_t in_size, int64_t out_size) {
-  std::vector<Tap> taps(static_cast<size_t>(out_size));
-  const double scale = static_cast<double>(in_size) / static_cast<double>(out_size);
-  for (int64_t i = 0; i < out_size; ++i) {
-    const float src = std::max(static_cast<float>((static_cast<double>(i) + 0.5) * scale - 0.5), 0.0f);
-    int64_t lo = std::min(static_cast<int64_t>(src), in_size - 1);
-    int64_t hi = std::min(lo + 1, in_size - 1);
-    taps[static_cast<size_t>(i)] = Tap{lo, hi, src - static_cast<float>(lo)};
-  }
-  return taps;
-}
-
-template <typename T>
-inline float load(const char* p) {
-  return static_cast<float>(*reinterpret_cast<const T*>(p));
-}
-
-}  // namespace
 
 template <typename T>
 void preprocess(const ImageView<T>& src, const PreprocessParams& params, float* out) {
-  const std::vector<Tap> xs = make_taps(src.width, params.out_width);
-  const std::vector<Tap> ys = make_taps(src.height, params.out_height);
-  const int64_t plane = params.out_height * params.out_width;
+  const Taps xs = make_taps(src.width, params.out_width);
+  const Taps ys = make_taps(src.height, params.out_height);
+  const int64_t width = params.out_width;
+  const int64_t plane = params.out_height * width;
+  const int64_t channels = src.channels;
 
-  // Byte offsets of each plane's source channel, hoisted out of the pixel loop.
-  int64_t channel_offset[3];
-  for (int k = 0; k < 3; ++k) channel_offset[k] = params.source_channel[k] * src.channel_stride;
+  // Byte offsets of the two horizontal taps of every output column.
+  std::vector<int64_t> col_lo(static_cast<size_t>(width)), col_hi(static_cast<size_t>(width));
+  for (int64_t x = 0; x < width; ++x) {
+    col_lo[static_cast<size_t>(x)] = xs.lo[static_cast<size_t>(x)] * src.col_stride;
+    col_hi[static_cast<size_t>(x)] = xs.hi[static_cast<size_t>(x)] * src.col_stride;
+  }
 
-#pragma omp parallel for schedule(static) num_threads(params.threads) if (params.threads > 1)
-  for (int64_t oy = 0; oy < params.out_height; ++oy) {
-    const Tap ty = ys[static_cast<size_t>(oy)];
-    const char* row0 = src.data + ty.lo * src.row_stride;
-    const char* row1 = src.data + ty.hi * src.row_stride;
-    float* out_row[3];
-    for (int k = 0; k < 3; ++k) out_row[k] = out + k * plane + oy * params.out_width;
+  // Horizontal pass: source row -> one float row per source channel.
+  auto fill = [&](int64_t row, float* dst) {
+    const char* base = src.data + row * src.row_stride;
+    for (int64_t c = 0; c < channels; ++c) {
+      const char* chan = base + c * src.channel_stride;
+      float* d = dst + c * width;
+      for (int64_t x = 0; x < width; ++x) {
+        const size_t i = static_cast<size_t>(x);
+        const float a = static_cast<float>(*reinterpret_cast<const T*>(chan + col_lo[i]));
+        const float b = static_cast<float>(*reinterpret_cast<const T*>(chan + col_hi[i]));
+        d[x] = a + xs.frac[i] * (b - a);
+      }
+    }
+  };
 
-    for (int64_t ox = 0; ox < params.out_width; ++ox) {
-      const Tap tx = xs[static_cast<size_t>(ox)];
-      const int64_t c0 = tx.lo * src.col_stride;
-      const int64_t c1 = tx.hi * src.col_stride;
+#pragma omp parallel num_threads(params.threads) if (params.threads > 1)
+  {
+    RowCache cache(channels, width);
+#pragma omp for schedule(static)
+    for (int64_t y = 0; y < params.out_height; ++y) {
+      const size_t iy = static_cast<size_t>(y);
+      const float* top = nullptr;
+      const float* bottom = nullptr;
+      cache.get(ys.lo[iy], ys.hi[iy], fill, &top, &bottom);
+      const float fy = ys.frac[iy];
+      // Vertical pass + window/scale + per-plane affine, contiguous and vectorizable.
       for (int k = 0; k < 3; ++k) {
-        const int64_t ch = channel_offset[k];
-        const float p00 = load<T>(row0 + c0 + ch);
-        const float p01 = load<T>(row0 + c1 + ch);
-        const float p10 = load<T>(row1 + c0 + ch);
-        const float p11 = load<T>(row1 + c1 + ch);
-        const float top = p00 + tx.frac * (p01 - p00);
-        const float bottom = p10 + tx.frac * (p11 - p10);
-        const float v = top + ty.frac * (bottom - top);
-        float x = v * params.value_scale + params.value_offset;
-        if (params.clamp) x = std::min(std::max(x, 0.0f), 1.0f);
-        out_row[k][ox] = x * params.plane_scale[k] + params.plane_offset[k];
+        const float* t = top + params.source_channel[k] * width;
+        const float* b = bottom + params.source_channel[k] * width;
+        float* o = out + k * plane + y * width;
+        const float vs = params.value_scale, vo = params.value_offset;
+        const float ps = params.plane_scale[k], po = params.plane_offset[k];
+        if (params.clamp) {
+          for (int64_t x = 0; x < width; ++x) {
+            float v = (t[x] + fy * (b[x] - t[x])) * vs + vo;
+            v = std::min(std::max(v, 0.0f), 1.0f);
+            o[x] = v * ps + po;
+          }
+        } else {
+          for (int64_t x = 0; x < width; ++x) {
+            const float v = (t[x] + fy * (b[x] - t[x])) * vs + vo;
+            o[x] = v * ps + po;
+          }
+        }
       }
     }
   }

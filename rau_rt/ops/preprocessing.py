@@ -1,106 +1,33 @@
-"""Pre/post-processing ops: the only importer of `rau_rt._native`.
-
-Each op has a NumPy reference (`*_reference`), used when the extension is absent and as the test
-oracle. `RAU_RT_NATIVE=0` forces the reference path; `RAU_RT_STRICT_NATIVE=1` makes a missing
-extension an error instead of a fallback. Native kernels run on `num_threads()` OpenMP threads:
-`RAU_RT_THREADS`, or `set_num_threads`, or the number of physical cores.
-"""
+"""Frame pre-processing: to SAM2's input (`preprocess`) and to the VLM's (`resize_for_vlm`)."""
 
 from __future__ import annotations
 
-import os
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
-from types import ModuleType
 
 import numpy as np
 
-from rau_rt.errors import InputError, NativeUnavailableError
+from rau_rt.errors import InputError
+from rau_rt.ops._bilinear import resize_plane
+from rau_rt.ops.runtime import load_native, num_threads
 
 # SAM2's normalization (sam2/utils/misc.py: img_mean, img_std), the ImageNet statistics.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Qwen2-VL/2.5-VL image processor normalization (transformers OPENAI_CLIP_MEAN / _STD).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# Qwen2.5-VL smart resize: patch 14 x spatial merge 2 = 28 px per visual token side; pixel bounds
+# of its image processor (min 56*56, max 28*28*1280 = 1280 visual tokens).
+QWEN_FACTOR = 28
+QWEN_MIN_PIXELS = 56 * 56
+QWEN_MAX_PIXELS = 28 * 28 * 1280
+# transformers' smart_resize refuses aspect ratios above this.
+MAX_ASPECT_RATIO = 200
 
 _MAX_VALUE = {np.dtype(np.uint8): 255, np.dtype(np.uint16): 65535}
 _CHANNEL_ORDERS = ("rgb", "bgr")
-
-
-@cache
-def _load_native() -> ModuleType | None:
-    if os.environ.get("RAU_RT_NATIVE", "1") == "0":
-        return None
-    try:
-        from rau_rt import _native
-    except ImportError as exc:
-        if os.environ.get("RAU_RT_STRICT_NATIVE") == "1":
-            raise NativeUnavailableError(
-                f"RAU_RT_STRICT_NATIVE=1 but rau_rt._native does not import ({exc}); "
-                "reinstall with a C++17 compiler: pip install -e ."
-            ) from exc
-        return None
-    return _native
-
-
-def native_available() -> bool:
-    """Whether ops run the compiled kernels (False: the NumPy reference path)."""
-    return _load_native() is not None
-
-
-def native_info() -> dict[str, object]:
-    """What the extension is: built or not, OpenMP or not, and the thread count ops will use."""
-    native = _load_native()
-    if native is None:
-        return {"built": False, "openmp": False, "threads": 1, "path": None}
-    return {
-        "built": True,
-        "openmp": bool(native.has_openmp()),
-        "threads": num_threads() if native.has_openmp() else 1,
-        "path": native.__file__,
-    }
-
-
-def physical_cores() -> int:
-    """Physical cores available to this process (SMT siblings counted once)."""
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if not cpus:
-        return os.cpu_count() or 1
-    cores = set()
-    for cpu in cpus:
-        try:
-            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as f:
-                cores.add(f.read().strip())
-        except OSError:
-            cores.add(str(cpu))
-    return max(1, len(cores))
-
-
-_threads: int | None = None
-
-
-def set_num_threads(threads: int | None) -> None:
-    """Threads for native kernels; None restores the default (RAU_RT_THREADS or physical cores)."""
-    global _threads
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
-                                or threads < 1):
-        raise InputError(f"threads: expected an integer >= 1 or None, got {threads!r}")
-    _threads = threads
-
-
-def num_threads() -> int:
-    """Threads the native kernels use on the next call."""
-    if _threads is not None:
-        return _threads
-    env = os.environ.get("RAU_RT_THREADS")
-    if env is None or env == "":
-        return physical_cores()
-    try:
-        value = int(env)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise InputError(f"RAU_RT_THREADS: expected an integer >= 1, got {env!r}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -239,7 +166,7 @@ def preprocess(
     height, width = _check_size(size)
     plan = _plan(image, channel_order, mean, std, window, bits_stored)
     result = _output(out, (height, width))
-    native = _load_native()
+    native = load_native()
     if native is None:
         result[...] = _preprocess_numpy(image, (height, width), plan)
         return result
@@ -274,35 +201,103 @@ def preprocess_reference(
     return _preprocess_numpy(image, (height, width), plan)
 
 
-def _source_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    # torch area_pixel_compute_source_index(align_corners=False): src = (dst + 0.5) * scale - 0.5
-    scale = in_size / out_size
-    src = ((np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5).astype(np.float32)
-    src = np.maximum(src, np.float32(0.0))
-    lo = np.minimum(src.astype(np.int64), in_size - 1)
-    hi = np.minimum(lo + 1, in_size - 1)
-    return lo, hi, (src - lo.astype(np.float32)).astype(np.float32)
-
-
 def _preprocess_numpy(
     image: np.ndarray, size: tuple[int, int], plan: _PreprocessPlan
 ) -> np.ndarray:
-    height, width = size
     pixels = image if image.ndim == 3 else image[:, :, None]
-    x0, x1, fx = _source_taps(pixels.shape[1], width)
-    y0, y1, fy = _source_taps(pixels.shape[0], height)
-    fx, fy = fx[None, :], fy[:, None]
-    out = np.empty((3, height, width), dtype=np.float32)
+    out = np.empty((3, *size), dtype=np.float32)
     for k, channel in enumerate(plan.source_channel):
-        plane = pixels[:, :, channel]
-        rows0, rows1 = plane[y0], plane[y1]
-        p00, p01 = rows0[:, x0].astype(np.float32), rows0[:, x1].astype(np.float32)
-        p10, p11 = rows1[:, x0].astype(np.float32), rows1[:, x1].astype(np.float32)
-        top = p00 + fx * (p01 - p00)
-        bottom = p10 + fx * (p11 - p10)
-        value = top + fy * (bottom - top)
+        value = resize_plane(pixels[:, :, channel], size)
         x = value * np.float32(plan.value_scale) + np.float32(plan.value_offset)
         if plan.clamp:
             x = np.clip(x, np.float32(0.0), np.float32(1.0))
         out[k] = x * np.float32(plan.plane_scale[k]) + np.float32(plan.plane_offset[k])
     return out
+
+
+@dataclass(frozen=True)
+class VlmImage:
+    """A frame resized and normalized for the VLM.
+
+    `size` is the model-input (height, width), the space of Qwen2.5-VL's absolute-pixel boxes;
+    `source_size` is the frame's (height, width). rau_rt.geometry converts between them.
+    """
+
+    pixels: np.ndarray
+    size: tuple[int, int]
+    source_size: tuple[int, int]
+
+
+def smart_resize(
+    height: int,
+    width: int,
+    *,
+    factor: int = QWEN_FACTOR,
+    min_pixels: int = QWEN_MIN_PIXELS,
+    max_pixels: int = QWEN_MAX_PIXELS,
+) -> tuple[int, int]:
+    """Qwen2.5-VL's smart resize: sides multiples of `factor`, area in [min_pixels, max_pixels].
+
+    Follows transformers' `smart_resize` (Qwen2-VL image processor), except that a side shorter
+    than `factor` is rounded up to `factor` instead of raising.
+    """
+    if height < 1 or width < 1:
+        raise InputError(f"smart_resize: expected positive height and width, got {height}x{width}")
+    if factor < 1 or min_pixels < 1 or max_pixels < min_pixels:
+        raise InputError(
+            f"smart_resize: expected factor >= 1 and 1 <= min_pixels <= max_pixels, got "
+            f"factor={factor}, min_pixels={min_pixels}, max_pixels={max_pixels}")
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise InputError(f"smart_resize: aspect ratio {max(height, width) / min(height, width):.1f}"
+                         f" exceeds {MAX_ASPECT_RATIO}")
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def resize_for_vlm(
+    image: np.ndarray,
+    *,
+    size: tuple[int, int] | None = None,
+    factor: int = QWEN_FACTOR,
+    min_pixels: int = QWEN_MIN_PIXELS,
+    max_pixels: int = QWEN_MAX_PIXELS,
+    channel_order: str = "bgr",
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+    window: tuple[float, float] | None = None,
+    bits_stored: int | None = None,
+    out: np.ndarray | None = None,
+) -> VlmImage:
+    """Frame -> VLM input: smart-resized (or to a fixed `size`) and normalized, in one pass.
+
+    Args:
+        image: as `preprocess`.
+        size: a fixed model-input (height, width), e.g. the grid an exported vision graph was
+            built for; both sides must be multiples of `factor`. None: `smart_resize`.
+        factor, min_pixels, max_pixels: smart-resize parameters (Qwen2.5-VL's by default;
+            Qwen3-VL uses factor 32).
+        channel_order, mean, std, window, bits_stored, out: as `preprocess`.
+
+    Resampling is bilinear like `preprocess`; Qwen's image processor resizes bicubically, so
+    pixel values differ slightly from transformers' (the box geometry does not).
+    """
+    image = _check_image(image, "image")
+    source = (int(image.shape[0]), int(image.shape[1]))
+    if size is None:
+        target = smart_resize(*source, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    else:
+        target = _check_size(size)
+        if target[0] % factor or target[1] % factor:
+            raise InputError(f"size: expected multiples of {factor} (patch x merge), got {size}")
+    pixels = preprocess(image, target, channel_order=channel_order, mean=mean, std=std,
+                        window=window, bits_stored=bits_stored, out=out)
+    return VlmImage(pixels=pixels, size=target, source_size=source)
