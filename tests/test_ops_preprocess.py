@@ -221,3 +221,21 @@ def test_strict_mode_raises_when_the_extension_is_missing():
     assert strict.returncode == 0 and "raised" in strict.stdout, strict.stderr
     lenient = run_python(code, RAU_RT_STRICT_NATIVE="0")
     assert lenient.returncode == 0 and "raised" not in lenient.stdout, lenient.stderr
+
+
+@requires_native
+def test_passive_omp_wait_policy_is_set_only_while_loading():
+    code = (
+        "import os\nfrom rau_rt import ops\n"
+        "assert ops.native_available()\n"
+        "assert 'OMP_WAIT_POLICY' not in os.environ\n"
+        "print(ops.native_info()['omp_wait_policy'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    default = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env=env, check=False)
+    assert default.returncode == 0, default.stderr
+    assert default.stdout.startswith("PASSIVE")
+    user = run_python(code.replace("assert 'OMP_WAIT_POLICY' not in os.environ\n", ""),
+                      OMP_WAIT_POLICY="ACTIVE")
+    assert user.stdout.strip() == "ACTIVE", user.stderr

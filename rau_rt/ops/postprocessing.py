@@ -226,7 +226,8 @@ def _postprocess_numpy(logits: np.ndarray, size: tuple[int, int], threshold: flo
         boxes.append(box_of(inside))
         areas[n] = np.count_nonzero(inside)
         if areas[n]:
-            scores[n] = np.mean(1.0 / (1.0 + np.exp(-values[inside].astype(np.float64))))
+            with np.errstate(over="ignore"):  # exp overflow -> probability 0, as in C++
+                scores[n] = np.mean(1.0 / (1.0 + np.exp(-values[inside].astype(np.float64))))
     return MaskSet(masks=out, boxes=boxes, areas=areas, scores=scores)
 
 

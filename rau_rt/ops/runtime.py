@@ -3,6 +3,11 @@
 `RAU_RT_NATIVE=0` forces the NumPy reference path; `RAU_RT_STRICT_NATIVE=1` makes a missing
 extension an error instead of a fallback. Native kernels run on `num_threads()` OpenMP threads:
 `set_num_threads`, else `RAU_RT_THREADS`, else the number of physical cores.
+
+OpenMP threads wait passively (sleep) at the end of a kernel unless `OMP_WAIT_POLICY` says
+otherwise: with libgomp's default spinning, a 2-thread kernel ran 3-17x slower than 1 thread when
+another process held one of 2 cores (benchmarks/README.md), and on a tower the VLM worker is that
+other process. The variable is set only while the extension loads (libgomp reads it then).
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ def load_native() -> ModuleType | None:
     """The extension module, or None for the NumPy path (see the module docstring)."""
     if os.environ.get("RAU_RT_NATIVE", "1") == "0":
         return None
+    added = "OMP_WAIT_POLICY" not in os.environ
+    if added:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     try:
         from rau_rt import _native
     except ImportError as exc:
@@ -30,6 +38,9 @@ def load_native() -> ModuleType | None:
                 "reinstall with a C++17 compiler: pip install -e ."
             ) from exc
         return None
+    finally:
+        if added:
+            os.environ.pop("OMP_WAIT_POLICY", None)
     return _native
 
 
@@ -47,6 +58,7 @@ def native_info() -> dict[str, object]:
         "built": True,
         "openmp": bool(native.has_openmp()),
         "threads": num_threads() if native.has_openmp() else 1,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE (rau-rt default)"),
         "path": native.__file__,
     }
 

@@ -1,0 +1,1 @@
+"""Benchmark suites: `python -m benchmarks.<suite> [--quick] [--json PATH]` (not installed)."""

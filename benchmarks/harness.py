@@ -1,0 +1,133 @@
+"""The one benchmark harness: interleaved timed loops, percentiles, and the JSON record.
+
+Record shape (STYLE.md, Benchmarks): {"suite", "device", "versions", "cases": [{"case",
+"backend", "precision", "median_ms", "p90_ms", "baseline", "baseline_median_ms", "speedup",
+"fidelity"}]}, where speedup = baseline median / our median from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import platform
+import resource
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from rau_rt import ops
+from rau_rt._version import __version__
+
+
+def parse_args(description: str, default_json: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer repetitions (about a minute on 2 cores)")
+    parser.add_argument("--json", default=default_json, help="where to write the JSON record")
+    parser.add_argument("--repeat", type=int, default=None, help="timed repetitions per case")
+    return parser.parse_args()
+
+
+def time_interleaved(
+    calls: dict[str, Callable[[], object]], *, warmup: int, repeat: int
+) -> dict[str, np.ndarray]:
+    """Milliseconds per call for each entry, measured round-robin in rotating order.
+
+    Interleaving makes every implementation see the same background load on a shared machine,
+    so ratios from one run hold even when absolute times drift.
+    """
+    names = list(calls)
+    for _ in range(warmup):
+        for name in names:
+            calls[name]()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(repeat):
+        order = names[i % len(names):] + names[: i % len(names)]
+        for name in order:
+            start = time.perf_counter()
+            calls[name]()
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: np.asarray(values) for name, values in samples.items()}
+
+
+def stats(samples_ms: np.ndarray) -> dict[str, float]:
+    return {
+        "median_ms": float(np.median(samples_ms)),
+        "p90_ms": float(np.percentile(samples_ms, 90)),
+        "p99_ms": float(np.percentile(samples_ms, 99)),
+        "mean_ms": float(np.mean(samples_ms)),
+        "std_ms": float(np.std(samples_ms)),
+        "runs": int(samples_ms.size),
+    }
+
+
+def case_record(case: str, backend: str, precision: str, ours: np.ndarray, baseline: str,
+                theirs: np.ndarray, fidelity: dict[str, float]) -> dict[str, object]:
+    mine, base = stats(ours), stats(theirs)
+    return {
+        "case": case, "backend": backend, "precision": precision,
+        **mine,
+        "baseline": baseline, "baseline_median_ms": base["median_ms"],
+        "baseline_p90_ms": base["p90_ms"],
+        "speedup": base["median_ms"] / mine["median_ms"],
+        "fidelity": fidelity,
+    }
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment() -> dict[str, object]:
+    """Device and versions, for the record's `device` and `versions` keys."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import cv2
+
+    device = {"cpu": model, "machine": platform.machine(), "physical_cores": ops.physical_cores(),
+              "native_threads": ops.num_threads(), "opencv_threads": cv2.getNumThreads()}
+    versions = {"rau_rt": __version__, "python": platform.python_version(),
+                "native": ops.native_info()["built"]}
+    for dist in ("numpy", "opencv-python-headless", "onnxruntime", "torch"):
+        if (version := _version(dist)) is not None:
+            versions[dist] = version
+    return {"device": device, "versions": versions}
+
+
+def write_record(suite: str, cases: list[dict[str, object]], path: str) -> dict[str, object]:
+    record = {"suite": suite, **environment(), "cases": cases,
+              "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def markdown(record: dict[str, object], reproduce: str) -> str:
+    """README table rows for a record, with the command that reproduces them."""
+    device = record["device"]
+    lines = [
+        "| case | ours | median ms (p90) | baseline | median ms (p90) | speedup |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in record["cases"]:
+        lines.append(
+            f"| {c['case']} | {c['backend']} {c['precision']} | {c['median_ms']:.2f} "
+            f"({c['p90_ms']:.2f}) | {c['baseline']} | {c['baseline_median_ms']:.2f} "
+            f"({c['baseline_p90_ms']:.2f}) | {c['speedup']:.2f}x |")
+    lines.append(f"\n{device['cpu']}, {device['physical_cores']} cores, native threads "
+                 f"{device['native_threads']}, OpenCV threads {device['opencv_threads']}. "
+                 f"Reproduce: `{reproduce}`")
+    return "\n".join(lines)
