@@ -43,7 +43,9 @@ def native_extension() -> Pybind11Extension:
     # box; RAU_RT_NATIVE_ARCH=native tunes the build to the machine that compiles it.
     arch = os.environ.get("RAU_RT_NATIVE_ARCH", "")
     arch_flags = [f"-march={arch}"] if arch and sys.platform != "win32" else []
-    opt_flags = ["/O2"] if sys.platform == "win32" else ["-O3"]
+    # No FMA contraction: the kernels must round exactly like their NumPy references (parity
+    # tests compare them), whatever -march enables.
+    opt_flags = ["/O2", "/fp:precise"] if sys.platform == "win32" else ["-O3", "-ffp-contract=off"]
     return Pybind11Extension(
         "rau_rt._native",
         sources=sorted(str(p.relative_to(ROOT)) for p in (ROOT / "native").rglob("*.cpp")),

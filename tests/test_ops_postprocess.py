@@ -197,3 +197,20 @@ def test_overlay_blends_in_place_and_draws_boxes():
 def test_bad_input_raises_input_error(call, message):
     with pytest.raises(InputError, match=message):
         call()
+
+
+@pytest.mark.parametrize(("low", "frame"), [((256, 256), (1080, 1920)), ((37, 53), (101, 64)),
+                                            ((1080, 1920), (1024, 1024)), ((3, 5), (1, 1))])
+def test_bilinear_matches_torch_interpolate(low, frame):
+    # sam2 upsamples its low-res logits with F.interpolate(bilinear, align_corners=False); our
+    # kernels must sample at the same positions (they compute them with torch's rounding).
+    torch = pytest.importorskip("torch", reason="torch comes with the [export] extra")
+    plane = np.random.default_rng(0).normal(size=low).astype(np.float32)
+    expected = torch.nn.functional.interpolate(
+        torch.from_numpy(plane)[None, None], size=frame, mode="bilinear", align_corners=False
+    )[0, 0].numpy()
+    np.testing.assert_allclose(resize_plane(plane, frame), expected, rtol=0, atol=2e-6)
+    logits = plane[None]
+    result = ops.postprocess_masks(logits, frame)
+    decided = np.abs(expected) > 1e-5
+    np.testing.assert_array_equal(result.masks[0][decided], (expected > 0)[decided])

@@ -8,11 +8,13 @@ import numpy as np
 def source_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(lo, hi, frac) per output index, half-pixel centres (align_corners=False), clamped.
 
-    torch's area_pixel_compute_source_index: src = max((dst + 0.5) * in / out - 0.5, 0).
+    As torch's CPU bilinear kernel: scale = in / out rounded to float32, then
+    src = max(scale * (dst + 0.5) - 0.5, 0) with one rounding to float32 (a fused multiply-add
+    there, double here). Matches F.interpolate's sampling positions exactly.
     """
-    scale = in_size / out_size
-    src = ((np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5).astype(np.float32)
-    src = np.maximum(src, np.float32(0.0))
+    scale = np.float64(np.float32(in_size) / np.float32(out_size))
+    dst = np.arange(out_size, dtype=np.float64)
+    src = np.maximum((scale * (dst + 0.5) - 0.5).astype(np.float32), np.float32(0.0))
     lo = np.minimum(src.astype(np.int64), in_size - 1)
     hi = np.minimum(lo + 1, in_size - 1)
     return lo, hi, (src - lo.astype(np.float32)).astype(np.float32)

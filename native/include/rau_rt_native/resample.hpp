@@ -16,17 +16,20 @@ struct Taps {
   std::vector<float> frac;
 };
 
-// Half-pixel-centre mapping, as torch's area_pixel_compute_source_index(align_corners=False):
-// src = max((dst + 0.5) * in / out - 0.5, 0), lo = floor(src), hi = min(lo + 1, in - 1).
+// Half-pixel-centre mapping as torch's CPU bilinear kernel computes it (align_corners=False), so
+// upsampled SAM2 logits match F.interpolate: scale = in / out rounded to float32, then
+// src = max(scale * (dst + 0.5) - 0.5, 0) evaluated unrounded (torch's fused multiply-add; here
+// in double) and rounded once to float32; lo = floor(src), hi = min(lo + 1, in - 1).
 inline Taps make_taps(int64_t in_size, int64_t out_size) {
   Taps taps;
   taps.lo.resize(static_cast<size_t>(out_size));
   taps.hi.resize(static_cast<size_t>(out_size));
   taps.frac.resize(static_cast<size_t>(out_size));
-  const double scale = static_cast<double>(in_size) / static_cast<double>(out_size);
+  const float scale = static_cast<float>(in_size) / static_cast<float>(out_size);
   for (int64_t i = 0; i < out_size; ++i) {
-    const float src =
-        std::max(static_cast<float>((static_cast<double>(i) + 0.5) * scale - 0.5), 0.0f);
+    const float src = std::max(
+        static_cast<float>(static_cast<double>(scale) * (static_cast<double>(i) + 0.5) - 0.5),
+        0.0f);
     const int64_t lo = std::min(static_cast<int64_t>(src), in_size - 1);
     const size_t k = static_cast<size_t>(i);
     taps.lo[k] = lo;
