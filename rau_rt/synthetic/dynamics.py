@@ -70,9 +70,10 @@ def respiratory_weight(t: np.ndarray, phase0: float) -> np.ndarray:
 class MotionField:
     """Per-sequence motion: displacement (pixels) = cardiac(t)·field(p) + respiratory(t)·drift.
 
-    `field` is a contraction toward a centre plus a common swing, scaled so that no point
-    moves more than `Motion.cardiac_px` from end-diastole; the drift has length
-    `Motion.respiratory_px`, so no point ever moves more than their sum.
+    `field` is a contraction toward a centre plus a common swing, scaled so that the tree's
+    most mobile point moves exactly `Motion.cardiac_px` from end-diastole at end-systole and
+    no point more; the drift has length `Motion.respiratory_px`, so no point ever moves more
+    than their sum.
     """
 
     motion: Motion
@@ -81,7 +82,8 @@ class MotionField:
     drift: np.ndarray  # (2,) respiratory direction, unit (mostly head-foot)
     cardiac_phase0: float
     respiratory_phase0: float
-    reach_px: float  # distance from the centre that gets the full contraction
+    reach_px: float  # distance from the centre to the farthest point of the tree
+    gain: float  # scales the tree's largest raw displacement to 1
 
     def displacement(self, xy: np.ndarray, t: float) -> np.ndarray:
         """Displacement of pixel positions `xy` (n, 2) at time t seconds."""
@@ -92,9 +94,10 @@ class MotionField:
 
     def cardiac_px_field(self, xy: np.ndarray) -> np.ndarray:
         toward = (self.centre - xy) / self.reach_px
-        # |0.6·toward + 0.4·swing| <= 1 while |toward| <= 1; clip keeps far points bounded too
-        norm = np.maximum(1.0, np.linalg.norm(toward, axis=1, keepdims=True))
-        return self.motion.cardiac_px * (0.6 * toward / norm + 0.4 * self.swing)
+        raw = self.gain * (0.6 * toward + 0.4 * self.swing)
+        # the tree's most mobile point moves exactly cardiac_px; nothing moves more
+        norm = np.maximum(1.0, np.linalg.norm(raw, axis=1, keepdims=True))
+        return self.motion.cardiac_px * raw / norm
 
 
 def make_motion_field(rng: np.random.Generator, motion: Motion, rest_xy: np.ndarray) -> MotionField:
@@ -104,10 +107,12 @@ def make_motion_field(rng: np.random.Generator, motion: Motion, rest_xy: np.ndar
     centre = lo + (hi - lo) * rng.uniform(0.35, 0.65, 2)
     reach = float(np.linalg.norm(rest_xy - centre, axis=1).max()) + 1e-6
     angle = rng.uniform(0, 2 * np.pi)
+    swing = np.array([np.cos(angle), np.sin(angle)])
     tilt = rng.uniform(-0.3, 0.3)  # inspiration moves the heart caudally, slightly rotated
-    return MotionField(motion, centre, np.array([np.cos(angle), np.sin(angle)]),
-                       np.array([np.sin(tilt), np.cos(tilt)]), float(rng.uniform()),
-                       float(rng.uniform()), reach)
+    raw = 0.6 * (centre - rest_xy) / reach + 0.4 * swing
+    gain = 1.0 / max(float(np.linalg.norm(raw, axis=1).max()), 1e-6)
+    return MotionField(motion, centre, swing, np.array([np.sin(tilt), np.cos(tilt)]),
+                       float(rng.uniform()), float(rng.uniform()), reach, gain)
 
 
 @dataclass(frozen=True)
