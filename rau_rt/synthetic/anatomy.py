@@ -46,7 +46,7 @@ class SegmentSpec:
     attach: tuple[float, float]  # origin as a fraction of the parent's length (1, 1: its end)
     direction: tuple[float, float, float]  # mean heading, LPS
     length_mm: float
-    diameter_mm: float  # proximal diameter, the Murray's-law weight at its origin
+    diameter_mm: float  # at its origin; the parent's radius follows by Murray's law
 
 
 # Topology from ARCADE's tree (1→2→3→{4,16}, 16→{16a,16b,16c}; 5→{6,11,12}, 6→{7,9},
@@ -163,8 +163,9 @@ def _centerline(rng: np.random.Generator, start: np.ndarray, heading: np.ndarray
     dirs = (heading[None, :]
             + tortuosity * np.sin(2 * np.pi * waves[0] * s + phases[0]) * a
             + tortuosity * np.sin(2 * np.pi * waves[1] * s + phases[1]) * b)
-    if entry is not None:  # bend smoothly out of the parent's heading over the first 30 %
-        blend = np.clip(s / 0.3, 0.0, 1.0)
+    if entry is not None:  # bend smoothly out of the parent's heading over the first half
+        blend = np.clip(s / 0.5, 0.0, 1.0)
+        blend = blend * blend * (3 - 2 * blend)
         dirs = (1 - blend) * entry + blend * dirs
     dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
     steps = dirs * (length / (n - 1))
@@ -181,26 +182,10 @@ def _narrow(radii: np.ndarray, stenosis: Stenosis) -> np.ndarray:
     return radii * (1 - stenosis.reduction * shape)
 
 
-def _growth_order(names: tuple[str, ...]) -> list[str]:
-    """Parents before children, and a parent's side branches before its continuations, so the
-    radius left at a parent's end is known when the continuations split it."""
-    order: list[str] = []
-
-    def grow(name: str) -> None:
-        order.append(name)
-        children = [n for n in names if TEMPLATE[n].parent == name]
-        for child in sorted(children, key=lambda n: TEMPLATE[n].attach == (1, 1)):
-            grow(child)
-
-    for root in (n for n in names if TEMPLATE[n].parent is None):
-        grow(root)
-    return order
-
-
 def build_tree(rng: np.random.Generator, artery: str, dominance: str, stenoses: int = 0,
                twigs: bool = True) -> Tree:
     """Draw one patient's tree: lengths, headings, tortuosity and radii randomized around
-    TEMPLATE, radii split by Murray's law (r_parent³ = Σ r_child³) at every branch point."""
+    TEMPLATE; radii follow Murray's law (r_parent³ = Σ r_child³) at every branch point."""
     names = segments_of(artery, dominance)
     size = rng.normal(1.0, 0.08)  # patient scale (Dodge: about 10 % between patients)
     tortuosity = rng.uniform(0.1, 0.45)
@@ -212,39 +197,40 @@ def build_tree(rng: np.random.Generator, artery: str, dominance: str, stenoses: 
                     for i in chosen)
 
     points: dict[str, np.ndarray] = {}
-    radii: dict[str, np.ndarray] = {}
+    origin: dict[str, int] = {}  # sample of the parent where a segment leaves it
     path: dict[str, np.ndarray] = {}
-    for name in _growth_order(names):
+    for name in names:  # ARCADE's order lists every parent before its children
         spec = TEMPLATE[name]
         heading = _unit(np.asarray(spec.direction) + rng.normal(0, 0.18, 3))
         length = spec.length_mm * size * rng.uniform(0.8, 1.25)
         if spec.parent is None:
-            start, entry, r0, p0 = np.asarray(OSTIUM_MM[artery]), None, diameters[name] / 2, 0.0
-            r0 *= size
+            start, entry, p0 = np.asarray(OSTIUM_MM[artery]), None, 0.0
         else:
             parent = points[spec.parent]
             k = round(rng.uniform(*spec.attach) * (len(parent) - 1))
-            k = min(max(k, 1), len(parent) - 1)
-            start = parent[k]
-            entry = _unit(parent[k] - parent[k - 1])
-            p0 = path[spec.parent][k]
-            siblings = [n for n in names if TEMPLATE[n].parent == spec.parent
-                        and TEMPLATE[n].attach == (1, 1)] if spec.attach == (1, 1) else []
-            r_here = radii[spec.parent][k]
-            if siblings:  # the parent ends: split its end radius among its continuations
-                weights = np.array([diameters[n] for n in siblings]) ** 3
-                r0 = r_here * (diameters[name] ** 3 / weights.sum()) ** (1 / 3)
-            else:  # a side branch takes its share and the parent narrows beyond the origin
-                w_parent, w_branch = diameters[spec.parent] ** 3, diameters[name] ** 3
-                r0 = r_here * (w_branch / (w_parent + w_branch)) ** (1 / 3)
-                radii[spec.parent][k:] *= (w_parent / (w_parent + w_branch)) ** (1 / 3)
-        pts = _centerline(rng, start, heading, entry, length, tortuosity)
-        has_children = any(TEMPLATE[n].parent == name for n in names)
-        # wall taper toward the segment's end: small unlabelled branches leave along the way
-        taper = np.linspace(1.0, 0.9 if has_children else 0.65, len(pts))
-        radii[name] = np.maximum(r0 * taper, MIN_DIAMETER_MM / 2 * 0.8)
-        points[name] = pts
-        path[name] = p0 + np.arange(len(pts)) * (length / (len(pts) - 1))
+            origin[name] = k = min(max(k, 1), len(parent) - 1)
+            start, entry, p0 = parent[k], _unit(parent[k] - parent[k - 1]), path[spec.parent][k]
+        points[name] = _centerline(rng, start, heading, entry, length, tortuosity)
+        path[name] = p0 + np.arange(len(points[name])) * (length / (len(points[name]) - 1))
+
+    # Radii, distal first: each segment starts at its Dodge radius; where children leave, the
+    # radius obeys Murray's law, r³ upstream = r³ downstream + Σ r³ of the branches leaving.
+    start_r = {n: diameters[n] / 2 * size * rng.uniform(0.93, 1.07) for n in names}
+    radii: dict[str, np.ndarray] = {}
+    for name in reversed(names):
+        n = len(points[name])
+        children = [c for c in names if TEMPLATE[c].parent == name]
+        at_end = [c for c in children if origin[c] == n - 1]
+        end = (sum(start_r[c] ** 3 for c in at_end) ** (1 / 3) if at_end
+               else start_r[name] * (0.9 if children else 0.65))
+        leaving = np.zeros(n)  # Σ r³ of the side branches leaving downstream of each sample
+        for c in children:
+            if origin[c] < n - 1:
+                leaving[:origin[c]] += start_r[c] ** 3
+        # the trunk's own taper is chosen so that the segment starts at its Dodge radius
+        trunk0 = max(start_r[name] ** 3 - leaving[0], end ** 3) ** (1 / 3)
+        trunk = np.linspace(trunk0, end, n)
+        radii[name] = np.maximum((trunk ** 3 + leaving) ** (1 / 3), MIN_DIAMETER_MM / 2 * 0.8)
     for lesion in lesions:
         radii[lesion.segment] = _narrow(radii[lesion.segment], lesion)
 

@@ -156,8 +156,8 @@ def make_background(rng: np.random.Generator, size: int, heart_xy: np.ndarray,
     body = np.abs(xs - sx) < half
     period = 27 / mm_per_px
     discs = np.cos(2 * np.pi * (ys / period + rng.uniform())) > 0.8
-    still += 0.35 * _soft(body & ~discs, 3 / mm_per_px)
-    still += 0.12 * _soft(np.abs(np.abs(xs - sx) - half * 1.6) < half * 0.25, 3 / mm_per_px)
+    still += 0.3 * _soft(body & ~discs, 4 / mm_per_px)
+    still += 0.07 * _soft(np.abs(np.abs(xs - sx) - half * 1.6) < half * 0.25, 4 / mm_per_px)
     r2 = ((xs - size / 2) ** 2 + (ys - size / 2) ** 2) / (size * size / 2)
     gain = (1.0 - 0.35 * r2).astype(np.float32)
     return Background(moving, still, pad, gain)
