@@ -102,6 +102,15 @@ def test_the_front_reaches_proximal_segments_before_distal_ones(sequence):
     assert fractions == sorted(fractions)  # no washout within the first 2.4 s
 
 
+def test_late_injection_and_the_8_bit_view():
+    # a front minutes away must neither overflow nor leak contrast into early frames
+    seq = generate_sequence(seed=6, frames=3, size=64, fps=30.0, contrast_delay_frames=5000)
+    assert all(not s.present for t in seq.truth for s in t.segments.values())
+    view = seq.frames_8bit()
+    assert view.dtype == np.uint8 and view.shape == seq.frames.shape
+    assert 100 < view.mean() < 250  # the window puts the body in the upper grey levels
+
+
 def _max_excursion(sequence) -> float:
     """The largest distance any centerline point travels between two frames."""
     lines = np.stack([np.concatenate([s.centerline for s in t.segments.values()])

@@ -126,7 +126,8 @@ class Bolus:
     def opacity(self, path_mm: np.ndarray, t: float) -> np.ndarray:
         """Fraction of full iodine concentration at distances `path_mm` from the ostium."""
         arrival = self.start_s + path_mm / self.speed_mm_s
-        rise = 1.0 / (1.0 + np.exp(-(t - arrival - 2 * FRONT_WIDTH_S) / (FRONT_WIDTH_S / 4)))
+        # a logistic rise written with tanh, which cannot overflow however far the front is
+        rise = 0.5 + 0.5 * np.tanh((t - arrival - 2 * FRONT_WIDTH_S) / (FRONT_WIDTH_S / 2))
         rise = np.where(t < arrival, 0.0, rise)  # nothing ahead of the front
         clear = self.washout_s + path_mm / self.speed_mm_s
         fade = np.exp(-np.maximum(t - clear, 0.0) / WASHOUT_TAU_S)
