@@ -64,12 +64,12 @@ TEMPLATE: dict[str, SegmentSpec] = {
     "10a": SegmentSpec("8", (0.3, 0.7), (0.8, -0.2, -0.6), 24, 1.6),
     "11": SegmentSpec("5", (1, 1), (0.55, 0.75, -0.35), 30, 3.4),
     "12": SegmentSpec("5", (1, 1), (0.85, 0.1, -0.5), 40, 2.4),
-    "12a": SegmentSpec("11", (0.5, 0.9), (0.6, 0.3, -0.75), 40, 2.1),
-    "12b": SegmentSpec("13", (0.2, 0.5), (0.45, 0.45, -0.8), 35, 1.9),
+    "12a": SegmentSpec("11", (0.3, 0.6), (0.6, 0.3, -0.75), 40, 2.1),
+    "12b": SegmentSpec("11", (0.65, 0.95), (0.45, 0.45, -0.8), 35, 1.9),
     "13": SegmentSpec("11", (1, 1), (0.1, 0.9, -0.45), 30, 2.8),
     "14": SegmentSpec("13", (1, 1), (0.0, 0.6, -0.8), 30, 2.0),
-    "14a": SegmentSpec("13", (0.5, 0.8), (0.25, 0.55, -0.8), 25, 1.7),
-    "14b": SegmentSpec("14", (0.4, 0.8), (0.3, 0.4, -0.85), 22, 1.6),
+    "14a": SegmentSpec("13", (0.3, 0.6), (0.25, 0.55, -0.8), 25, 1.7),
+    "14b": SegmentSpec("13", (0.6, 0.9), (0.3, 0.4, -0.85), 22, 1.6),
     "15": SegmentSpec("13", (1, 1), (-0.3, 0.4, -0.85), 40, 2.2),
     "1": SegmentSpec(None, (0, 0), (-0.75, -0.35, -0.55), 40, 3.9),
     "2": SegmentSpec("1", (1, 1), (-0.25, 0.05, -0.97), 45, 3.5),
@@ -87,8 +87,10 @@ RIGHT_SEGMENTS = frozenset({"1", "2", "3", "4", "16", "16a", "16b", "16c"})
 # Left-dominant: the LCx gives the PDA (15) and the RCA stops before the crux
 # (syntaxscore.org definitions); right-dominant: the RCA gives 4 and 16, there is no 15.
 ABSENT = {"right": frozenset({"15"}), "left": frozenset({"4", "16", "16a", "16b", "16c"})}
-# Dodge 1992: proximal RCA 3.9 mm right-dominant, 2.8 mm left-dominant; LCx larger when dominant.
-DOMINANCE_DIAMETER_MM = {"left": {"1": 2.8, "11": 4.0, "13": 3.2}, "right": {}}
+# Dodge 1992: proximal RCA 3.9 mm right-dominant, 2.8 mm left-dominant (mid and distal RCA
+# scaled by the same 0.72 here), LCx 3.4-4.2 mm, the larger when it is dominant.
+DOMINANCE_DIAMETER_MM = {"left": {"1": 2.8, "2": 2.5, "3": 2.2, "11": 4.0, "13": 3.2},
+                         "right": {}}
 
 
 def segments_of(artery: str, dominance: str) -> tuple[str, ...]:
@@ -221,12 +223,13 @@ def build_tree(rng: np.random.Generator, artery: str, dominance: str, stenoses: 
         n = len(points[name])
         children = [c for c in names if TEMPLATE[c].parent == name]
         at_end = [c for c in children if origin[c] == n - 1]
-        end = (sum(start_r[c] ** 3 for c in at_end) ** (1 / 3) if at_end
+        # children are done (reverse ARCADE order): use the radii they actually start with
+        end = (sum(radii[c][0] ** 3 for c in at_end) ** (1 / 3) if at_end
                else start_r[name] * (0.9 if children else 0.65))
         leaving = np.zeros(n)  # Σ r³ of the side branches leaving downstream of each sample
         for c in children:
             if origin[c] < n - 1:
-                leaving[:origin[c]] += start_r[c] ** 3
+                leaving[:origin[c]] += radii[c][0] ** 3
         # the trunk's own taper is chosen so that the segment starts at its Dodge radius
         trunk0 = max(start_r[name] ** 3 - leaving[0], end ** 3) ** (1 / 3)
         trunk = np.linspace(trunk0, end, n)

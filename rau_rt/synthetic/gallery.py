@@ -18,7 +18,7 @@ from rau_rt.synthetic.sequence import Sequence, generate_sequence
 
 TILE = 384  # px per shown frame (512² frames scaled down)
 # (seed, artery, dominance, view): a left and a right coronary injection
-SHOWN = ((0, "left", "right", View(-30.0, 25.0)), (1, "right", "right", View(40.0, 20.0)))
+SHOWN = ((0, "left", "right", View(-30.0, -25.0)), (1, "right", "right", View(40.0, 20.0)))
 
 
 def _colour(name: str) -> tuple[int, int, int]:

@@ -109,7 +109,7 @@ def fit_projector(rng: np.random.Generator, view: View, size: int, points: np.nd
     probe = Projector(view, size, spacing, (0.0, 0.0))
     xy, _, _ = probe.project(points)
     extent = xy.max(axis=0) - xy.min(axis=0)
-    room = size - 2 * margin_px * size / 512
+    room = max(size - 2 * margin_px, 0.3 * size)  # big motion on small frames: best effort
     widest = PIXEL_SPACING_512_MM[1] * 512 / size
     if extent.max() > room:  # zoom out as far as the field of view allows
         spacing = min(widest, spacing * extent.max() / room)

@@ -202,7 +202,7 @@ def _scene(rng: np.random.Generator, cfg: SequenceConfig, view: View,
            bolus_start_s: float) -> _Scene:
     tree = build_tree(rng, cfg.artery, cfg.dominance, cfg.stenoses)
     labelled = np.vstack([v.points for v in tree.vessels if v.name is not None])
-    margin = cfg.motion.cardiac_px + cfg.motion.respiratory_px + 12
+    margin = cfg.motion.cardiac_px + cfg.motion.respiratory_px + 12 * cfg.size / 512
     projector = fit_projector(rng, view, cfg.size, labelled, margin)
     rest = tuple(projector.project(v.points) for v in tree.vessels)
     rest_xy = np.vstack([r[0] for r, v in zip(rest, tree.vessels, strict=True) if v.name])
