@@ -35,9 +35,23 @@ def _run_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configure_synth(parser: argparse.ArgumentParser) -> None:
+    from rau_rt.synthetic import command
+
+    command.configure(parser)
+
+
+def _run_synth(args: argparse.Namespace) -> int:
+    from rau_rt.synthetic import command
+
+    return command.run(args)
+
+
 COMMANDS: tuple[Command, ...] = (
     Command("doctor", "report what this host can run (versions, providers, GPU, native ops)",
             _configure_doctor, _run_doctor),
+    Command("synth", "write a synthetic coronary angiography cine with exact ground truth",
+            _configure_synth, _run_synth),
 )
 
 

@@ -1,0 +1,38 @@
+"""Synthetic X-ray coronary angiography cines with exact per-segment ground truth.
+
+`generate_sequence` renders a cine run (frames as 12-bit uint16, per-frame truth, metadata);
+`make_reference` a contrast-filled still of another patient with annotated regions; `formats`
+writes and reads DICOM, FFV1/MKV, PNG, COCO and the reference-annotation JSON.
+"""
+
+from rau_rt.synthetic.anatomy import SEGMENT_TITLES, SEGMENTS, segments_of
+from rau_rt.synthetic.dynamics import Motion
+from rau_rt.synthetic.projection import View
+from rau_rt.synthetic.sequence import (
+    FrameTruth,
+    Reference,
+    Region,
+    SegmentTruth,
+    Sequence,
+    SequenceConfig,
+    SequenceMeta,
+    generate_sequence,
+    make_reference,
+)
+
+__all__ = [
+    "SEGMENTS",
+    "SEGMENT_TITLES",
+    "FrameTruth",
+    "Motion",
+    "Reference",
+    "Region",
+    "SegmentTruth",
+    "Sequence",
+    "SequenceConfig",
+    "SequenceMeta",
+    "View",
+    "generate_sequence",
+    "make_reference",
+    "segments_of",
+]
