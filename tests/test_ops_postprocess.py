@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from rau_rt import InputError, ops
+from rau_rt.geometry import box_from_mask
 from rau_rt.ops._bilinear import resize_plane
 
 requires_native = pytest.mark.skipif(
@@ -72,7 +73,7 @@ def test_postprocess_boxes_areas_scores_are_exact_for_a_known_mask():
     assert result.areas.tolist() == [12, 0]
     assert result.scores[0] == pytest.approx(1 / (1 + np.exp(-5.0)))
     assert result.scores[1] == 0.0
-    assert ops.box_of(result.masks[0]) == result.boxes[0]
+    assert box_from_mask(result.masks[0]) == result.boxes[0]
     assert result.masks[1].sum() == 0
 
 

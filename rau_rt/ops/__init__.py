@@ -8,7 +8,6 @@ importer.
 from rau_rt.ops.postprocessing import (
     PALETTE,
     MaskSet,
-    box_of,
     fill_holes,
     fill_holes_reference,
     overlay,
@@ -43,7 +42,6 @@ __all__ = [
     "PALETTE",
     "MaskSet",
     "VlmImage",
-    "box_of",
     "fill_holes",
     "fill_holes_reference",
     "native_available",

@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 
 from rau_rt.errors import InputError
+from rau_rt.geometry import box_from_mask
 from rau_rt.ops._bilinear import resize_plane
 from rau_rt.ops.runtime import load_native, num_threads
 
@@ -205,15 +206,6 @@ def postprocess_masks_reference(
     return _postprocess_numpy(logits, size, float(threshold), out)
 
 
-def box_of(mask: np.ndarray) -> Box | None:
-    """(x1, y1, x2, y2) of a 2-D mask's non-zero pixels, x2/y2 exclusive; None when empty."""
-    cols = np.flatnonzero(mask.any(axis=0))
-    if cols.size == 0:
-        return None
-    rows = np.flatnonzero(mask.any(axis=1))
-    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
-
-
 def _postprocess_numpy(logits: np.ndarray, size: tuple[int, int], threshold: float,
                        out: np.ndarray) -> MaskSet:
     boxes: list[Box | None] = []
@@ -223,7 +215,7 @@ def _postprocess_numpy(logits: np.ndarray, size: tuple[int, int], threshold: flo
         values = resize_plane(plane, size)
         inside = values > np.float32(threshold)
         out[n] = inside
-        boxes.append(box_of(inside))
+        boxes.append(box_from_mask(inside))
         areas[n] = np.count_nonzero(inside)
         if areas[n]:
             with np.errstate(over="ignore"):  # exp overflow -> probability 0, as in C++
