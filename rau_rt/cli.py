@@ -35,9 +35,23 @@ def _run_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configure_export(parser: argparse.ArgumentParser) -> None:
+    from rau_rt.export import command
+
+    command.configure(parser)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from rau_rt.export import command
+
+    return command.run(args)
+
+
 COMMANDS: tuple[Command, ...] = (
     Command("doctor", "report what this host can run (versions, providers, GPU, native ops)",
             _configure_doctor, _run_doctor),
+    Command("export", "export stages: build TensorRT engines for a bundle (trt), check ONNX "
+            "graphs for TensorRT (lint)", _configure_export, _run_export),
 )
 
 
