@@ -24,7 +24,7 @@ from rau_rt.config import DEFAULT_ENGINE_CONFIG, EngineConfig
 from rau_rt.engines import registry
 from rau_rt.engines.base import Engine
 from rau_rt.errors import BundleError, EngineMismatchError, InputError, ShapeError
-from rau_rt.types import TensorSpec
+from rau_rt.types import TensorSpec, format_shape
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +194,26 @@ def check_ranges(directory: str | Path, entry: GraphEntry,
                 f"(then {rebuild_command(directory, entry)} for TensorRT)")
 
 
+def _agree(a: tuple[TensorSpec, ...], b: tuple[TensorSpec, ...]) -> bool:
+    # Dynamic dims agree whatever their names (TensorRT reports -1 where ONNX had "batch").
+    def key(specs):
+        return [(s.name, s.dtype, tuple(d if isinstance(d, int) else None for d in s.shape))
+                for s in specs]
+    return key(a) == key(b)
+
+
+def check_specs(directory: str | Path, entry: GraphEntry, engine: Engine) -> None:
+    """Raise when the loaded graph's inputs/outputs are not the ones the manifest records."""
+    if not (_agree(engine.inputs, entry.inputs) and _agree(engine.outputs, entry.outputs)):
+        def text(specs):
+            return ", ".join(f"{s.name}{format_shape(s.shape)}:{s.dtype}" for s in specs)
+        raise BundleError(
+            f"{Path(directory) / entry.file}: the graph's tensors {text(engine.inputs)} -> "
+            f"{text(engine.outputs)} do not match the manifest's {text(entry.inputs)} -> "
+            f"{text(entry.outputs)}; the manifest belongs to another export: rebuild with "
+            f"{rebuild_command(directory, entry)}")
+
+
 class Bundle:
     """Loaded engines for the graphs of one bundle; `run` also checks the profile ranges."""
 
@@ -306,6 +326,7 @@ def load_bundle(directory: str | Path, backend: str | None = None,
                 check_host(directory, entry, host_info(config.device_index))
             engine = registry.open_engine(path, chosen, config, precision=entry.precision)
             selected[graph] = (entry, engine)
+            check_specs(directory, entry, engine)
     except BaseException:
         for _, engine in selected.values():
             engine.close()
