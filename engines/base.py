@@ -66,6 +66,14 @@ def check_precision(config: EngineConfig, artifact_precision: str, path: Path | 
             "request (engines never change precision silently)")
 
 
+def check_recorded(recorded: str | None, built: str, path: Path | str) -> None:
+    """Raise when the manifest's precision for an artifact is not the one the artifact states."""
+    if recorded is not None and recorded != built:
+        raise EngineMismatchError(
+            f"{path}: the manifest records {recorded} but the file was built in {built}; the "
+            "manifest belongs to another export: re-export the bundle")
+
+
 class Engine(ABC):
     """One loaded graph on one device.
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
-from rau_rt.engines.base import Engine, check_precision, module_present
+from rau_rt.engines.base import Engine, check_precision, check_recorded, module_present
 
 from rau_rt.config import DEFAULT_ENGINE_CONFIG, EngineConfig
 from rau_rt.errors import BackendUnavailableError, EngineMismatchError, InputError
@@ -73,6 +73,7 @@ class OrtEngine(Engine):
         self._session = session
         self._binding = None
         self._device_outputs: dict[str, object] = {}
+        self._device_inputs: dict[str, object] = {}
         if config.is_cuda and config.io_binding:
             self._prepare_binding()
 
@@ -116,11 +117,12 @@ class OrtEngine(Engine):
                 "(CUDA/cuDNN or TensorRT libraries missing?); run `rau-rt doctor`")
         inputs = tuple(_spec(n) for n in session.get_inputs())
         outputs = tuple(_spec(n) for n in session.get_outputs())
-        if precision is None:
-            meta = session.get_modelmeta().custom_metadata_map
-            floats = {s.dtype for s in inputs} & {"float16", "float32"}
-            precision = meta.get(PRECISION_METADATA_KEY) or (
-                "fp16" if floats == {"float16"} else "fp32")
+        stated = session.get_modelmeta().custom_metadata_map.get(PRECISION_METADATA_KEY)
+        if stated is not None:
+            check_recorded(precision, stated, path)
+        floats = {s.dtype for s in inputs} & {"float16", "float32"}
+        # Without metadata (a graph from elsewhere) the float inputs are the best evidence.
+        precision = precision or stated or ("fp16" if floats == {"float16"} else "fp32")
         check_precision(config, precision, path)
         log.info("onnxruntime %s: %s on %s", ort.__version__, path.name, session.get_providers())
         return cls(session, inputs, outputs, precision, config)
@@ -176,19 +178,35 @@ class OrtEngine(Engine):
     def _prepare_binding(self) -> None:
         ort = _import_ort()
         self._binding = self._session.io_binding()
+        index = self.config.device_index
         for spec in self._outputs:
             if spec.is_static:
                 self._device_outputs[spec.name] = ort.OrtValue.ortvalue_from_shape_and_type(
-                    list(spec.shape), np.dtype(spec.dtype), "cuda", self.config.device_index)
+                    list(spec.shape), np.dtype(spec.dtype), "cuda", index)
+        if self.config.cuda_graph:
+            # A captured graph replays fixed device addresses: inputs live in buffers allocated
+            # once and overwritten in place, so every input and output must be static.
+            dynamic = [s.name for s in self._inputs + self._outputs if not s.is_static]
+            if dynamic:
+                raise InputError(f"cuda_graph needs static shapes; dynamic: {dynamic}")
+            for spec in self._inputs:
+                value = ort.OrtValue.ortvalue_from_shape_and_type(
+                    list(spec.shape), np.dtype(spec.dtype), "cuda", index)
+                self._device_inputs[spec.name] = value
+                self._binding.bind_ortvalue_input(spec.name, value)
 
     def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._binding is None:
             values = self._session.run(None, dict(feeds))
             return {spec.name: value for spec, value in zip(self._outputs, values, strict=True)}
         binding = self._binding
-        binding.clear_binding_inputs()
-        for name, value in feeds.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        if self._device_inputs:
+            for name, value in feeds.items():
+                self._device_inputs[name].update_inplace(np.ascontiguousarray(value))
+        else:
+            binding.clear_binding_inputs()
+            for name, value in feeds.items():
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
         binding.clear_binding_outputs()
         for spec in self._outputs:
             if spec.name in self._device_outputs:
@@ -202,4 +220,5 @@ class OrtEngine(Engine):
     def _release(self) -> None:
         self._binding = None
         self._device_outputs = {}
+        self._device_inputs = {}
         self._session = None

@@ -109,8 +109,9 @@ class TrtEngine(Engine):
                 f"{path}: TensorRT {trt.__version__} could not deserialize it (built by another "
                 f"TensorRT version or for another GPU); rebuild it on this host: rau-rt export "
                 f"trt --bundle {Path(path).parent}")
-        # The exporter records the precision in the manifest; TensorRT does not store it.
-        built = precision or "fp32"
+        # TensorRT does not store the build precision (I/O types say nothing about the layers);
+        # the manifest records it. A bare engine file is "unknown", which no request matches.
+        built = precision or "unknown"
         check_precision(config, built, path)
         return cls(trt, cudart, runtime, engine, built, config)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
-from rau_rt.engines.base import Engine, check_precision, module_present
+from rau_rt.engines.base import Engine, check_precision, check_recorded, module_present
 
 from rau_rt.config import DEFAULT_ENGINE_CONFIG, EngineConfig
 from rau_rt.errors import BackendUnavailableError, BundleError, EngineMismatchError
@@ -148,7 +148,8 @@ class TorchEagerEngine(_TorchEngine):
         extra = {DESCRIPTION_KEY: ""}
         program = torch.export.load(str(path), extra_files=extra)
         inputs, outputs, built, device = _read_description(extra[DESCRIPTION_KEY], path)
-        check_precision(config, precision or built, path)
+        check_recorded(precision, built, path)
+        check_precision(config, built, path)
         target = _torch_device(torch, config)
         module = program.module()
         if device != config.device:
@@ -178,5 +179,6 @@ class AotiEngine(_TorchEngine):
                 f"{path}: AOTInductor package compiled for {device}, asked to run on "
                 f"{config.device}; compiled kernels are device-specific: export it again "
                 f"with device={config.device!r}")
-        check_precision(config, precision or built, path)
+        check_recorded(precision, built, path)
+        check_precision(config, built, path)
         return cls(runner, inputs, outputs, built, config)

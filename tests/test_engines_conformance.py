@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ from rau_rt.export.verify import TOLERANCES, compare  # noqa: E402
 
 from rau_rt.bundle import Manifest, load_bundle, read_manifest, write_manifest  # noqa: E402
 from rau_rt.config import EngineConfig  # noqa: E402
-from rau_rt.errors import BundleError, ShapeError  # noqa: E402
+from rau_rt.errors import BundleError, EngineMismatchError, ShapeError  # noqa: E402
 from rau_rt.types import TensorSpec  # noqa: E402
 
 TENSORRT_SKIP = pytest.mark.skipif(
@@ -205,3 +206,16 @@ def test_fp16_onnx_graph_matches_within_fp16_tolerance(model, tmp_path):
     assert entry.lint["tensorrt_ready"] is True
     with registry.open_engine(tmp_path / entry.file) as engine:
         assert engine.precision == "fp16"  # read from the graph's metadata, not guessed
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch", "aotinductor"])
+def test_manifest_precision_must_match_the_artifact(bundle_dir, backend, tmp_path):
+    copied = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, copied)
+    manifest = read_manifest(copied)
+    graphs = tuple(replace(e, precision="fp16") if e.backend == backend else e
+                   for e in manifest.graphs)
+    write_manifest(copied, replace(manifest, graphs=graphs))
+    with pytest.raises(EngineMismatchError, match="the manifest records fp16 but the file was "
+                       "built in fp32"):
+        load_bundle(copied, backend=backend)
