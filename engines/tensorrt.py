@@ -188,17 +188,17 @@ class TrtEngine(Engine):
     def _execute(self) -> None:
         static = all(spec.is_static for spec in self._inputs)
         if not (self.config.cuda_graph and static):
-            if not self._context.execute_async_v3(self._stream):
+            if not self._context.execute_async_v3(int(self._stream)):
                 raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
             return
         cudart = self._cudart
         if self._graph_exec is None:
             # One plain launch first: TensorRT finishes its shape-dependent setup outside the
             # capture, as its documentation on CUDA graphs asks.
-            self._context.execute_async_v3(self._stream)
+            self._context.execute_async_v3(int(self._stream))
             mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal
             _check(cudart.cudaStreamBeginCapture(self._stream, mode))
-            self._context.execute_async_v3(self._stream)
+            self._context.execute_async_v3(int(self._stream))
             graph = _check(cudart.cudaStreamEndCapture(self._stream))
             self._graph_exec = _check(cudart.cudaGraphInstantiate(graph, 0))
             _check(cudart.cudaGraphDestroy(graph))

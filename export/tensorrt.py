@@ -299,7 +299,8 @@ def build(onnx_path: str | Path, out: str | Path, precision: str = "fp16",
     source = onnx_path
     if precision == "fp16" and onnx.load(str(onnx_path), load_external_data=False).graph \
             .input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
-        source = convert_fp16(onnx_path, out.with_suffix(".fp16.onnx"), keep_fp32)
+        # Kept beside the engine: the graph TensorRT actually parsed, for inspection.
+        source = convert_fp16(onnx_path, out.with_name(out.stem + ".trt-input.onnx"), keep_fp32)
     require_ready(lint(source))
 
     logger = trt.Logger(trt.Logger.WARNING)

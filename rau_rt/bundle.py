@@ -280,7 +280,7 @@ def _choose(directory: Path, graph: str, candidates: list[GraphEntry], backend: 
         if fitting:
             log.info("backend auto: %s: tensorrt (%s, engine built for this host)", graph,
                      fitting[0].file)
-            return fitting[0], "tensorrt"
+            return fitting[0], registry.AUTO  # the registry moves it to CUDA and logs it
         log.warning("backend auto: %s: TensorRT engines in %s were built for another host "
                     "(%s); skipped; rebuild with: %s", graph, directory, host,
                     rebuild_command(directory, trt[0]))
