@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
+from rau_rt.engines.onnxruntime import PRECISION_METADATA_KEY
 
 from rau_rt.errors import InputError
 
@@ -260,6 +261,8 @@ def convert_fp16(onnx_path: str | Path, out: str | Path,
     model = onnx.load(str(onnx_path))
     converted = convert_float_to_float16(model, keep_io_types=True,
                                          op_block_list=list(keep_fp32))
+    # The source's metadata says fp32; the copy must not (the ORT engine reads it).
+    onnx.helper.set_model_props(converted, {PRECISION_METADATA_KEY: "fp16"})
     onnx.save(converted, str(out))
     return Path(out)
 

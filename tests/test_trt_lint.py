@@ -150,4 +150,5 @@ def test_fp16_conversion_keeps_layernorm_and_softmax_fp32(tmp_path):
     assert trt_export.lint(out).ok
     x = np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32)
     with registry.open_engine(source) as fp32, registry.open_engine(out) as fp16:
+        assert fp16.precision == "fp16" and fp16.inputs == fp32.inputs
         np.testing.assert_allclose(fp16.run({"x": x})["y"], fp32.run({"x": x})["y"], atol=2e-3)
