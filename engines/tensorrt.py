@@ -128,9 +128,12 @@ class TrtEngine(Engine):
                               np.dtype(trt.nptype(engine.get_tensor_dtype(name))).name)
             if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
                 inputs.append(spec)
-                # Profile 0 is the one this engine runs; its (min, opt, max) bound every feed.
-                low, _, high = engine.get_tensor_profile_shape(name, 0)
-                self._ranges[name] = (tuple(low), tuple(high))
+                if spec.is_static:
+                    self._ranges[name] = (dims, dims)
+                else:
+                    # Profile 0 is the one this engine runs; its (min, opt, max) bound the feeds.
+                    low, _, high = engine.get_tensor_profile_shape(name, 0)
+                    self._ranges[name] = (tuple(low), tuple(high))
             else:
                 outputs.append(spec)
         super().__init__(tuple(inputs), tuple(outputs), precision, config)

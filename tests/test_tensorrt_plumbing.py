@@ -29,6 +29,7 @@ from rau_rt.config import EngineConfig  # noqa: E402
 from rau_rt.errors import BundleError, EngineMismatchError, InputError, ShapeError  # noqa: E402
 
 PLAN = b"FAKE-PLAN"
+STATIC_PLAN = b"FAKE-STATIC-PLAN"  # x and y fixed at (2, 4)
 PROFILE = ((1, 4), (2, 4), (8, 4))
 
 
@@ -45,6 +46,8 @@ class FakeCudart:
         self.buffers: dict[int, np.ndarray] = {}
         self.freed: list[int] = []
         self.launches = 0
+        self.capturing = False
+        self.captured: list = []  # work recorded into the CUDA graph, replayed by each launch
 
     def cudaSetDevice(self, index):
         return (0,)
@@ -75,9 +78,11 @@ class FakeCudart:
         return (0,)
 
     def cudaStreamBeginCapture(self, stream, mode):
+        self.capturing = True
         return (0,)
 
     def cudaStreamEndCapture(self, stream):
+        self.capturing = False
         return 0, "graph"
 
     def cudaGraphInstantiate(self, graph, flags):
@@ -91,11 +96,14 @@ class FakeCudart:
 
     def cudaGraphLaunch(self, graph_exec, stream):
         self.launches += 1
+        for work in self.captured:
+            work()
         return (0,)
 
 
 class FakeContext:
-    def __init__(self) -> None:
+    def __init__(self, cudart: FakeCudart) -> None:
+        self.cudart = cudart
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.addresses: dict[str, int] = {}
 
@@ -112,23 +120,32 @@ class FakeContext:
 
     def execute_async_v3(self, stream):
         assert isinstance(stream, int)
+        if self.cudart.capturing:  # recorded, not run: a captured launch executes at replay
+            self.cudart.captured.append(self._double)
+        else:
+            self._double()
+        return True
+
+    def _double(self) -> None:
         n = int(np.prod(self.shapes["x"]))
         x = np.ctypeslib.as_array(ctypes.cast(self.addresses["x"],
                                               ctypes.POINTER(ctypes.c_float)), (n,))
         y = np.ctypeslib.as_array(ctypes.cast(self.addresses["y"],
                                               ctypes.POINTER(ctypes.c_float)), (n,))
         y[:] = 2 * x
-        return True
 
 
 class FakeEngine:
     num_io_tensors = 2
 
+    def __init__(self, cudart: FakeCudart, static: bool) -> None:
+        self.cudart, self.static = cudart, static
+
     def get_tensor_name(self, index):
         return ("x", "y")[index]
 
     def get_tensor_shape(self, name):
-        return (-1, 4)
+        return (2, 4) if self.static else (-1, 4)
 
     def get_tensor_dtype(self, name):
         return "float"
@@ -137,13 +154,14 @@ class FakeEngine:
         return "input" if name == "x" else "output"
 
     def get_tensor_profile_shape(self, name, profile):
+        assert not self.static, "static inputs have no profile to ask for"
         return list(PROFILE)
 
     def create_execution_context(self):
-        return FakeContext()
+        return FakeContext(self.cudart)
 
 
-def fake_tensorrt(built: list) -> types.SimpleNamespace:
+def fake_tensorrt(built: list, cudart: FakeCudart) -> types.SimpleNamespace:
     """The `tensorrt` module surface rau-rt uses (runtime and builder)."""
 
     class Runtime:
@@ -151,7 +169,9 @@ def fake_tensorrt(built: list) -> types.SimpleNamespace:
             pass
 
         def deserialize_cuda_engine(self, data):
-            return FakeEngine() if data == PLAN else None
+            if data in (PLAN, STATIC_PLAN):
+                return FakeEngine(cudart, static=data == STATIC_PLAN)
+            return None
 
     class Network:
         def __init__(self) -> None:
@@ -222,7 +242,7 @@ def fake_tensorrt(built: list) -> types.SimpleNamespace:
 def fakes(monkeypatch):
     built: list = []
     cudart = FakeCudart()
-    trt = fake_tensorrt(built)
+    trt = fake_tensorrt(built, cudart)
     monkeypatch.setattr(trt_engine, "import_tensorrt", lambda: trt)
     monkeypatch.setattr(trt_engine, "_import_cudart", lambda: cudart)
     monkeypatch.setattr(trt_engine.TrtEngine, "available", classmethod(lambda cls: True))
@@ -276,12 +296,22 @@ def test_engine_refuses_a_plan_it_cannot_deserialize(fakes, tmp_path):
         trt_engine.TrtEngine.load(tmp_path / "other.engine", EngineConfig(device="cuda"))
 
 
-def test_cuda_graph_needs_static_shapes(fakes, tmp_path):
+def test_cuda_graph_is_captured_once_and_replayed_for_static_shapes(fakes, tmp_path):
+    (tmp_path / "static.engine").write_bytes(STATIC_PLAN)
+    config = EngineConfig(device="cuda", cuda_graph=True)
+    with trt_engine.TrtEngine.load(tmp_path / "static.engine", config) as engine:
+        for value in (1.0, 5.0, -2.0):
+            x = np.full((2, 4), value, np.float32)
+            np.testing.assert_array_equal(engine.run({"x": x})["y"], 2 * x)
+    assert fakes.cudart.launches == 3 and len(fakes.cudart.captured) == 1
+
+
+def test_cuda_graph_is_not_used_for_dynamic_shapes(fakes, tmp_path):
     (tmp_path / "double.engine").write_bytes(PLAN)
     config = EngineConfig(device="cuda", cuda_graph=True)
     with trt_engine.TrtEngine.load(tmp_path / "double.engine", config) as engine:
-        engine.run({"x": np.ones((2, 4), np.float32)})
-    assert fakes.cudart.launches == 0  # dynamic input: plain launches, no capture
+        np.testing.assert_array_equal(engine.run({"x": np.ones((3, 4), np.float32)})["y"], 2)
+    assert fakes.cudart.launches == 0 and fakes.cudart.captured == []
 
 
 def test_export_trt_builds_verifies_and_records_engines(fakes, double_bundle, tmp_path, capsys):
