@@ -219,3 +219,17 @@ def test_manifest_precision_must_match_the_artifact(bundle_dir, backend, tmp_pat
     with pytest.raises(EngineMismatchError, match="the manifest records fp16 but the file was "
                        "built in fp32"):
         load_bundle(copied, backend=backend)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_aotinductor_package_in_reduced_precision(model, precision, tmp_path):
+    entry = export_graph(model, {"image": torch.randn(2, 3, 16, 16)}, tmp_path, GRAPH,
+                         "aotinductor", output_names=["logits", "features"],
+                         precision=precision)
+    assert entry.parity["passed"], entry.parity  # checked inside export against eager fp32
+    boundary = "float16" if precision == "fp16" else "float32"  # NumPy has no bfloat16
+    with registry.open_engine(tmp_path / entry.file) as engine:
+        assert engine.precision == precision
+        assert [s.dtype for s in engine.inputs + engine.outputs] == [boundary] * 3
+        with pytest.raises(EngineMismatchError, match=f"built in {precision}"):
+            registry.open_engine(tmp_path / entry.file, config=EngineConfig(precision="fp32"))
