@@ -1,1 +1,5 @@
-"""Benchmark suites: `python -m benchmarks.<suite> [--quick] [--json PATH]` (not installed)."""
+"""Benchmark suites, run from the repository root as `python -m benchmarks.<suite>` (not installed).
+
+Each suite writes one JSON record `{"suite", "device", "versions", "cases": [...]}` (STYLE.md,
+Benchmarks); the latest full-size results live in `benchmarks/results/`.
+"""

@@ -47,11 +47,25 @@ def _run_synth(args: argparse.Namespace) -> int:
     return command.run(args)
 
 
+def _configure_export(parser: argparse.ArgumentParser) -> None:
+    from rau_rt.export import command
+
+    command.configure(parser)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from rau_rt.export import command
+
+    return command.run(args)
+
+
 COMMANDS: tuple[Command, ...] = (
     Command("doctor", "report what this host can run (versions, providers, GPU, native ops)",
             _configure_doctor, _run_doctor),
     Command("synth", "write a synthetic coronary angiography cine with exact ground truth",
             _configure_synth, _run_synth),
+    Command("export", "export stages: build TensorRT engines for a bundle (trt), check ONNX "
+            "graphs for TensorRT (lint)", _configure_export, _run_export),
 )
 
 

@@ -15,3 +15,29 @@ class InputError(RauRtError, ValueError):
 
 class NativeUnavailableError(RauRtError, RuntimeError):
     """The compiled extension `rau_rt._native` was required but is not importable."""
+
+
+class BundleError(RauRtError, RuntimeError):
+    """A model bundle is incomplete or damaged: no manifest, a missing file, a checksum mismatch.
+
+    The message names the file and the command that rebuilds it.
+    """
+
+
+class EngineMismatchError(RauRtError, RuntimeError):
+    """An artifact was built for another host or asks for something this engine does not do.
+
+    E.g. a TensorRT engine built with another TensorRT version or for another GPU, or a precision
+    or device that differs from the one requested. Never resolved by silently changing either.
+    """
+
+
+class ShapeError(InputError):
+    """A feed does not match the graph's input spec (name, rank, size, dtype or profile range)."""
+
+
+class BackendUnavailableError(RauRtError, RuntimeError):
+    """The backend's runtime library (tensorrt, onnxruntime, torch) is not importable here.
+
+    The message says how to install it.
+    """

@@ -1,0 +1,184 @@
+"""PyTorch backends: the eager reference engine and AOTInductor packages.
+
+`TorchEagerEngine` runs a module in eager mode: the parity reference every export is checked
+against (ARCHITECTURE.md rule 6). `AotiEngine` runs a `.pt2` package compiled ahead of time by
+`torch._inductor.aoti_compile_and_package`: a deployable engine on CPU and CUDA.
+
+Both describe themselves: the exporter stores the input/output specs, precision and device in
+the artifact (`torch.export.save` extra file, AOTInductor package metadata).
+
+bfloat16 crosses the NumPy boundary as float32 because NumPy has no bfloat16: a bf16 engine
+declares float32 specs, rounds feeds to bf16 on the way in and widens outputs on the way out.
+That is the computation the artifact was built for, not a change of precision.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from rau_rt.config import DEFAULT_ENGINE_CONFIG, EngineConfig
+from rau_rt.engines.base import Engine, check_precision, check_recorded, module_present
+from rau_rt.errors import BackendUnavailableError, BundleError, EngineMismatchError
+from rau_rt.types import TensorSpec
+
+# Extra file (torch.export.save) / metadata key (AOTInductor) holding the artifact's description.
+DESCRIPTION_KEY = "rau_rt.json"
+# precision -> torch dtype name of the graph's floating-point tensors
+TORCH_FLOAT = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# precision -> NumPy dtype of floating-point tensors at the engine boundary
+NUMPY_FLOAT = {"fp32": "float32", "fp16": "float16", "bf16": "float32"}
+
+
+def _import_torch():
+    try:
+        import torch
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            f"torch does not import ({exc}); install the export extra: pip install "
+            "'rau-rt[export]' (torch 2.14.1)") from exc
+    return torch
+
+
+def describe(inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...], precision: str,
+             device: str) -> str:
+    """The JSON description a torch artifact carries (written by the exporters)."""
+    return json.dumps({"inputs": [s.to_dict() for s in inputs],
+                       "outputs": [s.to_dict() for s in outputs],
+                       "precision": precision, "device": device})
+
+
+def _read_description(text: str, path: Path) -> tuple[tuple[TensorSpec, ...],
+                                                      tuple[TensorSpec, ...], str, str]:
+    if not text:
+        raise BundleError(f"{path}: no {DESCRIPTION_KEY} description; export it with "
+                          "rau_rt.export.torch (it records specs, precision and device)")
+    data = json.loads(text)
+    return (tuple(TensorSpec.from_dict(s) for s in data["inputs"]),
+            tuple(TensorSpec.from_dict(s) for s in data["outputs"]),
+            data["precision"], data["device"])
+
+
+def _torch_device(torch, config: EngineConfig):
+    if config.is_cuda and not torch.cuda.is_available():
+        raise EngineMismatchError(f"device {config.device!r} asked for, but torch "
+                                  f"{torch.__version__} sees no CUDA GPU; use device='cpu'")
+    return torch.device(config.device)
+
+
+class _TorchEngine(Engine):
+    """Shared NumPy <-> torch plumbing of the two torch engines."""
+
+    def __init__(self, call, inputs, outputs, precision: str, config: EngineConfig) -> None:
+        super().__init__(inputs, outputs, precision, config)
+        self._torch = _import_torch()
+        self._call = call
+        self._device = self._torch.device(config.device)
+        self._float = getattr(self._torch, TORCH_FLOAT[precision]) if precision in TORCH_FLOAT \
+            else None
+
+    @classmethod
+    def available(cls) -> bool:
+        return module_present("torch")
+
+    def _to_torch(self, value: np.ndarray):
+        tensor = self._torch.from_numpy(np.ascontiguousarray(value)).to(self._device)
+        if self.precision == "bf16" and tensor.is_floating_point():
+            tensor = tensor.to(self._float)
+        return tensor
+
+    def _to_numpy(self, tensor) -> np.ndarray:
+        tensor = tensor.detach()
+        if tensor.dtype == self._torch.bfloat16:
+            tensor = tensor.float()
+        return tensor.cpu().numpy()
+
+    def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        args = [self._to_torch(feeds[spec.name]) for spec in self._inputs]
+        with self._torch.inference_mode():
+            result = self._call(*args)
+            if self.config.is_cuda:
+                self._torch.cuda.synchronize(self._device)
+        if isinstance(result, Mapping):
+            result = [result[spec.name] for spec in self._outputs]
+        elif not isinstance(result, list | tuple):
+            result = [result]
+        return {spec.name: self._to_numpy(t) for spec, t in zip(self._outputs, result,
+                                                                 strict=True)}
+
+    def _release(self) -> None:
+        self._call = None
+
+
+class TorchEagerEngine(_TorchEngine):
+    """An `nn.Module` (or a saved `torch.export` program) run eagerly: the parity reference."""
+
+    name: ClassVar[str] = "torch"
+    # `.pt2` is also AOTInductor's suffix, so this engine is chosen only by name.
+    suffixes: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def from_module(cls, module, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...],
+                    config: EngineConfig = DEFAULT_ENGINE_CONFIG) -> TorchEagerEngine:
+        """Wrap a module in eval mode on `config.device` at `config.precision` (default fp32).
+
+        The module is cast to the requested precision because this engine is where a precision
+        is chosen for the reference, not an artifact with one of its own. Float input specs must
+        use that precision's boundary dtype (`NUMPY_FLOAT`).
+        """
+        torch = _import_torch()
+        precision = config.precision or "fp32"
+        if precision not in TORCH_FLOAT:
+            raise EngineMismatchError(f"the eager torch engine runs fp32, fp16 or bf16, not "
+                                      f"{precision}; int8 graphs run in onnxruntime or tensorrt")
+        device = _torch_device(torch, config)
+        module = module.eval().to(device=device, dtype=getattr(torch, TORCH_FLOAT[precision]))
+        return cls(module, tuple(inputs), tuple(outputs), precision, config)
+
+    @classmethod
+    def load(cls, path: str | Path, config: EngineConfig = DEFAULT_ENGINE_CONFIG, *,
+             precision: str | None = None) -> TorchEagerEngine:
+        """Load a `torch.export.save` archive written by `rau_rt.export.torch.save_exported`."""
+        torch = _import_torch()
+        path = Path(path)
+        extra = {DESCRIPTION_KEY: ""}
+        program = torch.export.load(str(path), extra_files=extra)
+        inputs, outputs, built, device = _read_description(extra[DESCRIPTION_KEY], path)
+        check_recorded(precision, built, path)
+        check_precision(config, built, path)
+        target = _torch_device(torch, config)
+        module = program.module()
+        if device != config.device:
+            # An exported program's weights move with the module; its graph is device-neutral.
+            module = module.to(target)
+        return cls(module, inputs, outputs, built, config)
+
+
+class AotiEngine(_TorchEngine):
+    """A `.pt2` AOTInductor package: compiled kernels for the device it was built for."""
+
+    name: ClassVar[str] = "aotinductor"
+    suffixes: ClassVar[tuple[str, ...]] = (".pt2",)
+
+    @classmethod
+    def load(cls, path: str | Path, config: EngineConfig = DEFAULT_ENGINE_CONFIG, *,
+             precision: str | None = None) -> AotiEngine:
+        torch = _import_torch()
+        path = Path(path)
+        _torch_device(torch, config)
+        runner = torch._inductor.aoti_load_package(str(path), device_index=(
+            config.device_index if config.is_cuda else -1))
+        inputs, outputs, built, device = _read_description(
+            runner.get_metadata().get(DESCRIPTION_KEY, ""), path)
+        if device.split(":")[0] != config.device.split(":")[0]:
+            raise EngineMismatchError(
+                f"{path}: AOTInductor package compiled for {device}, asked to run on "
+                f"{config.device}; compiled kernels are device-specific: export it again "
+                f"with device={config.device!r}")
+        check_recorded(precision, built, path)
+        check_precision(config, built, path)
+        return cls(runner, inputs, outputs, built, config)

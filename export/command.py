@@ -1,0 +1,143 @@
+"""`rau-rt export ...`: the export stages as subcommands (registered in `rau_rt.cli`).
+
+`export trt` builds a TensorRT engine for every graph of a bundle on this host and adds the
+engines to the manifest; `export lint` checks ONNX graphs against TensorRT 10's parser. Heavy
+imports (onnx, tensorrt) happen inside the run functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from rau_rt.bundle import (
+    GraphEntry,
+    Manifest,
+    file_sha256,
+    read_manifest,
+    tool_versions,
+    write_manifest,
+)
+from rau_rt.config import EngineConfig
+from rau_rt.errors import BundleError, InputError
+
+log = logging.getLogger(__name__)
+GIB = 1 << 30
+
+
+def _source_entry(manifest: Manifest, graph: str, precision: str) -> GraphEntry:
+    """The ONNX entry an engine of `precision` is built from (QDQ for int8; fp16 or fp32)."""
+    onnx_entries = [e for e in manifest.entries(graph) if e.backend == "onnxruntime"]
+    wanted = {"int8": ("int8",), "fp16": ("fp16", "fp32"), "fp32": ("fp32",)}[precision]
+    for want in wanted:
+        for entry in onnx_entries:
+            if entry.precision == want:
+                return entry
+    raise BundleError(f"graph {graph!r} has no ONNX entry in {wanted} to build a {precision} "
+                      "engine from (int8 needs the quantized QDQ graph)")
+
+
+def build_bundle(directory: str | Path, precision: str = "fp16", workspace_gb: float = 4.0,
+                 timing_cache: str | Path | None = None,
+                 keep_fp32: tuple[str, ...] | None = None) -> list[GraphEntry]:
+    """Build one TensorRT engine per graph of the bundle and record them in its manifest.
+
+    Engines are built on the host that will run them (they are tied to the TensorRT version and
+    the GPU); each entry records both, the command that rebuilt it, and its parity against the
+    ONNX graph it came from, run by onnxruntime on the same random feeds.
+    """
+    from rau_rt.engines import registry
+    from rau_rt.engines.tensorrt import host_info
+    from rau_rt.export import tensorrt as trt_export
+    from rau_rt.export.verify import compare, require_parity
+
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    keep = trt_export.FP32_SENSITIVE_OPS if keep_fp32 is None else keep_fp32
+    host = host_info()
+    command = (f"rau-rt export trt --bundle {directory} --precision {precision} "
+               f"--workspace-gb {workspace_gb:g}"
+               + (f" --timing-cache {timing_cache}" if timing_cache else ""))
+    built: list[GraphEntry] = []
+    for graph in manifest.graph_names:
+        source = _source_entry(manifest, graph, precision)
+        out = directory / f"{graph}.{precision}.engine"
+        profiles = {name: (r["min"], r["opt"], r["max"])
+                    for name, r in source.dynamic_ranges.items()}
+        trt_export.build(directory / source.file, out, precision, profiles,
+                         int(workspace_gb * GIB), timing_cache, keep)
+        rng = np.random.default_rng(0)
+        feeds = {}
+        for spec in source.inputs:
+            shape = source.dynamic_ranges.get(spec.name, {}).get("opt") or spec.shape
+            feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        with registry.open_engine(directory / source.file, "onnxruntime") as reference, \
+                registry.open_engine(out, "tensorrt", EngineConfig(device="cuda"),
+                                     precision=precision) as engine:
+            parity = compare(reference.run(feeds), engine.run(feeds), precision)
+            inputs, outputs = engine.inputs, engine.outputs
+        require_parity(parity, str(out))
+        parity["reference"] = f"onnxruntime {source.file} ({source.precision})"
+        built.append(GraphEntry(
+            graph=graph, file=out.name, backend="tensorrt", precision=precision,
+            inputs=inputs, outputs=outputs, sha256=file_sha256(out), device="cuda",
+            source_checkpoint_sha256=source.source_checkpoint_sha256,
+            exporter={"name": "rau_rt.export.tensorrt.build", "command": command},
+            tools=tool_versions(tensorrt=host["tensorrt"],
+                                compute_capability=host["compute_capability"], gpu=host["gpu"]),
+            parity=parity, dynamic_ranges=source.dynamic_ranges))
+    names = {e.file for e in built}
+    kept = tuple(e for e in manifest.graphs if e.file not in names)
+    write_manifest(directory, replace(manifest, graphs=kept + tuple(built)))
+    return built
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `rau-rt export` and its stages."""
+    stages = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
+    trt = stages.add_parser("trt", help="build TensorRT engines for every graph of a bundle, "
+                            "on this host (engines are tied to the TensorRT version and GPU)")
+    trt.add_argument("--bundle", required=True, type=Path, help="bundle directory")
+    trt.add_argument("--precision", choices=("fp16", "int8", "fp32"), default="fp16",
+                     help="fp16 (fp32 graph converted, LayerNorm/Softmax kept fp32) or int8 "
+                     "(from the bundle's QDQ graph); default fp16")
+    trt.add_argument("--workspace-gb", type=float, default=4.0, help="builder workspace (GiB)")
+    trt.add_argument("--timing-cache", type=Path, default=None,
+                     help="timing cache file, read and updated (speeds up rebuilds)")
+    trt.add_argument("--keep-fp32", default=None,
+                     help="comma-separated op types kept fp32 in fp16 engines (default: "
+                     "LayerNormalization,Softmax; '' for none)")
+    lint = stages.add_parser("lint", help="check ONNX graphs against TensorRT 10's ONNX parser")
+    lint.add_argument("onnx", nargs="+", type=Path, help="ONNX graph files")
+    lint.add_argument("--json", action="store_true", help="print the reports as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the chosen export stage; the exit code is 1 when a lint finds errors."""
+    if args.stage == "trt":
+        keep = None if args.keep_fp32 is None else tuple(
+            op for op in args.keep_fp32.split(",") if op)
+        if args.workspace_gb <= 0:
+            raise InputError("--workspace-gb must be > 0")
+        for entry in build_bundle(args.bundle, args.precision, args.workspace_gb,
+                                  args.timing_cache, keep):
+            print(f"{entry.graph}: {entry.file} ({entry.precision}, TensorRT "
+                  f"{entry.tools['tensorrt']}, sm_{entry.tools['compute_capability']})")
+        return 0
+    from rau_rt.export import tensorrt as trt_export
+
+    reports = []
+    for path in args.onnx:
+        if not path.is_file():
+            raise InputError(f"{path}: no such ONNX file")
+        reports.append(trt_export.lint(path))
+    if args.json:
+        print(json.dumps({str(r.path): r.to_dict() for r in reports}, indent=2))
+    else:
+        print("\n".join(r.format() for r in reports))
+    return 0 if all(r.ok for r in reports) else 1

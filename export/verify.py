@@ -1,0 +1,84 @@
+"""Parity of exported graphs against the PyTorch reference: the one tolerance table.
+
+Every exported or quantized graph is run through the same loading path users take and compared,
+per output, with the eager module on the same weights and inputs (ARCHITECTURE.md rule 6).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from rau_rt.errors import RauRtError
+
+
+class ParityError(RauRtError, RuntimeError):
+    """An exported graph's outputs differ from the PyTorch reference beyond the tolerance."""
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Agreement an output must reach: |a - b| <= atol + rtol * |b| everywhere, and cosine."""
+
+    atol: float
+    rtol: float
+    min_cosine: float
+
+
+# Against an fp32 eager reference on unit-scale activations. fp32: reordered sums only (ORT and
+# Inductor fuse and vectorize differently), ~1e-6 seen on the conformance model. fp16: 10-bit
+# mantissa, ~1e-3 relative per op, a few ops deep. bf16: 7-bit mantissa, ~8x fp16's error.
+# int8: per-tensor scales, ~1 % of range (the feasibility study's QDQ graphs: cosine >= 0.999
+# where quantization is restricted to MatMul/Conv).
+TOLERANCES: dict[str, Tolerance] = {
+    "fp32": Tolerance(atol=1e-4, rtol=1e-4, min_cosine=0.99999),
+    "fp16": Tolerance(atol=1e-2, rtol=1e-2, min_cosine=0.9995),
+    "bf16": Tolerance(atol=6e-2, rtol=6e-2, min_cosine=0.995),
+    "int8": Tolerance(atol=1e-1, rtol=1e-1, min_cosine=0.99),
+}
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    denominator = np.linalg.norm(a64) * np.linalg.norm(b64)
+    if denominator == 0.0:
+        return 1.0 if np.array_equal(a64, b64) else 0.0
+    return float(a64 @ b64 / denominator)
+
+
+def compare(reference: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray],
+            precision: str) -> dict[str, object]:
+    """Per-output agreement of `outputs` with `reference` at `precision`'s tolerance.
+
+    Returns:
+        {"precision", "passed", "outputs": {name: {"max_abs", "cosine", "passed"}}}, the
+        record a manifest keeps as the graph's parity result.
+    """
+    tolerance = TOLERANCES[precision]
+    per_output: dict[str, dict[str, object]] = {}
+    for name, ref in reference.items():
+        got = np.asarray(outputs[name])
+        if got.shape != ref.shape:
+            per_output[name] = {"max_abs": None, "cosine": None, "passed": False,
+                                "shape": [list(ref.shape), list(got.shape)]}
+            continue
+        ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
+        within = bool(np.all(np.abs(got64 - ref64) <= tolerance.atol + tolerance.rtol
+                             * np.abs(ref64)))
+        cosine = _cosine(got, ref)
+        per_output[name] = {"max_abs": float(np.max(np.abs(got64 - ref64), initial=0.0)),
+                            "cosine": cosine,
+                            "passed": within and cosine >= tolerance.min_cosine}
+    return {"precision": precision, "passed": all(o["passed"] for o in per_output.values()),
+            "outputs": per_output}
+
+
+def require_parity(result: Mapping[str, object], what: str) -> None:
+    """Raise `ParityError` naming the failing outputs of a `compare` result."""
+    if not result["passed"]:
+        failing = {name: o for name, o in result["outputs"].items() if not o["passed"]}
+        raise ParityError(f"{what}: outputs differ from the PyTorch reference beyond the "
+                          f"{result['precision']} tolerance {TOLERANCES[result['precision']]}: "
+                          f"{failing}")

@@ -1,0 +1,162 @@
+"""Backend selection (ARCHITECTURE.md rule 5), engine settings, and hosts without a backend."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+
+import pytest
+
+from rau_rt import cli
+from rau_rt.config import EngineConfig
+from rau_rt.engines import registry
+from rau_rt.errors import BackendUnavailableError, EngineMismatchError, InputError
+
+onnx = pytest.importorskip("onnx", reason="graphs are built with onnx (pip install '.[export]')")
+
+
+@pytest.fixture
+def relu_onnx(tmp_path):
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 4])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 4])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "relu", [x], [y])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    path = tmp_path / "relu.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize(("name", "backend"), [("a.onnx", "onnxruntime"), ("a.engine", "tensorrt"),
+                                               ("a.plan", "tensorrt"), ("a.pt2", "aotinductor"),
+                                               ("A.ONNX", "onnxruntime")])
+def test_suffix_table(name, backend):
+    assert registry.backend_for_path(name) == backend
+
+
+def test_unknown_suffix_lists_the_choices():
+    with pytest.raises(InputError, match=r"'\.pth'.*\.onnx.*pass backend= one of"):
+        registry.backend_for_path("model.pth")
+
+
+def test_unknown_backend_lists_the_choices():
+    with pytest.raises(InputError, match=r"'openvino' is not one of \['aotinductor', "
+                       r"'onnxruntime', 'tensorrt', 'torch'\]"):
+        registry.open_engine("model.onnx", "openvino")
+
+
+def test_suffix_selects_onnxruntime(relu_onnx, caplog):
+    caplog.set_level(logging.INFO)
+    with registry.open_engine(relu_onnx) as engine:
+        assert engine.name == "onnxruntime" and engine.precision == "fp32"
+    assert "backend onnxruntime for" in caplog.text and "from its suffix" in caplog.text
+
+
+def test_explicit_backend_beats_the_suffix(relu_onnx, tmp_path):
+    renamed = tmp_path / "relu.pt2"
+    renamed.write_bytes(relu_onnx.read_bytes())
+    with registry.open_engine(renamed, "onnxruntime") as engine:
+        assert engine.name == "onnxruntime"
+
+
+def test_auto_falls_to_onnxruntime_cpu_and_says_why(relu_onnx, caplog):
+    caplog.set_level(logging.INFO)
+    with registry.open_engine(relu_onnx, "auto") as engine:
+        assert engine.name == "onnxruntime" and engine.config.device == "cpu"
+    assert "backend auto: onnxruntime on cpu" in caplog.text
+    assert "tensorrt skipped" in caplog.text and "no CUDA provider" in caplog.text
+
+
+def test_auto_never_downgrades_an_explicit_cuda_device(relu_onnx):
+    with pytest.raises(BackendUnavailableError, match="no CUDAExecutionProvider"):
+        registry.open_engine(relu_onnx, "auto", EngineConfig(device="cuda"))
+
+
+def test_auto_on_an_engine_file_without_tensorrt(tmp_path):
+    with pytest.raises(BackendUnavailableError, match="only tensorrt runs it"):
+        registry.open_engine(tmp_path / "model.engine", "auto")
+
+
+def test_onnxruntime_cuda_is_refused_without_the_provider(relu_onnx):
+    with pytest.raises(BackendUnavailableError, match=r"lacks \['CUDAExecutionProvider'\].*"
+                       "onnxruntime-gpu"):
+        registry.open_engine(relu_onnx, "onnxruntime", EngineConfig(device="cuda"))
+
+
+def test_precision_is_never_changed_silently(relu_onnx):
+    with pytest.raises(EngineMismatchError, match=r"built in fp32 but EngineConfig\.precision "
+                       r"is fp16"):
+        registry.open_engine(relu_onnx, config=EngineConfig(precision="fp16"))
+
+
+def test_tensorrt_without_tensorrt_says_how_to_install(tmp_path):
+    if registry.backend_class("tensorrt").available():
+        pytest.skip("tensorrt imports here; this checks hosts without it")
+    with pytest.raises(BackendUnavailableError, match="does not import on this host"):
+        registry.open_engine(tmp_path / "model.engine", config=EngineConfig(device="cuda"))
+
+
+def test_tensorrt_engine_refuses_cpu(tmp_path):
+    with pytest.raises(EngineMismatchError, match="TensorRT engines run on CUDA only"):
+        registry.backend_class("tensorrt").load(tmp_path / "model.engine")
+
+
+def test_onnxruntime_session_settings(relu_onnx, tmp_path):
+    import numpy as np
+
+    cache = tmp_path / "relu.opt.onnx"
+    config = EngineConfig(intra_op_threads=1, inter_op_threads=1, graph_optimization="basic",
+                          optimized_model_path=str(cache))
+    x = np.array([[-1, 2, -3, 4], [5, -6, 7, -8]], np.float32)
+    with registry.open_engine(relu_onnx, config=config) as first:
+        y = first.run({"x": x})["y"]
+    assert cache.exists() and json.loads(cache.with_name(cache.name + ".source.json").read_text())
+    with registry.open_engine(relu_onnx, config=config) as second:  # loads the cached graph
+        np.testing.assert_array_equal(second.run({"x": x})["y"], y)
+    np.testing.assert_array_equal(y, np.maximum(x, 0))
+
+
+@pytest.mark.parametrize(
+    ("fields", "says"),
+    [({"device": "gpu"}, "device: expected 'cpu', 'cuda' or 'cuda:N'"),
+     ({"precision": "fp8"}, "precision: expected one of"),
+     ({"providers": ("OpenVINOExecutionProvider",)}, "providers"),
+     ({"intra_op_threads": -1}, "must be >= 0"),
+     ({"graph_optimization": "max"}, "graph_optimization"),
+     ({"cuda_graph": True}, "cuda_graph needs device='cuda'")],
+)
+def test_engine_config_rejects_bad_values(fields, says):
+    with pytest.raises(InputError, match=says):
+        EngineConfig(**fields)
+
+
+def test_engine_config_is_frozen():
+    config = EngineConfig(device="cuda:1")
+    assert config.device_index == 1 and config.is_cuda
+    with pytest.raises(AttributeError):
+        config.device = "cpu"
+
+
+def test_available_imports_nothing():
+    code = ("import sys, json; from rau_rt.engines import registry; "
+            "names = [n for n in registry.BACKENDS if registry.backend_class(n).available()]; "
+            "print(json.dumps([names, sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'onnxruntime', 'tensorrt', 'cuda'))]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    names, heavy = json.loads(out.stdout)
+    assert "onnxruntime" in names
+    assert heavy == []
+
+
+def test_export_trt_without_tensorrt_fails_with_an_install_message(tmp_path, capsys):
+    if registry.backend_class("tensorrt").available():
+        pytest.skip("tensorrt imports here; this checks hosts without it")
+    from rau_rt.bundle import Manifest, write_manifest
+
+    write_manifest(tmp_path, Manifest("empty", ()))
+    assert cli.main(["export", "trt", "--bundle", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "rau-rt export: error: tensorrt does not import" in err
+    assert "pip install 'tensorrt-cu12>=10,<11' cuda-python" in err
