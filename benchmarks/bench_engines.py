@@ -3,31 +3,25 @@
     python -m benchmarks.bench_engines [--quick] [--json PATH]
 
 The model is exported with `rau_rt.export.torch.export_graph` (which verifies parity) and every
-backend runs through the same `Engine.run` API, NumPy in and out. Backends take turns in rounds
-of `ROUND` timed calls so that the VM's drift (+-25 % between runs on the 2-core box,
+backend runs through the same `Engine.run` API, NumPy in and out. Backends take turns of
+`TURN` timed calls so that the VM's drift (+-25 % between runs on the 2-core box,
 notes/feasibility.md) hits all of them alike; ratios are against eager from the same run. The
 first call of every turn is not timed: ONNX Runtime's pool threads keep spinning for a while
-after a call and would slow whichever backend runs next.
+after a call and would slow whichever backend runs next (benchmarks.harness, `settle`).
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib.metadata
-import json
-import os
-import platform
-import resource
+import dataclasses
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
+from benchmarks.harness import case_record, markdown, parse_args, time_interleaved, write_record
 from rau_rt.config import EngineConfig
 from rau_rt.engines import registry
 from rau_rt.export.torch import export_graph
@@ -54,7 +48,7 @@ class Size:
 # cores including the AOTInductor compile (~30 s).
 SIZES = {"full": Size(512, 128, 2, 3, 40), "quick": Size(256, 64, 1, 3, 20)}
 PATCH = 8
-ROUND = 5  # timed calls per backend turn
+TURN = 5  # timed calls per backend turn
 
 
 class Block(nn.Module):
@@ -87,37 +81,8 @@ class ConvAttention(nn.Module):
         return self.head(tokens.mean(dim=1)), tokens
 
 
-def _versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for name in ("rau-rt", "torch", "onnxruntime", "onnx", "numpy"):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
-def _device() -> dict[str, object]:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f
-                         if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"kind": "cpu", "name": model, "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "gpu": None}
-
-
-def _stats(samples_ms: list[float]) -> dict[str, float]:
-    a = np.asarray(samples_ms)
-    return {"median_ms": float(np.median(a)), "p90_ms": float(np.percentile(a, 90)),
-            "p99_ms": float(np.percentile(a, 99)), "mean_ms": float(a.mean()),
-            "std_ms": float(a.std()), "tail_ms": float(a.max() - np.percentile(a, 95))}
-
-
-def run(size: Size, workdir: Path) -> dict[str, object]:
-    """Export, load every backend, time the interleaved loop; the JSON record."""
+def run(size: Size, workdir: Path) -> list[dict[str, object]]:
+    """Export, load every backend, time the interleaved loop; one case per backend."""
     torch.manual_seed(0)
     model = ConvAttention(size.dim, size.blocks).eval()
     example = {"image": torch.randn(1, 3, size.image, size.image)}
@@ -135,51 +100,32 @@ def run(size: Size, workdir: Path) -> dict[str, object]:
     }
     feeds = {"image": example["image"].numpy()}
     results = {name: engine.run(feeds) for name, engine in engines.items()}
-    for _ in range(size.warmup):
-        for engine in engines.values():
-            engine.run(feeds)
-    samples: dict[str, list[float]] = {name: [] for name in engines}
-    for _ in range(-(-size.iterations // ROUND)):
-        for name, engine in engines.items():
-            engine.run(feeds)  # untimed: lets the previous backend's threads go idle
-            for _ in range(ROUND):
-                start = time.perf_counter()
-                engine.run(feeds)  # CPU engines return when outputs are ready: no sync needed
-                samples[name].append((time.perf_counter() - start) * 1e3)
+    samples = time_interleaved({name: (lambda e=engine: e.run(feeds))
+                                for name, engine in engines.items()},
+                               warmup=size.warmup, repeat=size.iterations, turn=TURN, settle=1)
     for engine in engines.values():
         engine.close()
-    stats = {name: _stats(s) for name, s in samples.items()}
     case = f"conv_attention_{size.image}px_{(size.image // PATCH) ** 2}tok_d{size.dim}"
     cases = []
-    for name, stat in stats.items():
+    for name in engines:
         parity = compare(results[BASELINE], results[name], "fp32")
-        cases.append({
-            "case": case, "backend": name, "precision": "fp32", **stat,
-            "baseline": BASELINE, "baseline_median_ms": stats[BASELINE]["median_ms"],
-            "speedup": stats[BASELINE]["median_ms"] / stat["median_ms"],
-            "iterations": size.iterations,
-            "fidelity": {"max_abs": max(o["max_abs"] for o in parity["outputs"].values()),
-                         "cosine": min(o["cosine"] for o in parity["outputs"].values())}})
-    return {"suite": SUITE, "device": _device(), "versions": _versions(), "cases": cases,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "command": "python -m benchmarks.bench_engines" + (
-                " --quick" if size is SIZES["quick"] else "")}
+        cases.append(case_record(
+            case, name, "fp32", samples[name], BASELINE, samples[BASELINE],
+            {"max_abs": max(o["max_abs"] for o in parity["outputs"].values()),
+             "cosine": min(o["cosine"] for o in parity["outputs"].values())}))
+    return cases
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="reduced size (~1 min on 2 cores)")
-    parser.add_argument("--json", type=Path, default=None, help="write the JSON record here")
-    args = parser.parse_args(argv)
+    args = parse_args(__doc__.splitlines()[0], "benchmarks/results/engines_cpu.json", argv)
+    size = SIZES["quick" if args.quick else "full"]
+    if args.repeat:
+        size = dataclasses.replace(size, iterations=args.repeat)
     with tempfile.TemporaryDirectory(prefix="bench_engines_") as workdir:
-        record = run(SIZES["quick" if args.quick else "full"], Path(workdir))
-    print(f"{'backend':<14}{'median ms':>11}{'p90 ms':>9}{'vs eager':>10}  fidelity")
-    for case in record["cases"]:
-        print(f"{case['backend']:<14}{case['median_ms']:>11.2f}{case['p90_ms']:>9.2f}"
-              f"{case['speedup']:>9.2f}x  cos {case['fidelity']['cosine']:.6f}")
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
+        cases = run(size, Path(workdir))
+    command = "python -m benchmarks.bench_engines" + (" --quick" if args.quick else "")
+    record = write_record(SUITE, cases, args.json, command, torch_threads=torch.get_num_threads())
+    print(markdown(record))
     return 0
 
 

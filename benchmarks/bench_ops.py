@@ -159,8 +159,8 @@ def main() -> None:
     args = parse_args(__doc__.splitlines()[0], "benchmarks/results/ops_cpu.json")
     repeat = args.repeat or (15 if args.quick else 60)
     cases = run(repeat=repeat, warmup=3)
-    record = write_record("ops", cases, args.json)
-    print(markdown(record, "python -m benchmarks.bench_ops"))
+    record = write_record("ops", cases, args.json, "python -m benchmarks.bench_ops")
+    print(markdown(record))
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ def main() -> None:
     budget = np.full(times["generate"].shape, BUDGET_MS)
     case = case_record("generate_sequence 64 x 512² + truth", "numpy", "uint16",
                        times["generate"], "issue budget (5 s)", budget, {})
-    record = write_record("synthetic", [case], args.json)
-    print(markdown(record, "python -m benchmarks.bench_synthetic"))
+    record = write_record("synthetic", [case], args.json, "python -m benchmarks.bench_synthetic")
+    print(markdown(record))
 
 
 if __name__ == "__main__":

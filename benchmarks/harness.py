@@ -22,44 +22,58 @@ from rau_rt import ops
 from rau_rt._version import __version__
 
 
-def parse_args(description: str, default_json: str) -> argparse.Namespace:
+def parse_args(description: str, default_json: str,
+               argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true",
                         help="fewer repetitions (about a minute on 2 cores)")
     parser.add_argument("--json", default=default_json, help="where to write the JSON record")
     parser.add_argument("--repeat", type=int, default=None, help="timed repetitions per case")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def time_interleaved(
-    calls: dict[str, Callable[[], object]], *, warmup: int, repeat: int
+    calls: dict[str, Callable[[], object]],
+    *,
+    warmup: int,
+    repeat: int,
+    turn: int = 1,
+    settle: int = 0,
 ) -> dict[str, np.ndarray]:
-    """Milliseconds per call for each entry, measured round-robin in rotating order.
+    """Milliseconds per call for each entry, measured in turns, round-robin in rotating order.
 
     Interleaving makes every implementation see the same background load on a shared machine,
-    so ratios from one run hold even when absolute times drift.
+    so ratios from one run hold even when absolute times drift. Each turn is `settle` untimed
+    calls then `turn` timed ones: a runtime whose pool threads keep spinning after a call
+    (ONNX Runtime) would otherwise slow whichever entry runs next. CPU calls return when their
+    outputs are ready, so no device sync is needed here.
     """
     names = list(calls)
     for _ in range(warmup):
         for name in names:
             calls[name]()
     samples: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(repeat):
+    for i in range(-(-repeat // turn)):
         order = names[i % len(names):] + names[: i % len(names)]
         for name in order:
-            start = time.perf_counter()
-            calls[name]()
-            samples[name].append((time.perf_counter() - start) * 1e3)
-    return {name: np.asarray(values) for name, values in samples.items()}
+            for _ in range(settle):
+                calls[name]()
+            for _ in range(turn):
+                start = time.perf_counter()
+                calls[name]()
+                samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: np.asarray(values[:repeat]) for name, values in samples.items()}
 
 
 def stats(samples_ms: np.ndarray) -> dict[str, float]:
+    """Percentiles, mean, std and tail (max - p95) of one entry's samples."""
     return {
         "median_ms": float(np.median(samples_ms)),
         "p90_ms": float(np.percentile(samples_ms, 90)),
         "p99_ms": float(np.percentile(samples_ms, 99)),
         "mean_ms": float(np.mean(samples_ms)),
         "std_ms": float(np.std(samples_ms)),
+        "tail_ms": float(np.max(samples_ms) - np.percentile(samples_ms, 95)),
         "runs": int(samples_ms.size),
     }
 
@@ -84,7 +98,7 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def environment() -> dict[str, object]:
+def environment(**device_extra: object) -> dict[str, object]:
     """Device and versions, for the record's `device` and `versions` keys."""
     model = platform.processor() or platform.machine()
     try:
@@ -97,25 +111,29 @@ def environment() -> dict[str, object]:
     import cv2
 
     device = {"cpu": model, "machine": platform.machine(), "physical_cores": ops.physical_cores(),
-              "native_threads": ops.num_threads(), "opencv_threads": cv2.getNumThreads()}
+              "native_threads": ops.num_threads(), "opencv_threads": cv2.getNumThreads(),
+              "gpu": None, **device_extra}
     versions = {"rau_rt": __version__, "python": platform.python_version(),
                 "native": ops.native_info()["built"]}
-    for dist in ("numpy", "opencv-python-headless", "onnxruntime", "torch"):
+    for dist in ("numpy", "opencv-python-headless", "onnxruntime", "onnx", "torch"):
         if (version := _version(dist)) is not None:
             versions[dist] = version
     return {"device": device, "versions": versions}
 
 
-def write_record(suite: str, cases: list[dict[str, object]], path: str) -> dict[str, object]:
-    record = {"suite": suite, **environment(), "cases": cases,
-              "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+def write_record(suite: str, cases: list[dict[str, object]], path: str, command: str,
+                 **device_extra: object) -> dict[str, object]:
+    """Write the suite's JSON record (with environment and peak RSS) and return it."""
+    record = {"suite": suite, **environment(**device_extra), "cases": cases,
+              "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              "command": command}
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     return record
 
 
-def markdown(record: dict[str, object], reproduce: str) -> str:
+def markdown(record: dict[str, object]) -> str:
     """README table rows for a record, with the command that reproduces them."""
     device = record["device"]
     lines = [
@@ -129,5 +147,5 @@ def markdown(record: dict[str, object], reproduce: str) -> str:
             f"({c['baseline_p90_ms']:.2f}) | {c['speedup']:.2f}x |")
     lines.append(f"\n{device['cpu']}, {device['physical_cores']} cores, native threads "
                  f"{device['native_threads']}, OpenCV threads {device['opencv_threads']}. "
-                 f"Reproduce: `{reproduce}`")
+                 f"Reproduce: `{record['command']}`")
     return "\n".join(lines)
