@@ -14,6 +14,8 @@ void preprocess(const ImageView<T>& src, const PreprocessParams& params, float* 
   const int64_t width = params.out_width;
   const int64_t plane = params.out_height * width;
   const int64_t channels = src.channels;
+  const bool gray = params.source_channel[0] == params.source_channel[1] &&
+                    params.source_channel[1] == params.source_channel[2];
 
   // Byte offsets of the two horizontal taps of every output column.
   std::vector<int64_t> col_lo(static_cast<size_t>(width)), col_hi(static_cast<size_t>(width));
@@ -48,11 +50,30 @@ void preprocess(const ImageView<T>& src, const PreprocessParams& params, float* 
       cache.get(ys.lo[iy], ys.hi[iy], fill, &top, &bottom);
       const float fy = ys.frac[iy];
       // Vertical pass + window/scale + per-plane affine, contiguous and vectorizable.
+      const float vs = params.value_scale, vo = params.value_offset;
+      if (gray) {
+        // One source channel for all three planes (X-ray): interpolate once, write three.
+        float* o0 = out + y * width;
+        float* o1 = o0 + plane;
+        float* o2 = o1 + plane;
+        const float s0 = params.plane_scale[0], s1 = params.plane_scale[1];
+        const float s2 = params.plane_scale[2], f0 = params.plane_offset[0];
+        const float f1 = params.plane_offset[1], f2 = params.plane_offset[2];
+        const float* t = top + params.source_channel[0] * width;
+        const float* b = bottom + params.source_channel[0] * width;
+        for (int64_t x = 0; x < width; ++x) {
+          float v = (t[x] + fy * (b[x] - t[x])) * vs + vo;
+          if (params.clamp) v = std::min(std::max(v, 0.0f), 1.0f);
+          o0[x] = v * s0 + f0;
+          o1[x] = v * s1 + f1;
+          o2[x] = v * s2 + f2;
+        }
+        continue;
+      }
       for (int k = 0; k < 3; ++k) {
         const float* t = top + params.source_channel[k] * width;
         const float* b = bottom + params.source_channel[k] * width;
         float* o = out + k * plane + y * width;
-        const float vs = params.value_scale, vo = params.value_offset;
         const float ps = params.plane_scale[k], po = params.plane_offset[k];
         if (params.clamp) {
           for (int64_t x = 0; x < width; ++x) {

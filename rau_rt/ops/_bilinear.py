@@ -16,8 +16,9 @@ def source_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np
     dst = np.arange(out_size, dtype=np.float64)
     src = np.maximum((scale * (dst + 0.5) - 0.5).astype(np.float32), np.float32(0.0))
     lo = np.minimum(src.astype(np.int64), in_size - 1)
-    hi = np.minimum(lo + 1, in_size - 1)
-    return lo, hi, (src - lo.astype(np.float32)).astype(np.float32)
+    frac = (src - lo.astype(np.float32)).astype(np.float32)
+    hi = np.where(frac == 0, lo, np.minimum(lo + 1, in_size - 1))  # as the kernels: same values
+    return lo, hi, frac
 
 
 def resize_plane(plane: np.ndarray, size: tuple[int, int]) -> np.ndarray:

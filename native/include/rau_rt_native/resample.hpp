@@ -33,8 +33,10 @@ inline Taps make_taps(int64_t in_size, int64_t out_size) {
     const int64_t lo = std::min(static_cast<int64_t>(src), in_size - 1);
     const size_t k = static_cast<size_t>(i);
     taps.lo[k] = lo;
-    taps.hi[k] = std::min(lo + 1, in_size - 1);
     taps.frac[k] = src - static_cast<float>(lo);
+    // A zero weight never reads the second tap (a + 0 * (b - a) == a exactly), so point it at
+    // the first: an identity or integer-ratio axis then interpolates each source row once.
+    taps.hi[k] = taps.frac[k] == 0.0f ? lo : std::min(lo + 1, in_size - 1);
   }
   return taps;
 }
