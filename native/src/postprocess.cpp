@@ -32,60 +32,70 @@ void postprocess_masks(const LogitsView& logits, float threshold, int64_t out_he
   const Taps xs = make_taps(logits.width, out_width);
   const Taps ys = make_taps(logits.height, out_height);
   const int64_t plane = out_height * out_width;
+  const int64_t regions = logits.regions;
+  std::vector<Partial> totals(static_cast<size_t>(regions));
 
-  for (int64_t n = 0; n < logits.regions; ++n) {
-    Partial total;
-    auto fill = [&](int64_t row, float* dst) {
-      for (int64_t x = 0; x < out_width; ++x) {
-        const size_t i = static_cast<size_t>(x);
-        const float a = logit_at(logits, n, row, xs.lo[i]);
-        const float b = logit_at(logits, n, row, xs.hi[i]);
-        dst[x] = a + xs.frac[i] * (b - a);
-      }
-    };
+  // Source rows are cached under key = region * height + row, so one cache serves every region.
+  auto fill = [&](int64_t key, float* dst) {
+    const int64_t n = key / logits.height, row = key % logits.height;
+    for (int64_t x = 0; x < out_width; ++x) {
+      const size_t i = static_cast<size_t>(x);
+      const float a = logit_at(logits, n, row, xs.lo[i]);
+      const float b = logit_at(logits, n, row, xs.hi[i]);
+      dst[x] = a + xs.frac[i] * (b - a);
+    }
+  };
 
+  // One parallel region over all (region, output row) pairs: a single fork/join per call, and
+  // dynamic chunks so a thread that loses its core to another process does not hold up the rest.
 #pragma omp parallel num_threads(threads) if (threads > 1)
-    {
-      RowCache cache(1, out_width);
-      std::vector<float> values(static_cast<size_t>(out_width));
-      Partial part;
-#pragma omp for schedule(static)
-      for (int64_t y = 0; y < out_height; ++y) {
-        const size_t iy = static_cast<size_t>(y);
-        const float* t = nullptr;
-        const float* b = nullptr;
-        cache.get(ys.lo[iy], ys.hi[iy], fill, &t, &b);
-        const float fy = ys.frac[iy];
-        uint8_t* m = masks + n * plane + y * out_width;
-        float* v = values.data();
-        int64_t row_area = 0;
-        for (int64_t x = 0; x < out_width; ++x) {
-          v[x] = t[x] + fy * (b[x] - t[x]);
-          m[x] = v[x] > threshold ? 1 : 0;
-          row_area += m[x];
-        }
-        if (row_area == 0) continue;  // most rows of a thin vessel's mask are empty
-        part.y1 = std::min(part.y1, y);
-        part.y2 = y + 1;
-        part.area += row_area;
-        for (int64_t x = 0; x < out_width; ++x) {
-          if (!m[x]) continue;
-          part.x1 = std::min(part.x1, x);
-          part.x2 = std::max(part.x2, x + 1);
-          part.sum += 1.0 / (1.0 + std::exp(-static_cast<double>(v[x])));
-        }
+  {
+    RowCache cache(1, out_width);
+    std::vector<float> values(static_cast<size_t>(out_width));
+    std::vector<Partial> parts(static_cast<size_t>(regions));
+#pragma omp for schedule(dynamic, kRowChunk)
+    for (int64_t item = 0; item < regions * out_height; ++item) {
+      const int64_t n = item / out_height, y = item % out_height;
+      const size_t iy = static_cast<size_t>(y);
+      const float* t = nullptr;
+      const float* b = nullptr;
+      cache.get(n * logits.height + ys.lo[iy], n * logits.height + ys.hi[iy], fill, &t, &b);
+      const float fy = ys.frac[iy];
+      uint8_t* m = masks + n * plane + y * out_width;
+      float* v = values.data();
+      int64_t row_area = 0;
+      for (int64_t x = 0; x < out_width; ++x) {
+        v[x] = t[x] + fy * (b[x] - t[x]);
+        m[x] = v[x] > threshold ? 1 : 0;
+        row_area += m[x];
       }
-#pragma omp critical
-      {
-        total.x1 = std::min(total.x1, part.x1);
-        total.y1 = std::min(total.y1, part.y1);
-        total.x2 = std::max(total.x2, part.x2);
-        total.y2 = std::max(total.y2, part.y2);
-        total.area += part.area;
-        total.sum += part.sum;
+      if (row_area == 0) continue;  // most rows of a thin vessel's mask are empty
+      Partial& part = parts[static_cast<size_t>(n)];
+      part.y1 = std::min(part.y1, y);
+      part.y2 = std::max(part.y2, y + 1);
+      part.area += row_area;
+      for (int64_t x = 0; x < out_width; ++x) {
+        if (!m[x]) continue;
+        part.x1 = std::min(part.x1, x);
+        part.x2 = std::max(part.x2, x + 1);
+        part.sum += 1.0 / (1.0 + std::exp(-static_cast<double>(v[x])));
       }
     }
+#pragma omp critical
+    for (int64_t n = 0; n < regions; ++n) {
+      Partial& total = totals[static_cast<size_t>(n)];
+      const Partial& part = parts[static_cast<size_t>(n)];
+      total.x1 = std::min(total.x1, part.x1);
+      total.y1 = std::min(total.y1, part.y1);
+      total.x2 = std::max(total.x2, part.x2);
+      total.y2 = std::max(total.y2, part.y2);
+      total.area += part.area;
+      total.sum += part.sum;
+    }
+  }
 
+  for (int64_t n = 0; n < regions; ++n) {
+    const Partial& total = totals[static_cast<size_t>(n)];
     int64_t* box = stats.boxes + 4 * n;
     if (total.area == 0) {
       box[0] = box[1] = box[2] = box[3] = -1;

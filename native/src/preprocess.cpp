@@ -42,7 +42,7 @@ void preprocess(const ImageView<T>& src, const PreprocessParams& params, float* 
 #pragma omp parallel num_threads(params.threads) if (params.threads > 1)
   {
     RowCache cache(channels, width);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, kRowChunk)
     for (int64_t y = 0; y < params.out_height; ++y) {
       const size_t iy = static_cast<size_t>(y);
       const float* top = nullptr;

@@ -8,6 +8,11 @@
 
 namespace rau_rt_native {
 
+// Output rows per dynamically scheduled chunk: large enough that a chunk reuses its cached
+// source rows (a 256 -> 1080 upsample reads each source row for ~4 output rows), small enough
+// that a thread descheduled by another process holds up at most a few percent of a frame.
+constexpr int kRowChunk = 16;
+
 inline bool has_openmp() {
 #ifdef _OPENMP
   return true;
