@@ -34,3 +34,14 @@ def test_quickstart_runs():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True, cwd=ROOT)
     assert result.stdout.startswith("(3, 512, 512) float32")
+
+
+def test_performance_tables_are_the_recorded_results():
+    from benchmarks import report
+
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index(report.BEGIN) + len(report.BEGIN):text.index(report.END)]
+    assert block.strip() == report.render().strip(), (
+        "README performance tables differ from benchmarks/results/: "
+        "run python -m benchmarks.report --readme")
+    assert "speedup" in block

@@ -7,6 +7,7 @@
 
 #include "rau_rt_native/parallel.hpp"
 #include "rau_rt_native/resample.hpp"
+#include "rau_rt_native/rows.hpp"
 
 namespace rau_rt_native {
 namespace {
@@ -47,13 +48,13 @@ void postprocess_masks(const LogitsView& logits, float threshold, int64_t out_he
   };
 
   // One parallel region over all (region, output row) pairs: a single fork/join per call, and
-  // dynamic chunks so a thread that loses its core to another process does not hold up the rest.
+  // guided chunks so a thread that loses its core to another process does not hold up the rest.
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
     RowCache cache(1, out_width);
     std::vector<float> values(static_cast<size_t>(out_width));
     std::vector<Partial> parts(static_cast<size_t>(regions));
-#pragma omp for schedule(dynamic, kRowChunk)
+#pragma omp for schedule(guided, kRowChunk)
     for (int64_t item = 0; item < regions * out_height; ++item) {
       const int64_t n = item / out_height, y = item % out_height;
       const size_t iy = static_cast<size_t>(y);
@@ -63,12 +64,7 @@ void postprocess_masks(const LogitsView& logits, float threshold, int64_t out_he
       const float fy = ys.frac[iy];
       uint8_t* m = masks + n * plane + y * out_width;
       float* v = values.data();
-      int64_t row_area = 0;
-      for (int64_t x = 0; x < out_width; ++x) {
-        v[x] = t[x] + fy * (b[x] - t[x]);
-        m[x] = v[x] > threshold ? 1 : 0;
-        row_area += m[x];
-      }
+      const int64_t row_area = threshold_row(t, b, fy, threshold, v, m, out_width);
       if (row_area == 0) continue;  // most rows of a thin vessel's mask are empty
       Partial& part = parts[static_cast<size_t>(n)];
       part.y1 = std::min(part.y1, y);

@@ -4,6 +4,7 @@
 
 #include "rau_rt_native/parallel.hpp"
 #include "rau_rt_native/resample.hpp"
+#include "rau_rt_native/rows.hpp"
 
 namespace rau_rt_native {
 
@@ -42,51 +43,27 @@ void preprocess(const ImageView<T>& src, const PreprocessParams& params, float* 
 #pragma omp parallel num_threads(params.threads) if (params.threads > 1)
   {
     RowCache cache(channels, width);
-#pragma omp for schedule(dynamic, kRowChunk)
+#pragma omp for schedule(guided, kRowChunk)
     for (int64_t y = 0; y < params.out_height; ++y) {
       const size_t iy = static_cast<size_t>(y);
       const float* top = nullptr;
       const float* bottom = nullptr;
       cache.get(ys.lo[iy], ys.hi[iy], fill, &top, &bottom);
       const float fy = ys.frac[iy];
-      // Vertical pass + window/scale + per-plane affine, contiguous and vectorizable.
-      const float vs = params.value_scale, vo = params.value_offset;
-      if (gray) {
-        // One source channel for all three planes (X-ray): interpolate once, write three.
+      // Vertical pass + window/scale + per-plane affine (rows.hpp, vectorized per CPU).
+      if (gray) {  // one source channel for all three planes (X-ray): interpolate once
         float* o0 = out + y * width;
-        float* o1 = o0 + plane;
-        float* o2 = o1 + plane;
-        const float s0 = params.plane_scale[0], s1 = params.plane_scale[1];
-        const float s2 = params.plane_scale[2], f0 = params.plane_offset[0];
-        const float f1 = params.plane_offset[1], f2 = params.plane_offset[2];
-        const float* t = top + params.source_channel[0] * width;
-        const float* b = bottom + params.source_channel[0] * width;
-        for (int64_t x = 0; x < width; ++x) {
-          float v = (t[x] + fy * (b[x] - t[x])) * vs + vo;
-          if (params.clamp) v = std::min(std::max(v, 0.0f), 1.0f);
-          o0[x] = v * s0 + f0;
-          o1[x] = v * s1 + f1;
-          o2[x] = v * s2 + f2;
-        }
+        affine_row3(top + params.source_channel[0] * width,
+                    bottom + params.source_channel[0] * width, fy, params.value_scale,
+                    params.value_offset, params.clamp, params.plane_scale, params.plane_offset,
+                    o0, o0 + plane, o0 + 2 * plane, width);
         continue;
       }
       for (int k = 0; k < 3; ++k) {
-        const float* t = top + params.source_channel[k] * width;
-        const float* b = bottom + params.source_channel[k] * width;
-        float* o = out + k * plane + y * width;
-        const float ps = params.plane_scale[k], po = params.plane_offset[k];
-        if (params.clamp) {
-          for (int64_t x = 0; x < width; ++x) {
-            float v = (t[x] + fy * (b[x] - t[x])) * vs + vo;
-            v = std::min(std::max(v, 0.0f), 1.0f);
-            o[x] = v * ps + po;
-          }
-        } else {
-          for (int64_t x = 0; x < width; ++x) {
-            const float v = (t[x] + fy * (b[x] - t[x])) * vs + vo;
-            o[x] = v * ps + po;
-          }
-        }
+        affine_row(top + params.source_channel[k] * width,
+                   bottom + params.source_channel[k] * width, fy, params.value_scale,
+                   params.value_offset, params.clamp, params.plane_scale[k],
+                   params.plane_offset[k], out + k * plane + y * width, width);
       }
     }
   }

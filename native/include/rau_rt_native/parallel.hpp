@@ -8,9 +8,10 @@
 
 namespace rau_rt_native {
 
-// Output rows per dynamically scheduled chunk: large enough that a chunk reuses its cached
-// source rows (a 256 -> 1080 upsample reads each source row for ~4 output rows), small enough
-// that a thread descheduled by another process holds up at most a few percent of a frame.
+// Smallest chunk of output rows under guided scheduling. Guided hands out large chunks first
+// (each chunk starts with a cold row cache: two extra horizontal passes, the costly part of an
+// upsample) and shrinks them towards the end, down to this size, so a thread that loses its
+// core to another process holds up only a small tail instead of half the frame.
 constexpr int kRowChunk = 16;
 
 inline bool has_openmp() {

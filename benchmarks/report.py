@@ -1,0 +1,60 @@
+"""The README's performance tables, generated from the JSON records in benchmarks/results/.
+
+    python -m benchmarks.report            # print the tables
+    python -m benchmarks.report --readme   # rewrite README.md between the perf markers
+
+tests/test_readme.py checks that the README holds exactly what this renders, so the tables
+cannot drift from the recorded runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from benchmarks.harness import markdown
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+# suite file -> heading, in README order
+SUITES = {
+    "ops_cpu.json": "Pre/post-processing kernels (native vs OpenCV/NumPy, same run)",
+    "engines_cpu.json": "Engines on CPU (one conv + attention model, fp32, same run)",
+    "synthetic_cpu.json": "Synthetic angiography generator",
+}
+BEGIN, END = "<!-- perf:begin -->", "<!-- perf:end -->"
+
+
+def render() -> str:
+    """Markdown for every recorded suite, with versions and the reproduce command."""
+    parts = []
+    for name, heading in SUITES.items():
+        path = RESULTS / name
+        if not path.exists():
+            continue
+        record = json.loads(path.read_text())
+        versions = ", ".join(f"{k} {v}" for k, v in record["versions"].items()
+                             if isinstance(v, str))
+        parts.append(f"**{heading}** ({versions})\n\n{markdown(record)}")
+    return "\n\n".join(parts)
+
+
+def rewrite_readme(readme: Path = ROOT / "README.md") -> None:
+    text = readme.read_text()
+    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+    readme.write_text(text[:start] + "\n" + render() + "\n" + text[end:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--readme", action="store_true", help="rewrite README.md's tables")
+    args = parser.parse_args()
+    if args.readme:
+        rewrite_readme()
+    else:
+        print(render())
+
+
+if __name__ == "__main__":
+    main()
