@@ -145,7 +145,8 @@ def markdown(record: dict[str, object]) -> str:
             f"| {c['case']} | {c['backend']} {c['precision']} | {c['median_ms']:.2f} "
             f"({c['p90_ms']:.2f}) | {c['baseline']} | {c['baseline_median_ms']:.2f} "
             f"({c['baseline_p90_ms']:.2f}) | {c['speedup']:.2f}x |")
-    lines.append(f"\n{device['cpu']}, {device['physical_cores']} cores, native threads "
-                 f"{device['native_threads']}, OpenCV threads {device['opencv_threads']}. "
+    threads = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in device.items()
+                        if k.endswith("threads"))
+    lines.append(f"\n{device['cpu']}, {device['physical_cores']} cores ({threads}). "
                  f"Reproduce: `{record['command']}`")
     return "\n".join(lines)
