@@ -41,3 +41,8 @@ class BackendUnavailableError(RauRtError, RuntimeError):
 
     The message says how to install it.
     """
+
+
+class AnnotationError(InputError):
+    """A reference annotation file is malformed; the message names the JSON path of the item
+    (e.g. "ref.json: $.regions[2].box: expected 0 <= x1 < x2 <= 512 ...")."""

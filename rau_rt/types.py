@@ -1,4 +1,4 @@
-"""Frozen value types shared by the layers. For now: the spec of one named tensor."""
+"""Frozen value types shared by the layers: tensor specs, input frames, annotated regions."""
 
 from __future__ import annotations
 
@@ -69,3 +69,68 @@ def format_shape(shape: Sequence[Dim]) -> str:
     """`(1, 3, 'h', ?)`: symbolic dims by name, unnamed ones as `?`."""
     return "(" + ", ".join("?" if d is None else repr(d) if isinstance(d, str) else str(d)
                            for d in shape) + ")"
+
+
+# Channel orders a frame can have; ops.preprocess takes "bgr"/"rgb" and ignores it for gray.
+CHANNEL_ORDERS = ("gray", "bgr", "rgb")
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One input frame as a source delivers it.
+
+    Attributes:
+        index: 0-based position in the source.
+        timestamp_s: presentation time in seconds from the source's clock: the file's
+            timestamps, DICOM frame times, or the capture clock (time.monotonic) for live feeds.
+        image: uint8 or uint16, (H, W) for gray or (H, W, 3) in `channel_order`.
+        channel_order: "gray", "bgr" or "rgb".
+        bits_stored: significant bits per sample (8, 12 for X-ray, 16); what
+            ops.preprocess's `bits_stored` takes.
+    """
+
+    index: int
+    timestamp_s: float
+    image: np.ndarray
+    channel_order: str
+    bits_stored: int
+
+    def __post_init__(self) -> None:
+        if self.channel_order not in CHANNEL_ORDERS:
+            raise InputError(f"frame {self.index}: channel_order must be one of "
+                             f"{CHANNEL_ORDERS}, got {self.channel_order!r}")
+        expected_ndim = 2 if self.channel_order == "gray" else 3
+        if self.image.ndim != expected_ndim or (expected_ndim == 3 and self.image.shape[2] != 3):
+            raise InputError(f"frame {self.index}: a {self.channel_order} image must be "
+                             f"{'(H, W)' if expected_ndim == 2 else '(H, W, 3)'}, got "
+                             f"{self.image.shape}")
+        if self.image.dtype not in (np.uint8, np.uint16):
+            raise InputError(f"frame {self.index}: expected uint8 or uint16, got "
+                             f"{self.image.dtype}")
+        if not 1 <= self.bits_stored <= 8 * self.image.dtype.itemsize:
+            raise InputError(f"frame {self.index}: bits_stored {self.bits_stored} does not fit "
+                             f"{self.image.dtype}")
+
+
+Box = tuple[int, int, int, int]  # x1, y1, x2, y2 in frame pixels, x2/y2 exclusive (geometry.py)
+
+
+@dataclass(frozen=True)
+class Region:
+    """A named region marked on a reference image: a box and/or a polygon and/or a mask.
+
+    Attributes:
+        name: the region's name (for coronaries, ARCADE's segment name such as "6").
+        box: (x1, y1, x2, y2) pixels, x2/y2 exclusive.
+        polygon: ((x, y), ...) pixel vertices.
+        mask: (H, W) bool mask of the reference image.
+    """
+
+    name: str
+    box: Box | None = None
+    polygon: tuple[tuple[float, float], ...] | None = None
+    mask: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.box is None and self.polygon is None and self.mask is None:
+            raise InputError(f"region {self.name!r}: needs a box, a polygon or a mask")

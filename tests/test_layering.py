@@ -33,6 +33,7 @@ LAYER_OF = {
     "rau_rt.pipeline": "pipeline",
     "rau_rt.io": "io",
     "rau_rt.synthetic": "synthetic",
+    "rau_rt.synthetic.command": "cli",  # `rau-rt synth`: wires the generator to rau_rt.io
     "rau_rt.export": "export",
     "rau_rt.cli": "cli",
     "rau_rt.doctor": "cli",
@@ -40,7 +41,8 @@ LAYER_OF = {
 }
 FACADE = "rau_rt"  # rau_rt/__init__.py, the public API; matched exactly, not as a prefix
 
-# layer -> layers it may import (each layer only those below it; io/synthetic on core only;
+# layer -> layers it may import (each layer only those below it; synthetic on core only, io on
+# core and synthetic;
 # export on core, engines, bundle; only cli imports export).
 MAY_IMPORT = {
     "native": set(),
@@ -49,7 +51,9 @@ MAY_IMPORT = {
     "bundle": {"core", "engines", "bundle"},
     "domain": {"core", "engines", "bundle", "domain"},
     "pipeline": {"core", "engines", "bundle", "domain", "pipeline"},
-    "io": {"core", "io"},
+    # io reads the synthetic generator's cines like any file (synthetic: URIs); synthetic does
+    # not import io
+    "io": {"core", "io", "synthetic"},
     "synthetic": {"core", "synthetic"},
     "export": {"core", "engines", "bundle", "export"},
     "facade": {"native", "core", "engines", "bundle", "domain", "pipeline", "io", "synthetic"},

@@ -1,5 +1,5 @@
-"""Synthetic outputs on disk: lossless DICOM/MKV/PNG round trips, COCO mapped by name, the
-reference-annotation JSON, and `rau-rt synth` end to end."""
+"""Synthetic outputs on disk: lossless DICOM/MKV/PNG round trips (read back through the
+runtime's own sources), COCO mapped by name, and `rau-rt synth` end to end."""
 
 from __future__ import annotations
 
@@ -10,8 +10,17 @@ import pytest
 
 from rau_rt import cli
 from rau_rt.errors import InputError
-from rau_rt.synthetic import SEGMENTS, Region, View, formats, generate_sequence
+from rau_rt.io.annotations import read_coco, read_reference_annotation
+from rau_rt.io.sources import open_source
+from rau_rt.synthetic import SEGMENTS, View, formats, generate_sequence
 from rau_rt.synthetic import annotations as ann
+
+
+def read_back(path):
+    """Frames and their metadata through rau_rt.io (the path a user's input takes)."""
+    with open_source(path) as source:
+        frames = list(source)
+    return np.stack([f.image for f in frames]), frames, source
 
 
 @pytest.fixture(scope="module")
@@ -23,16 +32,18 @@ def sequence():
 def test_dicom_round_trip_is_lossless_and_carries_the_cine_header(sequence, tmp_path):
     path = tmp_path / "run.dcm"
     formats.write_dicom(path, sequence)
-    frames, info = formats.read_dicom(path)
+    frames, decoded, source = read_back(path)
     assert frames.dtype == np.uint16 and np.array_equal(frames, sequence.frames)
-    assert info["fps"] == pytest.approx(7.5, rel=1e-5)
-    assert info["bits_stored"] == 12
-    assert info["primary_deg"] == pytest.approx(-30.0) and info["secondary_deg"] == 25.0
-    assert info["imager_pixel_spacing_mm"][0] == pytest.approx(
-        sequence.meta.imager_pixel_spacing_mm, rel=1e-5)
+    assert source.fps == pytest.approx(7.5, rel=1e-5)
+    assert decoded[-1].timestamp_s == pytest.approx(23 / 7.5, rel=1e-5)
+    assert {f.bits_stored for f in decoded} == {12} and decoded[0].channel_order == "gray"
     import pydicom
 
     ds = pydicom.dcmread(path)
+    assert float(ds.PositionerPrimaryAngle) == pytest.approx(-30.0)
+    assert float(ds.PositionerSecondaryAngle) == 25.0
+    assert float(ds.ImagerPixelSpacing[0]) == pytest.approx(
+        sequence.meta.imager_pixel_spacing_mm, rel=1e-5)
     assert ds.Modality == "XA" and ds.NumberOfFrames == 24 and ds.CineRate == 8
     assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.12.1"  # X-Ray Angiographic Image
 
@@ -48,7 +59,10 @@ def test_ffv1_video_round_trip_is_lossless_at_7_5_fps(sequence, tmp_path):
 
     path = tmp_path / "run.mkv"
     formats.write_video(path, sequence.frames, 7.5)
-    assert np.array_equal(formats.read_video(path), sequence.frames)
+    frames, decoded, source = read_back(path)
+    assert np.array_equal(frames, sequence.frames) and source.fps == 7.5
+    assert decoded[0].bits_stored == 12  # carried in the container's BITS_STORED tag
+    assert decoded[3].timestamp_s == pytest.approx(3 / 7.5, abs=1e-3)
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         assert stream.codec_context.name == "ffv1" and stream.average_rate == 7.5
@@ -56,7 +70,8 @@ def test_ffv1_video_round_trip_is_lossless_at_7_5_fps(sequence, tmp_path):
 
 def test_png_sequence_round_trip_is_lossless(sequence, tmp_path):
     formats.write_png_sequence(tmp_path / "frames", sequence.frames)
-    assert np.array_equal(formats.read_frames(tmp_path / "frames"), sequence.frames)
+    frames, decoded, _ = read_back(tmp_path / "frames")
+    assert np.array_equal(frames, sequence.frames) and decoded[0].image.dtype == np.uint16
 
 
 def test_writers_reject_frames_that_are_not_16_bit(tmp_path):
@@ -87,47 +102,6 @@ def test_coco_maps_category_names_to_the_truth(sequence, tmp_path):
         assert polygon[:, 0].min() >= x and polygon[:, 0].max() < x + w
 
 
-def test_coco_reader_matches_by_name_when_ids_are_shifted(sequence, tmp_path):
-    path = tmp_path / "coco.json"
-    ann.write_coco(path, sequence, _names(sequence))
-    expected = ann.read_coco(path)
-    coco = json.loads(path.read_text())
-    # ARCADE's challenge files put "catether" at id 1 and shift every segment's id by one
-    for c in coco["categories"]:
-        c["id"] += 1
-    coco["categories"].insert(0, {"id": 1, "name": "catether"})
-    for a in coco["annotations"]:
-        a["category_id"] += 1
-    shifted = tmp_path / "shifted.json"
-    shifted.write_text(json.dumps(coco))
-    assert ann.read_coco(shifted) == expected
-    last = expected[_names(sequence)[-1]]
-    assert last["6"] == [sequence.truth[-1].segments["6"].box]
-
-
-def test_reference_annotation_round_trip(tmp_path):
-    regions = (Region("6", (10, 20, 30, 40), ((10.0, 20.0), (29.0, 39.0), (12.0, 35.0))),
-               Region("11", (1, 2, 3, 4), None), Region("13", None, ((5.0, 5.0), (9.0, 9.0))))
-    ann.write_reference_annotation(tmp_path / "ref.json", "ref.png", (64, 48), regions)
-    loaded = ann.read_reference_annotation(tmp_path / "ref.json")
-    assert loaded.image == tmp_path / "ref.png" and loaded.image_size == (64, 48)
-    assert loaded.regions == regions
-
-
-@pytest.mark.parametrize(
-    ("region", "expected"),
-    [({"name": "6"}, "needs a box or a polygon"),
-     ({"name": "6", "box": [10, 10, 5, 20]}, "x1 < x2"),
-     ({"name": "6", "box": [0, 0, 80, 20]}, "<= 64")],
-)
-def test_reference_annotation_rejects_bad_regions(tmp_path, region, expected):
-    doc = {"format": ann.REFERENCE_FORMAT, "version": 1, "image": "r.png",
-           "image_size": [64, 48], "regions": [region]}
-    (tmp_path / "r.json").write_text(json.dumps(doc))
-    with pytest.raises(InputError, match=expected):
-        ann.read_reference_annotation(tmp_path / "r.json")
-
-
 def test_truth_files_hold_exact_masks(sequence, tmp_path):
     ann.write_truth(tmp_path, sequence)
     labels, masks = ann.read_masks(tmp_path / "masks.npz")
@@ -147,12 +121,12 @@ def test_synth_command_writes_sequence_truth_and_reference(tmp_path, capsys, fmt
     code = cli.main(["synth", "--out", str(out), "--frames", "6", "--seed", "1", "--size", "64",
                      "--format", fmt, "--segments", "5,6,11"])
     assert code == 0
-    frames = formats.read_frames(out / formats.FRAME_FILES[fmt])
+    frames, _, _ = read_back(out / formats.FRAME_FILES[fmt])
     assert frames.shape == (6, 64, 64) and frames.dtype == np.uint16
     assert np.array_equal(frames, generate_sequence(1, 6, 64, segments=("5", "6", "11")).frames)
-    reference = ann.read_reference_annotation(out / "reference.json")
+    reference = read_reference_annotation(out / "reference.json", known_regions=SEGMENTS)
     assert reference.image.exists() and [r.name for r in reference.regions] == ["5", "6", "11"]
-    assert set(ann.read_coco(out / "coco.json")) == {f"frame_{k:05d}.png" for k in range(6)}
+    assert set(read_coco(out / "coco.json")) == {f"frame_{k:05d}.png" for k in range(6)}
     assert (out / "truth.json").exists() and (out / "masks.npz").exists()
 
 

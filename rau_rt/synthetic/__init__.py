@@ -1,8 +1,8 @@
 """Synthetic X-ray coronary angiography cines with exact per-segment ground truth.
 
 `generate_sequence` renders a cine run (frames as 12-bit uint16, per-frame truth, metadata);
-`make_reference` a contrast-filled still of another patient with annotated regions; `formats`
-writes and reads DICOM, FFV1/MKV, PNG, COCO and the reference-annotation JSON.
+`make_reference` a contrast-filled still of another patient with annotated regions; `formats` and
+`annotations` write DICOM, FFV1/MKV, PNG, COCO and the exact truth (rau_rt.io reads them back).
 """
 
 from rau_rt.synthetic.anatomy import SEGMENT_TITLES, SEGMENTS, segments_of

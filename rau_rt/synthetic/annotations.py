@@ -1,20 +1,17 @@
-"""Ground-truth files: COCO with ARCADE's category names, the reference-annotation JSON, and
-the exact per-frame truth (JSON + compressed masks)."""
+"""Ground-truth files: COCO with ARCADE's category names and the exact per-frame truth (JSON +
+compressed masks). Readers of COCO and of the reference-annotation JSON are in rau_rt.io."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from rau_rt.errors import InputError
 from rau_rt.synthetic.anatomy import SEGMENT_TITLES, SEGMENTS
-from rau_rt.synthetic.sequence import Region, Sequence, polygon_of
-
-REFERENCE_FORMAT = "rau-rt.reference-annotation"
-REFERENCE_VERSION = 1
+from rau_rt.synthetic.sequence import Sequence, polygon_of
 
 
 def coco_categories() -> list[dict[str, object]]:
@@ -55,76 +52,6 @@ def write_coco(path: str | Path, sequence: Sequence, file_names: list[str]) -> N
                      "seed": sequence.meta.config.seed},
             "images": images, "categories": coco_categories(), "annotations": annotations}
     Path(path).write_text(json.dumps(coco))
-
-
-def read_coco(path: str | Path) -> dict[str, dict[str, list[tuple[int, int, int, int]]]]:
-    """file_name -> category name -> boxes (x1, y1, x2, y2), categories matched by name, so a
-    file whose ids are shifted (ARCADE's challenge files) reads the same."""
-    coco = json.loads(Path(path).read_text())
-    try:
-        names = {c["id"]: c["name"] for c in coco["categories"]}
-        files = {im["id"]: im["file_name"] for im in coco["images"]}
-        out: dict[str, dict[str, list[tuple[int, int, int, int]]]] = {f: {} for f in
-                                                                       files.values()}
-        for ann in coco["annotations"]:
-            x, y, w, h = ann["bbox"]
-            box = (round(x), round(y), round(x + w), round(y + h))
-            out[files[ann["image_id"]]].setdefault(names[ann["category_id"]], []).append(box)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InputError(f"{path}: not a COCO detection file ({exc!r})") from exc
-    return out
-
-
-@dataclass(frozen=True)
-class ReferenceAnnotation:
-    """The reference-annotation JSON: an image and its named regions (see the README)."""
-
-    image: Path  # resolved against the JSON file's folder
-    image_size: tuple[int, int]  # (width, height)
-    regions: tuple[Region, ...]
-
-
-def write_reference_annotation(path: str | Path, image: str, image_size: tuple[int, int],
-                               regions: tuple[Region, ...] | list[Region]) -> None:
-    """`image` is stored as given: relative paths are relative to the JSON file's folder."""
-    doc = {"format": REFERENCE_FORMAT, "version": REFERENCE_VERSION, "image": image,
-           "image_size": list(image_size), "regions": []}
-    for region in regions:
-        entry: dict[str, object] = {"name": region.name}
-        if region.box is not None:
-            entry["box"] = list(region.box)
-        if region.polygon is not None:
-            entry["polygon"] = [list(p) for p in region.polygon]
-        doc["regions"].append(entry)
-    Path(path).write_text(json.dumps(doc))
-
-
-def read_reference_annotation(path: str | Path) -> ReferenceAnnotation:
-    """Parse and check a reference-annotation JSON; InputError says what is wrong."""
-    path = Path(path)
-    doc = json.loads(path.read_text())
-    if doc.get("format") != REFERENCE_FORMAT or doc.get("version") != REFERENCE_VERSION:
-        raise InputError(f"{path}: expected format {REFERENCE_FORMAT!r} version "
-                         f"{REFERENCE_VERSION}, got {doc.get('format')!r} {doc.get('version')!r}")
-    try:
-        width, height = (int(v) for v in doc["image_size"])
-        regions = []
-        for entry in doc["regions"]:
-            box = tuple(int(v) for v in entry["box"]) if "box" in entry else None
-            polygon = (tuple((float(x), float(y)) for x, y in entry["polygon"])
-                       if "polygon" in entry else None)
-            if box is None and polygon is None:
-                raise InputError(f"{path}: region {entry['name']!r} needs a box or a polygon")
-            if box is not None and not (0 <= box[0] < box[2] <= width
-                                        and 0 <= box[1] < box[3] <= height):
-                raise InputError(f"{path}: region {entry['name']!r} box {box}: expected "
-                                 f"0 <= x1 < x2 <= {width}, 0 <= y1 < y2 <= {height}")
-            regions.append(Region(str(entry["name"]), box, polygon))
-    except (KeyError, TypeError, ValueError) as exc:
-        if isinstance(exc, InputError):
-            raise
-        raise InputError(f"{path}: malformed reference annotation ({exc!r})") from exc
-    return ReferenceAnnotation(path.parent / doc["image"], (width, height), tuple(regions))
 
 
 def write_truth(folder: str | Path, sequence: Sequence) -> None:

@@ -1,4 +1,8 @@
-"""`rau-rt synth`: write a synthetic cine, its ground truth and an annotated reference."""
+"""`rau-rt synth`: write a synthetic cine, its ground truth and an annotated reference.
+
+CLI glue (classified with rau_rt.cli in the layering test): it wires the generator to the
+project's annotation format in rau_rt.io.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from pathlib import Path
 import cv2
 
 from rau_rt.errors import InputError
+from rau_rt.io.annotations import write_reference_annotation
 from rau_rt.synthetic import annotations, formats
 from rau_rt.synthetic.anatomy import ARTERIES, DOMINANCES
 from rau_rt.synthetic.dynamics import Motion
@@ -68,8 +73,8 @@ def run(args: argparse.Namespace) -> int:
                                avoid_view=sequence.meta.view)
     cv2.imwrite(str(out / "reference.png"), reference.image_8bit())
     cv2.imwrite(str(out / "reference_12bit.png"), reference.image)
-    annotations.write_reference_annotation(out / "reference.json", "reference.png",
-                                           (args.size, args.size), reference.regions)
+    write_reference_annotation(out / "reference.json", "reference.png", (args.size, args.size),
+                               reference.regions)
     print(f"{written}: {args.frames} frames {args.size}x{args.size} at {args.fps:g} fps, "
           f"{sequence.meta.view.name}; truth.json, masks.npz, coco.json; reference "
           f"({reference.view.name}) with {len(reference.regions)} regions in reference.json")

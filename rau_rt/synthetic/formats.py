@@ -77,25 +77,6 @@ def write_dicom(path: str | Path, sequence: Sequence) -> None:
     ds.save_as(path, enforce_file_format=True)
 
 
-def read_dicom(path: str | Path) -> tuple[np.ndarray, dict[str, object]]:
-    """(frames (n, rows, cols) uint16, header fields a reader needs: fps, spacing, angles)."""
-    import pydicom
-
-    ds = pydicom.dcmread(path)
-    frames = ds.pixel_array
-    if frames.ndim == 2:
-        frames = frames[None]
-    info = {
-        "fps": 1000.0 / float(ds.FrameTime),
-        "imager_pixel_spacing_mm": [float(x) for x in ds.ImagerPixelSpacing],
-        "primary_deg": float(ds.PositionerPrimaryAngle),
-        "secondary_deg": float(ds.PositionerSecondaryAngle),
-        "bits_stored": int(ds.BitsStored),
-        "window": (float(ds.WindowCenter), float(ds.WindowWidth)),
-    }
-    return frames.astype(np.uint16, copy=False), info
-
-
 def write_video(path: str | Path, frames: np.ndarray, fps: float) -> None:
     """FFV1 (lossless) 16-bit grey in Matroska; exact frame rates such as 7.5 are kept."""
     import av
@@ -105,21 +86,12 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float) -> None:
         stream = container.add_stream("ffv1", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "gray16le"
+        # 12 significant bits in 16-bit samples: rau_rt.io.sources reads this tag back
+        container.metadata["BITS_STORED"] = str(BITS_STORED)
         for image in frames:
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="gray16le")
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
-
-
-def read_video(path: str | Path) -> np.ndarray:
-    """All frames of a video as (n, rows, cols) uint16."""
-    import av
-
-    with av.open(str(path)) as container:
-        images = [f.to_ndarray(format="gray16le") for f in container.decode(video=0)]
-    if not images:
-        raise InputError(f"{path}: expected at least one video frame, found none")
-    return np.stack(images)
 
 
 def write_png_sequence(folder: str | Path, frames: np.ndarray) -> None:
@@ -130,13 +102,6 @@ def write_png_sequence(folder: str | Path, frames: np.ndarray) -> None:
     for k, image in enumerate(frames):
         if not cv2.imwrite(str(folder / _PNG_PATTERN.format(k)), image):
             raise InputError(f"{folder}: could not write {_PNG_PATTERN.format(k)}")
-
-
-def read_png_sequence(folder: str | Path) -> np.ndarray:
-    files = sorted(Path(folder).glob("frame_*.png"))
-    if not files:
-        raise InputError(f"{folder}: expected frame_*.png files, found none")
-    return np.stack([cv2.imread(str(f), cv2.IMREAD_UNCHANGED) for f in files])
 
 
 def write_frames(out: Path, sequence: Sequence, fmt: str) -> Path:
@@ -153,13 +118,3 @@ def write_frames(out: Path, sequence: Sequence, fmt: str) -> Path:
     return target
 
 
-def read_frames(path: str | Path) -> np.ndarray:
-    """Frames from a file or folder written by `write_frames`, by its suffix."""
-    path = Path(path)
-    if path.is_dir():
-        return read_png_sequence(path)
-    if path.suffix == ".dcm":
-        return read_dicom(path)[0]
-    if path.suffix == ".mkv":
-        return read_video(path)
-    raise InputError(f"{path}: expected a .dcm, a .mkv or a folder of PNGs")

@@ -33,6 +33,7 @@ from rau_rt.synthetic.dynamics import (
     respiratory_weight,
 )
 from rau_rt.synthetic.projection import Projector, View, fit_projector, random_view
+from rau_rt.types import Region
 
 SIZE_MULTIPLE = 16  # SAM2 and the VLMs patchify by 16
 SIZE_RANGE = (64, 2048)
@@ -139,15 +140,6 @@ class Sequence:
 
     def frames_8bit(self) -> np.ndarray:
         return render.window_8bit(self.frames, self.meta.window)
-
-
-@dataclass(frozen=True)
-class Region:
-    """An annotated region of a reference image: a name and a box and/or a polygon (pixels)."""
-
-    name: str
-    box: tuple[int, int, int, int] | None
-    polygon: tuple[tuple[float, float], ...] | None
 
 
 @dataclass(frozen=True)
