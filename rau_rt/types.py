@@ -1,4 +1,4 @@
-"""Frozen value types shared by the layers: tensor specs, input frames, annotated regions."""
+"""Frozen value types shared by the layers: tensor specs, frames, regions and results."""
 
 from __future__ import annotations
 
@@ -134,3 +134,56 @@ class Region:
     def __post_init__(self) -> None:
         if self.box is None and self.polygon is None and self.mask is None:
             raise InputError(f"region {self.name!r}: needs a box, a polygon or a mask")
+
+
+# Where a region's current result comes from: a VLM box this frame, SAM2 tracking, a user prompt.
+RESULT_SOURCES = ("vlm", "track", "user")
+
+
+@dataclass(frozen=True)
+class RegionResult:
+    """One region in one frame.
+
+    Attributes:
+        present: whether the region is visible; an absent region has no mask and no box.
+        mask: (H, W) bool in frame pixels, None when absent.
+        box: (x1, y1, x2, y2) frame pixels, x2/y2 exclusive, None when absent.
+        score: confidence in [0, 1] (mean mask probability).
+        source: "vlm", "track" or "user".
+    """
+
+    present: bool
+    mask: np.ndarray | None
+    box: Box | None
+    score: float
+    source: str
+
+    def __post_init__(self) -> None:
+        if self.source not in RESULT_SOURCES:
+            raise InputError(f"source must be one of {RESULT_SOURCES}, got {self.source!r}")
+        if not self.present and (self.mask is not None or self.box is not None):
+            raise InputError("an absent region carries no mask and no box")
+
+
+@dataclass(frozen=True)
+class FrameResult:
+    """Everything rau-rt returns for one frame.
+
+    Attributes:
+        index, timestamp_s: the frame's, as its source delivered it.
+        frame_size: (height, width) of the frame.
+        regions: region name -> RegionResult.
+        stage_ms: per-stage wall time (preprocess, encoder, memory attention, decoder, memory
+            encoder, postprocess, ...).
+        latency_ms: end to end, from the frame's arrival to this result.
+        vlm_staleness: frames between the frame the latest VLM boxes were computed on and this
+            one; None before the first VLM result.
+    """
+
+    index: int
+    timestamp_s: float
+    frame_size: tuple[int, int]
+    regions: Mapping[str, RegionResult]
+    stage_ms: Mapping[str, float]
+    latency_ms: float
+    vlm_staleness: int | None = None
