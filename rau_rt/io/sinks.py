@@ -36,7 +36,7 @@ class Sink(ABC):
     def write(self, frame: Frame, result: FrameResult) -> None:
         """Add one frame's result."""
 
-    def _finish(self) -> None:
+    def _finish(self) -> None:  # noqa: B027 (a folder of finished files holds nothing open)
         """Flush and close what the sink holds open (before the rename)."""
 
     def close(self) -> None:
