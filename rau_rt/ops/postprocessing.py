@@ -11,6 +11,7 @@ import numpy as np
 from rau_rt.errors import InputError
 from rau_rt.geometry import box_from_mask
 from rau_rt.ops._bilinear import resize_plane
+from rau_rt.ops._checks import check_size, output_buffer
 from rau_rt.ops.runtime import load_native, num_threads
 
 Box = tuple[int, int, int, int]
@@ -57,16 +58,6 @@ def _check_area(value: int, name: str) -> int:
     return int(value)
 
 
-def _check_frame_size(frame_size: tuple[int, int]) -> tuple[int, int]:
-    try:
-        height, width = (int(v) for v in frame_size)
-    except (TypeError, ValueError):
-        raise InputError(f"frame_size: expected (height, width), got {frame_size!r}") from None
-    if height < 1 or width < 1:
-        raise InputError(f"frame_size: expected positive (height, width), got {frame_size!r}")
-    return height, width
-
-
 def fill_holes(
     logits: np.ndarray,
     max_hole_area: int,
@@ -92,13 +83,9 @@ def fill_holes(
     logits = _check_logits(logits)
     holes = _check_area(max_hole_area, "max_hole_area")
     sprinkles = _check_area(max_sprinkle_area, "max_sprinkle_area")
-    if out is None:
-        out = np.empty(logits.shape, dtype=np.float32)
-    elif (not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != logits.shape
-          or not out.flags.c_contiguous or not out.flags.writeable):
-        raise InputError(f"out: expected a writeable C-contiguous float32 array of shape "
-                         f"{logits.shape}")
-    elif np.may_share_memory(out, logits) and not (
+    shared = out is not None and np.may_share_memory(out, logits)
+    out = output_buffer(out, logits.shape, np.float32)
+    if shared and not (
             logits.flags.c_contiguous and out.ctypes.data == logits.ctypes.data):
         raise InputError("out: overlaps logits with a different layout; pass logits itself or a "
                          "separate buffer")
@@ -161,15 +148,9 @@ def postprocess_masks(
         out: optional C-contiguous uint8 (N, height, width) buffer for the masks.
     """
     logits = _check_logits(logits)
-    height, width = _check_frame_size(frame_size)
+    height, width = check_size(frame_size, "frame_size")
     regions = logits.shape[0]
-    if out is None:
-        out = np.empty((regions, height, width), dtype=np.uint8)
-    elif (not isinstance(out, np.ndarray) or out.dtype != np.uint8
-          or out.shape != (regions, height, width) or not out.flags.c_contiguous
-          or not out.flags.writeable):
-        raise InputError(f"out: expected a writeable C-contiguous uint8 array of shape "
-                         f"{(regions, height, width)}")
+    out = output_buffer(out, (regions, height, width), np.uint8)
     if max_hole_area or max_sprinkle_area:
         logits = fill_holes(logits, max_hole_area, max_sprinkle_area, threshold=threshold)
     native = load_native()
@@ -198,7 +179,7 @@ def postprocess_masks_reference(
 ) -> MaskSet:
     """NumPy reference of `postprocess_masks` (always allocates): the test oracle."""
     logits = _check_logits(logits)
-    size = _check_frame_size(frame_size)
+    size = check_size(frame_size, "frame_size")
     if max_hole_area or max_sprinkle_area:
         logits = fill_holes_reference(logits, max_hole_area, max_sprinkle_area,
                                       threshold=threshold)
@@ -270,11 +251,7 @@ def overlay(
     frame, masks_u8, palette = _check_overlay(frame, masks, colors, float(alpha))
     if out is None:
         out = frame.copy(order="C")
-    elif (not isinstance(out, np.ndarray) or out.shape != frame.shape or out.dtype != np.uint8
-          or not out.flags.c_contiguous or not out.flags.writeable):
-        raise InputError(f"out: expected a writeable C-contiguous uint8 array of shape "
-                         f"{frame.shape}")
-    elif out is not frame:
+    elif output_buffer(out, frame.shape, np.uint8) is not frame:
         out[...] = frame
     native = load_native()
     if native is None:

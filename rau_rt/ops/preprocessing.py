@@ -10,6 +10,7 @@ import numpy as np
 
 from rau_rt.errors import InputError
 from rau_rt.ops._bilinear import resize_plane
+from rau_rt.ops._checks import check_size, output_buffer
 from rau_rt.ops.runtime import load_native, num_threads
 
 # SAM2's normalization (sam2/utils/misc.py: img_mean, img_std), the ImageNet statistics.
@@ -106,30 +107,6 @@ def _plan(
     )
 
 
-def _output(out: np.ndarray | None, size: tuple[int, int]) -> np.ndarray:
-    height, width = size
-    if out is None:
-        return np.empty((3, height, width), dtype=np.float32)
-    if not isinstance(out, np.ndarray) or out.dtype != np.float32:
-        got = getattr(out, "dtype", type(out).__name__)
-        raise InputError(f"out: expected a float32 numpy.ndarray, got {got}")
-    if out.shape != (3, height, width):
-        raise InputError(f"out: expected shape {(3, height, width)}, got {out.shape}")
-    if not out.flags.c_contiguous or not out.flags.writeable:
-        raise InputError("out: expected a C-contiguous, writeable array")
-    return out
-
-
-def _check_size(size: tuple[int, int]) -> tuple[int, int]:
-    try:
-        height, width = (int(v) for v in size)
-    except (TypeError, ValueError):
-        raise InputError(f"size: expected (height, width), got {size!r}") from None
-    if height < 1 or width < 1:
-        raise InputError(f"size: expected positive (height, width), got {size!r}")
-    return height, width
-
-
 def preprocess(
     image: np.ndarray,
     size: tuple[int, int],
@@ -163,9 +140,9 @@ def preprocess(
         `out`, or a new array when `out` is None.
     """
     image = _check_image(image, "image")
-    height, width = _check_size(size)
+    height, width = check_size(size, "size")
     plan = _plan(image, channel_order, mean, std, window, bits_stored)
-    result = _output(out, (height, width))
+    result = output_buffer(out, (3, height, width), np.float32)
     native = load_native()
     if native is None:
         result[...] = _preprocess_numpy(image, (height, width), plan)
@@ -196,7 +173,7 @@ def preprocess_reference(
 ) -> np.ndarray:
     """NumPy reference of `preprocess` (same arguments, always allocates): the test oracle."""
     image = _check_image(image, "image")
-    height, width = _check_size(size)
+    height, width = check_size(size, "size")
     plan = _plan(image, channel_order, mean, std, window, bits_stored)
     return _preprocess_numpy(image, (height, width), plan)
 
@@ -295,7 +272,7 @@ def resize_for_vlm(
     if size is None:
         target = smart_resize(*source, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
     else:
-        target = _check_size(size)
+        target = check_size(size, "size")
         if target[0] % factor or target[1] % factor:
             raise InputError(f"size: expected multiples of {factor} (patch x merge), got {size}")
     pixels = preprocess(image, target, channel_order=channel_order, mean=mean, std=std,
