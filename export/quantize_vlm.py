@@ -85,22 +85,27 @@ def quantize(source: str | Path, target: str | Path, config: QuantizeConfig,
     model = onnx.load(str(source))
     keep = [] if (config.quantize_lm_head or vocab_size is None) else lm_head_nodes(
         model, vocab_size)
-    with warnings.catch_warnings():
-        # ORT's quantizers warn about pre-processing (shape inference) they do for themselves.
-        warnings.simplefilter("ignore")
-        if config.precision == "int8":
-            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8,
-                             op_types_to_quantize=["MatMul"], per_channel=config.per_channel,
-                             nodes_to_exclude=keep,
-                             extra_options={"MatMulConstBOnly": True})
-            quantized = onnx.load(str(target))
-        else:
-            quantizer = MatMulNBitsQuantizer(model, block_size=config.block_size,
-                                             is_symmetric=config.symmetric,
-                                             accuracy_level=INT4_ACCURACY_LEVEL,
-                                             nodes_to_exclude=keep)
-            quantizer.process()
-            quantized = quantizer.model.model
+    # quantize_dynamic logs a root WARNING advising shape-inference pre-processing; it only
+    # helps static QDQ calibration, not weight-only or dynamic quantization.
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if config.precision == "int8":
+                quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8,
+                                 op_types_to_quantize=["MatMul"],
+                                 per_channel=config.per_channel, nodes_to_exclude=keep,
+                                 extra_options={"MatMulConstBOnly": True})
+                quantized = onnx.load(str(target))
+            else:
+                quantizer = MatMulNBitsQuantizer(model, block_size=config.block_size,
+                                                 is_symmetric=config.symmetric,
+                                                 accuracy_level=INT4_ACCURACY_LEVEL,
+                                                 nodes_to_exclude=keep)
+                quantizer.process()
+                quantized = quantizer.model.model
+    finally:
+        root.setLevel(level)
     props = {p.key: p.value for p in quantized.metadata_props}
     props[PRECISION_METADATA_KEY] = config.precision
     del quantized.metadata_props[:]

@@ -130,7 +130,7 @@ def build_random(directory: str | Path, size: str = "tiny", family: str = "qwen2
         model_class = transformers.Qwen2_5_VLForConditionalGeneration
     else:
         vision.update(embed_dim=s.vision_hidden, hidden_size=s.hidden,
-                      mlp_ratio=s.vision_intermediate / s.vision_hidden)
+                      mlp_ratio=s.vision_intermediate // s.vision_hidden)
         config = transformers.Qwen2VLConfig(
             text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
             vision_start_token_id=ids["<|vision_start|>"],

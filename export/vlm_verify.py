@@ -82,10 +82,13 @@ def hf_inputs(images: Sequence[np.ndarray], tokenizer, fam: VlmFamily):
                      return_tensors="pt")
 
 
-def image_features(bundle: Bundle, patches: Sequence[np.ndarray]) -> np.ndarray:
-    """Every image through the vision graph, concatenated in prompt order."""
-    return np.concatenate([bundle.run(VISION, {"pixel_values": p})["image_features"]
-                           for p in patches])
+def image_features(bundle: Bundle, patches: Sequence[np.ndarray],
+                   layout: VlmLayout) -> np.ndarray:
+    """Every image through the vision graph, concatenated in prompt order ([0, hidden] for
+    a text-only prompt)."""
+    features = [bundle.run(VISION, {"pixel_values": p})["image_features"] for p in patches]
+    return (np.concatenate(features) if features
+            else np.zeros((0, layout.hidden_size), layout.float_dtype))
 
 
 def greedy(bundle: Bundle, layout: VlmLayout, input_ids: np.ndarray,
@@ -106,8 +109,8 @@ def greedy(bundle: Bundle, layout: VlmLayout, input_ids: np.ndarray,
     """
     hidden = layout.hidden_size
     dtype = np.dtype(layout.float_dtype)
-    embeds = bundle.run(EMBED, {"input_ids": input_ids,
-                                "image_features": image_features(bundle, patches).astype(dtype)})
+    features = image_features(bundle, patches, layout).astype(dtype)
+    embeds = bundle.run(EMBED, {"input_ids": input_ids, "image_features": features})
     positions, delta = rope_positions(input_ids, layout)
     length = input_ids.shape[1]
     feeds = {"inputs_embeds": embeds["inputs_embeds"],
