@@ -210,3 +210,14 @@ def test_input_size_must_fit_the_patch_grid(model_dir, tmp_path):
     with pytest.raises(InputError, match="multiple of 28"):
         vlm.export_vlm(vlm.VlmExportConfig(out=tmp_path / "b", model=model_dir,
                                            input_size=450))
+
+
+def test_qwen2_vl_family_exports_through_the_same_adapter(tmp_path):
+    out = tmp_path / "qwen2vl"
+    assert cli.main(["export", "vlm", "--random-init", "tiny", "--family", "qwen2_vl",
+                     "--out", str(out), "--json"]) == 0
+    layout = read_layout(out)
+    assert layout.family == "qwen2_vl" and layout.family_constants.box_convention == (
+        "relative_1000")
+    e2e = read_manifest(out).entries(DECODER)[0].parity["end_to_end"]
+    assert e2e["passed"] and e2e["tokens"] == e2e["reference_tokens"]
