@@ -20,39 +20,30 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from rau_rt._version import __version__
 from rau_rt.bundle import (
     GraphEntry,
     Manifest,
     file_sha256,
-    load_bundle,
     tool_versions,
     write_manifest,
 )
-from rau_rt.config import EngineConfig
 from rau_rt.engines import registry
 from rau_rt.errors import InputError
-from rau_rt.export import vlm_graphs, vlm_model, vlm_verify
-from rau_rt.export.quantize_vlm import QuantizeConfig, quantize
+from rau_rt.export import vlm_graphs, vlm_model, vlm_stages, vlm_verify
 from rau_rt.export.verify import (
-    VLM_GREEDY_EXACT,
-    VLM_MIN_LOGIT_COSINE,
     VLM_PATCH_ATOL,
-    VLM_PREFILL_LOGITS_ATOL,
     ParityError,
-    compare,
-    require_parity,
 )
 from rau_rt.vlm_layout import (
     DECODER,
     EMBED,
     VISION,
     VlmLayout,
-    rope_positions,
     write_layout,
 )
+from rau_rt.vlm_layout import family as family_of
 
 PRECISIONS = ("fp32", "int8", "int4")
 # Which precision each graph gets per requested precision. The embedding is a table lookup
@@ -120,8 +111,6 @@ def checkpoint_sha256(directory: Path) -> str:
 
 def make_layout(model, family: str, input_size: int, hidden_state: bool) -> VlmLayout:
     """The bundle's `vlm.json` for `model` at a square `input_size`."""
-    from rau_rt.vlm_layout import family as family_of
-
     fam = family_of(family)
     if input_size % fam.factor:
         raise InputError(f"--input-size {input_size}: must be a multiple of {fam.factor} "
@@ -199,149 +188,12 @@ class _Stages:
         return {n: round(e - s, 3) for (n, s), e in zip(self.times.items(), ends, strict=True)}
 
 
-def _export_fp32(model, layout: VlmLayout, out: Path, ids: np.ndarray,
-                 patches: list[np.ndarray]) -> tuple[dict[str, Path], dict[str, dict]]:
-    """Write the three fp32 graphs and compare each with its eager module on the prompt."""
-    paths = {g: out / f"{g}.fp32.onnx" for g in (VISION, EMBED, DECODER)}
-    vision = vlm_graphs.VisionGraph(model, layout.grid_thw)
-    embed = vlm_graphs.EmbedGraph(model, layout.image_token_id)
-    decoder = vlm_graphs.DecoderGraph(model, layout.has_hidden_state)
-    h, kv, d = layout.hidden_size, layout.num_kv_heads, layout.head_dim
-    torch_patches = [torch.from_numpy(p) for p in patches]
-    vlm_graphs.write_onnx(vision, {"pixel_values": torch_patches[0]}, paths[VISION],
-                          ["image_features"], {}, "fp32")
-    with torch.inference_mode():
-        features = torch.cat([vision(p) for p in torch_patches])
-    torch_ids = torch.from_numpy(ids)
-    vlm_graphs.write_onnx(embed, {"input_ids": torch_ids, "image_features": features},
-                          paths[EMBED], ["inputs_embeds"],
-                          {"input_ids": {0: "batch", 1: "sequence"},
-                           "image_features": {0: "image_tokens"},
-                           "inputs_embeds": {0: "batch", 1: "sequence"}}, "fp32")
-    # Traced with 4 new tokens after 3 cached ones, so no axis is specialized to 0 or 1.
-    example = {"inputs_embeds": torch.randn(1, 4, h),
-               "attention_mask": torch.ones(1, 7, dtype=torch.long),
-               "position_ids": torch.arange(3, 7).expand(3, 1, 4).contiguous(),
-               **{n: torch.randn(1, kv, 3, d) for n in layout.past_names}}
-    names = vlm_graphs.decoder_names(layout)[1]
-    vlm_graphs.write_onnx(decoder, example, paths[DECODER], names,
-                          vlm_graphs.decoder_dynamic_axes(layout), "fp32")
-
-    parity = {}
-    with torch.inference_mode():
-        embeds = embed(torch_ids, features)
-        positions = rope_positions(ids, layout)[0]
-        prefill = {"inputs_embeds": embeds, "attention_mask": torch.ones_like(torch_ids),
-                   "position_ids": torch.from_numpy(positions),
-                   **{n: torch.zeros(1, kv, 0, d) for n in layout.past_names}}
-        checks = {VISION: (vision, {"pixel_values": torch_patches[1]}, ["image_features"]),
-                  EMBED: (embed, {"input_ids": torch_ids, "image_features": features},
-                          ["inputs_embeds"]),
-                  DECODER: (decoder, prefill, names)}
-        for graph, (module, feeds, outputs) in checks.items():
-            reference = module(*feeds.values())
-            reference = reference if isinstance(reference, tuple) else (reference,)
-            expected = {n: r.numpy() for n, r in zip(outputs, reference, strict=True)}
-            with registry.open_engine(paths[graph], "onnxruntime", precision="fp32") as engine:
-                got = engine.run({n: t.numpy() for n, t in feeds.items()})
-            parity[graph] = compare(expected, got, "fp32")
-            require_parity(parity[graph], str(paths[graph]))
-            parity[graph]["reference"] = f"torch {torch.__version__} eager fp32 on cpu"
-    return paths, parity
-
-
-def _agreement(tokens: list[int], reference: list[int]) -> float:
-    """Share of positions where two token sequences agree (the longer one's length counts)."""
-    common = min(len(tokens), len(reference))
-    same = sum(a == b for a, b in zip(tokens[:common], reference[:common], strict=True))
-    return same / max(len(tokens), len(reference), 1)
-
-
-def _end_to_end(model, hf, out: Path, layout: VlmLayout, ids: np.ndarray,
-                patches: list[np.ndarray], new_tokens: int) -> dict[str, object]:
-    """Prefill logits and greedy tokens through the fp32 bundle vs transformers."""
-    prompt = ids.shape[1]
-    with torch.inference_mode():
-        reference_logits = model(**hf).logits[0, -1].numpy()
-        generated = model.generate(**hf, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                   do_sample=False)[0, prompt:].tolist()
-    with load_bundle(out, config=EngineConfig(precision="fp32")) as bundle:
-        tokens, logits = vlm_verify.greedy(bundle, layout, ids, patches, new_tokens,
-                                           min_new_tokens=new_tokens)
-    result = {"prefill_logits_max_abs": float(np.max(np.abs(logits[0] - reference_logits))),
-              "prefill_logits_cosine": vlm_verify.cosine(logits[0], reference_logits),
-              "tokens": tokens, "reference_tokens": generated,
-              "token_agreement": _agreement(tokens, generated),
-              "reference": f"transformers generate (greedy, {new_tokens} tokens)"}
-    result["passed"] = (result["prefill_logits_max_abs"] <= VLM_PREFILL_LOGITS_ATOL["fp32"]
-                        and ("fp32" not in VLM_GREEDY_EXACT or tokens == generated))
-    if not result["passed"]:
-        raise ParityError(f"{out}: fp32 graphs disagree with transformers on the prompt: "
-                          f"prefill logits max abs {result['prefill_logits_max_abs']:.2e} "
-                          f"(<= {VLM_PREFILL_LOGITS_ATOL['fp32']}), greedy {tokens} vs "
-                          f"generate {generated}")
-    result["_logits"] = logits
-    return result
-
-
-def _quantized(model, out: Path, layout: VlmLayout, config: VlmExportConfig,
-               paths: dict[str, Path], ids: np.ndarray, patches: list[np.ndarray],
-               fp32: dict[str, object]) -> dict[str, tuple[Path, dict]]:
-    """Quantize per GRAPH_PRECISION, measure drift against fp32, gate int8."""
-    chosen = GRAPH_PRECISION[config.precision]
-    made: dict[str, tuple[Path, dict]] = {}
-    vision = vlm_graphs.VisionGraph(model, layout.grid_thw)
-    for graph in (VISION, DECODER):
-        precision = chosen[graph]
-        if precision == "fp32":
-            continue
-        target = out / f"{graph}.{precision}.onnx"
-        qconfig = QuantizeConfig(precision, block_size=config.block_size,
-                                 quantize_lm_head=config.quantize_lm_head)
-        quantize(paths[graph], target, qconfig,
-                 vocab_size=layout.vocab_size if graph == DECODER else None)
-        if graph == VISION:
-            with torch.inference_mode():
-                expected = {"image_features": vision(torch.from_numpy(patches[1])).numpy()}
-            with registry.open_engine(target, "onnxruntime", precision=precision) as engine:
-                parity = compare(expected, engine.run({"pixel_values": patches[1]}), "int8")
-            cos = parity["outputs"]["image_features"]["cosine"]
-            parity["passed"] = cos >= VLM_MIN_LOGIT_COSINE["int8"]
-            parity["gate"] = f"cosine >= {VLM_MIN_LOGIT_COSINE['int8']}"
-        else:
-            parity = {"precision": precision, "quantization": qconfig.__dict__}
-        made[graph] = (target, parity)
-    if DECODER in made:
-        _write(out, layout, config, made, paths, fp32, None)  # quantized entries first
-        tokens = fp32["tokens"]
-        with load_bundle(out) as bundle:
-            _, logits = vlm_verify.greedy(bundle, layout, ids, patches, len(tokens),
-                                          min_new_tokens=len(tokens), forced=tokens)
-        reference = fp32["_logits"]
-        cosines = [vlm_verify.cosine(a, b) for a, b in zip(logits, reference, strict=True)]
-        top1 = [int(np.argmax(a) == np.argmax(b)) for a, b in zip(logits, reference,
-                                                                     strict=True)]
-        gate = VLM_MIN_LOGIT_COSINE[chosen[DECODER]]
-        parity = made[DECODER][1]
-        parity.update({"prefill_logits_cosine": cosines[0], "min_logits_cosine": min(cosines),
-                       "prefill_logits_max_abs": float(np.max(np.abs(logits[0] - reference[0]))),
-                       "top1_agreement": float(np.mean(top1)), "positions": len(top1),
-                       "reference": "fp32 graphs, teacher-forced along their greedy tokens",
-                       "gate": None if gate is None else f"prefill logits cosine >= {gate}",
-                       "passed": gate is None or cosines[0] >= gate})
-    for target, parity in made.values():
-        if not parity["passed"]:
-            raise ParityError(f"{target}: quantized graph outside its gate {parity['gate']}: "
-                              f"{parity}")
-    return made
-
-
 def _write(out: Path, layout: VlmLayout, config: VlmExportConfig,
            made: dict[str, tuple[Path, dict]], paths: dict[str, Path],
            fp32: dict[str, object] | None, graph_parity: dict[str, dict] | None,
            sha: str | None = None) -> Manifest:
     """manifest.json with the chosen precision's entry first per graph, then the fp32 one."""
-    prompt = len(fp32["tokens"]) if fp32 else 1
+    prompt = int(fp32.get("prompt_tokens", 1)) if fp32 else 1
     size = "x".join(map(str, layout.input_size))
     extra = {VISION: {"input_size": size, "grid_thw": "x".join(map(str, layout.grid_thw)),
                       "layout": "vlm.json"}}
@@ -419,21 +271,24 @@ def export_vlm(config: VlmExportConfig) -> dict[str, object]:
 
         stages.next("export")
         started = time.perf_counter()
-        paths, graph_parity = _export_fp32(model, layout, out, ids, patches)
+        paths, graph_parity = vlm_stages.export_fp32(model, layout, out, ids, patches)
         export_s = time.perf_counter() - started
         graph_parity[VISION]["preprocess"] = preprocess
         _write(out, layout, config, {}, paths, None, graph_parity, sha)
 
         stages.next("end_to_end")
-        fp32 = _end_to_end(model, hf, out, layout, ids, patches, config.new_tokens)
-        fp32["prompt_tokens"] = int(ids.shape[1])
+        fp32 = vlm_stages.end_to_end(model, hf, out, layout, ids, patches, config.new_tokens)
 
         stages.next("quantize")
-        made = _quantized(model, out, layout, config, paths, ids, patches, fp32)
+        chosen = GRAPH_PRECISION[config.precision]
+        made = vlm_stages.quantize_graphs(model, out, layout, chosen, paths, patches,
+                                          config.block_size, config.quantize_lm_head)
+        if DECODER in made:
+            _write(out, layout, config, made, paths, fp32, graph_parity, sha)
+            made[DECODER][1].update(vlm_stages.decoder_drift(out, layout, chosen[DECODER], ids,
+                                                             patches, fp32))
 
         stages.next("write")
-        for graph, (target, parity) in made.items():
-            made[graph] = (target, {**parity, "reference_graph": paths[graph].name})
         manifest = _write(out, layout, config, made, paths, fp32, graph_parity, sha)
     times = stages.close()
     return {"bundle": str(out), "family": fam.name, "input_size": list(layout.input_size),
