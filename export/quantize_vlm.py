@@ -23,6 +23,7 @@ from rau_rt.errors import InputError
 # accuracy_level 4: the int4 kernel computes with int8 activations (2.2x vs 1.4x with level 0
 # per decode token in the feasibility study, same logit cosine 0.91 on random weights).
 INT4_ACCURACY_LEVEL = 4
+PROTOBUF_LIMIT = (2 << 30) - (64 << 20)  # 2 GiB less room for the graph itself
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,9 @@ def quantize(source: str | Path, target: str | Path, config: QuantizeConfig,
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if config.precision == "int8":
+                large = sum(t.ByteSize() for t in model.graph.initializer) > PROTOBUF_LIMIT
                 quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8,
+                                 use_external_data_format=large,
                                  op_types_to_quantize=["MatMul"],
                                  per_channel=config.per_channel, nodes_to_exclude=keep,
                                  extra_options={"MatMulConstBOnly": True})
@@ -110,5 +113,13 @@ def quantize(source: str | Path, target: str | Path, config: QuantizeConfig,
     props[PRECISION_METADATA_KEY] = config.precision
     del quantized.metadata_props[:]
     onnx.helper.set_model_props(quantized, props)
-    onnx.save(quantized, str(target))
+    # protobuf caps one file at 2 GiB: a 7B decoder's int4 weights (~4 GB with an fp32 lm_head)
+    # go to `<file>.data` beside the graph.
+    weights = sum(t.ByteSize() for t in quantized.graph.initializer)
+    large = weights > PROTOBUF_LIMIT
+    data = target.with_name(target.name + ".data")
+    if data.exists():  # onnx appends to an existing data file; the weights are in memory now
+        data.unlink()
+    onnx.save(quantized, str(target), save_as_external_data=large,
+              location=target.name + ".data" if large else None)
     return target
