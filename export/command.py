@@ -1,7 +1,8 @@
 """`rau-rt export ...`: the export stages as subcommands (registered in `rau_rt.cli`).
 
 `export trt` builds a TensorRT engine for every graph of a bundle on this host and adds the
-engines to the manifest; `export lint` checks ONNX graphs against TensorRT 10's parser. Heavy
+engines to the manifest; `export lint` checks ONNX graphs against TensorRT 10's parser;
+`export vlm` exports and quantizes a Qwen-VL fine-tune (rau_rt.export.vlm). Heavy
 imports (onnx, tensorrt) happen inside the run functions.
 """
 
@@ -112,6 +113,31 @@ def configure(parser: argparse.ArgumentParser) -> None:
     trt.add_argument("--keep-fp32", default=None,
                      help="comma-separated op types kept fp32 in fp16 engines (default: "
                      "LayerNormalization,Softmax; '' for none)")
+    vlm = stages.add_parser("vlm", help="export a Qwen-VL fine-tune (vision, embedding, decoder "
+                            "with KV cache) into a verified bundle, fp32 or quantized")
+    source = vlm.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", type=Path, help="Hugging Face model folder (config.json, "
+                        "*.safetensors, tokenizer.json)")
+    source.add_argument("--random-init", choices=("tiny", "small"),
+                        help="build a random-init model and local tokenizer instead")
+    vlm.add_argument("--family", choices=("qwen2_5_vl", "qwen2_vl"), default="qwen2_5_vl",
+                     help="model type of --random-init (default qwen2_5_vl)")
+    vlm.add_argument("--input-size", type=int, default=448, help="square VLM input side in "
+                     "pixels, a multiple of 28; every image is resized to it (default 448)")
+    vlm.add_argument("--precision", choices=("fp32", "int8", "int4"), default="fp32",
+                     help="decoder precision: int8 dynamic or int4 MatMulNBits (the vision "
+                     "tower is dynamic int8 in both); fp32 entries stay in the bundle")
+    vlm.add_argument("--block-size", type=int, default=32, help="int4 weights per scale")
+    vlm.add_argument("--quantize-lm-head", action="store_true",
+                     help="quantize the output projection too (default: kept fp32)")
+    vlm.add_argument("--hidden-state", action="store_true",
+                     help="add a last_hidden_state output to the decoder (seg-token heads)")
+    vlm.add_argument("--new-tokens", type=int, default=24,
+                     help="greedy tokens compared with transformers' generate (default 24)")
+    vlm.add_argument("--max-context", type=int, default=4096,
+                     help="longest prompt + generation the bundle's ranges allow")
+    vlm.add_argument("--out", type=Path, required=True, help="bundle directory")
+    vlm.add_argument("--json", action="store_true", help="print the summary as JSON")
     lint = stages.add_parser("lint", help="check ONNX graphs against TensorRT 10's ONNX parser")
     lint.add_argument("onnx", nargs="+", type=Path, help="ONNX graph files")
     lint.add_argument("--json", action="store_true", help="print the reports as JSON")
@@ -128,6 +154,17 @@ def run(args: argparse.Namespace) -> int:
                                   args.timing_cache, keep):
             print(f"{entry.graph}: {entry.file} ({entry.precision}, TensorRT "
                   f"{entry.tools['tensorrt']}, sm_{entry.tools['compute_capability']})")
+        return 0
+    if args.stage == "vlm":
+        from rau_rt.export import vlm
+
+        summary = vlm.export_vlm(vlm.VlmExportConfig(
+            out=args.out, model=args.model, random_init=args.random_init, family=args.family,
+            input_size=args.input_size, precision=args.precision, block_size=args.block_size,
+            quantize_lm_head=args.quantize_lm_head, hidden_state=args.hidden_state,
+            new_tokens=args.new_tokens, max_context=args.max_context,
+            progress=not args.json))
+        print(json.dumps(summary, indent=2) if args.json else vlm.format_summary(summary))
         return 0
     from rau_rt.export import tensorrt as trt_export
 

@@ -82,3 +82,17 @@ def require_parity(result: Mapping[str, object], what: str) -> None:
         raise ParityError(f"{what}: outputs differ from the PyTorch reference beyond the "
                           f"{result['precision']} tolerance {TOLERANCES[result['precision']]}: "
                           f"{failing}")
+
+
+# The exported VLM end to end (issue 8), on the exporter's two-image prompt, in
+# rau_rt.export.vlm. Patches: transformers' processor rescales and normalizes in another order,
+# 7e-7 seen. Input ids: identical. Prefill logits (last position) at fp32: reordered sums over
+# two images and a few layers, 2e-6 seen on the study's tiny model, so 1e-4 leaves margin for a
+# 28-layer model. Greedy tokens at fp32: identical to `generate`. Quantized decoders: logit cosine
+# and top-1 agreement along the fp32 greedy path are recorded; int8 must keep cosine >= 0.99
+# (dynamic int8 measured 0.998 on a 135M LLM); int4 on random weights drifts far more (0.91
+# there) than on trained ones and is recorded only (None), to be gated on the real fine-tune.
+VLM_PATCH_ATOL = 1e-5
+VLM_PREFILL_LOGITS_ATOL = {"fp32": 1e-4}
+VLM_GREEDY_EXACT = ("fp32",)
+VLM_MIN_LOGIT_COSINE: dict[str, float | None] = {"fp32": 0.99999, "int8": 0.99, "int4": None}

@@ -25,6 +25,9 @@ LAYER_OF = {
     "rau_rt.geometry": "core",
     "rau_rt.ops": "core",
     "rau_rt.profiling": "core",
+    # the exported VLM's contract (vlm.json) and its numpy preprocessing/M-RoPE ports: core, so
+    # that export writes it and localization reads it
+    "rau_rt.vlm_layout": "core",
     "rau_rt.engines": "engines",
     "rau_rt.bundle": "bundle",
     "rau_rt.tracking": "domain",

@@ -1,0 +1,328 @@
+"""`rau-rt export vlm`: a Qwen-VL fine-tune -> verified vision / embed / decoder graphs + tokenizer.
+
+Stages (each a function; `export_vlm` runs them in order with a progress bar):
+1. load the model folder (or build a random-init one) and check it (rau_rt.export.vlm_model);
+2. check the runtime's preprocessing and prompt ids against transformers' processor;
+3. export the three fp32 graphs (rau_rt.export.vlm_graphs) and verify each against eager;
+4. verify end to end through the bundle: prefill logits and greedy tokens vs `generate`;
+5. quantize (int8: vision + decoder dynamic; int4: decoder MatMulNBits, vision int8) and record
+   their drift, gating int8 (rau_rt.export.verify's VLM tolerances);
+6. write manifest.json, vlm.json (rau_rt.vlm_layout) and the tokenizer files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rau_rt._version import __version__
+from rau_rt.bundle import (
+    GraphEntry,
+    Manifest,
+    file_sha256,
+    tool_versions,
+    write_manifest,
+)
+from rau_rt.engines import registry
+from rau_rt.errors import InputError
+from rau_rt.export import vlm_graphs, vlm_model, vlm_stages, vlm_verify
+from rau_rt.export.verify import (
+    VLM_PATCH_ATOL,
+    ParityError,
+)
+from rau_rt.vlm_layout import (
+    DECODER,
+    EMBED,
+    VISION,
+    VlmLayout,
+    write_layout,
+)
+from rau_rt.vlm_layout import family as family_of
+
+PRECISIONS = ("fp32", "int8", "int4")
+# Which precision each graph gets per requested precision. The embedding is a table lookup
+# (nothing to quantize); the vision tower takes dynamic int8 in both quantized bundles (0.999
+# cosine on SigLIP; MatMulNBits has no gain on its activation-heavy attention).
+GRAPH_PRECISION = {"fp32": {VISION: "fp32", EMBED: "fp32", DECODER: "fp32"},
+                   "int8": {VISION: "int8", EMBED: "fp32", DECODER: "int8"},
+                   "int4": {VISION: "int8", EMBED: "fp32", DECODER: "int4"}}
+
+
+@dataclass(frozen=True)
+class VlmExportConfig:
+    """`rau-rt export vlm` options (one field per flag).
+
+    Attributes:
+        out: The bundle directory.
+        model: A Hugging Face model folder; or None with `random_init`.
+        random_init: "tiny" or "small": build a random-init model and tokenizer instead.
+        family: model type for `random_init` ("qwen2_5_vl" or "qwen2_vl").
+        input_size: square VLM input side in pixels (a multiple of patch x merge, 28).
+        precision: "fp32", "int8" or "int4" (the decoder's; see GRAPH_PRECISION).
+        block_size: int4 weights per scale.
+        quantize_lm_head: quantize the output projection too.
+        hidden_state: give the decoder a last_hidden_state output (for seg-token heads).
+        new_tokens: greedy tokens compared with `generate` (>= 24 per the acceptance).
+        max_context: longest prompt + generation the manifest's ranges allow.
+        progress: show a progress bar per stage.
+    """
+
+    out: Path
+    model: Path | None = None
+    random_init: str | None = None
+    family: str = "qwen2_5_vl"
+    input_size: int = 448
+    precision: str = "fp32"
+    block_size: int = 32
+    quantize_lm_head: bool = False
+    hidden_state: bool = False
+    new_tokens: int = 24
+    max_context: int = 4096
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.model is None) == (self.random_init is None):
+            raise InputError("give exactly one of --model DIR and --random-init tiny|small")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"--precision {self.precision!r}: choose one of {PRECISIONS}")
+        if self.new_tokens < 1:
+            raise InputError("--new-tokens must be >= 1")
+
+    @property
+    def command(self) -> str:
+        source = f"--model {self.model}" if self.model else f"--random-init {self.random_init}"
+        return (f"rau-rt export vlm {source} --input-size {self.input_size} "
+                f"--precision {self.precision} --out {self.out}")
+
+
+def checkpoint_sha256(directory: Path) -> str:
+    """sha256 over the weight files' sha256s, in name order."""
+    digest = hashlib.sha256()
+    for path in sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.bin")):
+        digest.update(file_sha256(path).encode())
+    return digest.hexdigest()
+
+
+def make_layout(model, family: str, input_size: int, hidden_state: bool) -> VlmLayout:
+    """The bundle's `vlm.json` for `model` at a square `input_size`."""
+    fam = family_of(family)
+    if input_size % fam.factor:
+        raise InputError(f"--input-size {input_size}: must be a multiple of {fam.factor} "
+                         f"({fam.name}: patch {fam.patch_size} x merge {fam.merge_size})")
+    text = model.config.text_config
+    grid = input_size // fam.patch_size
+    eos = model.generation_config.eos_token_id
+    past, present = vlm_graphs.kv_names(text.num_hidden_layers)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return VlmLayout(
+        family=family, input_size=(input_size, input_size), grid_thw=(1, grid, grid),
+        patch_dim=3 * fam.temporal_patch_size * fam.patch_size ** 2,
+        tokens_per_image=(grid // fam.merge_size) ** 2, hidden_size=text.hidden_size,
+        vocab_size=text.vocab_size, num_layers=text.num_hidden_layers,
+        num_kv_heads=text.num_key_value_heads, head_dim=head_dim,
+        mrope_section=tuple(text.rope_parameters["mrope_section"]),
+        image_token_id=model.config.image_token_id,
+        vision_start_token_id=model.config.vision_start_token_id,
+        vision_end_token_id=model.config.vision_end_token_id,
+        eos_token_ids=tuple(eos if isinstance(eos, list) else [eos]),
+        pad_token_id=model.generation_config.pad_token_id, has_hidden_state=hidden_state,
+        past_names=past, present_names=present)
+
+
+def _ranges(layout: VlmLayout, prompt: int, max_context: int) -> dict[str, dict]:
+    """Dynamic ranges of the decoder (a TensorRT profile; Bundle.run checks feeds against them)."""
+    h, kv, d = layout.hidden_size, layout.num_kv_heads, layout.head_dim
+    ranges = {"inputs_embeds": {"min": [1, 1, h], "opt": [1, prompt, h],
+                                "max": [1, max_context, h]},
+              "attention_mask": {"min": [1, 1], "opt": [1, prompt], "max": [1, max_context]},
+              "position_ids": {"min": [3, 1, 1], "opt": [3, 1, prompt],
+                               "max": [3, 1, max_context]}}
+    for name in layout.past_names:
+        ranges[name] = {"min": [1, kv, 0, d], "opt": [1, kv, prompt, d],
+                        "max": [1, kv, max_context - 1, d]}
+    return ranges
+
+
+def _entry(path: Path, graph: str, precision: str, parity: dict, sha: str, command: str,
+           ranges: dict | None = None, extra: dict | None = None) -> GraphEntry:
+    with registry.open_engine(path, "onnxruntime", precision=precision) as engine:
+        inputs, outputs = engine.inputs, engine.outputs
+    import transformers
+
+    exporter = {"name": "rau_rt.export.vlm.export_vlm", "version": __version__,
+                "command": command, **(extra or {})}
+    return GraphEntry(graph=graph, file=path.name, backend="onnxruntime", precision=precision,
+                      inputs=inputs, outputs=outputs, sha256=file_sha256(path),
+                      source_checkpoint_sha256=sha, exporter=exporter,
+                      tools=tool_versions(transformers=transformers.__version__),
+                      parity=parity, dynamic_ranges=ranges or {})
+
+
+class _Stages:
+    """A progress bar over the export stages (tqdm, which transformers brings)."""
+
+    def __init__(self, names: list[str], show: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=len(names), disable=not show, unit="stage")
+        self.times: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    def next(self, name: str) -> None:
+        now = time.perf_counter()
+        if self.times or self.bar.n:
+            self.bar.update(1)
+        self.times[name] = now
+        self.bar.set_description(name)
+
+    def close(self) -> dict[str, float]:
+        self.bar.update(1)
+        self.bar.close()
+        ends = [*list(self.times.values())[1:], time.perf_counter()]
+        return {n: round(e - s, 3) for (n, s), e in zip(self.times.items(), ends, strict=True)}
+
+
+def _write(out: Path, layout: VlmLayout, config: VlmExportConfig,
+           made: dict[str, tuple[Path, dict]], paths: dict[str, Path],
+           fp32: dict[str, object] | None, graph_parity: dict[str, dict] | None,
+           sha: str | None = None) -> Manifest:
+    """manifest.json with the chosen precision's entry first per graph, then the fp32 one."""
+    prompt = int(fp32.get("prompt_tokens", 1)) if fp32 else 1
+    size = "x".join(map(str, layout.input_size))
+    extra = {VISION: {"input_size": size, "grid_thw": "x".join(map(str, layout.grid_thw)),
+                      "layout": "vlm.json"}}
+    entries = []
+    for graph in (VISION, EMBED, DECODER):
+        ranges = _ranges(layout, max(prompt, 1), config.max_context) if graph == DECODER else None
+        if graph in made:
+            target, parity = made[graph]
+            precision = target.name.split(".")[1]
+            entries.append(_entry(target, graph, precision, parity, sha, config.command, ranges,
+                                  extra.get(graph)))
+        parity = dict((graph_parity or {}).get(graph, {}))
+        if graph == DECODER and fp32 is not None:
+            parity["end_to_end"] = {k: v for k, v in fp32.items() if not k.startswith("_")}
+        entries.append(_entry(paths[graph], graph, "fp32", parity, sha, config.command, ranges,
+                              extra.get(graph)))
+    manifest = Manifest(name=f"vlm-{layout.family}-{size}", graphs=tuple(entries))
+    write_manifest(out, manifest)
+    return manifest
+
+
+def copy_tokenizer(source: Path, out: Path) -> list[str]:
+    """Copy the tokenizer files (and chat template, generation config) into the bundle."""
+    names = [*vlm_model.TOKENIZER_FILES, "special_tokens_map.json", "chat_template.jinja",
+             "chat_template.json", "generation_config.json", "vocab.json", "merges.txt"]
+    copied = []
+    for name in names:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, out / name)
+            copied.append(name)
+    return copied
+
+
+def export_vlm(config: VlmExportConfig) -> dict[str, object]:
+    """Export, verify and quantize a Qwen-VL model into the bundle `config.out`.
+
+    Returns:
+        A summary: per-graph files, precisions, sizes and parity; preprocessing and end-to-end
+        results; seconds per stage.
+
+    Raises:
+        InputError: an unsupported architecture, missing tokenizer files or weights.
+        ParityError: a graph, the preprocessing or the greedy tokens outside tolerance.
+    """
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stages = _Stages(["load", "preprocess", "export", "end_to_end", "quantize", "write"],
+                     config.progress)
+    with tempfile.TemporaryDirectory() as tmp:
+        stages.next("load")
+        source = (Path(config.model) if config.model is not None else
+                  vlm_model.build_random(Path(tmp), config.random_init, config.family))
+        model, tokenizer, fam = vlm_model.load(source)
+        sha = checkpoint_sha256(source)
+        layout = make_layout(model, fam.name, config.input_size, config.hidden_state)
+        tokenizer_files = copy_tokenizer(source, out)
+        write_layout(out, layout)
+
+        stages.next("preprocess")
+        images = vlm_verify.sample_images(layout.input_size)
+        ids, patches = vlm_verify.runtime_inputs(images, layout, out / "tokenizer.json")
+        hf = vlm_verify.hf_inputs(images, tokenizer, fam)
+        hf_pixels = hf["pixel_values"].numpy()
+        preprocess = {
+            "patch_max_abs": float(np.max(np.abs(np.concatenate(patches) - hf_pixels)))
+            if hf_pixels.shape == (len(patches) * patches[0].shape[0], layout.patch_dim)
+            else None,
+            "input_ids_equal": bool(np.array_equal(ids, hf["input_ids"].numpy())),
+            "grid_thw": hf["image_grid_thw"].tolist(), "prompt_tokens": int(ids.shape[1])}
+        if (preprocess["patch_max_abs"] is None or preprocess["patch_max_abs"] > VLM_PATCH_ATOL
+                or not preprocess["input_ids_equal"]):
+            raise ParityError(f"runtime preprocessing disagrees with transformers' processor "
+                              f"(patch atol {VLM_PATCH_ATOL}, ids must be identical): "
+                              f"{preprocess}")
+
+        stages.next("export")
+        started = time.perf_counter()
+        paths, graph_parity = vlm_stages.export_fp32(model, layout, out, ids, patches)
+        export_s = time.perf_counter() - started
+        graph_parity[VISION]["preprocess"] = preprocess
+        _write(out, layout, config, {}, paths, None, graph_parity, sha)
+
+        stages.next("end_to_end")
+        fp32 = vlm_stages.end_to_end(model, hf, out, layout, ids, patches, config.new_tokens)
+
+        stages.next("quantize")
+        chosen = GRAPH_PRECISION[config.precision]
+        made = vlm_stages.quantize_graphs(model, out, layout, chosen, paths, patches,
+                                          config.block_size, config.quantize_lm_head)
+        if DECODER in made:
+            _write(out, layout, config, made, paths, fp32, graph_parity, sha)
+            made[DECODER][1].update(vlm_stages.decoder_drift(out, layout, chosen[DECODER], ids,
+                                                             patches, fp32))
+
+        stages.next("write")
+        manifest = _write(out, layout, config, made, paths, fp32, graph_parity, sha)
+    times = stages.close()
+    return {"bundle": str(out), "family": fam.name, "input_size": list(layout.input_size),
+            "export_s": round(export_s, 3), "stage_s": times, "preprocess": preprocess,
+            "end_to_end": {k: v for k, v in fp32.items() if not k.startswith("_")},
+            "tokenizer_files": tokenizer_files,
+            "graphs": [{"graph": e.graph, "file": e.file, "precision": e.precision,
+                        "mb": round((out / e.file).stat().st_size / 2**20, 2),
+                        "parity": e.parity} for e in manifest.graphs]}
+
+
+def format_summary(summary: dict[str, object]) -> str:
+    """The table `rau-rt export vlm` prints."""
+    e2e = summary["end_to_end"]
+    lines = [f"bundle {summary['bundle']} ({summary['family']}, input "
+             f"{summary['input_size'][0]}x{summary['input_size'][1]}, fp32 export "
+             f"{summary['export_s']:.1f} s)",
+             f"preprocess: patches max abs {summary['preprocess']['patch_max_abs']:.1e}, "
+             f"input ids identical: {summary['preprocess']['input_ids_equal']}",
+             f"fp32 end to end: prefill logits max abs {e2e['prefill_logits_max_abs']:.1e}, "
+             f"greedy {len(e2e['tokens'])} tokens identical to generate: "
+             f"{e2e['tokens'] == e2e['reference_tokens']}",
+             "| graph | precision | file | MB | drift vs fp32 reference |",
+             "|---|---|---|---|---|"]
+    for g in summary["graphs"]:
+        parity = g["parity"] or {}
+        if "top1_agreement" in parity:
+            drift = (f"logit cos {parity['prefill_logits_cosine']:.5f}, top-1 "
+                     f"{parity['top1_agreement']:.2f} over {parity['positions']}")
+        elif "outputs" in parity:
+            drift = ", ".join(f"{n} max abs {o['max_abs']:.1e} cos {o['cosine']:.5f}"
+                              for n, o in parity["outputs"].items() if n in (
+                                  "image_features", "inputs_embeds", "logits"))
+        else:
+            drift = "-"
+        lines.append(f"| {g['graph']} | {g['precision']} | {g['file']} | {g['mb']} | {drift} |")
+    return "\n".join(lines)

@@ -1,0 +1,140 @@
+"""The three VLM graphs as torch modules with explicit tensors in and out, and their ONNX export.
+
+`VisionGraph` (patches -> image features, one fixed grid), `EmbedGraph` (ids + image features
+-> input embeddings) and `DecoderGraph` (embeddings + M-RoPE positions + mask + past KV ->
+last logits + present KV [+ last hidden state]) follow the contract in
+`rau_rt.vlm_layout.VlmLayout`. They are exported with the TorchScript exporter
+(`dynamo=False`): the Qwen2.5-VL vision tower's window attention is data-dependent
+(`grid_thw.tolist()`, `torch.split(lengths.tolist())`) and fails in torch.export, and the other
+two graphs export in ~0.3 s that way instead of ~8 s through dynamo on 2 cores (the feasibility
+study's decoder; both exporters agree with eager to 2e-6 there).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import onnx
+import torch
+
+from rau_rt.engines.onnxruntime import PRECISION_METADATA_KEY
+from rau_rt.vlm_layout import VlmLayout
+
+ONNX_OPSET = 18
+
+
+class VisionGraph(torch.nn.Module):
+    """pixel_values [grid_h*grid_w, patch_dim] -> image_features [tokens, hidden] for one image.
+
+    The grid is a constant of the graph: the exporter traces it with this grid only.
+    """
+
+    def __init__(self, model: torch.nn.Module, grid_thw: Sequence[int]) -> None:
+        super().__init__()
+        self.visual = model.model.visual
+        self.register_buffer("grid_thw", torch.tensor([list(grid_thw)], dtype=torch.long),
+                             persistent=False)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.visual(pixel_values, grid_thw=self.grid_thw).pooler_output
+
+
+class EmbedGraph(torch.nn.Module):
+    """input_ids [B, S] + image_features [N, hidden] -> inputs_embeds [B, S, hidden].
+
+    The k-th image-pad token takes row k of image_features (transformers' masked_scatter
+    order). Written as a gather from [zero row; features] so that N = 0 (decode steps,
+    text-only prompts) is an ordinary shape: CumSum + Gather + Where, no data-dependent size.
+    """
+
+    def __init__(self, model: torch.nn.Module, image_token_id: int) -> None:
+        super().__init__()
+        self.embed_tokens = model.model.language_model.embed_tokens
+        self.image_token_id = image_token_id
+
+    def forward(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+        embeds = self.embed_tokens(input_ids)
+        is_image = input_ids == self.image_token_id
+        index = torch.cumsum(is_image.flatten().long(), 0) * is_image.flatten().long()
+        rows = torch.cat([torch.zeros_like(embeds[0, :1]), image_features.to(embeds.dtype)])
+        gathered = rows[index].reshape(embeds.shape)
+        return torch.where(is_image.unsqueeze(-1), gathered, embeds)
+
+
+class DecoderGraph(torch.nn.Module):
+    """The text decoder with its KV cache as plain tensors (see VlmLayout for the contract)."""
+
+    def __init__(self, model: torch.nn.Module, hidden_state: bool) -> None:
+        super().__init__()
+        self.language_model = model.model.language_model
+        self.lm_head = model.lm_head
+        self.num_layers = model.config.text_config.num_hidden_layers
+        self.hidden_state = hidden_state
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.language_model.config)
+        for layer in range(self.num_layers):
+            cache.update(past[2 * layer], past[2 * layer + 1], layer)
+        out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                  position_ids=position_ids, cache=cache, use_cache=True)
+        hidden = out.last_hidden_state
+        logits = self.lm_head(hidden[:, -1, :])
+        present = []
+        for layer in range(self.num_layers):
+            present += [cache.layers[layer].keys, cache.layers[layer].values]
+        return (logits, *present, hidden) if self.hidden_state else (logits, *present)
+
+
+def kv_names(num_layers: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(past input names, present output names), key then value per layer."""
+    past = tuple(f"past_key_values.{i}.{kind}" for i in range(num_layers)
+                 for kind in ("key", "value"))
+    return past, tuple(name.replace("past_key_values", "present") for name in past)
+
+
+def decoder_names(layout: VlmLayout) -> tuple[list[str], list[str]]:
+    """Input and output names of the decoder graph, in forward's order."""
+    inputs = ["inputs_embeds", "attention_mask", "position_ids", *layout.past_names]
+    outputs = ["logits", *layout.present_names]
+    return inputs, outputs + (["last_hidden_state"] if layout.has_hidden_state else [])
+
+
+def decoder_dynamic_axes(layout: VlmLayout) -> dict[str, dict[int, str]]:
+    """Dynamic axes: batch, new tokens, past tokens (and their sum)."""
+    axes = {"inputs_embeds": {0: "batch", 1: "sequence"},
+            "attention_mask": {0: "batch", 1: "total_sequence"},
+            "position_ids": {1: "batch", 2: "sequence"}, "logits": {0: "batch"}}
+    for name in layout.past_names:
+        axes[name] = {0: "batch", 2: "past_sequence"}
+    for name in layout.present_names:
+        axes[name] = {0: "batch", 2: "total_sequence"}
+    if layout.has_hidden_state:
+        axes["last_hidden_state"] = {0: "batch", 1: "sequence"}
+    return axes
+
+
+def write_onnx(module: torch.nn.Module, example: Mapping[str, torch.Tensor], path: Path,
+               output_names: Sequence[str], dynamic_axes: Mapping[str, Mapping[int, str]],
+               precision: str) -> Path:
+    """Export `module` with the TorchScript exporter and tag the file with its precision.
+
+    Graphs over protobuf's 2 GiB (a 7B decoder) get their weights in external data files beside
+    the graph from the exporter; they stay where it put them.
+    """
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated in favour of dynamo, which cannot trace the
+        # vision tower (module docstring); tracer warnings flag the fixed grid we intend.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), tuple(example.values()), str(path), dynamo=False,
+                          input_names=list(example), output_names=list(output_names),
+                          dynamic_axes={k: dict(v) for k, v in dynamic_axes.items()},
+                          opset_version=ONNX_OPSET, do_constant_folding=True)
+    model = onnx.load(str(path), load_external_data=False)
+    onnx.helper.set_model_props(model, {PRECISION_METADATA_KEY: precision})
+    onnx.save(model, str(path))
+    return path

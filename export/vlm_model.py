@@ -1,0 +1,196 @@
+"""Load a fine-tuned Qwen-VL folder, or build a random-init one with a local tokenizer.
+
+A user's fine-tune is a Hugging Face folder (config.json, weights, tokenizer files). The
+exporter loads it here and fails early, naming what is missing, when the architecture is not
+one `rau_rt.vlm_layout.FAMILIES` knows or the tokenizer files are absent.
+`--random-init tiny|small` writes such a folder itself (random weights, a byte-level BPE
+tokenizer trained locally on a few prompts with the real Qwen special tokens), so tests,
+benchmarks and the demo take the same path a user does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from rau_rt.errors import InputError
+from rau_rt.vlm_layout import FAMILIES, VlmFamily
+
+# Qwen2.5-VL's special tokens, in the order the local tokenizer gives them ids 0..11.
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>",
+                  "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
+                  "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# Qwen2-VL's chat template, reduced to what the runtime's chat_prompt reproduces (string
+# content or a list of {"type": "image"} / {"type": "text"} parts; default system prompt).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# Text the local BPE is trained on: the prompt and answer vocabulary of RAU.
+_CORPUS = ("You are a helpful assistant.", "system user assistant",
+           "The first image is the reference with the annotated regions.",
+           "Locate the same regions in the second image. Answer in JSON.",
+           '[{"bbox_2d": [12, 34, 256, 448], "label": "lad_proximal"}]',
+           "0123456789 left anterior descending circumflex right coronary artery segment")
+
+
+@dataclass(frozen=True)
+class RandomInit:
+    """A random-init model size. tiny: unit tests; small: a 0.5B-class text model (Qwen2.5
+    0.5B's 896 x 24 layers, 14 heads, 2 KV heads) with a real-width vision tower (1280)."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    vision_hidden: int
+    vision_depth: int
+    vision_heads: int
+    vision_intermediate: int
+    # std of every matrix: tiny uses 0.3 because at transformers' 0.02 its greedy output is one
+    # token repeated 24 times, which would not catch a broken KV cache or position ids; at 0.3
+    # the 24 tokens vary with the context.
+    weight_std: float = 0.02
+
+
+RANDOM_INIT = {
+    "tiny": RandomInit(64, 2, 4, 2, 128, 512, 32, 2, 2, 64, weight_std=0.3),
+    # vocab 151936 as in Qwen2.5 (the lm_head is a large share of a 0.5B model's decode time);
+    # vision 1280 wide like the real tower, 8 of its 32 blocks to keep CPU export minutes short.
+    "small": RandomInit(896, 24, 14, 2, 4864, 151936, 1280, 8, 16, 3420),
+}
+
+
+def build_tokenizer(directory: Path) -> None:
+    """Train a byte-level BPE on RAU prompt text and save it as a Qwen2 tokenizer folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(_CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(directory)
+    # transformers 5 records its generic backend class; Qwen folders name Qwen2Tokenizer.
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "Qwen2Tokenizer"
+    config_path.write_text(json.dumps(config, indent=2))
+
+
+def build_random(directory: str | Path, size: str = "tiny", family: str = "qwen2_5_vl",
+                 seed: int = 0) -> Path:
+    """Write a random-init Qwen-VL model and its local tokenizer to `directory`."""
+    import torch
+    import transformers
+
+    if size not in RANDOM_INIT:
+        raise InputError(f"--random-init {size!r}: choose one of {sorted(RANDOM_INIT)}")
+    fam = _family_or_raise(family, "--family")
+    s = RANDOM_INIT[size]
+    directory = Path(directory)
+    build_tokenizer(directory)
+    ids = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    head_dim = s.hidden // s.heads
+    # M-RoPE sections (t, h, w) sum to head_dim / 2, split 1/4, 3/8, 3/8 like Qwen's 16/24/24
+    spatial = 3 * (head_dim // 2) // 8
+    section = [head_dim // 2 - 2 * spatial, spatial, spatial]
+    text = dict(hidden_size=s.hidden, num_hidden_layers=s.layers, num_attention_heads=s.heads,
+                num_key_value_heads=s.kv_heads, intermediate_size=s.intermediate,
+                vocab_size=s.vocab, max_position_embeddings=4096,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                 "mrope_section": section},
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                bos_token_id=None,
+                tie_word_embeddings=size == "tiny")
+    vision = dict(depth=s.vision_depth, hidden_size=s.vision_hidden, num_heads=s.vision_heads,
+                  intermediate_size=s.vision_intermediate, out_hidden_size=s.hidden,
+                  patch_size=fam.patch_size, spatial_merge_size=fam.merge_size,
+                  temporal_patch_size=fam.temporal_patch_size)
+    if family == "qwen2_5_vl":
+        # one windowed and one full-attention block at least, as in the 32-block original
+        vision.update(window_size=112, fullatt_block_indexes=[s.vision_depth - 1])
+        config = transformers.Qwen2_5_VLConfig(
+            text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"],
+            vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=size == "tiny")
+        model_class = transformers.Qwen2_5_VLForConditionalGeneration
+    else:
+        vision.update(embed_dim=s.vision_hidden, hidden_size=s.hidden,
+                      mlp_ratio=s.vision_intermediate // s.vision_hidden)
+        config = transformers.Qwen2VLConfig(
+            text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"],
+            vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=size == "tiny")
+        model_class = transformers.Qwen2VLForConditionalGeneration
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    if s.weight_std != config.text_config.initializer_range:
+        with torch.no_grad():
+            for parameter in model.parameters():
+                if parameter.ndim >= 2:
+                    parameter.normal_(0.0, s.weight_std)
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.save_pretrained(directory)
+    return directory
+
+
+def _family_or_raise(name: str, what: str) -> VlmFamily:
+    if name not in FAMILIES:
+        raise InputError(f"{what}: model type {name!r} is not supported; supported: "
+                         f"{sorted(FAMILIES)} (Qwen3-VL's deepstack decoder inputs are not "
+                         "exported yet)")
+    return FAMILIES[name]
+
+
+def inspect_folder(directory: str | Path) -> VlmFamily:
+    """Check a model folder before loading: supported architecture, weights, tokenizer files.
+
+    Raises:
+        InputError: naming the missing file or the unsupported architecture.
+    """
+    directory = Path(directory)
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise InputError(f"{directory}: no config.json; --model takes a Hugging Face model "
+                         "folder (config.json, *.safetensors, tokenizer.json)")
+    config = json.loads(config_path.read_text())
+    architectures = config.get("architectures") or ["?"]
+    known = {f.architecture: f for f in FAMILIES.values()}
+    if architectures[0] not in known:
+        raise InputError(f"{config_path}: architecture {architectures[0]} "
+                         f"(model_type {config.get('model_type')!r}) is not supported; "
+                         f"supported: {sorted(known)}")
+    if not any(directory.glob("*.safetensors")) and not any(directory.glob("*.bin")):
+        raise InputError(f"{directory}: no weights (*.safetensors or *.bin)")
+    missing = [name for name in TOKENIZER_FILES if not (directory / name).is_file()]
+    if missing:
+        raise InputError(f"{directory}: tokenizer files missing: {missing}; the bundle needs "
+                         "the fine-tune's tokenizer (copy them from the base model's folder)")
+    return known[architectures[0]]
+
+
+def load(directory: str | Path):
+    """(model in fp32 eval mode, tokenizer, family) from a checked model folder."""
+    import torch
+    import transformers
+
+    fam = inspect_folder(directory)
+    model_class = getattr(transformers, fam.architecture)
+    model = model_class.from_pretrained(str(directory), dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory))
+    return model, tokenizer, fam

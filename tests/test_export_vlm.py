@@ -1,0 +1,223 @@
+"""`rau-rt export vlm` on a tiny random-init Qwen2.5-VL saved to a folder, as a user runs it.
+
+The model folder (random weights, a local byte-level BPE with Qwen's special tokens) is built
+once per module; the fp32 bundle is exported through the CLI, the int8 and int4 bundles through
+the Python API. Greedy decoding through the bundle is compared with transformers' `generate`
+here as well as inside the exporter.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from rau_rt import cli
+from rau_rt.bundle import load_bundle, read_manifest
+from rau_rt.config import EngineConfig
+from rau_rt.errors import InputError
+from rau_rt.export import vlm, vlm_model, vlm_verify
+from rau_rt.vlm_layout import DECODER, EMBED, VISION, read_layout
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return vlm_model.build_random(tmp_path_factory.mktemp("qwen25vl") / "model", "tiny")
+
+
+@pytest.fixture(scope="module")
+def fp32_bundle(model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bundle") / "fp32"
+    assert cli.main(["export", "vlm", "--model", str(model_dir), "--input-size", "448",
+                     "--precision", "fp32", "--hidden-state", "--out", str(out), "--json"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def quantized(model_dir, tmp_path_factory) -> dict[str, dict]:
+    root = tmp_path_factory.mktemp("quantized")
+    return {p: vlm.export_vlm(vlm.VlmExportConfig(out=root / p, model=model_dir, precision=p))
+            for p in ("int8", "int4")}
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir, fp32_bundle):
+    """transformers' inputs, last prefill logits and greedy tokens on the exporter's prompt."""
+    model, tokenizer, fam = vlm_model.load(model_dir)
+    layout = read_layout(fp32_bundle)
+    images = vlm_verify.sample_images(layout.input_size)
+    hf = vlm_verify.hf_inputs(images, tokenizer, fam)
+    with torch.inference_mode():
+        logits = model(**hf).logits[0, -1].numpy()
+        tokens = model.generate(**hf, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                do_sample=False)[0, hf["input_ids"].shape[1]:].tolist()
+    return {"model": model, "hf": hf, "logits": logits, "tokens": tokens, "images": images}
+
+
+def test_fp32_greedy_tokens_equal_generate(fp32_bundle, reference):
+    layout = read_layout(fp32_bundle)
+    ids, patches = vlm_verify.runtime_inputs(reference["images"], layout,
+                                             fp32_bundle / "tokenizer.json")
+    with load_bundle(fp32_bundle, config=EngineConfig(precision="fp32")) as bundle:
+        tokens, logits = vlm_verify.greedy(bundle, layout, ids, patches, NEW_TOKENS,
+                                           min_new_tokens=NEW_TOKENS)
+    assert tokens == reference["tokens"]
+    assert len(set(tokens)) > 5  # context-dependent output, so a broken KV cache would show
+    assert np.max(np.abs(logits[0] - reference["logits"])) <= 1e-4
+
+
+def test_runtime_inputs_match_the_hf_processor(fp32_bundle, reference):
+    layout = read_layout(fp32_bundle)
+    ids, patches = vlm_verify.runtime_inputs(reference["images"], layout,
+                                             fp32_bundle / "tokenizer.json")
+    hf = reference["hf"]
+    np.testing.assert_array_equal(ids, hf["input_ids"].numpy())
+    np.testing.assert_allclose(np.concatenate(patches), hf["pixel_values"].numpy(), atol=1e-5,
+                               rtol=0)
+    assert hf["image_grid_thw"].tolist() == [list(layout.grid_thw)] * 2
+
+
+def test_rope_positions_match_get_rope_index(fp32_bundle, reference):
+    from rau_rt.vlm_layout import decode_positions, rope_positions
+
+    layout = read_layout(fp32_bundle)
+    hf = reference["hf"]
+    expected, delta = reference["model"].model.get_rope_index(
+        hf["input_ids"], mm_token_type_ids=hf["mm_token_type_ids"],
+        image_grid_thw=hf["image_grid_thw"])
+    ids = hf["input_ids"].numpy()
+    positions, ours = rope_positions(ids, layout)
+    np.testing.assert_array_equal(positions, expected.numpy())
+    assert ours == int(delta[0, 0])
+    step = decode_positions(ids.shape[1], ours)
+    assert step.shape == (3, 1, 1) and step[0, 0, 0] == ids.shape[1] + int(delta[0, 0])
+
+
+def test_bundle_records_contract_tokenizer_and_parity(fp32_bundle):
+    layout = read_layout(fp32_bundle)
+    assert layout.input_size == (448, 448) and layout.grid_thw == (1, 32, 32)
+    assert layout.tokens_per_image == 256 and layout.has_hidden_state
+    manifest = read_manifest(fp32_bundle)
+    assert manifest.graph_names == [VISION, EMBED, DECODER]
+    vision = manifest.entries(VISION)[0]
+    assert vision.exporter["input_size"] == "448x448"
+    assert [s.shape for s in vision.inputs] == [(1024, layout.patch_dim)]
+    decoder = manifest.entries(DECODER)[0]
+    names = [s.name for s in decoder.inputs]
+    assert names == ["inputs_embeds", "attention_mask", "position_ids", *layout.past_names]
+    kv = {s.name: s for s in decoder.inputs}[layout.past_names[0]]
+    assert kv.shape[1] == layout.num_kv_heads and kv.shape[3] == layout.head_dim
+    assert [s.name for s in decoder.outputs][-1] == "last_hidden_state"
+    e2e = decoder.parity["end_to_end"]
+    assert e2e["passed"] and e2e["tokens"] == e2e["reference_tokens"]
+    assert len(e2e["tokens"]) == NEW_TOKENS
+    for entry in manifest.graphs:
+        assert entry.parity["passed"], entry.graph
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (fp32_bundle / name).is_file()
+
+
+def test_quantized_bundles_record_drift(quantized):
+    for precision, summary in quantized.items():
+        bundle = Path(summary["bundle"])
+        manifest = read_manifest(bundle)
+        preferred = manifest.entries(DECODER)[0]
+        assert preferred.precision == precision
+        assert manifest.entries(DECODER)[1].precision == "fp32"
+        parity = preferred.parity
+        assert 0.0 <= parity["top1_agreement"] <= 1.0 and parity["positions"] == NEW_TOKENS
+        assert -1.0 <= parity["prefill_logits_cosine"] <= 1.0
+        ops = {n.op_type for n in onnx.load(str(bundle / preferred.file)).graph.node}
+        assert ("MatMulInteger" if precision == "int8" else "MatMulNBits") in ops
+        assert manifest.entries(VISION)[0].precision == "int8"
+    assert quantized["int8"]["graphs"][3]["parity"]["prefill_logits_cosine"] >= 0.99
+    assert quantized["int4"]["graphs"][3]["parity"]["quantization"]["block_size"] == 32
+
+
+def test_quantized_bundle_runs_and_keeps_lm_head_fp32(quantized):
+    bundle = Path(quantized["int4"]["bundle"])
+    layout = read_layout(bundle)
+    model = onnx.load(str(bundle / "vlm_decoder.int4.onnx"))
+    shapes = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    lm_head = [n for n in model.graph.node if n.op_type == "MatMul"
+               and shapes.get(n.input[1], (0,))[-1] == layout.vocab_size]
+    assert len(lm_head) == 1  # kept fp32 (QuantizeConfig.quantize_lm_head False)
+    with load_bundle(bundle) as loaded:
+        assert loaded.entry(DECODER).precision == "int4"
+        ids = np.array([[1, 20, 30]], np.int64)
+        tokens, _ = vlm_verify.greedy(loaded, layout, ids, [], 3)
+    assert 1 <= len(tokens) <= 3
+
+
+def test_runtime_loop_needs_neither_torch_nor_transformers(fp32_bundle):
+    code = f"""
+import sys
+sys.modules["torch"] = None; sys.modules["transformers"] = None
+import numpy as np
+from PIL import Image
+from rau_rt.bundle import load_bundle
+from rau_rt.config import EngineConfig
+from rau_rt.export import vlm_verify
+from rau_rt.vlm_layout import read_layout
+bundle_dir = {str(fp32_bundle)!r}
+layout = read_layout(bundle_dir)
+images = vlm_verify.sample_images(layout.input_size)
+ids, patches = vlm_verify.runtime_inputs(images, layout, bundle_dir + "/tokenizer.json")
+with load_bundle(bundle_dir, config=EngineConfig(precision="fp32")) as bundle:
+    tokens, _ = vlm_verify.greedy(bundle, layout, ids, patches, {NEW_TOKENS},
+                                  min_new_tokens={NEW_TOKENS})
+print(tokens)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    expected = read_manifest(fp32_bundle).entries(DECODER)[0].parity["end_to_end"]["tokens"]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == expected
+
+
+def test_unsupported_architecture_is_named(model_dir, tmp_path, capsys):
+    folder = tmp_path / "llama"
+    shutil.copytree(model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["architectures"] = ["LlamaForCausalLM"]
+    (folder / "config.json").write_text(json.dumps(config))
+    assert cli.main(["export", "vlm", "--model", str(folder), "--out",
+                     str(tmp_path / "b")]) == 1
+    error = capsys.readouterr().err
+    assert "LlamaForCausalLM" in error and "Qwen2_5_VLForConditionalGeneration" in error
+
+
+def test_missing_tokenizer_is_named(model_dir, tmp_path):
+    folder = tmp_path / "no_tokenizer"
+    shutil.copytree(model_dir, folder)
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(InputError, match=r"tokenizer files missing: \['tokenizer.json'\]"):
+        vlm.export_vlm(vlm.VlmExportConfig(out=tmp_path / "b", model=folder))
+
+
+def test_input_size_must_fit_the_patch_grid(model_dir, tmp_path):
+    with pytest.raises(InputError, match="multiple of 28"):
+        vlm.export_vlm(vlm.VlmExportConfig(out=tmp_path / "b", model=model_dir,
+                                           input_size=450))
+
+
+def test_qwen2_vl_family_exports_through_the_same_adapter(tmp_path):
+    out = tmp_path / "qwen2vl"
+    assert cli.main(["export", "vlm", "--random-init", "tiny", "--family", "qwen2_vl",
+                     "--out", str(out), "--json"]) == 0
+    layout = read_layout(out)
+    assert layout.family == "qwen2_vl" and layout.family_constants.box_convention == (
+        "relative_1000")
+    e2e = read_manifest(out).entries(DECODER)[0].parity["end_to_end"]
+    assert e2e["passed"] and e2e["tokens"] == e2e["reference_tokens"]
