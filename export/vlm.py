@@ -16,6 +16,7 @@ import hashlib
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from rau_rt.bundle import (
     GraphEntry,
     Manifest,
     file_sha256,
+    side_files,
     tool_versions,
     write_manifest,
 )
@@ -191,7 +193,7 @@ class _Stages:
 def _write(out: Path, layout: VlmLayout, config: VlmExportConfig,
            made: dict[str, tuple[Path, dict]], paths: dict[str, Path],
            fp32: dict[str, object] | None, graph_parity: dict[str, dict] | None,
-           sha: str | None = None) -> Manifest:
+           sha: str | None = None, side: Sequence[str] = ()) -> Manifest:
     """manifest.json with the chosen precision's entry first per graph, then the fp32 one."""
     prompt = int(fp32.get("prompt_tokens", 1)) if fp32 else 1
     size = "x".join(map(str, layout.input_size))
@@ -210,7 +212,8 @@ def _write(out: Path, layout: VlmLayout, config: VlmExportConfig,
             parity["end_to_end"] = {k: v for k, v in fp32.items() if not k.startswith("_")}
         entries.append(_entry(paths[graph], graph, "fp32", parity, sha, config.command, ranges,
                               extra.get(graph)))
-    manifest = Manifest(name=f"vlm-{layout.family}-{size}", graphs=tuple(entries))
+    manifest = Manifest(name=f"vlm-{layout.family}-{size}", graphs=tuple(entries),
+                        files=side_files(out, ["vlm.json", *side]))
     write_manifest(out, manifest)
     return manifest
 
@@ -274,7 +277,7 @@ def export_vlm(config: VlmExportConfig) -> dict[str, object]:
         paths, graph_parity = vlm_stages.export_fp32(model, layout, out, ids, patches)
         export_s = time.perf_counter() - started
         graph_parity[VISION]["preprocess"] = preprocess
-        _write(out, layout, config, {}, paths, None, graph_parity, sha)
+        _write(out, layout, config, {}, paths, None, graph_parity, sha, tokenizer_files)
 
         stages.next("end_to_end")
         fp32 = vlm_stages.end_to_end(model, hf, out, layout, ids, patches, config.new_tokens)
@@ -284,12 +287,13 @@ def export_vlm(config: VlmExportConfig) -> dict[str, object]:
         made = vlm_stages.quantize_graphs(model, out, layout, chosen, paths, patches,
                                           config.block_size, config.quantize_lm_head)
         if DECODER in made:
-            _write(out, layout, config, made, paths, fp32, graph_parity, sha)
+            _write(out, layout, config, made, paths, fp32, graph_parity, sha, tokenizer_files)
             made[DECODER][1].update(vlm_stages.decoder_drift(out, layout, chosen[DECODER], ids,
                                                              patches, fp32))
 
         stages.next("write")
-        manifest = _write(out, layout, config, made, paths, fp32, graph_parity, sha)
+        manifest = _write(out, layout, config, made, paths, fp32, graph_parity, sha,
+                          tokenizer_files)
     times = stages.close()
     return {"bundle": str(out), "family": fam.name, "input_size": list(layout.input_size),
             "export_s": round(export_s, 3), "stage_s": times, "preprocess": preprocess,

@@ -106,6 +106,9 @@ class Manifest:
     name: str
     graphs: tuple[GraphEntry, ...]
     format_version: int = FORMAT_VERSION
+    # Files the graphs need besides themselves (relative path -> sha256): a VLM's vlm.json and
+    # tokenizer, ONNX external weights (`<graph>.onnx.data`). `load_bundle` checks them too.
+    files: dict[str, str] = field(default_factory=dict)
 
     def entries(self, graph: str) -> list[GraphEntry]:
         """Every entry for the graph `graph`, in manifest order (the preferred one first)."""
@@ -120,7 +123,7 @@ def write_manifest(directory: str | Path, manifest: Manifest) -> Path:
     """Write `manifest.json` into `directory` (sorted keys, so diffs stay readable)."""
     path = Path(directory) / MANIFEST
     data = {"format_version": manifest.format_version, "name": manifest.name,
-            "graphs": [e.to_dict() for e in manifest.graphs]}
+            "graphs": [e.to_dict() for e in manifest.graphs], "files": dict(manifest.files)}
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     return path
 
@@ -135,7 +138,27 @@ def read_manifest(directory: str | Path) -> Manifest:
     if data.get("format_version") != FORMAT_VERSION:
         raise BundleError(f"{path}: format_version {data.get('format_version')!r}, this rau-rt "
                           f"{__version__} reads {FORMAT_VERSION}; re-export the bundle")
-    return Manifest(str(data["name"]), tuple(GraphEntry.from_dict(g) for g in data["graphs"]))
+    return Manifest(str(data["name"]), tuple(GraphEntry.from_dict(g) for g in data["graphs"]),
+                    files=dict(data.get("files", {})))
+
+
+def side_files(directory: str | Path, names: Sequence[str]) -> dict[str, str]:
+    """`Manifest.files` for `names` (relative to `directory`) plus every ONNX external-data
+    file (`*.onnx.data`) in the bundle."""
+    directory = Path(directory)
+    rels = set(names) | {p.name for p in directory.glob("*.onnx.data")}
+    return {rel: file_sha256(directory / rel) for rel in sorted(rels)}
+
+
+def check_side_files(directory: str | Path, manifest: Manifest) -> None:
+    """Every file in `manifest.files` present and unchanged since export."""
+    for rel, digest in manifest.files.items():
+        path = Path(directory) / rel
+        if not path.is_file():
+            raise BundleError(f"{path}: listed in {MANIFEST} but missing; re-export the bundle")
+        if file_sha256(path) != digest:
+            raise BundleError(f"{path}: sha256 does not match the manifest's (changed or "
+                              "truncated after export); re-export the bundle")
 
 
 def rebuild_command(directory: str | Path, entry: GraphEntry) -> str:
@@ -310,6 +333,7 @@ def load_bundle(directory: str | Path, backend: str | None = None,
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
+    check_side_files(directory, manifest)
     if host_info is None:
         host_info = registry.backend_class("tensorrt").host_info
     names = list(graphs) if graphs is not None else manifest.graph_names

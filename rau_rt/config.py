@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from rau_rt.errors import InputError
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 # ONNX Runtime's GraphOptimizationLevel members, by the name users type.
 GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 # ONNX Runtime execution providers rau-rt knows how to configure.

@@ -114,6 +114,25 @@ def test_checksum_mismatch(relu_bundle):
         load_bundle(relu_bundle)
 
 
+def test_side_files_are_checksummed(relu_bundle):
+    from rau_rt.bundle import side_files
+
+    (relu_bundle / "vlm.json").write_text('{"layout": 1}')
+    (relu_bundle / "relu.onnx.data").write_bytes(b"weights")
+    manifest = read_manifest(relu_bundle)
+    files = side_files(relu_bundle, ["vlm.json"])
+    assert set(files) == {"vlm.json", "relu.onnx.data"}  # external data found by itself
+    write_manifest(relu_bundle, replace(manifest, files=files))
+    assert read_manifest(relu_bundle).files == files
+    load_bundle(relu_bundle).close()
+    (relu_bundle / "vlm.json").write_text('{"layout": 2}')
+    with pytest.raises(BundleError, match=r"vlm.json: sha256 does not match"):
+        load_bundle(relu_bundle)
+    (relu_bundle / "relu.onnx.data").unlink()
+    with pytest.raises(BundleError, match=r"relu.onnx.data: listed in manifest.json but missing"):
+        load_bundle(relu_bundle)
+
+
 def test_spec_mismatch_between_manifest_and_graph(relu_bundle):
     manifest = read_manifest(relu_bundle)
     wrong = replace(manifest.graphs[0], inputs=(TensorSpec("x", ("n", 5), "float32"),))
