@@ -1,0 +1,152 @@
+"""Verification and calibration inputs for the SAM2 graphs: synthetic angiography, real prompts.
+
+Three consecutive frames of a synthetic coronary cine (`rau_rt.synthetic`, 512 px, frames taken
+after the contrast has filled the tree) go through `ops.preprocess` (the runtime's
+preprocessing) and the eager graph modules, driven the way `SAM2VideoPredictor` drives sam2
+(notes/sam2_parity.md, section 2): frame 0 prompted with the boxes of the largest segments (no
+memory, single mask with the stability fallback, binarized mask into memory), frames 1 and 2
+tracked through the fixed-slot memory bank. Every graph's example is what it sees in that
+loop, so memory attention is checked with some slots and pointers invalid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from rau_rt import ops
+from rau_rt.errors import InputError
+from rau_rt.export.sam2_graphs import POINTERS, SLOTS
+from rau_rt.synthetic import generate_sequence
+
+SOURCE_SIZE = 512  # ARCADE's native frame size
+SEQUENCE_FRAMES = 16  # the tree is filled from about frame 9 with a one-frame contrast delay
+CHECK_FRAMES = 3
+
+
+@dataclass
+class GraphInputs:
+    """Per graph: the example the export is verified on, and calibration feeds (all frames)."""
+
+    example: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    calibration: dict[str, list[dict[str, torch.Tensor]]] = field(default_factory=dict)
+
+    def add(self, graph: str, feeds: dict[str, torch.Tensor], example: bool = False) -> None:
+        self.calibration.setdefault(graph, []).append(feeds)
+        if example:
+            self.example[graph] = feeds
+
+
+def select_output(model: nn.Module, masks: torch.Tensor, iou: torch.Tensor,
+                  pointers: torch.Tensor, multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mask and pointer sam2 keeps from the decoder's 4 tokens (the runtime's job).
+
+    multimask (0 or 1 point: tracking, one click): the argmax-IoU mask of tokens 1-3 and its
+    pointer. Otherwise (a box, several clicks): token 0 unless its stability (area above +0.05
+    over area above -0.05) is under 0.98, then the argmax-IoU mask of tokens 1-3; the pointer
+    is token 0 either way.
+    """
+    rows = torch.arange(masks.shape[0])
+    best = iou[:, 1:].argmax(dim=1) + 1
+    if multimask:
+        return masks[rows, best][:, None], pointers[rows, best]
+    decoder = model.sam_mask_decoder
+    chosen = torch.zeros_like(best)
+    if decoder.dynamic_multimask_via_stability:
+        flat = masks[:, 0].flatten(1)
+        delta = decoder.dynamic_multimask_stability_delta
+        inner = (flat > delta).sum(dim=1).float()
+        outer = (flat > -delta).sum(dim=1).float()
+        stability = torch.where(outer > 0, inner / outer.clamp(min=1), torch.ones_like(inner))
+        chosen = torch.where(stability >= decoder.dynamic_multimask_stability_thresh, chosen,
+                             best)
+    return masks[rows, chosen][:, None], pointers[:, 0]
+
+
+def _boxes(truth, regions: int, scale: float) -> torch.Tensor:
+    boxes = sorted((s.box for s in truth.segments.values() if s.present and s.box is not None),
+                   key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
+    if len(boxes) < regions:
+        raise InputError(f"the synthetic frame has {len(boxes)} visible segments, "
+                         f"{regions} regions were asked for")
+    corners = torch.tensor(boxes[:regions], dtype=torch.float32).reshape(regions, 2, 2)
+    return corners * scale
+
+
+def build_inputs(model: nn.Module, modules: dict[str, nn.Module], regions: int = 2,
+                 seed: int = 0) -> GraphInputs:
+    """Drive the eager graphs over 3 synthetic frames; collect every graph's feeds."""
+    size = model.image_size
+    sequence = generate_sequence(seed=seed, frames=SEQUENCE_FRAMES, size=SOURCE_SIZE,
+                                 contrast_delay_frames=1)
+    first = SEQUENCE_FRAMES - CHECK_FRAMES
+    images = [torch.from_numpy(ops.preprocess(frame, (size, size),
+                                              window=sequence.meta.window))[None]
+              for frame in sequence.frames[first:]]
+    coords = _boxes(sequence.truth[first], regions, size / SOURCE_SIZE)
+    out = GraphInputs()
+    n = regions
+    low = size // 4
+    side = size // 16
+    hidden = model.hidden_dim
+    mem_dim = model.mem_dim
+    memory = torch.zeros(n, SLOTS, mem_dim, side, side)
+    memory_pos = torch.zeros_like(memory)
+    memory_valid = torch.zeros(n, SLOTS, dtype=torch.bool)
+    # slot 0: the conditioning frame (row 6 of maskmem_tpos_enc); slot k: frame t-(7-k) (6-k)
+    tpos_index = torch.arange(SLOTS - 1, -1, -1, dtype=torch.int64).expand(n, -1).contiguous()
+    pointers = torch.zeros(n, POINTERS, hidden)
+    pointer_frame = torch.zeros(POINTERS)
+    pointer_valid = torch.zeros(n, POINTERS, dtype=torch.bool)
+    t_diff_max = POINTERS - 1  # a stream longer than 16 frames: min(num_frames, 16) - 1
+    with torch.no_grad():
+        for t, image in enumerate(images):
+            encoded = modules["image_encoder"](image)
+            hr0, hr1, features, pos, no_memory = encoded
+            out.add("image_encoder", {"image": image}, example=t == 0)
+            if t == 0:
+                embed = no_memory.expand(n, -1, -1, -1).contiguous()
+                point_coords = coords
+                point_labels = torch.tensor([[2, 3]] * n, dtype=torch.int32)
+            else:
+                # the bank holds frames 0 .. t-1: slot 0 = frame 0, slot 6-(t-1-j) = frame j > 0
+                position = (t - pointer_frame) / t_diff_max
+                feeds = {"current_features": features, "current_pos": pos,
+                         "memory": memory.clone(), "memory_pos": memory_pos.clone(),
+                         "memory_tpos_index": tpos_index, "memory_valid": memory_valid.clone(),
+                         "object_pointers": pointers.clone(),
+                         "pointer_position": position.expand(n, -1).contiguous(),
+                         "pointer_valid": pointer_valid.clone()}
+                out.add("memory_attention", feeds, example=t == CHECK_FRAMES - 1)
+                embed = modules["memory_attention"](*feeds.values())
+                point_coords = torch.zeros(n, 1, 2)
+                point_labels = torch.full((n, 1), -1, dtype=torch.int32)
+            feeds = {"image_embed": embed, "high_res_0": hr0, "high_res_1": hr1,
+                     "point_coords": point_coords, "point_labels": point_labels,
+                     "mask_input": torch.zeros(n, 1, low, low),
+                     "has_mask_input": torch.zeros(n, dtype=torch.bool)}
+            out.add("mask_decoder", feeds, example=t == 0)
+            masks, iou, ptrs, score = modules["mask_decoder"](*feeds.values())
+            mask, ptr = select_output(model, masks, iou, ptrs, multimask=t > 0)
+            # frame 1 checks both mask paths: region 0 binarized (as from prompts), others not
+            binarize = torch.tensor([t == 0 or (t == 1 and i == 0) for i in range(n)])
+            feeds = {"vision_features": features, "masks": mask, "object_score": score,
+                     "binarize": binarize}
+            out.add("memory_encoder", feeds, example=t == 1)
+            new_memory, new_pos = modules["memory_encoder"](*feeds.values())
+            slot = 0 if t == 0 else SLOTS - 1
+            if t > 0:  # the ring shifts: frame t-1 moves towards slot 1 as frames arrive
+                memory[:, 1:-1] = memory[:, 2:].clone()
+                memory_pos[:, 1:-1] = memory_pos[:, 2:].clone()
+                memory_valid[:, 1:-1] = memory_valid[:, 2:].clone()
+            memory[:, slot], memory_pos[:, slot], memory_valid[:, slot] = new_memory, new_pos, True
+            pointers[:, t], pointer_frame[t], pointer_valid[:, t] = ptr, t, True
+    return out
+
+
+def to_numpy(feeds: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Torch feeds -> contiguous NumPy arrays for an engine."""
+    return {name: np.ascontiguousarray(t.detach().cpu().numpy()) for name, t in feeds.items()}
