@@ -1,7 +1,8 @@
 """`rau-rt export ...`: the export stages as subcommands (registered in `rau_rt.cli`).
 
-`export trt` builds a TensorRT engine for every graph of a bundle on this host and adds the
-engines to the manifest; `export lint` checks ONNX graphs against TensorRT 10's parser. Heavy
+`export sam2` turns a SAM2 checkpoint into a verified bundle of four graphs; `export trt` builds a
+TensorRT engine for every graph of a bundle on this host and adds the engines to the manifest;
+`export lint` checks ONNX graphs against TensorRT 10's parser. Heavy
 imports (onnx, tensorrt) happen inside the run functions.
 """
 
@@ -112,6 +113,25 @@ def configure(parser: argparse.ArgumentParser) -> None:
     trt.add_argument("--keep-fp32", default=None,
                      help="comma-separated op types kept fp32 in fp16 engines (default: "
                      "LayerNormalization,Softmax; '' for none)")
+    sam2 = stages.add_parser("sam2", help="export SAM2's video path (image encoder, mask "
+                             "decoder, memory attention, memory encoder) as a verified bundle")
+    model = sam2.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", type=Path, help="Meta's sam2.1_hiera_*.pt "
+                       "({'model': state_dict}); needs --config")
+    model.add_argument("--random-init", choices=("micro", "tiny", "small"),
+                       help="random weights: micro (tests), or the tiny/small configs")
+    sam2.add_argument("--config", help="the checkpoint's config: tiny, small, base_plus, large, "
+                      "micro or a sam2 config path")
+    sam2.add_argument("--image-size", type=int, choices=(1024, 512, 256), default=1024,
+                      help="input side: 1024 (sam2), 512 (MedSAM2, ARCADE); 256 micro only")
+    sam2.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
+                      help="int8: quantize per graph, keep fp32 where drift is over tolerance")
+    sam2.add_argument("--int8-method", choices=("dynamic", "qdq"), default="dynamic",
+                      help="dynamic (ONNX Runtime CPU) or qdq (MatMul/Conv, calibrated on "
+                      "synthetic frames; TensorRT's int8 input)")
+    sam2.add_argument("--backend", choices=("onnx", "aoti"), default="onnx",
+                      help="aoti also writes AOTInductor packages beside the ONNX graphs")
+    sam2.add_argument("--out", required=True, type=Path, help="bundle directory")
     lint = stages.add_parser("lint", help="check ONNX graphs against TensorRT 10's ONNX parser")
     lint.add_argument("onnx", nargs="+", type=Path, help="ONNX graph files")
     lint.add_argument("--json", action="store_true", help="print the reports as JSON")
@@ -129,6 +149,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"{entry.graph}: {entry.file} ({entry.precision}, TensorRT "
                   f"{entry.tools['tensorrt']}, sm_{entry.tools['compute_capability']})")
         return 0
+    if args.stage == "sam2":
+        from rau_rt.export import sam2
+
+        return sam2.run_cli(args)
     from rau_rt.export import tensorrt as trt_export
 
     reports = []
