@@ -124,8 +124,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                       "micro or a sam2 config path")
     sam2.add_argument("--image-size", type=int, choices=(1024, 512, 256), default=1024,
                       help="input side: 1024 (sam2), 512 (MedSAM2, ARCADE); 256 micro only")
-    sam2.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
-                      help="int8: quantize per graph, keep fp32 where drift is over tolerance")
+    sam2.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
+                      help="int8: quantize per graph; fp16: for GPUs, LayerNorm/Softmax kept "
+                      "fp32; a graph whose drift is over tolerance stays fp32 (recorded)")
     sam2.add_argument("--int8-method", choices=("dynamic", "qdq"), default="dynamic",
                       help="dynamic (ONNX Runtime CPU) or qdq (MatMul/Conv, calibrated on "
                       "synthetic frames; TensorRT's int8 input)")
@@ -137,8 +138,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     lint.add_argument("--json", action="store_true", help="print the reports as JSON")
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the chosen export stage; the exit code is 1 when a lint finds errors."""
+def run(args: argparse.Namespace, generate_sequence=None) -> int:
+    """Run the chosen export stage; the exit code is 1 when a lint finds errors.
+
+    `generate_sequence` (`rau_rt.synthetic.generate_sequence`, wired by `rau_rt.cli`: export
+    sits below synthetic) makes the frames `export sam2` verifies on.
+    """
     if args.stage == "trt":
         keep = None if args.keep_fp32 is None else tuple(
             op for op in args.keep_fp32.split(",") if op)
@@ -152,7 +157,10 @@ def run(args: argparse.Namespace) -> int:
     if args.stage == "sam2":
         from rau_rt.export import sam2
 
-        return sam2.run_cli(args)
+        if generate_sequence is None:
+            raise InputError("export sam2 needs a frame generator to verify on; run it "
+                             "through `rau-rt export sam2` (rau_rt.cli wires the synthetic one)")
+        return sam2.run_cli(args, generate_sequence)
     from rau_rt.export import tensorrt as trt_export
 
     reports = []

@@ -1,15 +1,16 @@
 """Export SAM2's whole video path as a verified bundle of four graphs (issue 6).
 
     rau-rt export sam2 (--checkpoint PATH --config NAME | --random-init NAME) --image-size N
-        --precision fp32|int8 [--int8-method dynamic|qdq] [--backend onnx|aoti] --out BUNDLE
+        --precision fp32|fp16|int8 [--int8-method dynamic|qdq] [--backend onnx|aoti] --out BUNDLE
 
 Stages: build or load the model from sam2's classes (`sam2_model`) -> wrap its four graphs
 (`sam2_graphs`, where the input/output contract is written down) -> drive them eagerly over
 synthetic angiography frames for verification and calibration inputs (`sam2_inputs`) -> per
 graph: ONNX (and AOTInductor) through `export.torch.export_graph`, which reloads the file through
 `rau_rt.engines` and fails outside the fp32 tolerance -> mask IoU on the decoder's logits ->
-int8 (`quantize`), verified the same way; a graph whose int8 drift exceeds
-`verify.SAM2_TOLERANCES` stays fp32 and the manifest says why -> `manifest.json`.
+int8 (`quantize`) or fp16 (`tensorrt.convert_fp16`: LayerNorm and Softmax kept fp32, the
+TensorRT fp16 failure mode of Hiera/ViT encoders), verified the same way; a graph whose drift
+exceeds `verify.SAM2_TOLERANCES` stays fp32 and the manifest says why -> `manifest.json`.
 
 Memory attention design: fixed slots with validity masks, not dynamic lengths. 7 spatial slots
 and 16 pointer slots (sam2's num_maskmem and max_obj_ptrs_in_encoder) are the most sam2 ever
@@ -39,7 +40,7 @@ from rau_rt.errors import InputError
 from rau_rt.export import quantize as int8
 from rau_rt.export import sam2_graphs as graphs
 from rau_rt.export import tensorrt as trt_export
-from rau_rt.export.sam2_inputs import build_inputs, to_numpy
+from rau_rt.export.sam2_inputs import CheckFrames, build_inputs, to_numpy
 from rau_rt.export.sam2_model import RANDOM_PRESENCE_BIAS, ModelSource, load_model
 from rau_rt.export.torch import DynamicDim, export_graph
 from rau_rt.export.verify import (
@@ -53,7 +54,7 @@ from rau_rt.export.verify import (
 log = logging.getLogger(__name__)
 
 BACKENDS = {"onnx": "onnxruntime", "aoti": "aotinductor"}
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "fp16", "int8")
 REGIONS = DynamicDim("regions", 1, graphs.MAX_REGIONS)
 POINTS = DynamicDim("points", 1, graphs.MAX_POINTS)
 # input -> {axis: dim}; every other axis is fixed by the image size and the model.
@@ -77,10 +78,9 @@ class Sam2ExportConfig:
 
     source: ModelSource
     out: Path
-    precision: str = "fp32"  # fp32 | int8 (int8 keeps fp32 ONNX graphs beside it)
+    precision: str = "fp32"  # fp32 | fp16 | int8 (fp16/int8 keep the fp32 graphs beside them)
     backends: tuple[str, ...] = ("onnx",)  # onnx always; "aoti" adds AOTInductor packages
     int8_method: str = "dynamic"  # dynamic (CPU) | qdq (calibrated, TensorRT's int8 format)
-    regions: int = 2  # regions in the verification feeds
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -91,8 +91,6 @@ class Sam2ExportConfig:
                              f"'aoti' (known: {sorted(BACKENDS)})")
         if self.int8_method not in int8.METHODS:
             raise InputError(f"int8_method {self.int8_method!r}: expected one of {int8.METHODS}")
-        if not 1 <= self.regions <= graphs.MAX_REGIONS:
-            raise InputError(f"regions {self.regions}: expected 1..{graphs.MAX_REGIONS}")
 
     @property
     def command(self) -> str:
@@ -143,47 +141,59 @@ def _with_record(entry: GraphEntry, masks: dict[str, object] | None, notes: dict
     return replace(entry, parity=parity, exporter={**entry.exporter, **notes})
 
 
-def _quantize_graph(graph: str, fp32: GraphEntry, directory: Path, config: Sam2ExportConfig,
-                    reference: dict[str, np.ndarray], feeds: dict[str, np.ndarray],
-                    calibration: list[dict[str, np.ndarray]],
-                    notes: dict[str, str]) -> tuple[GraphEntry | None, dict[str, object]]:
-    """(int8 entry or None, its parity record): None when the drift is over the tolerance."""
-    path = directory / f"{graph}.int8.onnx"
-    int8.quantize(directory / fp32.file, path, config.int8_method, calibration)
-    with registry.open_engine(path, "onnxruntime", precision="int8") as engine:
+def _label(config: Sam2ExportConfig) -> str:
+    return f"int8 ({config.int8_method})" if config.precision == "int8" else config.precision
+
+
+def _lower_graph(graph: str, fp32: GraphEntry, directory: Path, config: Sam2ExportConfig,
+                 reference: dict[str, np.ndarray], feeds: dict[str, np.ndarray],
+                 calibration: list[dict[str, np.ndarray]],
+                 notes: dict[str, str]) -> tuple[GraphEntry | None, dict[str, object]]:
+    """(int8/fp16 entry or None, its parity record): None when the drift is over tolerance."""
+    precision = config.precision
+    path = directory / f"{graph}.{precision}.onnx"
+    if precision == "int8":
+        int8.quantize(directory / fp32.file, path, config.int8_method, calibration)
+        made_by = {"name": "rau_rt.export.quantize.quantize", "int8_method": config.int8_method}
+    else:
+        trt_export.convert_fp16(directory / fp32.file, path)
+        made_by = {"name": "rau_rt.export.tensorrt.convert_fp16",
+                   "kept_fp32": ",".join(trt_export.FP32_SENSITIVE_OPS)}
+    with registry.open_engine(path, "onnxruntime", precision=precision) as engine:
         outputs = engine.run(feeds)
         inputs, outs = engine.inputs, engine.outputs
-    parity = compare(reference, outputs, "int8", SAM2_TOLERANCES["int8"])
+    parity = compare(reference, outputs, precision, SAM2_TOLERANCES[precision])
     if graph in MASK_OUTPUTS:
         name = MASK_OUTPUTS[graph]
         parity["masks"] = mask_agreement(reference[name], outputs[name],
-                                         SAM2_MASK_TOLERANCES["int8"])
+                                         SAM2_MASK_TOLERANCES[precision])
         parity["passed"] = parity["passed"] and parity["masks"]["passed"]
-    parity["method"] = config.int8_method
+    parity["method"] = _label(config)
     parity["reference"] = f"torch {torch.__version__} eager fp32 on cpu"
     if not parity["passed"]:
         path.unlink()
         return None, parity
     entry = GraphEntry(
-        graph=graph, file=path.name, backend="onnxruntime", precision="int8", inputs=inputs,
+        graph=graph, file=path.name, backend="onnxruntime", precision=precision, inputs=inputs,
         outputs=outs, sha256=file_sha256(path), device="any",
         source_checkpoint_sha256=fp32.source_checkpoint_sha256,
-        exporter={**fp32.exporter, **notes, "name": "rau_rt.export.quantize.quantize",
-                  "int8_method": config.int8_method},
+        exporter={**fp32.exporter, **notes, **made_by},
         tools=tool_versions(), parity=parity, dynamic_ranges=fp32.dynamic_ranges,
         lint=trt_export.lint(path).to_dict())
     return entry, parity
 
 
 def _drift(parity: dict[str, object]) -> str:
-    """What put an int8 graph over the tolerance, e.g. "masks IoU 0.925 < 0.98"."""
-    tolerance, masks = SAM2_TOLERANCES["int8"], parity.get("masks")
+    """What put a lowered graph over the tolerance, e.g. "masks IoU 0.9250 (>= 0.98)"."""
+    precision = parity["precision"]
+    tolerance, masks = SAM2_TOLERANCES[precision], parity.get("masks")
     parts = [f"{name} cosine {o['cosine']:.5f} < {tolerance.min_cosine}"
              for name, o in parity["outputs"].items() if not o["passed"]]
     if masks is not None and not masks["passed"]:
-        parts.append(f"masks IoU {masks['iou']} (>= {SAM2_MASK_TOLERANCES['int8'].min_iou}), "
+        iou = "n/a" if masks["iou"] is None else f"{masks['iou']:.4f}"
+        parts.append(f"masks IoU {iou} (>= {SAM2_MASK_TOLERANCES[precision].min_iou}), "
                      f"sign flips {masks['sign_flip_fraction']:.4f} "
-                     f"(<= {SAM2_MASK_TOLERANCES['int8'].max_sign_flip})")
+                     f"(<= {SAM2_MASK_TOLERANCES[precision].max_sign_flip})")
     return "; ".join(parts)
 
 
@@ -201,9 +211,16 @@ def _summary(entry: GraphEntry, directory: Path, note: str = "") -> GraphSummary
                                        f"{lint['errors']} errors"))
 
 
-def export_sam2(config: Sam2ExportConfig, progress: Callable[[str], None] | None = None,
+def export_sam2(config: Sam2ExportConfig, check: CheckFrames,
+                progress: Callable[[str], None] | None = None,
                 ) -> tuple[Manifest, list[GraphSummary]]:
     """Build the model, export and verify its four graphs, write the bundle's manifest.
+
+    Args:
+        config: What to export and how.
+        check: Frames and box prompts the graphs are verified (and int8-calibrated) on, e.g.
+            `CheckFrames.synthetic(rau_rt.synthetic.generate_sequence)`.
+        progress: Called with each stage's name as it starts.
 
     Raises:
         CheckpointError: the checkpoint does not fit its config.
@@ -221,7 +238,9 @@ def export_sam2(config: Sam2ExportConfig, progress: Callable[[str], None] | None
                   f"+{RANDOM_PRESENCE_BIAS} so regions are present" if source.random_init
                   else f"checkpoint {source.checkpoint} ({source.config})")
     step("verification inputs")
-    inputs = build_inputs(model, modules, regions=config.regions)
+    if not 1 <= len(check.boxes) <= graphs.MAX_REGIONS:
+        raise InputError(f"{len(check.boxes)} check regions: expected 1..{graphs.MAX_REGIONS}")
+    inputs = build_inputs(model, modules, check)
     entries: list[GraphEntry] = []
     rows: list[GraphSummary] = []
     for graph in graphs.GRAPH_NAMES:
@@ -254,25 +273,26 @@ def export_sam2(config: Sam2ExportConfig, progress: Callable[[str], None] | None
                                   f"beyond {SAM2_MASK_TOLERANCES['fp32']}: {masks}")
             graph_entries.append(entry)
         onnx_fp32 = graph_entries[0]
-        if config.precision == "int8":
-            step(f"{graph}: int8 ({config.int8_method})")
+        if config.precision != "fp32":
+            step(f"{graph}: {_label(config)}")
             calibration = [to_numpy(f) for f in inputs.calibration[graph]]
-            quantized, parity = _quantize_graph(graph, onnx_fp32, directory, config, reference,
-                                                feeds, calibration, notes)
+            quantized, parity = _lower_graph(graph, onnx_fp32, directory, config, reference,
+                                             feeds, calibration, notes)
             if quantized is None:
                 # no silent downgrade: the manifest and the summary say the graph stays fp32
-                reason = f"int8 ({config.int8_method}) rejected: {_drift(parity)}"
+                reason = f"{_label(config)} rejected: {_drift(parity)}"
                 graph_entries[0] = _with_record(onnx_fp32, None,
                                                 {"precision_choice": f"fp32: {reason}"},
-                                                int8_rejected=parity)
+                                                **{f"{config.precision}_rejected": parity})
                 log.warning("%s stays fp32: %s", graph, reason)
             else:
                 graph_entries.insert(0, quantized)
                 graph_entries[1] = _with_record(graph_entries[1], None, {
-                    "precision_choice": "int8 first; fp32 kept (TensorRT source, reference)"})
+                    "precision_choice": f"{config.precision} first; fp32 kept (TensorRT "
+                    "source, reference)"})
         entries.extend(graph_entries)
         rows.extend(_summary(e, directory, e.exporter.get("precision_choice", "")
-                             if e.precision == "fp32" and config.precision == "int8" else "")
+                             if e.precision == "fp32" and config.precision != "fp32" else "")
                     for e in graph_entries)
     name = f"sam2-{source.name}-{source.image_size}"
     manifest = Manifest(name=name, graphs=tuple(entries))
@@ -292,8 +312,11 @@ def format_summary(rows: list[GraphSummary]) -> str:
     return "\n".join(lines)
 
 
-def run_cli(args) -> int:
-    """`rau-rt export sam2`: export with a progress bar per stage, then print the summary."""
+def run_cli(args, generate_sequence: Callable[..., object]) -> int:
+    """`rau-rt export sam2`: export with a progress bar per stage, then print the summary.
+
+    `generate_sequence` is `rau_rt.synthetic.generate_sequence`, passed in by `rau_rt.cli`.
+    """
     from tqdm import tqdm
 
     source = ModelSource(image_size=args.image_size, checkpoint=args.checkpoint,
@@ -302,14 +325,14 @@ def run_cli(args) -> int:
                               backends=("onnx",) if args.backend == "onnx" else ("onnx", "aoti"),
                               int8_method=args.int8_method)
     stages = 2 + len(graphs.GRAPH_NAMES) * (len(config.backends)
-                                            + (config.precision == "int8"))
+                                            + (config.precision != "fp32"))
     started = time.perf_counter()
     with tqdm(total=stages, desc="export sam2", unit="stage") as bar:
         def step(stage: str) -> None:
             if bar.n or stage != "load model":
                 bar.update(1)
             bar.set_postfix_str(stage)
-        _, rows = export_sam2(config, step)
+        _, rows = export_sam2(config, CheckFrames.synthetic(generate_sequence), step)
         bar.update(1)
     print(format_summary(rows))
     print(f"bundle {config.out} written in {time.perf_counter() - started:.1f} s")

@@ -1,8 +1,11 @@
-"""Verification and calibration inputs for the SAM2 graphs: synthetic angiography, real prompts.
+"""Verification and calibration inputs for the SAM2 graphs: angiography frames, real prompts.
 
-Three consecutive frames of a synthetic coronary cine (`rau_rt.synthetic`, 512 px, frames taken
-after the contrast has filled the tree) go through `ops.preprocess` (the runtime's
-preprocessing) and the eager graph modules, driven the way `SAM2VideoPredictor` drives sam2
+`CheckFrames` holds three consecutive frames and box prompts on the first; by default a synthetic
+coronary cine (`rau_rt.synthetic.generate_sequence`, 512 px, frames taken after the contrast has
+filled the tree, boxes of the largest segments). The generator is passed in by the caller
+(`rau_rt.cli` wires it): export sits below synthetic in the layering (ARCHITECTURE.md rule 3).
+The frames go through `ops.preprocess` (the runtime's preprocessing) and the eager graph
+modules, driven the way `SAM2VideoPredictor` drives sam2
 (notes/sam2_parity.md, section 2): frame 0 prompted with the boxes of the largest segments (no
 memory, single mask with the stability fallback, binarized mask into memory), frames 1 and 2
 tracked through the fixed-slot memory bank. Every graph's example is what it sees in that
@@ -11,6 +14,7 @@ loop, so memory attention is checked with some slots and pointers invalid.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,11 +24,42 @@ from torch import nn
 from rau_rt import ops
 from rau_rt.errors import InputError
 from rau_rt.export.sam2_graphs import POINTERS, SLOTS
-from rau_rt.synthetic import generate_sequence
 
 SOURCE_SIZE = 512  # ARCADE's native frame size
 SEQUENCE_FRAMES = 16  # the tree is filled from about frame 9 with a one-frame contrast delay
 CHECK_FRAMES = 3
+
+
+@dataclass(frozen=True)
+class CheckFrames:
+    """Consecutive frames and box prompts on the first: what an export is verified on."""
+
+    frames: np.ndarray  # (3, H, W) uint8 or uint16 gray
+    boxes: np.ndarray  # (regions, 4) float32 x1 y1 x2 y2 in frame pixels, on frames[0]
+    window: tuple[float, float] | None = None  # VOI (centre, width) of raw X-ray values
+
+    def __post_init__(self) -> None:
+        if self.frames.ndim != 3 or len(self.frames) != CHECK_FRAMES:
+            raise InputError(f"check frames: expected ({CHECK_FRAMES}, H, W), got "
+                             f"{self.frames.shape}")
+        if self.boxes.ndim != 2 or self.boxes.shape[1] != 4 or not len(self.boxes):
+            raise InputError(f"check boxes: expected (regions >= 1, 4), got {self.boxes.shape}")
+
+    @classmethod
+    def synthetic(cls, generate: Callable[..., object], regions: int = 2,
+                  seed: int = 0) -> CheckFrames:
+        """From `rau_rt.synthetic.generate_sequence` (`generate`): the last 3 of 16 frames."""
+        sequence = generate(seed=seed, frames=SEQUENCE_FRAMES, size=SOURCE_SIZE,
+                            contrast_delay_frames=1)
+        first = SEQUENCE_FRAMES - CHECK_FRAMES
+        truth = sequence.truth[first]
+        boxes = sorted((s.box for s in truth.segments.values() if s.present and s.box),
+                       key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
+        if len(boxes) < regions:
+            raise InputError(f"the synthetic frame has {len(boxes)} visible segments, "
+                             f"{regions} regions were asked for")
+        return cls(sequence.frames[first:], np.asarray(boxes[:regions], dtype=np.float32),
+                   tuple(sequence.meta.window))
 
 
 @dataclass
@@ -66,27 +101,17 @@ def select_output(model: nn.Module, masks: torch.Tensor, iou: torch.Tensor,
     return masks[rows, chosen][:, None], pointers[:, 0]
 
 
-def _boxes(truth, regions: int, scale: float) -> torch.Tensor:
-    boxes = sorted((s.box for s in truth.segments.values() if s.present and s.box is not None),
-                   key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
-    if len(boxes) < regions:
-        raise InputError(f"the synthetic frame has {len(boxes)} visible segments, "
-                         f"{regions} regions were asked for")
-    corners = torch.tensor(boxes[:regions], dtype=torch.float32).reshape(regions, 2, 2)
-    return corners * scale
-
-
-def build_inputs(model: nn.Module, modules: dict[str, nn.Module], regions: int = 2,
-                 seed: int = 0) -> GraphInputs:
-    """Drive the eager graphs over 3 synthetic frames; collect every graph's feeds."""
+def build_inputs(model: nn.Module, modules: dict[str, nn.Module],
+                 check: CheckFrames) -> GraphInputs:
+    """Drive the eager graphs over the 3 frames; collect every graph's feeds."""
     size = model.image_size
-    sequence = generate_sequence(seed=seed, frames=SEQUENCE_FRAMES, size=SOURCE_SIZE,
-                                 contrast_delay_frames=1)
-    first = SEQUENCE_FRAMES - CHECK_FRAMES
-    images = [torch.from_numpy(ops.preprocess(frame, (size, size),
-                                              window=sequence.meta.window))[None]
-              for frame in sequence.frames[first:]]
-    coords = _boxes(sequence.truth[first], regions, size / SOURCE_SIZE)
+    images = [torch.from_numpy(ops.preprocess(frame, (size, size), window=check.window))[None]
+              for frame in check.frames]
+    height, width = check.frames.shape[1:]
+    # sam2's predictor: box / [W, H] * image_size, as the 2 corners labelled 2 and 3
+    scale = np.array([size / width, size / height] * 2, dtype=np.float32)
+    coords = torch.from_numpy(check.boxes * scale).reshape(-1, 2, 2)
+    regions = len(check.boxes)
     out = GraphInputs()
     n = regions
     low = size // 4

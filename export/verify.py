@@ -52,15 +52,18 @@ class MaskTolerance:
 
 
 # SAM2's four graphs (issue 6), per precision. fp32: the table above (max abs 1e-4 on features
-# and mask logits); masks at IoU 0.999. int8: features by cosine >= 0.999 and no absolute bound
-# (per-tensor scales move every value by ~1 % of its tensor's range, a bound would only restate
-# the range); masks at IoU 0.98 (dynamic int8 gave 0.988-0.992 on SAM2-tiny, notes/feasibility.md).
+# and mask logits); masks at IoU 0.999. fp16 (LayerNorm/Softmax kept fp32): ~1e-3 relative per
+# op, so cosine >= 0.9999 and masks at IoU 0.99. int8: cosine >= 0.999 and masks at IoU 0.98
+# (dynamic int8 gave 0.988-0.992 on SAM2-tiny, notes/feasibility.md). Neither has an absolute
+# bound: their error scales with each tensor's range, so a bound would only restate the range.
 SAM2_TOLERANCES: dict[str, Tolerance] = {
     "fp32": TOLERANCES["fp32"],
+    "fp16": Tolerance(atol=math.inf, rtol=0.0, min_cosine=0.9999),
     "int8": Tolerance(atol=math.inf, rtol=0.0, min_cosine=0.999),
 }
 SAM2_MASK_TOLERANCES: dict[str, MaskTolerance] = {
     "fp32": MaskTolerance(min_iou=0.999, max_sign_flip=1e-3),
+    "fp16": MaskTolerance(min_iou=0.99, max_sign_flip=0.01),
     "int8": MaskTolerance(min_iou=0.98, max_sign_flip=0.02),
 }
 

@@ -55,8 +55,11 @@ def _configure_export(parser: argparse.ArgumentParser) -> None:
 
 def _run_export(args: argparse.Namespace) -> int:
     from rau_rt.export import command
+    from rau_rt.synthetic import generate_sequence
 
-    return command.run(args)
+    # export sits below synthetic (ARCHITECTURE.md rule 3): the CLI hands it the generator of
+    # the angiography frames `export sam2` verifies and calibrates on.
+    return command.run(args, generate_sequence)
 
 
 COMMANDS: tuple[Command, ...] = (

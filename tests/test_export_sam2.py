@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import io
 import json
 import time
@@ -21,11 +22,18 @@ import torch
 from rau_rt import cli
 from rau_rt.bundle import file_sha256, load_bundle
 from rau_rt.export import sam2, sam2_graphs
-from rau_rt.export.sam2_inputs import build_inputs, to_numpy
+from rau_rt.export.sam2_inputs import CheckFrames, build_inputs, to_numpy
 from rau_rt.export.sam2_model import ModelSource, load_model, random_model
 from rau_rt.export.verify import Tolerance
+from rau_rt.synthetic import generate_sequence
 
 GRAPHS = set(sam2_graphs.GRAPH_NAMES)
+
+
+@functools.cache
+def check_frames() -> CheckFrames:
+    """3 synthetic angiography frames with the boxes of the 2 largest segments."""
+    return CheckFrames.synthetic(generate_sequence, regions=2)
 
 
 def _manifest(directory):
@@ -50,11 +58,33 @@ def micro256(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def micro256_eager(micro256):
+    """The eager model, wrappers and verification inputs of the micro256 bundle's checkpoint."""
+    _, checkpoint, _ = micro256
+    model = load_model(ModelSource(image_size=256, checkpoint=checkpoint, config="micro"))
+    modules = sam2_graphs.graph_modules(model)
+    return model, modules, build_inputs(model, modules, check_frames())
+
+
+def _reference(modules, graph, example):
+    with torch.no_grad():
+        result = modules[graph](*example.values())
+    result = result if isinstance(result, tuple) else (result,)
+    return {name: t.numpy() for name, t in zip(sam2_graphs.OUTPUTS[graph], result, strict=True)}
+
+
+def _copy_fp32(bundle, graph, directory):
+    entry = next(e for e in load_bundle(bundle).manifest.graphs if e.graph == graph)
+    (directory / entry.file).write_bytes((bundle / entry.file).read_bytes())
+    return entry
+
+
+@pytest.fixture(scope="module")
 def micro512_int8(tmp_path_factory):
     out = tmp_path_factory.mktemp("sam2_micro512") / "bundle"
     config = sam2.Sam2ExportConfig(ModelSource(image_size=512, random_init="micro"), out,
                                    precision="int8")
-    manifest, rows = sam2.export_sam2(config)
+    manifest, rows = sam2.export_sam2(config, check_frames())
     return out, manifest, rows
 
 
@@ -94,24 +124,20 @@ def test_cli_exports_four_verified_fp32_graphs(micro256):
         assert graph in stdout
 
 
-def test_bundle_runs_tracking_frames_and_one_region_like_eager(micro256):
+def test_bundle_runs_tracking_frames_and_one_region_like_eager(micro256, micro256_eager):
     """The dynamic dims: 1 region, 1 point (a tracked frame), through load_bundle."""
-    bundle, checkpoint, _ = micro256
-    model = load_model(ModelSource(image_size=256, checkpoint=checkpoint, config="micro"))
-    modules = sam2_graphs.graph_modules(model)
-    inputs = build_inputs(model, modules, regions=2)
+    bundle = micro256[0]
+    _, modules, inputs = micro256_eager
     one = {graph: {name: (t[:1] if name in sam2.DYNAMIC[graph] else t)
                    for name, t in inputs.calibration[graph][-1].items()}
            for graph in ("mask_decoder", "memory_attention", "memory_encoder")}
     assert one["mask_decoder"]["point_coords"].shape == (1, 1, 2)
     with load_bundle(bundle) as loaded:
         for graph, feeds in one.items():
-            with torch.no_grad():
-                expected = modules[graph](*feeds.values())
-            expected = expected if isinstance(expected, tuple) else (expected,)
+            expected = _reference(modules, graph, feeds)
             got = loaded.run(graph, to_numpy(feeds))
-            for name, value in zip(sam2_graphs.OUTPUTS[graph], expected, strict=True):
-                assert np.abs(got[name] - value.numpy()).max() <= 1e-4, (graph, name)
+            for name, value in expected.items():
+                assert np.abs(got[name] - value).max() <= 1e-4, (graph, name)
 
 
 def test_int8_bundle_records_each_graphs_precision(micro512_int8):
@@ -144,27 +170,39 @@ def test_int8_bundle_records_each_graphs_precision(micro512_int8):
             assert loaded.entry(graph).precision == by_graph[graph][0]["precision"]
 
 
-def test_int8_over_tolerance_stays_fp32(micro256, monkeypatch, tmp_path):
-    bundle, checkpoint, _ = micro256
-    model = load_model(ModelSource(image_size=256, checkpoint=checkpoint, config="micro"))
-    modules = sam2_graphs.graph_modules(model)
-    inputs = build_inputs(model, modules)
+def test_int8_over_tolerance_stays_fp32(micro256, micro256_eager, monkeypatch, tmp_path):
+    _, modules, inputs = micro256_eager
     example = inputs.example["memory_encoder"]
-    with torch.no_grad():
-        reference = dict(zip(sam2_graphs.OUTPUTS["memory_encoder"],
-                             (t.numpy() for t in modules["memory_encoder"](*example.values())),
-                             strict=True))
-    entry = next(e for e in load_bundle(bundle).manifest.graphs if e.graph == "memory_encoder")
-    (tmp_path / entry.file).write_bytes((bundle / entry.file).read_bytes())
+    entry = _copy_fp32(micro256[0], "memory_encoder", tmp_path)
     impossible = Tolerance(atol=0.0, rtol=0.0, min_cosine=1.0)
     monkeypatch.setitem(sam2.SAM2_TOLERANCES, "int8", impossible)
     config = sam2.Sam2ExportConfig(ModelSource(image_size=256, random_init="micro"), tmp_path,
                                    precision="int8")
-    quantized, parity = sam2._quantize_graph("memory_encoder", entry, tmp_path, config,
-                                             reference, to_numpy(example), [], {})
+    quantized, parity = sam2._lower_graph("memory_encoder", entry, tmp_path, config,
+                                          _reference(modules, "memory_encoder", example),
+                                          to_numpy(example), [], {})
     assert quantized is None and parity["passed"] is False
     assert not (tmp_path / "memory_encoder.int8.onnx").exists()
     assert "memory cosine" in sam2._drift(parity)
+
+
+@pytest.mark.parametrize("graph", ["mask_decoder", "memory_attention"])
+def test_fp16_graphs_keep_layernorm_softmax_fp32_and_verify(micro256, micro256_eager, tmp_path,
+                                                            graph):
+    _, modules, inputs = micro256_eager
+    example = inputs.example[graph]
+    entry = _copy_fp32(micro256[0], graph, tmp_path)
+    config = sam2.Sam2ExportConfig(ModelSource(image_size=256, random_init="micro"), tmp_path,
+                                   precision="fp16")
+    lowered, parity = sam2._lower_graph(graph, entry, tmp_path, config,
+                                        _reference(modules, graph, example), to_numpy(example),
+                                        [], {})
+    assert lowered is not None and lowered.precision == "fp16" and parity["passed"]
+    assert lowered.exporter["kept_fp32"] == "LayerNormalization,Softmax"
+    assert lowered.lint["tensorrt_ready"]
+    assert min(o["cosine"] for o in parity["outputs"].values()) >= 0.9999
+    if graph == "mask_decoder":
+        assert parity["masks"]["iou"] >= 0.99
 
 
 def test_config_rejects_unknown_choices(tmp_path):
@@ -194,7 +232,7 @@ def test_tiny_1024_exports_and_verifies(tmp_path):
     started = time.perf_counter()
     config = sam2.Sam2ExportConfig(ModelSource(image_size=1024, random_init="tiny"),
                                    tmp_path / "bundle")
-    sam2.export_sam2(config)
+    sam2.export_sam2(config, check_frames())
     elapsed = time.perf_counter() - started
     manifest = _manifest(tmp_path / "bundle")
     _check_fp32_entries(manifest["graphs"], 1024)
@@ -205,7 +243,7 @@ def test_tiny_1024_exports_and_verifies(tmp_path):
 def test_micro_aoti_packages_verify(tmp_path):
     config = sam2.Sam2ExportConfig(ModelSource(image_size=256, random_init="micro"),
                                    tmp_path / "bundle", backends=("onnx", "aoti"))
-    sam2.export_sam2(config)
+    sam2.export_sam2(config, check_frames())
     entries = _manifest(tmp_path / "bundle")["graphs"]
     aoti = [e for e in entries if e["backend"] == "aotinductor"]
     assert {e["graph"] for e in aoti} == GRAPHS

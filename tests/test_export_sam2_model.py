@@ -8,22 +8,31 @@ checkpoints in Meta's format load through the user's path, and bad ones fail nam
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from rau_rt.errors import InputError
 from rau_rt.export import sam2_graphs, sam2_model
-from rau_rt.export.sam2_inputs import build_inputs, select_output
+from rau_rt.export.sam2_inputs import CheckFrames, build_inputs, select_output
+from rau_rt.synthetic import generate_sequence
 
 SIZE = 256
+
+
+@functools.cache
+def check_frames() -> CheckFrames:
+    """3 synthetic angiography frames with the boxes of the 2 largest segments."""
+    return CheckFrames.synthetic(generate_sequence, regions=2)
 
 
 @pytest.fixture(scope="module")
 def micro():
     model = sam2_model.random_model("micro", SIZE)
     modules = sam2_graphs.graph_modules(model)
-    return model, modules, build_inputs(model, modules)
+    return model, modules, build_inputs(model, modules, check_frames())
 
 
 def test_real_rope_equals_complex_rope_with_repeated_keys():
