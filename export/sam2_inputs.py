@@ -70,6 +70,10 @@ class GraphInputs:
     calibration: dict[str, list[dict[str, torch.Tensor]]] = field(default_factory=dict)
 
     def add(self, graph: str, feeds: dict[str, torch.Tensor], example: bool = False) -> None:
+        # Contiguous like the NumPy arrays engines get: AOTInductor compiles for the example's
+        # strides, and the decoder's high-res maps come out of conv_s0/s1 with other strides
+        # (its masks were off by 0.13 when fed contiguous arrays).
+        feeds = {name: t.contiguous() for name, t in feeds.items()}
         self.calibration.setdefault(graph, []).append(feeds)
         if example:
             self.example[graph] = feeds
