@@ -1,8 +1,9 @@
 """`rau-rt export ...`: the export stages as subcommands (registered in `rau_rt.cli`).
 
-`export trt` builds a TensorRT engine for every graph of a bundle on this host and adds the
-engines to the manifest; `export lint` checks ONNX graphs against TensorRT 10's parser;
-`export vlm` exports and quantizes a Qwen-VL fine-tune (rau_rt.export.vlm). Heavy
+`export sam2` turns a SAM2 checkpoint into a verified bundle of four graphs; `export vlm`
+exports and quantizes a Qwen-VL fine-tune; `export trt` builds a TensorRT engine for every graph
+of a bundle on this host and adds the engines to the manifest; `export lint` checks ONNX graphs
+against TensorRT 10's parser. Heavy
 imports (onnx, tensorrt) happen inside the run functions.
 """
 
@@ -113,6 +114,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
     trt.add_argument("--keep-fp32", default=None,
                      help="comma-separated op types kept fp32 in fp16 engines (default: "
                      "LayerNormalization,Softmax; '' for none)")
+    sam2 = stages.add_parser("sam2", help="export SAM2's video path (image encoder, mask "
+                             "decoder, memory attention, memory encoder) as a verified bundle")
+    model = sam2.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", type=Path, help="Meta's sam2.1_hiera_*.pt "
+                       "({'model': state_dict}); needs --config")
+    model.add_argument("--random-init", choices=("micro", "tiny", "small"),
+                       help="random weights: micro (tests), or the tiny/small configs")
+    sam2.add_argument("--config", help="the checkpoint's config: tiny, small, base_plus, large, "
+                      "micro or a sam2 config path")
+    sam2.add_argument("--image-size", type=int, choices=(1024, 512, 256), default=1024,
+                      help="input side: 1024 (sam2), 512 (MedSAM2, ARCADE); 256 micro only")
+    sam2.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
+                      help="int8: quantize per graph; fp16: for GPUs, LayerNorm/Softmax kept "
+                      "fp32; a graph whose drift is over tolerance stays fp32 (recorded)")
+    sam2.add_argument("--int8-method", choices=("dynamic", "qdq"), default="dynamic",
+                      help="dynamic (ONNX Runtime CPU) or qdq (MatMul/Conv, calibrated on "
+                      "synthetic frames; TensorRT's int8 input)")
+    sam2.add_argument("--backend", choices=("onnx", "aoti"), default="onnx",
+                      help="aoti also writes AOTInductor packages beside the ONNX graphs")
+    sam2.add_argument("--out", required=True, type=Path, help="bundle directory")
     vlm = stages.add_parser("vlm", help="export a Qwen-VL fine-tune (vision, embedding, decoder "
                             "with KV cache) into a verified bundle, fp32 or quantized")
     source = vlm.add_mutually_exclusive_group(required=True)
@@ -143,8 +164,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     lint.add_argument("--json", action="store_true", help="print the reports as JSON")
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the chosen export stage; the exit code is 1 when a lint finds errors."""
+def run(args: argparse.Namespace, generate_sequence=None) -> int:
+    """Run the chosen export stage; the exit code is 1 when a lint finds errors.
+
+    `generate_sequence` (`rau_rt.synthetic.generate_sequence`, wired by `rau_rt.cli`: export
+    sits below synthetic) makes the frames `export sam2` verifies on.
+    """
     if args.stage == "trt":
         keep = None if args.keep_fp32 is None else tuple(
             op for op in args.keep_fp32.split(",") if op)
@@ -155,6 +180,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"{entry.graph}: {entry.file} ({entry.precision}, TensorRT "
                   f"{entry.tools['tensorrt']}, sm_{entry.tools['compute_capability']})")
         return 0
+    if args.stage == "sam2":
+        from rau_rt.export import sam2
+
+        if generate_sequence is None:
+            raise InputError("export sam2 needs a frame generator to verify on; run it "
+                             "through `rau-rt export sam2` (rau_rt.cli wires the synthetic one)")
+        return sam2.run_cli(args, generate_sequence)
     if args.stage == "vlm":
         from rau_rt.export import vlm
 

@@ -65,6 +65,9 @@ UNSUPPORTED_OPS = frozenset((
     "StringConcat", "StringNormalizer", "StringSplit", "TfIdfVectorizer", "Unique"))
 # Added to the parser after TensorRT 10.0: fine on a current 10.x, rejected by older ones.
 LATE_10X_OPS = frozenset(("Attention", "RotaryEmbedding", "TensorScatter", "RMSNormalization"))
+# Comparisons produce BOOL whatever they compare: the matrix lists the types of their inputs.
+BOOL_OUTPUT_OPS = frozenset(("Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual",
+                             "IsNaN", "IsInf"))
 OPSET_RANGE = (9, 24)
 # LayerNormalization is one ONNX op from opset 17; older exports decompose it into
 # ReduceMean/Sub/Pow/Sqrt/Div, which TensorRT runs in fp16 with visible error.
@@ -202,6 +205,8 @@ def _check_node(model: onnx.ModelProto, node: onnx.NodeProto,
     for tensor in [*node.input, *node.output]:
         elem = types.get(tensor)
         if not tensor or elem is None or elem in _NEVER:
+            continue
+        if op in BOOL_OUTPUT_OPS and elem == _P.BOOL and tensor in node.output:
             continue
         letter = _TYPE_LETTER.get(elem)
         if elem == _P.DOUBLE:

@@ -6,6 +6,7 @@ per output, with the eager module on the same weights and inputs (ARCHITECTURE.m
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -40,6 +41,33 @@ TOLERANCES: dict[str, Tolerance] = {
 }
 
 
+@dataclass(frozen=True)
+class MaskTolerance:
+    """Agreement of mask logits thresholded at 0: IoU on non-trivial masks, sign flips on all."""
+
+    min_iou: float
+    max_sign_flip: float  # fraction of pixels whose logit sign differs, worst mask
+    min_area: float = 0.01  # IoU only where the reference mask covers 1 %..60 % of the map:
+    max_area: float = 0.60  # two empty (or full) masks agree with IoU 1.0 and prove nothing
+
+
+# SAM2's four graphs (issue 6), per precision. fp32: the table above (max abs 1e-4 on features
+# and mask logits); masks at IoU 0.999. fp16 (LayerNorm/Softmax kept fp32): ~1e-3 relative per
+# op, so cosine >= 0.9999 and masks at IoU 0.99. int8: cosine >= 0.999 and masks at IoU 0.98
+# (dynamic int8 gave 0.988-0.992 on SAM2-tiny, notes/feasibility.md). Neither has an absolute
+# bound: their error scales with each tensor's range, so a bound would only restate the range.
+SAM2_TOLERANCES: dict[str, Tolerance] = {
+    "fp32": TOLERANCES["fp32"],
+    "fp16": Tolerance(atol=math.inf, rtol=0.0, min_cosine=0.9999),
+    "int8": Tolerance(atol=math.inf, rtol=0.0, min_cosine=0.999),
+}
+SAM2_MASK_TOLERANCES: dict[str, MaskTolerance] = {
+    "fp32": MaskTolerance(min_iou=0.999, max_sign_flip=1e-3),
+    "fp16": MaskTolerance(min_iou=0.99, max_sign_flip=0.01),
+    "int8": MaskTolerance(min_iou=0.98, max_sign_flip=0.02),
+}
+
+
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
     denominator = np.linalg.norm(a64) * np.linalg.norm(b64)
@@ -49,14 +77,16 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def compare(reference: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray],
-            precision: str) -> dict[str, object]:
+            precision: str, tolerance: Tolerance | None = None) -> dict[str, object]:
     """Per-output agreement of `outputs` with `reference` at `precision`'s tolerance.
+
+    `tolerance` replaces the table's entry for models with their own (SAM2_TOLERANCES).
 
     Returns:
         {"precision", "passed", "outputs": {name: {"max_abs", "cosine", "passed"}}}, the
         record a manifest keeps as the graph's parity result.
     """
-    tolerance = TOLERANCES[precision]
+    tolerance = tolerance or TOLERANCES[precision]
     per_output: dict[str, dict[str, object]] = {}
     for name, ref in reference.items():
         got = np.asarray(outputs[name])
@@ -73,6 +103,31 @@ def compare(reference: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarra
                             "passed": within and cosine >= tolerance.min_cosine}
     return {"precision": precision, "passed": all(o["passed"] for o in per_output.values()),
             "outputs": per_output}
+
+
+def mask_agreement(reference: np.ndarray, logits: np.ndarray,
+                   tolerance: MaskTolerance) -> dict[str, object]:
+    """IoU and sign flips of masks (`logits > 0`) against the reference logits, per mask.
+
+    Args:
+        reference, logits: [..., H, W] mask logits; each leading index is one mask.
+
+    Returns:
+        {"iou" (worst over non-trivial masks, None when there is none), "masks_compared",
+        "masks", "sign_flip_fraction" (worst mask), "passed"}.
+    """
+    ref = np.asarray(reference).reshape(-1, *reference.shape[-2:]) > 0
+    got = np.asarray(logits).reshape(ref.shape) > 0
+    area = ref.mean(axis=(1, 2))
+    flips = (ref != got).mean(axis=(1, 2))
+    keep = (area >= tolerance.min_area) & (area <= tolerance.max_area)
+    union = (ref | got).sum(axis=(1, 2))[keep]
+    ious = (ref & got).sum(axis=(1, 2))[keep] / np.maximum(union, 1)
+    iou = float(ious.min()) if ious.size else None
+    passed = bool(flips.max(initial=0.0) <= tolerance.max_sign_flip
+                  and (iou is None or iou >= tolerance.min_iou))
+    return {"iou": iou, "masks_compared": int(keep.sum()), "masks": int(ref.shape[0]),
+            "sign_flip_fraction": float(flips.max(initial=0.0)), "passed": passed}
 
 
 def require_parity(result: Mapping[str, object], what: str) -> None:

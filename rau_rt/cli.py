@@ -55,8 +55,11 @@ def _configure_export(parser: argparse.ArgumentParser) -> None:
 
 def _run_export(args: argparse.Namespace) -> int:
     from rau_rt.export import command
+    from rau_rt.synthetic import generate_sequence
 
-    return command.run(args)
+    # export sits below synthetic (ARCHITECTURE.md rule 3): the CLI hands it the generator of
+    # the angiography frames `export sam2` verifies and calibrates on.
+    return command.run(args, generate_sequence)
 
 
 COMMANDS: tuple[Command, ...] = (
@@ -64,8 +67,9 @@ COMMANDS: tuple[Command, ...] = (
             _configure_doctor, _run_doctor),
     Command("synth", "write a synthetic coronary angiography cine with exact ground truth",
             _configure_synth, _run_synth),
-    Command("export", "export stages: build TensorRT engines for a bundle (trt), check ONNX "
-            "graphs for TensorRT (lint)", _configure_export, _run_export),
+    Command("export", "export stages: SAM2 and VLM bundles (sam2, vlm), TensorRT engines for a "
+            "bundle (trt), ONNX graphs checked for TensorRT (lint)", _configure_export,
+            _run_export),
 )
 
 

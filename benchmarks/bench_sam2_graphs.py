@@ -1,0 +1,136 @@
+"""SAM2's four graphs on CPU: torch eager vs ONNX Runtime fp32 vs ONNX Runtime int8 (vs AOTI).
+
+    python -m benchmarks.bench_sam2_graphs [--quick] [--aoti] [--json PATH]
+
+Full: SAM2.1-tiny (random weights) at 1024 and 512 px; quick: the micro model at 256 and 512.
+Each size is exported with `rau_rt.export.sam2.export_sam2` (fp32 + dynamic int8, verified; the
+export time is recorded), then every graph runs on the feeds it was verified on (2 regions;
+memory attention with 2 of 7 slots and 2 of 16 pointers valid) through `Engine.run`, NumPy in
+and out. Backends take interleaved turns (benchmarks.harness); ratios are against eager from the
+same run. A graph whose int8 drift was over tolerance has no int8 case (the export kept fp32).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from benchmarks.harness import case_record, markdown, parse_args, time_interleaved, write_record
+from rau_rt.config import EngineConfig
+from rau_rt.engines import registry
+from rau_rt.export import sam2_graphs
+from rau_rt.export.sam2 import Sam2ExportConfig, export_sam2
+from rau_rt.export.sam2_inputs import CheckFrames, build_inputs, to_numpy
+from rau_rt.export.sam2_model import ModelSource, load_model
+from rau_rt.export.verify import SAM2_MASK_TOLERANCES, compare, mask_agreement
+from rau_rt.synthetic import generate_sequence
+
+SUITE = "sam2_graphs"
+BASELINE = "torch-eager"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One model at one image size, with its loop sizes."""
+
+    model: str
+    image_size: int
+    repeat_slow: int  # image encoder, memory attention (seconds per call at tiny 1024)
+    repeat_fast: int  # mask decoder, memory encoder
+
+
+RUNS = {
+    "full": (Run("tiny", 1024, 5, 20), Run("tiny", 512, 10, 30)),
+    "quick": (Run("micro", 256, 5, 10), Run("micro", 512, 5, 10)),
+}
+SLOW = ("image_encoder", "memory_attention")
+
+
+def _fidelity(graph: str, reference: dict, outputs: dict, precision: str) -> dict[str, object]:
+    parity = compare(reference, outputs, "fp32")
+    fidelity: dict[str, object] = {
+        "max_abs": max(o["max_abs"] for o in parity["outputs"].values()),
+        "cosine": min(o["cosine"] for o in parity["outputs"].values())}
+    if graph == "mask_decoder":
+        masks = mask_agreement(reference["masks"], outputs["masks"],
+                               SAM2_MASK_TOLERANCES[precision])
+        fidelity.update(mask_iou=masks["iou"], sign_flips=masks["sign_flip_fraction"])
+    return fidelity
+
+
+def bench(run: Run, workdir: Path, aoti: bool) -> tuple[list[dict[str, object]], dict]:
+    """Export one size, then time every graph on every backend; (cases, export facts)."""
+    source = ModelSource(image_size=run.image_size, random_init=run.model)
+    out = workdir / f"{run.model}_{run.image_size}"
+    check = CheckFrames.synthetic(generate_sequence, regions=2)
+    started = time.perf_counter()
+    manifest, _ = export_sam2(Sam2ExportConfig(source, out, precision="int8",
+                                               backends=("onnx", "aoti") if aoti else ("onnx",)),
+                              check)
+    export_s = time.perf_counter() - started
+    model = load_model(source)
+    modules = sam2_graphs.graph_modules(model)
+    inputs = build_inputs(model, modules, check)
+    cases = []
+    for graph in sam2_graphs.GRAPH_NAMES:
+        entries = manifest.entries(graph)
+        fp32 = next(e for e in entries if e.backend == "onnxruntime" and e.precision == "fp32")
+        engines = {BASELINE: registry.backend_class("torch").from_module(
+            modules[graph], fp32.inputs, fp32.outputs)}
+        labels = {BASELINE: (BASELINE, "fp32")}
+        for entry in entries:
+            key = f"{entry.backend} {entry.precision}"
+            labels[key] = (entry.backend, entry.precision)
+            engines[key] = registry.open_engine(out / entry.file, entry.backend,
+                                                EngineConfig(), precision=entry.precision)
+        feeds = to_numpy(inputs.example[graph])
+        results = {name: engine.run(feeds) for name, engine in engines.items()}
+        slow = graph in SLOW
+        samples = time_interleaved(
+            {name: (lambda e=engine, f=feeds: e.run(f)) for name, engine in engines.items()},
+            warmup=1, repeat=run.repeat_slow if slow else run.repeat_fast, turn=1,
+            settle=0 if slow else 1)
+        for engine in engines.values():
+            engine.close()
+        case = f"{graph}_{run.model}_{run.image_size}px"
+        for name, (backend, precision) in labels.items():
+            cases.append(case_record(case, backend, precision, samples[name], BASELINE,
+                                     samples[BASELINE],
+                                     _fidelity(graph, results[BASELINE], results[name],
+                                               precision if precision == "int8" else "fp32")))
+    facts = {"model": run.model, "image_size": run.image_size, "export_s": round(export_s, 1),
+             "graphs": {e.file: e.precision for e in manifest.graphs}}
+    return cases, facts
+
+
+def main(argv: list[str] | None = None) -> int:
+    aoti = "--aoti" in (argv if argv is not None else sys.argv[1:])
+    args = parse_args(__doc__.splitlines()[0], "benchmarks/results/sam2_graphs_cpu.json",
+                      [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--aoti"])
+    cases, exports = [], []
+    with tempfile.TemporaryDirectory(prefix="bench_sam2_") as workdir:
+        for run in RUNS["quick" if args.quick else "full"]:
+            if args.repeat:
+                run = dataclasses.replace(run, repeat_slow=args.repeat, repeat_fast=args.repeat)
+            run_cases, facts = bench(run, Path(workdir), aoti)
+            cases += run_cases
+            exports.append(facts)
+    command = ("python -m benchmarks.bench_sam2_graphs" + (" --quick" if args.quick else "")
+               + (" --aoti" if aoti else "") + (f" --repeat {args.repeat}" if args.repeat else ""))
+    record = write_record(SUITE, cases, args.json, command, torch_threads=torch.get_num_threads())
+    record["exports"] = exports
+    Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+    print(markdown(record))
+    print("exports:", json.dumps(exports))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""Export SAM2's whole video path as a verified bundle of four graphs (issue 6).
+
+    rau-rt export sam2 (--checkpoint PATH --config NAME | --random-init NAME) --image-size N
+        --precision fp32|fp16|int8 [--int8-method dynamic|qdq] [--backend onnx|aoti] --out BUNDLE
+
+Stages: build or load the model from sam2's classes (`sam2_model`) -> wrap its four graphs
+(`sam2_graphs`, where the input/output contract is written down) -> drive them eagerly over
+synthetic angiography frames for verification and calibration inputs (`sam2_inputs`) -> per
+graph: ONNX (and AOTInductor) through `export.torch.export_graph`, which reloads the file through
+`rau_rt.engines` and fails outside the fp32 tolerance -> mask IoU on the decoder's logits ->
+int8 (`quantize`) or fp16 (`tensorrt.convert_fp16`: LayerNorm and Softmax kept fp32, the
+TensorRT fp16 failure mode of Hiera/ViT encoders), verified the same way; a graph whose drift
+exceeds `verify.SAM2_TOLERANCES` stays fp32 and the manifest says why -> `manifest.json`.
+
+Memory attention design: fixed slots with validity masks, not dynamic lengths. 7 spatial slots
+and 16 pointer slots (sam2's num_maskmem and max_obj_ptrs_in_encoder) are the most sam2 ever
+attends to, so one static shape covers every frame; TensorRT then builds a single tight profile
+(ARCHITECTURE.md rule 2) and the tracker's MemoryBank is a set of fixed arrays it overwrites in
+place (RSS constant over a stream). Masked keys equal sam2's compaction to float rounding. The
+cost: early frames attend over all 7 slots' worth of masked keys (on CPU the memory attention
+of 1 valid frame costs as much as 7). Regions are the batch dimension, dynamic 1..16 (each
+region's memory differs, the frame's features enter once with batch 1).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rau_rt.bundle import GraphEntry, Manifest, file_sha256, tool_versions, write_manifest
+from rau_rt.engines import registry
+from rau_rt.errors import InputError
+from rau_rt.export import quantize as int8
+from rau_rt.export import sam2_graphs as graphs
+from rau_rt.export import tensorrt as trt_export
+from rau_rt.export.sam2_inputs import CheckFrames, build_inputs, to_numpy
+from rau_rt.export.sam2_model import RANDOM_PRESENCE_BIAS, ModelSource, load_model
+from rau_rt.export.torch import DynamicDim, export_graph
+from rau_rt.export.verify import (
+    SAM2_MASK_TOLERANCES,
+    SAM2_TOLERANCES,
+    ParityError,
+    compare,
+    mask_agreement,
+)
+
+log = logging.getLogger(__name__)
+
+BACKENDS = {"onnx": "onnxruntime", "aoti": "aotinductor"}
+PRECISIONS = ("fp32", "fp16", "int8")
+REGIONS = DynamicDim("regions", 1, graphs.MAX_REGIONS)
+POINTS = DynamicDim("points", 1, graphs.MAX_POINTS)
+# input -> {axis: dim}; every other axis is fixed by the image size and the model.
+DYNAMIC = {
+    "image_encoder": {},
+    "mask_decoder": {"image_embed": {0: REGIONS}, "point_coords": {0: REGIONS, 1: POINTS},
+                     "point_labels": {0: REGIONS, 1: POINTS}, "mask_input": {0: REGIONS},
+                     "has_mask_input": {0: REGIONS}},
+    "memory_attention": {name: {0: REGIONS} for name in (
+        "memory", "memory_pos", "memory_tpos_index", "memory_valid", "object_pointers",
+        "pointer_position", "pointer_valid")},
+    "memory_encoder": {"masks": {0: REGIONS}, "object_score": {0: REGIONS},
+                       "binarize": {0: REGIONS}},
+}
+MASK_OUTPUTS = {"mask_decoder": "masks"}
+
+
+@dataclass(frozen=True)
+class Sam2ExportConfig:
+    """One `rau-rt export sam2` run; CLI flags map one-to-one onto fields."""
+
+    source: ModelSource
+    out: Path
+    precision: str = "fp32"  # fp32 | fp16 | int8 (fp16/int8 keep the fp32 graphs beside them)
+    backends: tuple[str, ...] = ("onnx",)  # onnx always; "aoti" adds AOTInductor packages
+    int8_method: str = "dynamic"  # dynamic (CPU) | qdq (calibrated, TensorRT's int8 format)
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise InputError(f"precision {self.precision!r}: expected one of {PRECISIONS}")
+        unknown = set(self.backends) - set(BACKENDS)
+        if unknown or "onnx" not in self.backends:
+            raise InputError(f"backends {self.backends}: expected 'onnx' plus optionally "
+                             f"'aoti' (known: {sorted(BACKENDS)})")
+        if self.int8_method not in int8.METHODS:
+            raise InputError(f"int8_method {self.int8_method!r}: expected one of {int8.METHODS}")
+
+    @property
+    def command(self) -> str:
+        """The CLI command that reproduces this export."""
+        s = self.source
+        model = (f"--random-init {s.random_init}" if s.random_init else
+                 f"--checkpoint {s.checkpoint} --config {s.config}")
+        backend = " --backend aoti" if "aoti" in self.backends else ""
+        method = f" --int8-method {self.int8_method}" if self.precision == "int8" else ""
+        return (f"rau-rt export sam2 {model} --image-size {s.image_size} --precision "
+                f"{self.precision}{method}{backend} --out {self.out}")
+
+
+@dataclass(frozen=True)
+class GraphSummary:
+    """One row of the summary table."""
+
+    graph: str
+    file: str
+    precision: str
+    size_mb: float
+    max_abs: float
+    cosine: float
+    iou: float | None
+    lint: str
+    note: str = ""
+
+
+def _check_masks(graph: str, entry: GraphEntry, directory: Path,
+                 reference: dict[str, np.ndarray], feeds: dict[str, np.ndarray],
+                 precision: str) -> dict[str, object] | None:
+    """Mask agreement of the written graph's mask logits, or None for graphs without masks."""
+    if graph not in MASK_OUTPUTS:
+        return None
+    name = MASK_OUTPUTS[graph]
+    with registry.open_engine(directory / entry.file, entry.backend,
+                              precision=entry.precision) as engine:
+        got = engine.run(feeds)[name]
+    return mask_agreement(reference[name], got, SAM2_MASK_TOLERANCES[precision])
+
+
+def _with_record(entry: GraphEntry, masks: dict[str, object] | None, notes: dict[str, str],
+                 **parity_extra: object) -> GraphEntry:
+    parity = dict(entry.parity or {})
+    if masks is not None:
+        parity["masks"] = masks
+    parity.update(parity_extra)
+    return replace(entry, parity=parity, exporter={**entry.exporter, **notes})
+
+
+def _label(config: Sam2ExportConfig) -> str:
+    return f"int8 ({config.int8_method})" if config.precision == "int8" else config.precision
+
+
+def _lower_graph(graph: str, fp32: GraphEntry, directory: Path, config: Sam2ExportConfig,
+                 reference: dict[str, np.ndarray], feeds: dict[str, np.ndarray],
+                 calibration: list[dict[str, np.ndarray]],
+                 notes: dict[str, str]) -> tuple[GraphEntry | None, dict[str, object]]:
+    """(int8/fp16 entry or None, its parity record): None when the drift is over tolerance."""
+    precision = config.precision
+    path = directory / f"{graph}.{precision}.onnx"
+    if precision == "int8":
+        int8.quantize(directory / fp32.file, path, config.int8_method, calibration)
+        made_by = {"name": "rau_rt.export.quantize.quantize", "int8_method": config.int8_method}
+    else:
+        trt_export.convert_fp16(directory / fp32.file, path)
+        made_by = {"name": "rau_rt.export.tensorrt.convert_fp16",
+                   "kept_fp32": ",".join(trt_export.FP32_SENSITIVE_OPS)}
+    with registry.open_engine(path, "onnxruntime", precision=precision) as engine:
+        outputs = engine.run(feeds)
+        inputs, outs = engine.inputs, engine.outputs
+    parity = compare(reference, outputs, precision, SAM2_TOLERANCES[precision])
+    if graph in MASK_OUTPUTS:
+        name = MASK_OUTPUTS[graph]
+        parity["masks"] = mask_agreement(reference[name], outputs[name],
+                                         SAM2_MASK_TOLERANCES[precision])
+        parity["passed"] = parity["passed"] and parity["masks"]["passed"]
+    parity["method"] = _label(config)
+    parity["reference"] = f"torch {torch.__version__} eager fp32 on cpu"
+    if not parity["passed"]:
+        path.unlink()
+        return None, parity
+    entry = GraphEntry(
+        graph=graph, file=path.name, backend="onnxruntime", precision=precision, inputs=inputs,
+        outputs=outs, sha256=file_sha256(path), device="any",
+        source_checkpoint_sha256=fp32.source_checkpoint_sha256,
+        exporter={**fp32.exporter, **notes, **made_by},
+        tools=tool_versions(), parity=parity, dynamic_ranges=fp32.dynamic_ranges,
+        lint=trt_export.lint(path).to_dict())
+    return entry, parity
+
+
+def _drift(parity: dict[str, object]) -> str:
+    """What put a lowered graph over the tolerance, e.g. "masks IoU 0.9250 (>= 0.98)"."""
+    precision = parity["precision"]
+    tolerance, masks = SAM2_TOLERANCES[precision], parity.get("masks")
+    parts = [f"{name} cosine {o['cosine']:.5f} < {tolerance.min_cosine}"
+             for name, o in parity["outputs"].items() if not o["passed"]]
+    if masks is not None and not masks["passed"]:
+        iou = "n/a" if masks["iou"] is None else f"{masks['iou']:.4f}"
+        parts.append(f"masks IoU {iou} (>= {SAM2_MASK_TOLERANCES[precision].min_iou}), "
+                     f"sign flips {masks['sign_flip_fraction']:.4f} "
+                     f"(<= {SAM2_MASK_TOLERANCES[precision].max_sign_flip})")
+    return "; ".join(parts)
+
+
+def _summary(entry: GraphEntry, directory: Path, note: str = "") -> GraphSummary:
+    outputs = (entry.parity or {}).get("outputs", {})
+    masks = (entry.parity or {}).get("masks") or {}
+    lint = entry.lint
+    return GraphSummary(
+        graph=entry.graph, file=entry.file, precision=entry.precision,
+        size_mb=(directory / entry.file).stat().st_size / 1e6,
+        max_abs=max((o["max_abs"] for o in outputs.values()), default=0.0),
+        cosine=min((o["cosine"] for o in outputs.values()), default=1.0),
+        iou=masks.get("iou"), note=note,
+        lint="-" if lint is None else ("ok" if lint["tensorrt_ready"] else
+                                       f"{lint['errors']} errors"))
+
+
+def export_sam2(config: Sam2ExportConfig, check: CheckFrames,
+                progress: Callable[[str], None] | None = None,
+                ) -> tuple[Manifest, list[GraphSummary]]:
+    """Build the model, export and verify its four graphs, write the bundle's manifest.
+
+    Args:
+        config: What to export and how.
+        check: Frames and box prompts the graphs are verified (and int8-calibrated) on, e.g.
+            `CheckFrames.synthetic(rau_rt.synthetic.generate_sequence)`.
+        progress: Called with each stage's name as it starts.
+
+    Raises:
+        CheckpointError: the checkpoint does not fit its config.
+        ParityError: an fp32 graph disagrees with eager sam2 beyond verify.SAM2_TOLERANCES.
+    """
+    step = progress or (lambda stage: None)
+    source = config.source
+    directory = Path(config.out)
+    directory.mkdir(parents=True, exist_ok=True)
+    step("load model")
+    model = load_model(source)
+    modules = graphs.graph_modules(model)
+    checkpoint_sha = file_sha256(source.checkpoint) if source.checkpoint else None
+    model_note = (f"{source.random_init} random-init seed {source.seed}, presence-head bias "
+                  f"+{RANDOM_PRESENCE_BIAS} so regions are present" if source.random_init
+                  else f"checkpoint {source.checkpoint} ({source.config})")
+    step("verification inputs")
+    if not 1 <= len(check.boxes) <= graphs.MAX_REGIONS:
+        raise InputError(f"{len(check.boxes)} check regions: expected 1..{graphs.MAX_REGIONS}")
+    inputs = build_inputs(model, modules, check)
+    entries: list[GraphEntry] = []
+    rows: list[GraphSummary] = []
+    for graph in graphs.GRAPH_NAMES:
+        module, example = modules[graph], inputs.example[graph]
+        notes = {"command": config.command, "model": model_note,
+                 "contract": graphs.CONTRACT[graph], "image_size": str(source.image_size)}
+        feeds = to_numpy(example)
+        with torch.no_grad():
+            result = module(*example.values())
+        result = result if isinstance(result, tuple) else (result,)
+        reference = {name: t.float().numpy() for name, t in zip(graphs.OUTPUTS[graph], result,
+                                                                strict=True)}
+        graph_entries: list[GraphEntry] = []
+        for backend in config.backends:
+            step(f"{graph}: {backend}")
+            started = time.perf_counter()
+            with warnings.catch_warnings():
+                # The ONNX exporter warns once per input that shares a dim ("regions") with
+                # another: the axis keeps its name, which is what we ask for.
+                warnings.filterwarnings("ignore", message=r"# The axis name: \w+ will not be "
+                                        "used, since it shares the same shape constraints")
+                entry = export_graph(module, example, directory, graph, BACKENDS[backend],
+                                     output_names=graphs.OUTPUTS[graph], dynamic=DYNAMIC[graph],
+                                     source_checkpoint_sha256=checkpoint_sha)
+            masks = _check_masks(graph, entry, directory, reference, feeds, "fp32")
+            entry = _with_record(entry, masks, notes,
+                                 export_s=round(time.perf_counter() - started, 2))
+            if masks is not None and not masks["passed"]:
+                raise ParityError(f"{directory / entry.file}: masks disagree with eager sam2 "
+                                  f"beyond {SAM2_MASK_TOLERANCES['fp32']}: {masks}")
+            graph_entries.append(entry)
+        onnx_fp32 = graph_entries[0]
+        if config.precision != "fp32":
+            step(f"{graph}: {_label(config)}")
+            calibration = [to_numpy(f) for f in inputs.calibration[graph]]
+            quantized, parity = _lower_graph(graph, onnx_fp32, directory, config, reference,
+                                             feeds, calibration, notes)
+            if quantized is None:
+                # no silent downgrade: the manifest and the summary say the graph stays fp32
+                reason = f"{_label(config)} rejected: {_drift(parity)}"
+                graph_entries[0] = _with_record(onnx_fp32, None,
+                                                {"precision_choice": f"fp32: {reason}"},
+                                                **{f"{config.precision}_rejected": parity})
+                log.warning("%s stays fp32: %s", graph, reason)
+            else:
+                graph_entries.insert(0, quantized)
+                graph_entries[1] = _with_record(graph_entries[1], None, {
+                    "precision_choice": f"{config.precision} first; fp32 kept (TensorRT "
+                    "source, reference)"})
+        entries.extend(graph_entries)
+        rows.extend(_summary(e, directory, e.exporter.get("precision_choice", "")
+                             if e.precision == "fp32" and config.precision != "fp32" else "")
+                    for e in graph_entries)
+    name = f"sam2-{source.name}-{source.image_size}"
+    manifest = Manifest(name=name, graphs=tuple(entries))
+    write_manifest(directory, manifest)
+    return manifest, rows
+
+
+def format_summary(rows: list[GraphSummary]) -> str:
+    """The summary table the CLI prints."""
+    lines = [f"{'graph':<17} {'file':<30} {'precision':<9} {'MB':>7} {'max err':>9} "
+             f"{'cosine':>9} {'IoU':>7}  lint"]
+    for r in rows:
+        iou = "-" if r.iou is None else f"{r.iou:.4f}"
+        lines.append(f"{r.graph:<17} {r.file:<30} {r.precision:<9} {r.size_mb:>7.1f} "
+                     f"{r.max_abs:>9.2e} {r.cosine:>9.6f} {iou:>7}  {r.lint}"
+                     + (f"  ({r.note})" if r.note else ""))
+    return "\n".join(lines)
+
+
+def run_cli(args, generate_sequence: Callable[..., object]) -> int:
+    """`rau-rt export sam2`: export with a progress bar per stage, then print the summary.
+
+    `generate_sequence` is `rau_rt.synthetic.generate_sequence`, passed in by `rau_rt.cli`.
+    """
+    from tqdm import tqdm
+
+    source = ModelSource(image_size=args.image_size, checkpoint=args.checkpoint,
+                         config=args.config, random_init=args.random_init)
+    config = Sam2ExportConfig(source=source, out=args.out, precision=args.precision,
+                              backends=("onnx",) if args.backend == "onnx" else ("onnx", "aoti"),
+                              int8_method=args.int8_method)
+    stages = 2 + len(graphs.GRAPH_NAMES) * (len(config.backends)
+                                            + (config.precision != "fp32"))
+    started = time.perf_counter()
+    with tqdm(total=stages, desc="export sam2", unit="stage") as bar:
+        def step(stage: str) -> None:
+            if bar.n or stage != "load model":
+                bar.update(1)
+            bar.set_postfix_str(stage)
+        _, rows = export_sam2(config, CheckFrames.synthetic(generate_sequence), step)
+        bar.update(1)
+    print(format_summary(rows))
+    print(f"bundle {config.out} written in {time.perf_counter() - started:.1f} s")
+    return 0

@@ -1,0 +1,223 @@
+"""The four graphs of SAM2's video path as `nn.Module`s over sam2's own submodules.
+
+Each wrapper is what one engine runs per frame; together they compute what
+`SAM2VideoPredictor` does per frame (notes/sam2_parity.md, section 2), with the selection
+between mask tokens (argmax IoU, stability fallback) left to the runtime because it depends on
+the prompt, not on tensors. The batch dimension is regions (N): one call serves every tracked
+region of a frame, and the frame's own tensors (features, high-res maps) enter once with batch 1.
+
+Graph contract (S = image size, D = hidden dim, M = memory dim, h = w = S/16; float32 unless
+said; N = regions, dynamic 1..MAX_REGIONS; P = points, dynamic 1..MAX_POINTS):
+
+image_encoder
+    in  image [1,3,S,S] (ImageNet-normalized RGB, `ops.preprocess`)
+    out high_res_0 [1,D/8,S/4,S/4], high_res_1 [1,D/4,S/8,S/8] (after the decoder's conv_s0/s1),
+        vision_features [1,D,h,w] (raw: memory encoder input), vision_pos [1,D,h,w] (constant),
+        features_no_memory [1,D,h,w] = vision_features + no_mem_embed (a frame with no memory:
+        the first prompted frame; sam2 skips memory attention there)
+mask_decoder
+    in  image_embed [N,D,h,w] (conditioned_features, or features_no_memory broadcast),
+        high_res_0 [1,..], high_res_1 [1,..], point_coords [N,P,2] (x, y in S-pixel units),
+        point_labels [N,P] int32 (1 fg, 0 bg, 2/3 box corners, -1 padding), mask_input
+        [N,1,S/4,S/4] logits, has_mask_input [N] bool (False: the learned no-mask embedding)
+    out masks [N,4,S/4,S/4] logits of all 4 tokens (-1024 where the object is absent),
+        iou [N,4], object_pointers [N,4,D] (no_obj_ptr where absent), object_score [N,1]
+    A box is 2 points labelled 2, 3; a tracked frame is 1 point (0, 0) labelled -1 (sam2 pads
+    one more point itself, as here). P changes the token count, so padding P is not neutral.
+memory_attention (fixed slots, validity masks; see SLOTS)
+    in  current_features [1,D,h,w], current_pos [1,D,h,w], memory [N,7,M,h,w], memory_pos
+        [N,7,M,h,w] (memory encoder's spatial encoding, without time), memory_tpos_index [N,7]
+        int64 (row of maskmem_tpos_enc: 6 for a conditioning frame, k-1 for frame t-k),
+        memory_valid [N,7] bool, object_pointers [N,16,D], pointer_position [N,16] (signed
+        frame offset t - t_ptr divided by t_diff_max = min(clip frames, 16) - 1),
+        pointer_valid [N,16] bool
+    out conditioned_features [N,D,h,w]
+    An invalid slot may hold anything (zeros by convention): its keys are masked out of the
+    attention, which equals sam2's compaction of the memory to float rounding. Each region
+    needs at least one valid slot or pointer (an all-masked softmax is NaN).
+memory_encoder
+    in  vision_features [1,D,h,w], masks [N,1,S/4,S/4] (selected low-res logits), object_score
+        [N,1], binarize [N] bool (True for a mask from prompts: sam2 binarizes those)
+    out memory [N,M,h,w] (no-object embedding added where absent), memory_pos [N,M,h,w]
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rau_rt.errors import InputError
+from rau_rt.export.sam2_model import RealMemoryAttention, feature_side
+
+# sam2's NO_OBJ_SCORE: the logit of every pixel of an absent object.
+NO_OBJECT_LOGIT = -1024.0
+# 7 spatial slots: sam2's num_maskmem (1 conditioning + 6 recent frames); 16 pointers: its
+# max_obj_ptrs_in_encoder. Fixed so TensorRT builds one tight profile (ARCHITECTURE.md rule 2).
+SLOTS = 7
+POINTERS = 16
+MAX_REGIONS = 16
+MAX_POINTS = 16
+
+GRAPH_NAMES = ("image_encoder", "mask_decoder", "memory_attention", "memory_encoder")
+OUTPUTS = {
+    "image_encoder": ("high_res_0", "high_res_1", "vision_features", "vision_pos",
+                      "features_no_memory"),
+    "mask_decoder": ("masks", "iou", "object_pointers", "object_score"),
+    "memory_attention": ("conditioned_features",),
+    "memory_encoder": ("memory", "memory_pos"),
+}
+
+# What manifest.json records per graph (the module docstring has the full contract).
+CONTRACT = {
+    "image_encoder": "image [1,3,S,S] ImageNet-normalized RGB -> high_res_0/1 (decoder "
+                     "high-res maps), vision_features (raw, memory encoder input), vision_pos, "
+                     "features_no_memory (+ no_mem_embed: decoder input on a frame without memory)",
+    "mask_decoder": "batch = regions N. image_embed [N,D,h,w]; high_res_0/1 batch 1; point_coords "
+                    "[N,P,2] in S pixels, point_labels [N,P] int32 (box: 2 points labelled 2,3; "
+                    "tracking: 1 point labelled -1); mask_input [N,1,S/4,S/4] used where "
+                    "has_mask_input [N]. Outputs all 4 tokens: masks (-1024 where absent), iou, "
+                    "object_pointers (no_obj_ptr where absent), object_score. The runtime picks "
+                    "the token: multimask (<=1 point) argmax iou[1:]; else token 0 unless its "
+                    "stability < 0.98, pointer token 0",
+    "memory_attention": f"fixed slots + validity masks. memory/memory_pos [N,{SLOTS},M,h,w], "
+                        f"memory_tpos_index [N,{SLOTS}] int64 (6: conditioning frame, k-1: frame "
+                        f"t-k), memory_valid [N,{SLOTS}] bool; object_pointers [N,{POINTERS},D], "
+                        f"pointer_position [N,{POINTERS}] = (t - t_ptr) / (min(frames,16) - 1), "
+                        f"pointer_valid [N,{POINTERS}] bool. Invalid slots are masked out (any "
+                        "content, zeros by convention); each region needs one valid key",
+    "memory_encoder": "vision_features [1,D,h,w]; masks [N,1,S/4,S/4] selected logits; "
+                      "object_score [N,1]; binarize [N] bool (True for masks from prompts). "
+                      "-> memory [N,M,h,w] (+ no-object embedding where absent), memory_pos",
+}
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise for sam2 options these graphs do not implement (every sam2.1 config passes)."""
+    needed = {"use_high_res_features_in_sam": True, "pred_obj_scores": True,
+              "use_obj_ptrs_in_encoder": True, "add_tpos_enc_to_obj_ptrs": True,
+              "proj_tpos_enc_in_obj_ptrs": True, "directly_add_no_mem_embed": True,
+              "num_maskmem": SLOTS, "max_obj_ptrs_in_encoder": POINTERS}
+    wrong = {k: getattr(model, k, None) for k, v in needed.items() if getattr(model, k, None) != v}
+    if wrong:
+        raise InputError(f"this SAM2 config sets {wrong}; the exported graphs implement the "
+                         f"sam2.1 video settings {needed}")
+
+
+class ImageEncoder(nn.Module):
+    """Hiera + FPN neck, the decoder's high-res projections, and the no-memory features."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor):
+        out = self.model.forward_image(image)
+        fpn, pos = out["backbone_fpn"], out["vision_pos_enc"]
+        features = fpn[-1]
+        no_memory = features + self.model.no_mem_embed.reshape(1, -1, 1, 1)
+        return fpn[0], fpn[1], features, pos[-1], no_memory
+
+
+class MaskDecoder(nn.Module):
+    """Prompt encoder + mask decoder + object-pointer head for N regions, all 4 mask tokens."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image_embed, high_res_0, high_res_1, point_coords, point_labels,
+                mask_input, has_mask_input):
+        model = self.model
+        prompt = model.sam_prompt_encoder
+        regions = image_embed.shape[0]
+        sparse, no_mask = prompt(points=(point_coords, point_labels), boxes=None, masks=None)
+        dense = torch.where(has_mask_input[:, None, None, None],
+                            prompt.mask_downscaling(mask_input), no_mask)
+        masks, iou, tokens, score = model.sam_mask_decoder.predict_masks(
+            image_embeddings=image_embed, image_pe=prompt.get_dense_pe(),
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+            repeat_image=False,
+            high_res_features=[high_res_0.expand(regions, -1, -1, -1),
+                               high_res_1.expand(regions, -1, -1, -1)])
+        present = score > 0
+        masks = torch.where(present[:, :, None, None], masks, NO_OBJECT_LOGIT)
+        pointers = model.obj_ptr_proj(tokens)
+        weight = (score.sigmoid() if model.soft_no_obj_ptr else present.float())[:, :, None]
+        if model.fixed_no_obj_ptr:
+            pointers = weight * pointers
+        pointers = pointers + (1 - weight) * model.no_obj_ptr
+        return masks, iou, pointers, score
+
+
+class MemoryAttention(nn.Module):
+    """Current features attend to 7 memory slots and 16 object pointers, masked per region."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.attention = RealMemoryAttention(model.memory_attention, feature_side(model))
+
+    def forward(self, current_features, current_pos, memory, memory_pos, memory_tpos_index,
+                memory_valid, object_pointers, pointer_position, pointer_valid):
+        from sam2.modeling.sam2_utils import get_1d_sine_pe
+
+        model = self.model
+        regions, slots, mem_dim, height, width = memory.shape
+        hidden = current_features.shape[1]
+        tokens = height * width
+        curr = current_features.flatten(2).transpose(1, 2).expand(regions, -1, -1)
+        curr_pos = current_pos.flatten(2).transpose(1, 2).expand(regions, -1, -1)
+        spatial = memory.permute(0, 1, 3, 4, 2).reshape(regions, slots * tokens, mem_dim)
+        tpos = model.maskmem_tpos_enc.reshape(-1, mem_dim)[memory_tpos_index]
+        spatial_pos = (memory_pos.permute(0, 1, 3, 4, 2).reshape(regions, slots, tokens, mem_dim)
+                       + tpos[:, :, None, :]).reshape(regions, slots * tokens, mem_dim)
+        # A D-dim pointer becomes D/M tokens of width M (4 for every sam2.1 config), in sam2's
+        # order: pointer-major, then split index.
+        split = hidden // mem_dim
+        pointers = object_pointers.reshape(regions, -1, mem_dim)
+        pointer_pos = model.obj_ptr_tpos_proj(get_1d_sine_pe(pointer_position, dim=hidden))
+        pointer_pos = pointer_pos.repeat_interleave(split, dim=1)
+        valid = torch.cat((memory_valid.repeat_interleave(tokens, dim=1),
+                           pointer_valid.repeat_interleave(split, dim=1)), dim=1)
+        out = self.attention(curr, curr_pos, torch.cat((spatial, pointers), dim=1),
+                             torch.cat((spatial_pos, pointer_pos), dim=1),
+                             num_obj_ptr_tokens=pointers.shape[1], key_mask=valid)
+        return out.transpose(1, 2).reshape(regions, hidden, height, width)
+
+
+class MemoryEncoder(nn.Module):
+    """Mask (upsampled, binarized or sigmoid x20-10) + raw features -> one memory per region."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, vision_features, masks, object_score, binarize):
+        model = self.model
+        regions = masks.shape[0]
+        size = model.image_size
+        high = F.interpolate(masks, size=(size, size), mode="bilinear", align_corners=False)
+        if model.binarize_mask_from_pts_for_mem_enc:
+            mask = torch.where(binarize[:, None, None, None], (high > 0).float(), high.sigmoid())
+        else:
+            mask = high.sigmoid()
+        mask = mask * model.sigmoid_scale_for_mem_enc + model.sigmoid_bias_for_mem_enc
+        out = model.memory_encoder(vision_features.expand(regions, -1, -1, -1), mask,
+                                   skip_mask_sigmoid=True)
+        features, pos = out["vision_features"], out["vision_pos_enc"][-1]
+        if model.no_obj_embed_spatial is not None:
+            absent = 1 - (object_score > 0).float()
+            features = features + absent[:, :, None, None] * model.no_obj_embed_spatial[
+                ..., None, None]
+        return features, pos
+
+
+WRAPPERS = {"image_encoder": ImageEncoder, "mask_decoder": MaskDecoder,
+            "memory_attention": MemoryAttention, "memory_encoder": MemoryEncoder}
+
+
+def graph_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The four wrappers around one model (sharing its weights), in eval mode."""
+    check_supported(model)
+    return {name: cls(model).eval() for name, cls in WRAPPERS.items()}

@@ -1,0 +1,181 @@
+"""Verification and calibration inputs for the SAM2 graphs: angiography frames, real prompts.
+
+`CheckFrames` holds three consecutive frames and box prompts on the first; by default a synthetic
+coronary cine (`rau_rt.synthetic.generate_sequence`, 512 px, frames taken after the contrast has
+filled the tree, boxes of the largest segments). The generator is passed in by the caller
+(`rau_rt.cli` wires it): export sits below synthetic in the layering (ARCHITECTURE.md rule 3).
+The frames go through `ops.preprocess` (the runtime's preprocessing) and the eager graph
+modules, driven the way `SAM2VideoPredictor` drives sam2
+(notes/sam2_parity.md, section 2): frame 0 prompted with the boxes of the largest segments (no
+memory, single mask with the stability fallback, binarized mask into memory), frames 1 and 2
+tracked through the fixed-slot memory bank. Every graph's example is what it sees in that
+loop, so memory attention is checked with some slots and pointers invalid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from rau_rt import ops
+from rau_rt.errors import InputError
+from rau_rt.export.sam2_graphs import POINTERS, SLOTS
+
+SOURCE_SIZE = 512  # ARCADE's native frame size
+SEQUENCE_FRAMES = 16  # the tree is filled from about frame 9 with a one-frame contrast delay
+CHECK_FRAMES = 3
+
+
+@dataclass(frozen=True)
+class CheckFrames:
+    """Consecutive frames and box prompts on the first: what an export is verified on."""
+
+    frames: np.ndarray  # (3, H, W) uint8 or uint16 gray
+    boxes: np.ndarray  # (regions, 4) float32 x1 y1 x2 y2 in frame pixels, on frames[0]
+    window: tuple[float, float] | None = None  # VOI (centre, width) of raw X-ray values
+
+    def __post_init__(self) -> None:
+        if self.frames.ndim != 3 or len(self.frames) != CHECK_FRAMES:
+            raise InputError(f"check frames: expected ({CHECK_FRAMES}, H, W), got "
+                             f"{self.frames.shape}")
+        if self.boxes.ndim != 2 or self.boxes.shape[1] != 4 or not len(self.boxes):
+            raise InputError(f"check boxes: expected (regions >= 1, 4), got {self.boxes.shape}")
+
+    @classmethod
+    def synthetic(cls, generate: Callable[..., object], regions: int = 2,
+                  seed: int = 0) -> CheckFrames:
+        """From `rau_rt.synthetic.generate_sequence` (`generate`): the last 3 of 16 frames."""
+        sequence = generate(seed=seed, frames=SEQUENCE_FRAMES, size=SOURCE_SIZE,
+                            contrast_delay_frames=1)
+        first = SEQUENCE_FRAMES - CHECK_FRAMES
+        truth = sequence.truth[first]
+        boxes = sorted((s.box for s in truth.segments.values() if s.present and s.box),
+                       key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
+        if len(boxes) < regions:
+            raise InputError(f"the synthetic frame has {len(boxes)} visible segments, "
+                             f"{regions} regions were asked for")
+        return cls(sequence.frames[first:], np.asarray(boxes[:regions], dtype=np.float32),
+                   tuple(sequence.meta.window))
+
+
+@dataclass
+class GraphInputs:
+    """Per graph: the example the export is verified on, and calibration feeds (all frames)."""
+
+    example: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    calibration: dict[str, list[dict[str, torch.Tensor]]] = field(default_factory=dict)
+
+    def add(self, graph: str, feeds: dict[str, torch.Tensor], example: bool = False) -> None:
+        # Contiguous like the NumPy arrays engines get: AOTInductor compiles for the example's
+        # strides, and the decoder's high-res maps come out of conv_s0/s1 with other strides
+        # (its masks were off by 0.13 when fed contiguous arrays).
+        feeds = {name: t.contiguous() for name, t in feeds.items()}
+        self.calibration.setdefault(graph, []).append(feeds)
+        if example:
+            self.example[graph] = feeds
+
+
+def select_output(model: nn.Module, masks: torch.Tensor, iou: torch.Tensor,
+                  pointers: torch.Tensor, multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mask and pointer sam2 keeps from the decoder's 4 tokens (the runtime's job).
+
+    multimask (0 or 1 point: tracking, one click): the argmax-IoU mask of tokens 1-3 and its
+    pointer. Otherwise (a box, several clicks): token 0 unless its stability (area above +0.05
+    over area above -0.05) is under 0.98, then the argmax-IoU mask of tokens 1-3; the pointer
+    is token 0 either way.
+    """
+    rows = torch.arange(masks.shape[0])
+    best = iou[:, 1:].argmax(dim=1) + 1
+    if multimask:
+        return masks[rows, best][:, None], pointers[rows, best]
+    decoder = model.sam_mask_decoder
+    chosen = torch.zeros_like(best)
+    if decoder.dynamic_multimask_via_stability:
+        flat = masks[:, 0].flatten(1)
+        delta = decoder.dynamic_multimask_stability_delta
+        inner = (flat > delta).sum(dim=1).float()
+        outer = (flat > -delta).sum(dim=1).float()
+        stability = torch.where(outer > 0, inner / outer.clamp(min=1), torch.ones_like(inner))
+        chosen = torch.where(stability >= decoder.dynamic_multimask_stability_thresh, chosen,
+                             best)
+    return masks[rows, chosen][:, None], pointers[:, 0]
+
+
+def build_inputs(model: nn.Module, modules: dict[str, nn.Module],
+                 check: CheckFrames) -> GraphInputs:
+    """Drive the eager graphs over the 3 frames; collect every graph's feeds."""
+    size = model.image_size
+    images = [torch.from_numpy(ops.preprocess(frame, (size, size), window=check.window))[None]
+              for frame in check.frames]
+    height, width = check.frames.shape[1:]
+    # sam2's predictor: box / [W, H] * image_size, as the 2 corners labelled 2 and 3
+    scale = np.array([size / width, size / height] * 2, dtype=np.float32)
+    coords = torch.from_numpy(check.boxes * scale).reshape(-1, 2, 2)
+    regions = len(check.boxes)
+    out = GraphInputs()
+    n = regions
+    low = size // 4
+    side = size // 16
+    hidden = model.hidden_dim
+    mem_dim = model.mem_dim
+    memory = torch.zeros(n, SLOTS, mem_dim, side, side)
+    memory_pos = torch.zeros_like(memory)
+    memory_valid = torch.zeros(n, SLOTS, dtype=torch.bool)
+    # slot 0: the conditioning frame (row 6 of maskmem_tpos_enc); slot k: frame t-(7-k) (6-k)
+    tpos_index = torch.arange(SLOTS - 1, -1, -1, dtype=torch.int64).expand(n, -1).contiguous()
+    pointers = torch.zeros(n, POINTERS, hidden)
+    pointer_frame = torch.zeros(POINTERS)
+    pointer_valid = torch.zeros(n, POINTERS, dtype=torch.bool)
+    t_diff_max = POINTERS - 1  # a stream longer than 16 frames: min(num_frames, 16) - 1
+    with torch.no_grad():
+        for t, image in enumerate(images):
+            encoded = modules["image_encoder"](image)
+            hr0, hr1, features, pos, no_memory = encoded
+            out.add("image_encoder", {"image": image}, example=t == 0)
+            if t == 0:
+                embed = no_memory.expand(n, -1, -1, -1).contiguous()
+                point_coords = coords
+                point_labels = torch.tensor([[2, 3]] * n, dtype=torch.int32)
+            else:
+                # the bank holds frames 0 .. t-1: slot 0 = frame 0, slot 6-(t-1-j) = frame j > 0
+                position = (t - pointer_frame) / t_diff_max
+                feeds = {"current_features": features, "current_pos": pos,
+                         "memory": memory.clone(), "memory_pos": memory_pos.clone(),
+                         "memory_tpos_index": tpos_index, "memory_valid": memory_valid.clone(),
+                         "object_pointers": pointers.clone(),
+                         "pointer_position": position.expand(n, -1).contiguous(),
+                         "pointer_valid": pointer_valid.clone()}
+                out.add("memory_attention", feeds, example=t == CHECK_FRAMES - 1)
+                embed = modules["memory_attention"](*feeds.values())
+                point_coords = torch.zeros(n, 1, 2)
+                point_labels = torch.full((n, 1), -1, dtype=torch.int32)
+            feeds = {"image_embed": embed, "high_res_0": hr0, "high_res_1": hr1,
+                     "point_coords": point_coords, "point_labels": point_labels,
+                     "mask_input": torch.zeros(n, 1, low, low),
+                     "has_mask_input": torch.zeros(n, dtype=torch.bool)}
+            out.add("mask_decoder", feeds, example=t == 0)
+            masks, iou, ptrs, score = modules["mask_decoder"](*feeds.values())
+            mask, ptr = select_output(model, masks, iou, ptrs, multimask=t > 0)
+            # frame 1 checks both mask paths: region 0 binarized (as from prompts), others not
+            binarize = torch.tensor([t == 0 or (t == 1 and i == 0) for i in range(n)])
+            feeds = {"vision_features": features, "masks": mask, "object_score": score,
+                     "binarize": binarize}
+            out.add("memory_encoder", feeds, example=t == 1)
+            new_memory, new_pos = modules["memory_encoder"](*feeds.values())
+            slot = 0 if t == 0 else SLOTS - 1
+            if t > 0:  # the ring shifts: frame t-1 moves towards slot 1 as frames arrive
+                memory[:, 1:-1] = memory[:, 2:].clone()
+                memory_pos[:, 1:-1] = memory_pos[:, 2:].clone()
+                memory_valid[:, 1:-1] = memory_valid[:, 2:].clone()
+            memory[:, slot], memory_pos[:, slot], memory_valid[:, slot] = new_memory, new_pos, True
+            pointers[:, t], pointer_frame[t], pointer_valid[:, t] = ptr, t, True
+    return out
+
+
+def to_numpy(feeds: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Torch feeds -> contiguous NumPy arrays for an engine."""
+    return {name: np.ascontiguousarray(t.detach().cpu().numpy()) for name, t in feeds.items()}

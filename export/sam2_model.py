@@ -1,0 +1,306 @@
+"""Build or load the SAM2 model the exporter turns into graphs, and the real-valued RoPE rewrite.
+
+Every model comes from the `sam2` 1.1.0 classes through `build_sam2_video_predictor`, the path a
+user of sam2's video predictor takes: Meta's configs with a checkpoint from a path, the same
+configs with random weights (`tiny`, `small`), or `micro`, a deliberately small SAM2 (Hiera with
+16 channels, 1 memory-attention layer) made of the same classes by config overrides, so unit
+tests export all four graphs in seconds. The override sets follow the measured recipe in
+notes/sam2_parity.md (keys that must change together).
+
+`RealRoPEAttention` replaces sam2's `RoPEAttention` for export: the same projections and the
+same rotation, written with cos/sin tables instead of `view_as_complex` (which neither ONNX
+exporter handles: sam2 #186), plus an optional key-validity mask for fixed memory slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rau_rt.errors import InputError
+
+# Meta's config files, by the names the CLI accepts.
+CONFIGS = {
+    "tiny": "configs/sam2.1/sam2.1_hiera_t.yaml",
+    "small": "configs/sam2.1/sam2.1_hiera_s.yaml",
+    "base_plus": "configs/sam2.1/sam2.1_hiera_b+.yaml",
+    "large": "configs/sam2.1/sam2.1_hiera_l.yaml",
+}
+RANDOM_INIT = ("micro", "tiny", "small")
+IMAGE_SIZES = (256, 512, 1024)
+# micro: hidden 128 / memory 32 keeps sam2's "pointer split into D/M = 4 tokens" path of hiera-t
+# (256/64); Hiera 16 channels with stages [1,1,2,1]; the global block (3) is not a stage's first
+# block (hieradet divides by window // q_stride = 0 there). 2.6 M parameters, ~20 ms/frame eager.
+MICRO_HIDDEN, MICRO_MEMORY = 128, 32
+MICRO_OVERRIDES = (
+    "++model.image_encoder.trunk.embed_dim=16",
+    "++model.image_encoder.trunk.num_heads=1",
+    "++model.image_encoder.trunk.stages=[1,1,2,1]",
+    "++model.image_encoder.trunk.global_att_blocks=[3]",
+    "++model.image_encoder.trunk.window_spec=[8,4,4,2]",
+    "++model.image_encoder.neck.backbone_channel_list=[128,64,32,16]",
+    "++model.memory_attention.num_layers=1",
+    "++model.memory_attention.layer.dim_feedforward=256",
+    "++model.memory_encoder.fuser.num_layers=1",
+    f"++model.image_encoder.neck.d_model={MICRO_HIDDEN}",
+    f"++model.image_encoder.neck.position_encoding.num_pos_feats={MICRO_HIDDEN}",
+    f"++model.memory_attention.d_model={MICRO_HIDDEN}",
+    f"++model.memory_attention.layer.d_model={MICRO_HIDDEN}",
+    f"++model.memory_attention.layer.self_attention.embedding_dim={MICRO_HIDDEN}",
+    f"++model.memory_attention.layer.cross_attention.embedding_dim={MICRO_HIDDEN}",
+    f"++model.memory_attention.layer.cross_attention.kv_in_dim={MICRO_MEMORY}",
+    f"++model.memory_encoder.in_dim={MICRO_HIDDEN}",
+    f"++model.memory_encoder.out_dim={MICRO_MEMORY}",
+    f"++model.memory_encoder.position_encoding.num_pos_feats={MICRO_MEMORY}",
+    f"++model.memory_encoder.mask_downsampler.embed_dim={MICRO_HIDDEN}",
+    f"++model.memory_encoder.fuser.layer.dim={MICRO_HIDDEN}",
+)
+# Random weights put every object score near -0.09, so every mask is NO_OBJ_SCORE and parity
+# checks compare empty masks. +0.3 on the presence head's bias makes regions present on every
+# frame (notes/sam2_parity.md); only random-init models get it, and the manifest says so.
+RANDOM_PRESENCE_BIAS = 0.3
+
+
+class CheckpointError(InputError):
+    """A checkpoint is unreadable or does not fit the config it is loaded into."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights come from: a checkpoint and its config, or a random-init name."""
+
+    image_size: int = 1024
+    checkpoint: Path | None = None
+    config: str | None = None  # a CONFIGS name or a sam2 config path
+    random_init: str | None = None  # one of RANDOM_INIT
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.checkpoint is None) == (self.random_init is None):
+            raise InputError("give either a checkpoint (with its config) or random_init, "
+                             f"not both or neither (got checkpoint={self.checkpoint}, "
+                             f"random_init={self.random_init})")
+        if self.checkpoint is not None and self.config is None:
+            raise InputError(f"checkpoint {self.checkpoint} needs its config: one of "
+                             f"{sorted(CONFIGS)} (or micro) or a sam2 config path")
+        if self.random_init is not None and self.config is not None:
+            raise InputError(f"random_init {self.random_init!r} builds its own config; drop "
+                             f"config {self.config!r} (it goes with a checkpoint)")
+        if self.random_init is not None and self.random_init not in RANDOM_INIT:
+            raise InputError(f"random_init {self.random_init!r}: expected one of {RANDOM_INIT}")
+        if self.image_size not in IMAGE_SIZES:
+            raise InputError(f"image_size {self.image_size}: expected one of {IMAGE_SIZES} "
+                             "(a multiple of 32 so Hiera's 8x8 windows tile the 1/4 grid)")
+        if self.image_size == 256 and "micro" not in (self.random_init, self.config):
+            raise InputError("image_size 256 is for the micro model only; real configs run at "
+                             "1024 (sam2) or 512 (MedSAM2)")
+
+    @property
+    def name(self) -> str:
+        """Short model name, e.g. "tiny" or "micro"."""
+        if self.random_init is not None:
+            return self.random_init
+        if self.config == "micro":
+            return "micro"
+        short = {path: name for name, path in CONFIGS.items()}
+        return short.get(config_path(self.config), Path(str(self.config)).stem)
+
+
+def config_path(name: str) -> str:
+    """The sam2 config path for a CONFIGS name, a config file name or a config path."""
+    if name == "micro":
+        return CONFIGS["tiny"]
+    if name in CONFIGS:
+        return CONFIGS[name]
+    stem = Path(name).name.removesuffix(".yaml")
+    for path in CONFIGS.values():
+        if Path(path).stem == stem:
+            return path
+    raise InputError(f"config {name!r}: expected one of {sorted(CONFIGS)} or one of "
+                     f"{sorted(CONFIGS.values())}")
+
+
+def size_overrides(image_size: int) -> list[str]:
+    """Hydra overrides that move a config to `image_size`: the RoPE tables follow the features.
+
+    RoPEAttention silently recomputes its table for a square map when the token count differs,
+    so eager code "works" with stale feat_sizes while an export bakes in what it traced.
+    """
+    side = image_size // 16
+    return [f"++model.image_size={image_size}",
+            f"++model.memory_attention.layer.self_attention.feat_sizes=[{side},{side}]",
+            f"++model.memory_attention.layer.cross_attention.feat_sizes=[{side},{side}]"]
+
+
+def build(config: str, image_size: int, extra: tuple[str, ...] = ()) -> nn.Module:
+    """A `SAM2VideoPredictor` (random weights, eval mode, CPU) from sam2's own builder."""
+    from sam2.build_sam import build_sam2_video_predictor
+
+    if config == "micro":  # tiny's config with the micro overrides: a micro checkpoint's config
+        extra = (*MICRO_OVERRIDES, *extra)
+    overrides = [*size_overrides(image_size), *extra]
+    return build_sam2_video_predictor(config_path(config), ckpt_path=None, device="cpu",
+                                      hydra_overrides_extra=overrides)
+
+
+def random_model(name: str, image_size: int, seed: int = 0) -> nn.Module:
+    """A random-init model ("micro", "tiny", "small") with regions made present (see above)."""
+    if name not in RANDOM_INIT:
+        raise InputError(f"random_init {name!r}: expected one of {RANDOM_INIT}")
+    torch.manual_seed(seed)
+    model = build(name, image_size)
+    with torch.no_grad():
+        model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias += RANDOM_PRESENCE_BIAS
+    return model
+
+
+def _describe(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def load_checkpoint(path: str | Path, config: str, image_size: int) -> nn.Module:
+    """Load Meta's `{"model": state_dict}` checkpoint into the model `config` builds.
+
+    Raises:
+        CheckpointError: the file is not such a checkpoint, or its keys/shapes do not fit the
+            config (the message names the mismatching keys and the config tried).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated or foreign files
+        raise CheckpointError(f"checkpoint {path} does not load with torch.load(weights_only="
+                              f"True) ({type(exc).__name__}: {exc}); expected Meta's "
+                              "sam2.1_hiera_*.pt ({'model': state_dict})") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        keys = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise CheckpointError(f"checkpoint {path}: expected a dict with a 'model' state_dict "
+                              f"(Meta's format), got {keys}")
+    state = data["model"]
+    model = build(config, image_size)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+                    for k, v in expected.items()
+                    if k in state and tuple(state[k].shape) != tuple(v.shape))
+    if missing or unexpected or shapes:
+        parts = [f"{label}: {_describe(keys)}" for label, keys in
+                 (("missing", missing), ("unexpected", unexpected),
+                  ("shape (checkpoint vs config)", shapes)) if keys]
+        raise CheckpointError(f"checkpoint {path} does not fit config {config_path(config)} "
+                              f"({'; '.join(parts)}); pass the config the checkpoint was "
+                              f"trained with (one of {sorted(CONFIGS)})")
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def load_model(source: ModelSource) -> nn.Module:
+    """The eval-mode CPU model `source` describes."""
+    if source.random_init is not None:
+        return random_model(source.random_init, source.image_size, source.seed).eval()
+    return load_checkpoint(source.checkpoint, source.config, source.image_size)
+
+
+def rope_tables(attention: nn.Module, side: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [side*side, head_dim/2] of a sam2 RoPEAttention's complex table."""
+    cis = attention.compute_cis(end_x=side, end_y=side)
+    return cis.real.float().contiguous(), cis.imag.float().contiguous()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """sam2's `apply_rotary_enc` in real arithmetic: pairs (2i, 2i+1) rotate by the table's angle.
+
+    Args:
+        x: [..., tokens, head_dim] with tokens a multiple of the table's rows (memory slots
+            repeat the spatial table, as `repeat_freqs_k` does).
+    """
+    repeat = x.shape[-2] // cos.shape[0]
+    if repeat > 1:
+        cos, sin = cos.repeat(repeat, 1), sin.repeat(repeat, 1)
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class RealRoPEAttention(nn.Module):
+    """A sam2 RoPEAttention with real-valued rotation and an optional key mask (same weights)."""
+
+    def __init__(self, attention: nn.Module, side: int) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj = attention.q_proj, attention.k_proj
+        self.v_proj, self.out_proj = attention.v_proj, attention.out_proj
+        self.num_heads = attention.num_heads
+        cos, sin = rope_tables(attention, side)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                num_k_exclude_rope: int = 0, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of q over k/v; `key_mask` [B, Nk] bool (True: attend) hides invalid keys."""
+        q = self._heads(self.q_proj(q))
+        k = self._heads(self.k_proj(k))
+        v = self._heads(self.v_proj(v))
+        q = rotate(q, self.cos, self.sin)
+        rope_keys = k.shape[-2] - num_k_exclude_rope
+        k = torch.cat((rotate(k[:, :, :rope_keys], self.cos, self.sin), k[:, :, rope_keys:]),
+                      dim=2)
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        b, h, n, d = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, h * d))
+
+
+class RealMemoryAttention(nn.Module):
+    """sam2's MemoryAttention (batch-first tokens) over RealRoPEAttention, with a key mask.
+
+    Calls the original layers' norms, MLPs and dropout-free residuals in the order
+    `MemoryAttentionLayer.forward` does; with every key valid it equals the original to float
+    rounding (tests/test_export_sam2_model.py).
+    """
+
+    def __init__(self, memory_attention: nn.Module, side: int) -> None:
+        super().__init__()
+        self.source = memory_attention
+        self.self_attn = nn.ModuleList(RealRoPEAttention(layer.self_attn, side)
+                                       for layer in memory_attention.layers)
+        self.cross_attn = nn.ModuleList(RealRoPEAttention(layer.cross_attn_image, side)
+                                        for layer in memory_attention.layers)
+
+    def forward(self, curr: torch.Tensor, curr_pos: torch.Tensor, memory: torch.Tensor,
+                memory_pos: torch.Tensor, num_obj_ptr_tokens: int,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, HW, D] current tokens + [B, Nk, M] memory tokens -> [B, HW, D] conditioned."""
+        source = self.source
+        output = curr + 0.1 * curr_pos if source.pos_enc_at_input else curr
+        for layer, self_attn, cross_attn in zip(source.layers, self.self_attn, self.cross_attn,
+                                                strict=True):
+            tgt2 = layer.norm1(output)
+            q = k = tgt2 + curr_pos if layer.pos_enc_at_attn else tgt2
+            output = output + self_attn(q, k, tgt2)
+            tgt2 = layer.norm2(output)
+            output = output + cross_attn(
+                tgt2 + curr_pos if layer.pos_enc_at_cross_attn_queries else tgt2,
+                memory + memory_pos if layer.pos_enc_at_cross_attn_keys else memory,
+                memory, num_k_exclude_rope=num_obj_ptr_tokens, key_mask=key_mask)
+            tgt2 = layer.norm3(output)
+            output = output + layer.linear2(layer.activation(layer.linear1(tgt2)))
+        return source.norm(output)
+
+
+def feature_side(model: nn.Module) -> int:
+    """Side of the stride-16 feature map (64 at 1024 px)."""
+    return model.image_size // 16
+
