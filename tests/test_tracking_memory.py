@@ -1,0 +1,123 @@
+"""MemoryBank: sam2's memory selection rules over fixed arrays, bounded, bfloat16 storage."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rau_rt.errors import InputError
+from rau_rt.tracking.memory import POINTERS, SLOTS, MemoryBank, MemoryConfig, to_bfloat16
+
+SHAPE = (4, 2, 3)  # (M, h, w)
+DIM = 8
+
+
+def entry(frame: int):
+    """Memory, position and pointer tagged with the frame number (to see which got chosen)."""
+    return (np.full(SHAPE, frame + 0.5, np.float32), np.full(SHAPE, -frame, np.float32),
+            np.full(DIM, frame, np.float32))
+
+
+def bank(**kwargs) -> MemoryBank:
+    return MemoryBank(MemoryConfig(SHAPE, DIM, **kwargs))
+
+
+def chosen_frames(feeds) -> list[int]:
+    return [int(m.flat[0] - 0.5) if v else None for m, v in zip(feeds.memory, feeds.memory_valid,
+                                                                 strict=True)]
+
+
+def test_first_frames_use_the_conditioning_frame_and_what_exists():
+    b = bank()
+    b.add_conditioning(0, *entry(0))
+    b.add_tracked(1, *entry(1))
+    b.add_tracked(2, *entry(2))
+    feeds = b.feeds(3)
+    # slot 0: conditioning (temporal index 6); then t-6 ... t-1, frames < 0 or missing invalid
+    assert chosen_frames(feeds) == [0, None, None, None, None, 1, 2]
+    assert feeds.tpos_index.tolist() == [6, 5, 4, 3, 2, 1, 0]
+    assert feeds.pointer_valid.tolist() == [True, True, True] + [False] * (POINTERS - 3)
+    # pointers: conditioning frame at t - 0 = 3, then t-1, t-2; divided by t_diff_max 15
+    np.testing.assert_allclose(feeds.pointer_position[:3], np.array([3, 1, 2]) / 15)
+    assert feeds.pointers[:3, 0].tolist() == [0.0, 2.0, 1.0]
+
+
+def test_steady_state_keeps_the_last_six_frames_and_fifteen_pointers():
+    b = bank()
+    b.add_conditioning(0, *entry(0))
+    for t in range(1, 100):
+        b.add_tracked(t, *entry(t))
+    feeds = b.feeds(100)
+    assert chosen_frames(feeds) == [0, 94, 95, 96, 97, 98, 99]
+    assert feeds.pointer_valid.all()
+    assert feeds.pointers[1:, 0].tolist() == list(range(99, 84, -1))  # t-1 ... t-15
+    assert feeds.pointer_position[0] == pytest.approx(100 / 15)  # unbounded, as in sam2
+
+
+def test_short_clips_normalize_pointer_positions_like_sam2():
+    b = bank(clip_frames=5)
+    b.add_conditioning(0, *entry(0))
+    b.add_tracked(1, *entry(1))
+    feeds = b.feeds(2)
+    np.testing.assert_allclose(feeds.pointer_position[:2], [2 / 4, 1 / 4])
+
+
+def test_reference_is_pinned_and_new_prompts_replace_old_ones():
+    b = bank(max_conditioning=2)
+    b.add_conditioning(-1, *entry(-1), pinned=True)  # the annotated reference, before frame 0
+    b.add_conditioning(0, *entry(0))
+    for t in range(1, 30):
+        b.add_tracked(t, *entry(t))
+    b.add_conditioning(25, *entry(25))  # a VLM box on frame 25 replaces the frame-0 prompt
+    assert b.conditioning_frames == [-1, 25]
+    feeds = b.feeds(30)
+    # 2 conditioning + 5 recent slots; frame 25 appears once, as conditioning
+    # frames t-5 ... t-1 = 25 ... 29, but 25 is now a conditioning frame: not again as tracked
+    assert chosen_frames(feeds) == [-1, 25, None, 26, 27, 28, 29]
+    assert feeds.tpos_index.tolist() == [6, 6, 4, 3, 2, 1, 0]
+    with pytest.raises(InputError, match="pinned"):
+        full = bank(max_conditioning=1)
+        full.add_conditioning(-1, *entry(-1), pinned=True)
+        full.add_conditioning(3, *entry(3))
+
+
+def test_the_bank_is_bounded():
+    b = bank()
+    b.add_conditioning(0, *entry(0))
+    for t in range(1, 100):
+        b.add_tracked(t, *entry(t))
+        b.feeds(t + 1)
+    size = b.nbytes
+    for t in range(100, 10_000):
+        b.add_tracked(t, *entry(t))
+    b.feeds(10_000)
+    assert b.nbytes == size
+
+
+def test_memories_are_stored_as_bfloat16():
+    values = np.array([1.0, 1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-9, 3.14159265, -2.5e-8], np.float32)
+    rounded = to_bfloat16(values)
+    # bfloat16 keeps 7 mantissa bits (step 2**-7 at 1.0); halfway cases go to the even neighbour
+    assert rounded[:5].tolist() == [1.0, 1.0, 1.015625, 1.0, 3.140625]
+    assert np.all((rounded.view(np.uint32) & 0xFFFF) == 0)  # low 16 bits cleared
+    assert np.abs(rounded - values).max() <= np.abs(values).max() * 2**-8
+    b = bank()
+    memory = np.full(SHAPE, 1.0 + 2**-9, np.float32)
+    b.add_conditioning(0, memory, *entry(0)[1:])
+    assert b.feeds(0).memory[0].flat[0] == 1.0
+    # the same rounding as sam2's `.to(torch.bfloat16)` of maskmem_features
+    torch = pytest.importorskip("torch", reason="torch comes with the [export] extra")
+    np.testing.assert_array_equal(
+        rounded, torch.from_numpy(values).to(torch.bfloat16).float().numpy())
+
+
+def test_wrong_shapes_raise_input_error():
+    b = bank()
+    with pytest.raises(InputError, match="memory: expected"):
+        b.add_tracked(1, np.zeros((4, 2, 2), np.float32), *entry(1)[1:])
+    with pytest.raises(InputError, match="pointer: expected"):
+        b.add_tracked(1, *entry(1)[:2], np.zeros(3, np.float32))
+    with pytest.raises(InputError, match="numbered from 0"):
+        b.add_tracked(-2, *entry(-2))
+    with pytest.raises(InputError, match="max_conditioning"):
+        MemoryConfig(SHAPE, DIM, max_conditioning=SLOTS)
