@@ -71,15 +71,21 @@ def _dynamic_shapes(example: Mapping[str, torch.Tensor],
     return shapes
 
 
-def _output_specs(program, output_names: Sequence[str], precision: str,
-                  dynamic: Mapping[str, Mapping[int, DynamicDim]]) -> tuple[TensorSpec, ...]:
-    """Output specs from the exported graph; a symbolic dim takes its input dimension's name."""
+def _symbol_names(program, dynamic: Mapping[str, Mapping[int, DynamicDim]]) -> dict[str, str]:
+    """torch's symbol for each dynamic input dimension ("s40") -> the name we gave it."""
     symbols: dict[str, str] = {}
     placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
     user = placeholders[len(placeholders) - len(program.graph_signature.user_inputs):]
     for node, name in zip(user, program.graph_signature.user_inputs, strict=True):
         for axis, dim in dynamic.get(name, {}).items():
             symbols[str(node.meta["val"].shape[axis])] = dim.name
+    return symbols
+
+
+def _output_specs(program, output_names: Sequence[str], precision: str,
+                  dynamic: Mapping[str, Mapping[int, DynamicDim]]) -> tuple[TensorSpec, ...]:
+    """Output specs from the exported graph; a symbolic dim takes its input dimension's name."""
+    symbols = _symbol_names(program, dynamic)
     values = [n.meta["val"] for n in program.graph.output_node().args[0]]
     if len(values) != len(output_names):
         raise InputError(f"the module returns {len(values)} outputs, output_names has "
@@ -114,15 +120,23 @@ def _ranges(example: Mapping[str, torch.Tensor],
     return ranges
 
 
-def write_onnx(module: torch.nn.Module, example: Mapping[str, torch.Tensor], path: Path,
-               output_names: Sequence[str], precision: str,
-               dynamic: Mapping[str, Mapping[int, DynamicDim]]) -> None:
-    """ONNX graph (dynamo exporter, opset 18, weights inside the file) tagged with precision."""
-    torch.onnx.export(module, tuple(example.values()), str(path), dynamo=True,
+def write_onnx(program: torch.export.ExportedProgram, example: Mapping[str, torch.Tensor],
+               path: Path, output_names: Sequence[str], precision: str,
+               dim_names: Mapping[str, str]) -> None:
+    """ONNX graph (dynamo exporter, opset 18, weights inside the file) tagged with precision.
+
+    Converts the program `export_graph` already traced, so each module is traced once, and
+    renames torch's dynamic-dimension symbols ("s40") to ours ("batch") throughout the graph.
+    """
+    torch.onnx.export(program, tuple(example.values()), str(path), dynamo=True,
                       input_names=list(example), output_names=list(output_names),
-                      dynamic_shapes=_dynamic_shapes(example, dynamic),
                       opset_version=ONNX_OPSET, external_data=False, verbose=False)
     model = onnx.load(str(path))
+    graph = model.graph
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param") and dim.dim_param in dim_names:
+                dim.dim_param = dim_names[dim.dim_param]
     onnx.helper.set_model_props(model, {PRECISION_METADATA_KEY: precision})
     onnx.save(model, str(path))
 
@@ -174,7 +188,8 @@ def export_graph(module: torch.nn.Module, example: Mapping[str, torch.Tensor],
     text = describe(inputs, outputs, precision, device)
     lint = None
     if backend == "onnxruntime":
-        write_onnx(target, cast, path, output_names, precision, dynamic)
+        write_onnx(program, cast, path, output_names, precision,
+                   _symbol_names(program, dynamic))
         lint = trt_export.lint(path).to_dict()
     elif backend == "aotinductor":
         torch._inductor.aoti_compile_and_package(
