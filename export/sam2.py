@@ -10,7 +10,8 @@ graph: ONNX (and AOTInductor) through `export.torch.export_graph`, which reloads
 `rau_rt.engines` and fails outside the fp32 tolerance -> mask IoU on the decoder's logits ->
 int8 (`quantize`) or fp16 (`tensorrt.convert_fp16`: LayerNorm and Softmax kept fp32, the
 TensorRT fp16 failure mode of Hiera/ViT encoders), verified the same way; a graph whose drift
-exceeds `verify.SAM2_TOLERANCES` stays fp32 and the manifest says why -> `manifest.json`.
+exceeds `verify.SAM2_TOLERANCES` stays fp32 and the manifest says why -> `manifest.json` and
+`sam2.json` (`rau_rt.sam2_layout`: token-selection settings, mask_downsample weights).
 
 Memory attention design: fixed slots with validity masks, not dynamic lengths. 7 spatial slots
 and 16 pointer slots (sam2's num_maskmem and max_obj_ptrs_in_encoder) are the most sam2 ever
@@ -34,7 +35,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rau_rt.bundle import GraphEntry, Manifest, file_sha256, tool_versions, write_manifest
+from rau_rt.bundle import (
+    GraphEntry,
+    Manifest,
+    file_sha256,
+    side_files,
+    tool_versions,
+    write_manifest,
+)
 from rau_rt.engines import registry
 from rau_rt.errors import InputError
 from rau_rt.export import quantize as int8
@@ -50,6 +58,7 @@ from rau_rt.export.verify import (
     compare,
     mask_agreement,
 )
+from rau_rt.sam2_layout import LAYOUT_FILE, write_layout
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +304,9 @@ def export_sam2(config: Sam2ExportConfig, check: CheckFrames,
                              if e.precision == "fp32" and config.precision != "fp32" else "")
                     for e in graph_entries)
     name = f"sam2-{source.name}-{source.image_size}"
-    manifest = Manifest(name=name, graphs=tuple(entries))
+    write_layout(directory, graphs.layout(model))
+    manifest = Manifest(name=name, graphs=tuple(entries),
+                        files=side_files(directory, [LAYOUT_FILE]))
     write_manifest(directory, manifest)
     return manifest, rows
 

@@ -47,8 +47,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rau_rt.config import DEFAULT_ENGINE_CONFIG, EngineConfig
+from rau_rt.engines.torch import NUMPY_FLOAT, TorchEagerEngine
 from rau_rt.errors import InputError
 from rau_rt.export.sam2_model import RealMemoryAttention, feature_side
+from rau_rt.sam2_layout import Sam2Layout
+from rau_rt.types import TensorSpec
 
 # sam2's NO_OBJ_SCORE: the logit of every pixel of an absent object.
 NO_OBJECT_LOGIT = -1024.0
@@ -221,3 +225,89 @@ def graph_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The four wrappers around one model (sharing its weights), in eval mode."""
     check_supported(model)
     return {name: cls(model).eval() for name, cls in WRAPPERS.items()}
+
+
+def layout(model: nn.Module) -> Sam2Layout:
+    """The bundle's `sam2.json` for `model` (the settings the runtime's token selection needs)."""
+    decoder = model.sam_mask_decoder
+    conv = model.mask_downsample
+    if tuple(conv.kernel_size) != (4, 4) or tuple(conv.stride) != (4, 4):
+        raise InputError(f"mask_downsample is a {tuple(conv.kernel_size)} conv with stride "
+                         f"{tuple(conv.stride)}; sam2.json stores sam2.1's 4x4 stride-4 one")
+    return Sam2Layout(
+        image_size=int(model.image_size), hidden_dim=int(model.hidden_dim),
+        memory_dim=int(model.mem_dim),
+        fill_hole_area=int(getattr(model, "fill_hole_area", 0)),
+        multimask_stability=bool(decoder.dynamic_multimask_via_stability),
+        stability_delta=float(decoder.dynamic_multimask_stability_delta),
+        stability_threshold=float(decoder.dynamic_multimask_stability_thresh),
+        mask_downsample_weight=tuple(float(v) for v in conv.weight.detach().flatten()),
+        mask_downsample_bias=float(conv.bias.detach()[0]))
+
+
+def graph_specs(model: nn.Module, float_dtype: str = "float32",
+                ) -> dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]]:
+    """(inputs, outputs) per graph, from the contract above; what an export records."""
+    s, d, m = int(model.image_size), int(model.hidden_dim), int(model.mem_dim)
+    low, side, n = s // 4, s // 16, "regions"
+
+    def f(name, *shape):
+        return TensorSpec(name, shape, float_dtype)
+
+    def frame(name, channels, size):
+        return f(name, 1, channels, size, size)
+
+    return {
+        "image_encoder": (
+            (f("image", 1, 3, s, s),),
+            (frame("high_res_0", d // 8, low), frame("high_res_1", d // 4, s // 8),
+             frame("vision_features", d, side), frame("vision_pos", d, side),
+             frame("features_no_memory", d, side))),
+        "mask_decoder": (
+            (f("image_embed", n, d, side, side), frame("high_res_0", d // 8, low),
+             frame("high_res_1", d // 4, s // 8), f("point_coords", n, "points", 2),
+             TensorSpec("point_labels", (n, "points"), "int32"), f("mask_input", n, 1, low, low),
+             TensorSpec("has_mask_input", (n,), "bool")),
+            (f("masks", n, 4, low, low), f("iou", n, 4), f("object_pointers", n, 4, d),
+             f("object_score", n, 1))),
+        "memory_attention": (
+            (frame("current_features", d, side), frame("current_pos", d, side),
+             f("memory", n, SLOTS, m, side, side), f("memory_pos", n, SLOTS, m, side, side),
+             TensorSpec("memory_tpos_index", (n, SLOTS), "int64"),
+             TensorSpec("memory_valid", (n, SLOTS), "bool"), f("object_pointers", n, POINTERS, d),
+             f("pointer_position", n, POINTERS),
+             TensorSpec("pointer_valid", (n, POINTERS), "bool")),
+            (f("conditioned_features", n, d, side, side),)),
+        "memory_encoder": (
+            (frame("vision_features", d, side), f("masks", n, 1, low, low),
+             f("object_score", n, 1), TensorSpec("binarize", (n,), "bool")),
+            (f("memory", n, m, side, side), f("memory_pos", n, m, side, side))),
+    }
+
+
+class EagerGraphs:
+    """The four graphs as eager torch engines over one model: the reference the tracker's
+    bundle is checked against, and the torch (CUDA) backend for GPU measurements.
+
+    Same interface the Tracker uses on a loaded `Bundle`: `engines`, `run(graph, feeds)`,
+    `close()`. `config.precision` fp16/bf16 casts the model (the eager engine's rule).
+    """
+
+    def __init__(self, model: nn.Module, config: EngineConfig = DEFAULT_ENGINE_CONFIG) -> None:
+        precision = config.precision or "fp32"
+        specs = graph_specs(model, NUMPY_FLOAT.get(precision, "float32"))
+        modules = graph_modules(model)
+        self._engines = {name: TorchEagerEngine.from_module(modules[name], *specs[name], config)
+                         for name in GRAPH_NAMES}
+        self.layout = layout(model)
+
+    @property
+    def engines(self) -> dict[str, TorchEagerEngine]:
+        return dict(self._engines)
+
+    def run(self, graph: str, feeds):
+        return self._engines[graph].run(feeds)
+
+    def close(self) -> None:
+        for engine in self._engines.values():
+            engine.close()

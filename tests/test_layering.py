@@ -28,6 +28,8 @@ LAYER_OF = {
     # the exported VLM's contract (vlm.json) and its numpy preprocessing/M-RoPE ports: core, so
     # that export writes it and localization reads it
     "rau_rt.vlm_layout": "core",
+    # the exported SAM2's token-selection settings (sam2.json): written by export, read by tracking
+    "rau_rt.sam2_layout": "core",
     "rau_rt.engines": "engines",
     "rau_rt.bundle": "bundle",
     "rau_rt.tracking": "domain",

@@ -35,3 +35,32 @@ def resize_plane(plane: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     top = p00 + fx[None, :] * (p01 - p00)
     bottom = p10 + fx[None, :] * (p11 - p10)
     return top + fy[:, None] * (bottom - top)
+
+
+def antialias_weights(in_size: int, out_size: int) -> np.ndarray:
+    """(out_size, in_size) float32 weights of torch's antialiased bilinear resize.
+
+    As F.interpolate(mode="bilinear", align_corners=False, antialias=True) on CPU: a triangle
+    filter widened by the scale when shrinking (support = scale), each output's taps normalized
+    to sum 1; when enlarging it is plain bilinear. sam2 resizes mask prompts this way.
+    """
+    scale = in_size / out_size
+    support = scale if scale >= 1.0 else 1.0
+    inv = 1.0 / scale if scale >= 1.0 else 1.0
+    weights = np.zeros((out_size, in_size), np.float64)
+    for i in range(out_size):
+        center = scale * (i + 0.5)
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), in_size)
+        taps = np.arange(lo, hi)
+        w = np.maximum(0.0, 1.0 - np.abs((taps - center + 0.5) * inv))
+        if w.sum() > 0:
+            weights[i, lo:hi] = w / w.sum()
+    return weights.astype(np.float32)
+
+
+def resize_antialias(planes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(N, H, W) float32 -> (N, height, width) with `antialias_weights` (horizontal first)."""
+    rows = antialias_weights(planes.shape[1], size[0])
+    cols = antialias_weights(planes.shape[2], size[1])
+    return (rows @ (planes.astype(np.float32, copy=False) @ cols.T)).astype(np.float32)

@@ -1,0 +1,103 @@
+"""What the runtime needs to drive an exported SAM2 bundle besides its four graphs.
+
+`rau-rt export sam2` writes `sam2.json` next to `manifest.json`; `Sam2Layout` is its content:
+the sizes the graphs were built for, the video predictor's post-processing settings that decide
+which mask token is kept (they depend on the prompt, not on tensors, so they are not in a graph),
+and the 16 weights of `SAM2Base.mask_downsample`, the 4x4 stride-4 convolution sam2 applies to a
+mask prompt (an annotated reference) before its prompt encoder: too small for a graph of its own.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rau_rt.errors import BundleError
+
+LAYOUT_FILE = "sam2.json"
+LAYOUT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Sam2Layout:
+    """`sam2.json`: the contract between an exported SAM2 bundle and the Tracker.
+
+    Attributes:
+        image_size: S, the square model input; masks are S/4, features S/16.
+        hidden_dim, memory_dim: D and M (object pointer and spatial memory channels).
+        fill_hole_area: sam2's `fill_hole_area` (8 with the video predictor's post-processing):
+            background specks of at most this many low-res pixels become foreground.
+        multimask_stability: sam2's `dynamic_multimask_via_stability` for single-mask outputs
+            (a box): token 0 unless its stability is under `stability_threshold`.
+        stability_delta, stability_threshold: 0.05 and 0.98 in every sam2.1 config.
+        mask_downsample_weight: the (4, 4) kernel of `mask_downsample`, row-major.
+        mask_downsample_bias: its bias.
+    """
+
+    image_size: int
+    hidden_dim: int
+    memory_dim: int
+    fill_hole_area: int
+    multimask_stability: bool
+    stability_delta: float
+    stability_threshold: float
+    mask_downsample_weight: tuple[float, ...]
+    mask_downsample_bias: float
+    version: int = LAYOUT_VERSION
+
+    @property
+    def low_res(self) -> int:
+        """Side of the decoder's mask logits (S/4)."""
+        return self.image_size // 4
+
+    def mask_downsample(self, masks: np.ndarray) -> np.ndarray:
+        """`mask_downsample` on (N, S, S) float32 masks -> (N, 1, S/4, S/4), in float32.
+
+        Each output pixel is the 4x4 block under it times the kernel plus the bias (stride 4,
+        no padding: the blocks tile the image).
+        """
+        n, side = masks.shape[0], self.low_res
+        blocks = masks.reshape(n, side, 4, side, 4).transpose(0, 1, 3, 2, 4).reshape(
+            n, side, side, 16)
+        kernel = np.asarray(self.mask_downsample_weight, np.float32)
+        out = blocks @ kernel + np.float32(self.mask_downsample_bias)
+        return out.astype(np.float32, copy=False)[:, None]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+
+def write_layout(directory: str | Path, layout: Sam2Layout) -> Path:
+    path = Path(directory) / LAYOUT_FILE
+    path.write_text(layout.to_json())
+    return path
+
+
+def read_layout(directory: str | Path) -> Sam2Layout:
+    """Read `sam2.json` of a bundle.
+
+    Raises:
+        BundleError: missing (a bundle exported before the layout file existed), malformed, or
+            another layout version.
+    """
+    path = Path(directory) / LAYOUT_FILE
+    if not path.is_file():
+        raise BundleError(f"{path}: missing; the tracker needs it (the mask-token settings and "
+                          "mask_downsample weights): re-export the bundle with rau-rt export sam2")
+    try:
+        data = json.loads(path.read_text())
+        if data.get("version") != LAYOUT_VERSION:
+            raise BundleError(f"{path}: layout version {data.get('version')}, this rau-rt reads "
+                              f"{LAYOUT_VERSION}; re-export the bundle")
+        data["mask_downsample_weight"] = tuple(data["mask_downsample_weight"])
+        layout = Sam2Layout(**data)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise BundleError(f"{path}: malformed ({exc}); re-export the bundle") from exc
+    if len(layout.mask_downsample_weight) != 16 or layout.image_size % 16:
+        raise BundleError(f"{path}: expected a 4x4 mask_downsample kernel and an image size "
+                          f"divisible by 16, got {len(layout.mask_downsample_weight)} weights and "
+                          f"{layout.image_size}; re-export the bundle")
+    return layout

@@ -1,0 +1,441 @@
+"""The streaming SAM2 tracker: the four graphs of a bundle, frame by frame, all regions batched.
+
+Per frame (notes/sam2_parity.md, section 2, is the specification):
+
+1. `image_encoder` once for the frame.
+2. Regions prompted on this frame (a VLM or user box) run as sam2 runs a box on a frame it has
+   not tracked: no memory (`features_no_memory`), the box as two corner points, a single mask
+   (token 0 unless its stability is under 0.98, then the best-IoU multimask token), the pointer
+   of token 0; the mask enters memory binarized, after hole filling, as a conditioning frame.
+3. Every other region with memory is tracked: `memory_attention` over its bank (one batched
+   call), then the decoder with no prompt: the best-IoU of tokens 1-3 and that token's pointer;
+   the mask enters memory as sigmoid x 20 - 10 of the unfilled logits, as a tracked frame.
+4. One batched `memory_encoder` call over all regions; post-processing (hole filling, upsampling
+   to the frame, threshold, box, score).
+
+Presence: sam2's object score decides; where it is <= 0 the decoder graph already set the mask to
+-1024 and the pointer to `no_obj_ptr`, and the memory encoder adds the no-object embedding. An
+absent region gets no mask and no box.
+
+The annotated reference (`add_reference`, RAU's "SAM2 memory setup") enters as sam2's
+`add_new_mask` does: the mask itself is the output (logits +-10, antialiased to S/4), the pointer
+comes from the decoder run on the raw features with the mask as its prompt, and the memory is
+encoded from the binarized mask. It becomes a pinned conditioning frame one frame before the
+frame it was added at, as if it were the previous frame of sam2's clip.
+
+State only changes after every graph of a frame ran, so a bad frame (InputError) or an engine
+error leaves the tracker as it was.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from rau_rt import ops
+from rau_rt.errors import InputError
+from rau_rt.ops._bilinear import resize_antialias
+from rau_rt.sam2_layout import Sam2Layout, read_layout
+from rau_rt.tracking.memory import MemoryBank, MemoryConfig
+from rau_rt.types import Frame, RegionResult
+
+STAGES = ("preprocess", "image_encoder", "memory_attention", "mask_decoder", "memory_encoder",
+          "postprocess")
+MAX_REGIONS = 16  # the exported graphs' region range (export/sam2_graphs.py MAX_REGIONS)
+# sam2's `_use_mask_as_output`: a mask prompt becomes logits +-10 (sigmoid(-10) = 4.5e-5) and
+# object score +10.
+MASK_LOGIT = 10.0
+PROMPT_SOURCES = ("vlm", "user")
+
+
+class GraphRunner(Protocol):
+    """What the tracker needs of a loaded bundle (`rau_rt.bundle.Bundle` is one)."""
+
+    @property
+    def engines(self) -> Mapping[str, object]: ...
+
+    def run(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class TrackerConfig:
+    """Tracker settings; defaults are sam2's video predictor's.
+
+    Attributes:
+        max_conditioning: spatial memory slots for conditioning frames (the reference plus the
+            newest prompted frames); the rest of the 7 hold recent frames (MemoryBank).
+        clip_frames: the clip length sam2 would know; its pointer positions depend on it for
+            clips shorter than 16 frames (parity tests); None for a live stream.
+        fill_hole_area: low-res background specks filled before output and conditioning memory;
+            None takes the bundle's (sam2.json: 8 for sam2's video predictor).
+        mask_threshold: logit threshold of the output masks.
+        channel_order: of bare uint8/uint16 (H, W, 3) arrays passed to `step` ("rgb" or "bgr");
+            a `Frame` carries its own.
+        window: optional VOI (centre, width) of raw X-ray values for `ops.preprocess`.
+    """
+
+    max_conditioning: int = 2
+    clip_frames: int | None = None
+    fill_hole_area: int | None = None
+    mask_threshold: float = 0.0
+    channel_order: str = "rgb"
+    window: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.channel_order not in ("rgb", "bgr"):
+            raise InputError(f"channel_order: expected 'rgb' or 'bgr', got {self.channel_order!r}")
+        if self.fill_hole_area is not None and self.fill_hole_area < 0:
+            raise InputError(f"fill_hole_area: expected >= 0 or None, got {self.fill_hole_area}")
+        MemoryConfig((1, 1, 1), 1, self.max_conditioning, self.clip_frames)  # range checks
+
+
+@dataclass(frozen=True)
+class TrackStep:
+    """One frame's tracking output.
+
+    Attributes:
+        index: the tracker's frame counter (0 for the first `step`).
+        frame_size: (height, width) the masks and boxes are in.
+        regions: name -> RegionResult (absent: no mask, no box).
+        object_scores: name -> sam2's object score logit (> 0: present).
+        low_res_logits: name -> (S/4, S/4) float32 logits after hole filling (what is upsampled).
+        stage_ms: wall time per stage (STAGES).
+    """
+
+    index: int
+    frame_size: tuple[int, int]
+    regions: Mapping[str, RegionResult]
+    object_scores: Mapping[str, float]
+    low_res_logits: Mapping[str, np.ndarray]
+    stage_ms: Mapping[str, float]
+
+
+@dataclass
+class _Decoded:
+    masks: np.ndarray  # (n, S/4, S/4) selected logits
+    pointers: np.ndarray  # (n, D)
+    scores: np.ndarray  # (n,)
+
+
+class Tracker:
+    """Tracks regions through a live stream with the four SAM2 graphs of a bundle.
+
+    Args:
+        graphs: a loaded SAM2 bundle (`rau_rt.bundle.load_bundle(dir)`), or any `GraphRunner`
+            with a `layout` attribute (`rau_rt.export.sam2_graphs.EagerGraphs`).
+        config: TrackerConfig.
+    """
+
+    def __init__(self, graphs: GraphRunner, config: TrackerConfig | None = None) -> None:
+        self._graphs = graphs
+        self.config = config or TrackerConfig()
+        layout = getattr(graphs, "layout", None)
+        self.layout: Sam2Layout = layout if layout is not None else read_layout(graphs.directory)
+        engines = graphs.engines
+        missing = {"image_encoder", "mask_decoder", "memory_attention", "memory_encoder"} - set(
+            engines)
+        if missing:
+            raise InputError(f"the tracker needs the four SAM2 graphs; missing {sorted(missing)}")
+        self._dtypes = {graph: {s.name: np.dtype(s.dtype) for s in engine.inputs}
+                        for graph, engine in engines.items()}
+        size = self.layout.image_size
+        image = next(s for s in engines["image_encoder"].inputs if s.name == "image")
+        if tuple(image.shape) != (1, 3, size, size):
+            raise InputError(f"image_encoder takes {image.shape}, sam2.json says image size "
+                             f"{size}: the bundle is inconsistent; re-export it")
+        side = size // 16
+        self._memory = MemoryConfig((self.layout.memory_dim, side, side), self.layout.hidden_dim,
+                                    self.config.max_conditioning, self.config.clip_frames)
+        self._fill = (self.layout.fill_hole_area if self.config.fill_hole_area is None
+                      else self.config.fill_hole_area)
+        self._banks: dict[str, MemoryBank] = {}
+        self._pending: dict[str, tuple[np.ndarray, str]] = {}
+        self._next = 0
+        self._frame_size: tuple[int, int] | None = None
+        self._image = np.empty((3, size, size), np.float32)
+
+    # -- state ----------------------------------------------------------------------------
+    @property
+    def regions(self) -> list[str]:
+        """Region names, in the order they were added."""
+        return list(self._banks)
+
+    @property
+    def frame_index(self) -> int:
+        """The index the next `step` gets (frames stepped so far)."""
+        return self._next
+
+    @property
+    def memory_nbytes(self) -> int:
+        """Bytes held by the memory banks (constant per region over the stream)."""
+        return sum(bank.nbytes for bank in self._banks.values())
+
+    def remove_region(self, name: str) -> None:
+        """Stop tracking `name` and drop its memory (other regions are untouched)."""
+        if name not in self._banks:
+            raise InputError(f"region {name!r} is not tracked; tracked: {self.regions}")
+        del self._banks[name]
+        self._pending.pop(name, None)
+
+    def _room(self, names: Sequence[str]) -> None:
+        new = [n for n in names if n not in self._banks]
+        if len(self._banks) + len(new) > MAX_REGIONS:
+            raise InputError(f"{len(self._banks)} regions tracked, {len(new)} more asked for: the "
+                             f"graphs take at most {MAX_REGIONS}; remove some first")
+
+    # -- inputs ---------------------------------------------------------------------------
+    def _input(self, frame: Frame | np.ndarray, frame_size: tuple[int, int] | None,
+               ) -> tuple[np.ndarray, tuple[int, int]]:
+        size = self.layout.image_size
+        cfg = self.config
+        if isinstance(frame, Frame):
+            order = "rgb" if frame.channel_order == "gray" else frame.channel_order
+            ops.preprocess(frame.image, (size, size), channel_order=order, window=cfg.window,
+                           bits_stored=frame.bits_stored, out=self._image)
+            return self._image, frame.image.shape[:2]
+        if not isinstance(frame, np.ndarray):
+            raise InputError(f"frame: expected a Frame or numpy.ndarray, got "
+                             f"{type(frame).__name__}")
+        if frame.dtype == np.float32:
+            if frame.shape != (3, size, size):
+                raise InputError(f"frame: a float32 frame is a prepared model input (3, {size}, "
+                                 f"{size}) (ImageNet-normalized RGB), got {frame.shape}")
+            if not np.isfinite(frame).all():
+                raise InputError("frame: the float32 model input holds NaN or infinity")
+            if frame_size is None:
+                raise InputError("frame_size: a prepared model input needs the (height, width) "
+                                 "of the frame it came from")
+            return frame, (int(frame_size[0]), int(frame_size[1]))
+        ops.preprocess(frame, (size, size), channel_order=cfg.channel_order, window=cfg.window,
+                       out=self._image)
+        return self._image, frame.shape[:2]
+
+    def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        dtypes = self._dtypes[graph]
+        cast = {name: np.ascontiguousarray(value, dtype=dtypes[name])
+                for name, value in feeds.items()}
+        return {name: value.astype(np.float32, copy=False) if value.dtype.kind == "f" else value
+                for name, value in self._graphs.run(graph, cast).items()}
+
+    def _decode(self, embed: np.ndarray, encoded: dict[str, np.ndarray], coords: np.ndarray,
+                labels: np.ndarray, multimask: bool, mask_input: np.ndarray | None = None,
+                ) -> _Decoded:
+        n, low = len(embed), self.layout.low_res
+        out = self._run("mask_decoder", {
+            "image_embed": embed, "high_res_0": encoded["high_res_0"],
+            "high_res_1": encoded["high_res_1"], "point_coords": coords,
+            "point_labels": labels,
+            "mask_input": np.zeros((n, 1, low, low), np.float32) if mask_input is None
+            else mask_input,
+            "has_mask_input": np.full(n, mask_input is not None)})
+        masks, iou, pointers = out["masks"], out["iou"], out["object_pointers"]
+        rows = np.arange(n)
+        best = iou[:, 1:].argmax(axis=1) + 1
+        if multimask:
+            return _Decoded(masks[rows, best], pointers[rows, best], out["object_score"][:, 0])
+        chosen = np.zeros(n, np.int64)
+        if self.layout.multimask_stability:
+            flat = masks[:, 0].reshape(n, -1)
+            delta = self.layout.stability_delta
+            inner = (flat > delta).sum(axis=1)
+            outer = (flat > -delta).sum(axis=1)
+            stability = np.where(outer > 0, inner / np.maximum(outer, 1), 1.0)
+            chosen = np.where(stability >= self.layout.stability_threshold, 0, best)
+        return _Decoded(masks[rows, chosen], pointers[:, 0], out["object_score"][:, 0])
+
+    def _fill_holes(self, logits: np.ndarray) -> np.ndarray:
+        if self._fill:
+            return ops.fill_holes(logits, self._fill, threshold=0.0)
+        return logits.copy()
+
+    # -- reference and prompts ------------------------------------------------------------
+    def add_reference(self, image: Frame | np.ndarray,
+                      masks_by_region: Mapping[str, np.ndarray]) -> None:
+        """Encode an annotated reference image into pinned conditioning memory per region.
+
+        Args:
+            image: the reference image (any size; a `Frame` or an array as `step` takes).
+            masks_by_region: name -> (H, W) bool/uint8 mask on `image`, not empty. A region
+                already tracked gets its reference replaced; a new one starts tracking from it.
+        """
+        if not masks_by_region:
+            raise InputError("masks_by_region: no regions given")
+        x, (height, width) = self._input(image, None)
+        names = list(masks_by_region)
+        self._room(names)
+        size = self.layout.image_size
+        planes = []
+        for name in names:
+            mask = np.asarray(masks_by_region[name])
+            if mask.shape != (height, width):
+                raise InputError(f"reference mask {name!r}: expected ({height}, {width}) like "
+                                 f"the image, got {mask.shape}")
+            if not mask.any():
+                raise InputError(f"reference mask {name!r} is empty; a reference region needs "
+                                 "pixels")
+            planes.append(mask.astype(np.float32))
+        masks = np.stack(planes)
+        if (height, width) != (size, size):  # sam2's add_new_mask: antialiased, then >= 0.5
+            masks = (resize_antialias(masks, (size, size)) >= 0.5).astype(np.float32)
+        n = len(names)
+        encoded = self._run("image_encoder", {"image": x[None]})
+        features = np.broadcast_to(encoded["vision_features"], (n, *encoded["vision_features"]
+                                                                .shape[1:]))
+        decoded = self._decode(features, encoded, np.zeros((n, 1, 2), np.float32),
+                               np.full((n, 1), -1, np.int32), multimask=False,
+                               mask_input=self.layout.mask_downsample(masks))
+        low = resize_antialias(masks * (2 * MASK_LOGIT) - MASK_LOGIT,
+                               (self.layout.low_res,) * 2)
+        memory = self._run("memory_encoder", {
+            "vision_features": encoded["vision_features"],
+            "masks": self._fill_holes(low)[:, None],
+            "object_score": np.full((n, 1), MASK_LOGIT, np.float32),
+            "binarize": np.ones(n, bool)})
+        frame = self._next - 1
+        for i, name in enumerate(names):
+            bank = self._banks.get(name) or MemoryBank(self._memory)
+            bank.add_conditioning(frame, memory["memory"][i], memory["memory_pos"][i],
+                                  decoded.pointers[i], pinned=True)
+            self._banks[name] = bank
+
+    def prompt(self, frame_index: int, boxes_by_region: Mapping[str, Sequence[float]],
+               source: str = "user") -> None:
+        """Condition regions on boxes (frame pixels, x1 y1 x2 y2) at frame `frame_index`.
+
+        The boxes apply to the next `step`, whose index `frame_index` must be: the tracker
+        cannot go back to a frame it has passed (the pipeline maps late VLM boxes to the newest
+        frame). A new name starts a region; a tracked one is re-conditioned.
+        """
+        if frame_index != self._next:
+            raise InputError(f"boxes for frame {frame_index}: the tracker's next frame is "
+                             f"{self._next}; it conditions only the frame it processes next")
+        if source not in PROMPT_SOURCES:
+            raise InputError(f"source: expected one of {PROMPT_SOURCES}, got {source!r}")
+        boxes = {}
+        for name, box in boxes_by_region.items():
+            values = np.asarray(box, dtype=np.float64)
+            if values.shape != (4,) or not np.isfinite(values).all():
+                raise InputError(f"box {name!r}: expected 4 finite numbers x1 y1 x2 y2, got "
+                                 f"{box!r}")
+            if values[2] <= values[0] or values[3] <= values[1]:
+                raise InputError(f"box {name!r}: expected x1 < x2 and y1 < y2, got {box!r}")
+            if self._frame_size is not None:
+                h, w = self._frame_size
+                if values[2] <= 0 or values[3] <= 0 or values[0] >= w or values[1] >= h:
+                    raise InputError(f"box {name!r} {box!r} lies outside the {w}x{h} frame")
+            boxes[name] = values.astype(np.float32)
+        self._room(list(boxes))
+        for name, values in boxes.items():
+            self._pending[name] = (values, source)
+            self._banks.setdefault(name, MemoryBank(self._memory))
+
+    # -- the per-frame path -----------------------------------------------------------------
+    def step(self, frame: Frame | np.ndarray, *,
+             frame_size: tuple[int, int] | None = None) -> TrackStep:
+        """Track every region into `frame`.
+
+        Args:
+            frame: a `Frame`, a uint8/uint16 (H, W) or (H, W, 3) image, or a prepared float32
+                (3, S, S) model input (then `frame_size` names the frame it came from).
+
+        Raises:
+            InputError: a bad frame (dtype, shape, channels, NaN); the state is unchanged.
+        """
+        times = dict.fromkeys(STAGES, 0.0)
+        started = time.perf_counter()
+        x, frame_size = self._input(frame, frame_size)
+        t = self._next
+        prompted = [n for n in self._banks if n in self._pending]
+        tracked = [n for n in self._banks if n not in self._pending
+                   and self._banks[n].conditioning_frames]
+        names = prompted + tracked
+        clock = time.perf_counter()
+        times["preprocess"] = (clock - started) * 1e3
+        if not names:
+            self._next, self._frame_size = t + 1, frame_size
+            return TrackStep(t, frame_size, {}, {}, {}, times)
+        encoded = self._run("image_encoder", {"image": x[None]})
+        clock = _lap(times, "image_encoder", clock)
+        decoded = []
+        if prompted:
+            height, width = frame_size
+            size = self.layout.image_size
+            scale = np.array([size / width, size / height] * 2, np.float32)
+            coords = np.stack([self._pending[n][0] for n in prompted])
+            coords = np.clip(coords, 0, [width, height, width, height]) * scale
+            n = len(prompted)
+            features = np.broadcast_to(encoded["features_no_memory"],
+                                       (n, *encoded["features_no_memory"].shape[1:]))
+            decoded.append(self._decode(features, encoded, coords.reshape(n, 2, 2),
+                                        np.tile(np.array([[2, 3]], np.int32), (n, 1)),
+                                        multimask=False))
+            clock = _lap(times, "mask_decoder", clock)
+        if tracked:
+            conditioned = self._attend(encoded, tracked, t)
+            clock = _lap(times, "memory_attention", clock)
+            n = len(tracked)
+            decoded.append(self._decode(conditioned, encoded, np.zeros((n, 1, 2), np.float32),
+                                        np.full((n, 1), -1, np.int32), multimask=True))
+            clock = _lap(times, "mask_decoder", clock)
+        logits = np.concatenate([d.masks for d in decoded])
+        pointers = np.concatenate([d.pointers for d in decoded])
+        scores = np.concatenate([d.scores for d in decoded])
+        filled = self._fill_holes(logits)
+        binarize = np.arange(len(names)) < len(prompted)
+        # prompted frames enter memory from the filled mask (sam2 encodes them later, from the
+        # stored output), tracked frames from the unfilled one
+        memory = self._run("memory_encoder", {
+            "vision_features": encoded["vision_features"],
+            "masks": np.where(binarize[:, None, None], filled, logits)[:, None],
+            "object_score": scores[:, None], "binarize": binarize})
+        clock = _lap(times, "memory_encoder", clock)
+        post = ops.postprocess_masks(filled, frame_size, threshold=self.config.mask_threshold)
+        results = {}
+        for i, name in enumerate(names):
+            present = bool(scores[i] > 0 and post.areas[i] > 0)
+            source = self._pending[name][1] if i < len(prompted) else "track"
+            results[name] = RegionResult(
+                present=present, mask=post.masks[i].astype(bool) if present else None,
+                box=post.boxes[i] if present else None,
+                score=float(post.scores[i]) if present else 0.0, source=source)
+        _lap(times, "postprocess", clock)
+        # commit: nothing above changed the tracker
+        for i, name in enumerate(names):
+            bank = self._banks[name]
+            if i < len(prompted):
+                bank.add_conditioning(t, memory["memory"][i], memory["memory_pos"][i],
+                                      pointers[i])
+                del self._pending[name]
+            else:
+                bank.add_tracked(t, memory["memory"][i], memory["memory_pos"][i], pointers[i])
+        self._next, self._frame_size = t + 1, frame_size
+        order = [n for n in self._banks if n in results]
+        return TrackStep(t, frame_size, {n: results[n] for n in order},
+                         {n: float(scores[names.index(n)]) for n in order},
+                         {n: filled[names.index(n)] for n in order}, times)
+
+    def _attend(self, encoded: dict[str, np.ndarray], names: list[str], t: int) -> np.ndarray:
+        feeds = [self._banks[n].feeds(t) for n in names]
+
+        def stack(field: str) -> np.ndarray:
+            if len(feeds) == 1:
+                return getattr(feeds[0], field)[None]
+            return np.stack([getattr(f, field) for f in feeds])
+
+        out = self._run("memory_attention", {
+            "current_features": encoded["vision_features"], "current_pos": encoded["vision_pos"],
+            "memory": stack("memory"), "memory_pos": stack("memory_pos"),
+            "memory_tpos_index": stack("tpos_index"), "memory_valid": stack("memory_valid"),
+            "object_pointers": stack("pointers"), "pointer_position": stack("pointer_position"),
+            "pointer_valid": stack("pointer_valid")})
+        return out["conditioned_features"]
+
+
+def _lap(times: dict[str, float], stage: str, since: float) -> float:
+    now = time.perf_counter()
+    times[stage] += (now - since) * 1e3
+    return now

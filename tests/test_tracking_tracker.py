@@ -1,0 +1,418 @@
+"""The Tracker against sam2's own SAM2VideoPredictor, frame by frame, on the same weights.
+
+The micro model (random weights with the presence-head bias, so regions are present) runs at
+256 px on synthetic angiography frames written as JPEG (the
+predictor reads JPEG folders); the Tracker gets the same decoded pixels. Frames are 256 x 256,
+so neither side resizes. Hole filling is off on both sides: sam2 fills holes only with its CUDA
+extension `sam2._C`, which a CPU install lacks (it skips the step), so the reference has none.
+
+Random weights are too flat to test much: mask logits stay under 0.5, and an object pointer
+moves the next frame's logits by 1e-5, so a tracker with the wrong pointer token would pass a
+1e-4 comparison. The checkpoint here has the mask hypernetworks' and pointer projection's last
+layers scaled by 10 (logits up to 3.3, masks covering about 24 % of the frame, a wrong pointer
+costs 1e-3): weights a trained model could have, the same for both sides.
+
+Parity runs the exported ONNX bundle (the user's path) for the box-prompt cases, and the eager
+graphs (`EagerGraphs`, same modules) where a forward hook on the model forces the object score
+negative on chosen frames, which only an eager model can take.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rau_rt.bundle import load_bundle, read_manifest
+from rau_rt.config import EngineConfig
+from rau_rt.errors import BundleError, InputError
+from rau_rt.export import sam2
+from rau_rt.export.sam2_graphs import EagerGraphs, graph_specs
+from rau_rt.export.sam2_inputs import CheckFrames
+from rau_rt.export.sam2_model import ModelSource, load_model, random_model
+from rau_rt.sam2_layout import LAYOUT_FILE, read_layout
+from rau_rt.synthetic import generate_sequence, make_reference
+from rau_rt.tracking import STAGES, Tracker, TrackerConfig
+from rau_rt.types import Frame
+
+SIZE = 256
+FRAMES = 20
+SHARPEN = 10.0
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A micro checkpoint in Meta's format with the sharpened weights (module docstring)."""
+    model = random_model("micro", SIZE, seed=0)
+    with torch.no_grad():
+        for mlp in model.sam_mask_decoder.output_hypernetworks_mlps:
+            mlp.layers[-1].weight *= SHARPEN
+        model.obj_ptr_proj.layers[-1].weight *= SHARPEN
+    path = tmp_path_factory.mktemp("tracker_checkpoint") / "micro.pt"
+    torch.save({"model": model.state_dict()}, path)
+    return ModelSource(image_size=SIZE, checkpoint=path, config="micro")
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    """20 contrast-filled frames as JPEG files and as the RGB arrays PIL decodes, + boxes."""
+    root = tmp_path_factory.mktemp("clip")
+    sequence = generate_sequence(seed=3, frames=FRAMES + 10, size=SIZE, contrast_delay_frames=1)
+    for i, frame in enumerate(sequence.frames_8bit()[10:]):
+        Image.fromarray(frame).convert("RGB").save(root / f"{i:05d}.jpg", quality=95)
+    images = [np.array(Image.open(root / f"{i:05d}.jpg").convert("RGB")) for i in range(FRAMES)]
+    truth = sequence.truth[10].segments.values()
+    boxes = sorted((s.box for s in truth if s.present and s.box),
+                   key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
+    return root, images, [np.asarray(b, np.float32) for b in boxes[:3]]
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    built = load_model(checkpoint)
+    built.fill_hole_area = 0  # see the module docstring
+    return built
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, checkpoint):
+    out = tmp_path_factory.mktemp("tracker_bundle") / "bundle"
+    with contextlib.redirect_stderr(io.StringIO()):
+        sam2.export_sam2(sam2.Sam2ExportConfig(checkpoint, out),
+                         CheckFrames.synthetic(generate_sequence, regions=2))
+    return out
+
+
+def run_predictor(model, video: Path, boxes, *, reference=None, frames=FRAMES):
+    """sam2's predictor: boxes on the first stream frame, propagate. -> (masks, scores, low-res
+    logits) per frame: (regions, H, W) bool, (regions,) float, (regions, S/4, S/4) float32.
+    With `reference` (masks; the folder holds the reference image as frame 0), the reference
+    masks are added on frame 0 and the boxes on frame 1."""
+    with torch.inference_mode(), warnings.catch_warnings(), \
+            contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        state = model.init_state(str(video))
+        first = 0
+        if reference is not None:
+            for k, mask in enumerate(reference):
+                model.add_new_mask(state, frame_idx=0, obj_id=k, mask=mask)
+            first = 1
+        for k, box in enumerate(boxes):
+            model.add_new_points_or_box(state, frame_idx=first, obj_id=k, box=box)
+        masks = {t: (m[:, 0] > 0).numpy() for t, _, m in model.propagate_in_video(state)}
+    scores, logits = {}, {}
+    for t in masks:
+        stored = []
+        for k in range(len(boxes)):
+            out = state["output_dict_per_obj"][k]
+            stored.append(out["cond_frame_outputs"].get(t) or out["non_cond_frame_outputs"][t])
+        scores[t] = np.array([float(o["object_score_logits"]) for o in stored])
+        logits[t] = np.stack([o["pred_masks"][0, 0].float().numpy() for o in stored])
+    kept = range(first, first + frames)
+    return [masks[t] for t in kept], [scores[t] for t in kept], [logits[t] for t in kept]
+
+
+def run_tracker(tracker, images, boxes, names=None):
+    names = names or [f"r{k}" for k in range(len(boxes))]
+    tracker.prompt(0, dict(zip(names, boxes, strict=True)))
+    return [tracker.step(image) for image in images]
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = (a | b).sum()
+    return 1.0 if union == 0 else float((a & b).sum() / union)
+
+
+def assert_parity(steps, expected_masks, expected_scores, expected_logits, present=None):
+    """Per frame and region: presence, object score, low-res logits, mask IoU >= 0.99.
+
+    Random weights make every region's mask look alike (the IoU of two token choices can exceed
+    0.99), so the low-res logits are compared too: a wrong token or pointer moves them by 1e-2
+    or more, float rounding (ONNX Runtime vs eager, batched vs one by one) by about 1e-6."""
+    for t, (step, masks, scores, logits) in enumerate(zip(
+            steps, expected_masks, expected_scores, expected_logits, strict=True)):
+        for k, name in enumerate(step.regions):
+            result = step.regions[name]
+            expected = masks[k]
+            visible = present is None or present[t]
+            assert result.present == visible, (t, name)
+            assert np.sign(step.object_scores[name]) == np.sign(scores[k]), (t, name)
+            assert abs(step.object_scores[name] - scores[k]) <= 1e-4, (t, name)
+            np.testing.assert_allclose(step.low_res_logits[name], logits[k], atol=1e-4,
+                                       err_msg=f"frame {t} {name}")
+            if not visible:
+                assert result.mask is None and result.box is None and not expected.any()
+                continue
+            # non-trivial masks: two empty masks would agree for free
+            assert 0.01 <= expected.mean() <= 0.6, (t, name, expected.mean())
+            assert iou(result.mask, expected) >= 0.99, (t, name)
+
+
+@pytest.mark.parametrize("regions", [1, 3])
+def test_bundle_tracker_matches_sam2_video_predictor(bundle, model, clip, regions):
+    video, images, boxes = clip
+    expected = run_predictor(model, video, boxes[:regions])
+    with load_bundle(bundle) as graphs:
+        tracker = Tracker(graphs, TrackerConfig(fill_hole_area=0, clip_frames=FRAMES))
+        steps = run_tracker(tracker, images, boxes[:regions])
+    assert_parity(steps, *expected)
+    assert steps[0].regions["r0"].source == "user"
+    assert {r.source for s in steps[1:] for r in s.regions.values()} == {"track"}
+    for step in steps:
+        assert set(step.stage_ms) == set(STAGES)
+        assert step.stage_ms["image_encoder"] > 0 and step.stage_ms["mask_decoder"] > 0
+    assert steps[0].stage_ms["memory_attention"] == 0  # a prompted frame has no memory
+    assert all(s.stage_ms["memory_attention"] > 0 for s in steps[1:])
+
+
+def test_region_disappears_and_comes_back_like_sam2(model, clip):
+    """Object score forced negative on frames 7-10 (both sides share the model and its hook)."""
+    video, images, boxes = clip
+    absent = set(range(7, 11))
+    calls = {"frame": 0}
+
+    def hook(module, args, output):
+        return output - 50.0 if calls["frame"] in absent else output
+
+    head = model.sam_mask_decoder.pred_obj_score_head
+    handle = head.register_forward_hook(hook)
+    try:
+        # the predictor calls the decoder once per frame, in order, for one object
+        original = model.sam_mask_decoder.forward
+
+        def counting(*args, **kwargs):
+            result = original(*args, **kwargs)
+            calls["frame"] += 1
+            return result
+
+        model.sam_mask_decoder.forward = counting
+        expected = run_predictor(model, video, boxes[:1])
+        del model.sam_mask_decoder.forward
+        tracker = Tracker(EagerGraphs(model), TrackerConfig(fill_hole_area=0,
+                                                            clip_frames=FRAMES))
+        tracker.prompt(0, {"r0": boxes[0]})
+        steps = []
+        for t, image in enumerate(images):
+            calls["frame"] = t
+            steps.append(tracker.step(image))
+    finally:
+        handle.remove()
+    present = [t not in absent for t in range(FRAMES)]
+    assert_parity(steps, *expected, present=present)
+    assert [s.regions["r0"].present for s in steps] == present
+
+
+def _polygon_mask(polygon, size):
+    mask = np.zeros((size, size), np.uint8)
+    cv2.fillPoly(mask, [np.round(np.asarray(polygon)).astype(np.int32)], 1)
+    return mask.astype(bool)
+
+
+def test_reference_setup_matches_sam2_mask_then_box(model, clip, tmp_path):
+    """RAU's setup: the annotated reference (another patient and view) as sam2's add_new_mask
+    on frame 0 of the clip, the box on the first stream frame; then tracking."""
+    _, images, boxes = clip
+    reference = make_reference(seed=5, size=SIZE)
+    ref_rgb = np.array(Image.fromarray(reference.image_8bit()).convert("RGB"))
+    Image.fromarray(ref_rgb).save(tmp_path / "00000.jpg", quality=95)
+    ref_rgb = np.array(Image.open(tmp_path / "00000.jpg").convert("RGB"))
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / f"{i + 1:05d}.jpg", quality=100)
+    stream = [np.array(Image.open(tmp_path / f"{i + 1:05d}.jpg").convert("RGB"))
+              for i in range(FRAMES)]
+    masks = [_polygon_mask(r.polygon, SIZE) for r in reference.regions[:2]]
+    expected_masks, expected_scores, expected_logits = run_predictor(model, tmp_path, boxes[:2],
+                                                                     reference=masks)
+    tracker = Tracker(EagerGraphs(model), TrackerConfig(fill_hole_area=0,
+                                                        clip_frames=FRAMES + 1))
+    tracker.add_reference(ref_rgb, {"r0": masks[0], "r1": masks[1]})
+    steps = run_tracker(tracker, stream, boxes[:2])
+    # With 2 conditioning frames the fixed 7-slot graph attends to 5 recent frames where sam2
+    # attends to 6 (and 16 pointers, not 17: tracking/memory.py). Up to sam2's frame 7 the
+    # memories are the same, so the first 6 stream frames agree to float rounding.
+    assert_parity(steps[:6], expected_masks[:6], expected_scores[:6], expected_logits[:6])
+    late = [iou(s.regions[n].mask, m[k]) for s, m in zip(steps[6:], expected_masks[6:],
+                                                          strict=True)
+            for k, n in enumerate(s.regions)]
+    assert min(late) >= 0.97, late
+
+
+def test_regions_join_and_leave_mid_stream(bundle, clip):
+    """B joins at frame 5, A leaves at frame 12; each matches a tracker that only had it."""
+    _, images, boxes = clip
+    config = TrackerConfig(fill_hole_area=0)
+    with load_bundle(bundle) as graphs:
+        alone_a = run_tracker(Tracker(graphs, config), images[:12], boxes[:1], ["A"])
+        alone_b = run_tracker(Tracker(graphs, config), images[5:], boxes[1:2], ["B"])
+        tracker = Tracker(graphs, config)
+        tracker.prompt(0, {"A": boxes[0]})
+        steps = []
+        for t, image in enumerate(images):
+            if t == 5:
+                tracker.prompt(5, {"B": boxes[1]}, source="vlm")
+            if t == 12:
+                tracker.remove_region("A")
+            steps.append(tracker.step(image))
+    assert [list(s.regions) for s in steps] == [["A"]] * 5 + [["A", "B"]] * 7 + [["B"]] * 8
+    assert steps[5].regions["B"].source == "vlm" and steps[5].regions["A"].source == "track"
+    for t in range(12):
+        np.testing.assert_allclose(steps[t].low_res_logits["A"], alone_a[t].low_res_logits["A"],
+                                   atol=1e-4)
+    for t in range(5, FRAMES):
+        np.testing.assert_allclose(steps[t].low_res_logits["B"],
+                                   alone_b[t - 5].low_res_logits["B"], atol=1e-4)
+    assert tracker.regions == ["B"]
+    with pytest.raises(InputError, match="not tracked"):
+        tracker.remove_region("A")
+
+
+def test_bad_frames_raise_and_leave_the_state_unchanged(bundle, clip):
+    _, images, boxes = clip
+    with load_bundle(bundle) as graphs:
+        clean = run_tracker(Tracker(graphs), images[:4], boxes[:1])
+        tracker = Tracker(graphs)
+        tracker.prompt(0, {"r0": boxes[0]})
+        got = [tracker.step(images[0]), tracker.step(images[1])]
+        nan = np.zeros((3, SIZE, SIZE), np.float32)
+        nan[0, 5, 5] = np.nan
+        bad = [images[2].astype(np.float64), images[2][..., :2], images[2][None],
+               np.zeros((3, SIZE, SIZE), np.float32) + np.inf, [1, 2, 3]]
+        for frame in bad:
+            with pytest.raises(InputError):
+                tracker.step(frame)
+        with pytest.raises(InputError, match="NaN"):
+            tracker.step(nan, frame_size=(SIZE, SIZE))
+        assert tracker.frame_index == 2
+        got += [tracker.step(images[2]), tracker.step(images[3])]
+    for a, b in zip(got, clean, strict=True):
+        assert a.index == b.index
+        np.testing.assert_array_equal(a.low_res_logits["r0"], b.low_res_logits["r0"])
+
+
+def test_prompts_and_references_are_checked(bundle, clip):
+    _, images, boxes = clip
+    with load_bundle(bundle) as graphs:
+        tracker = Tracker(graphs)
+        for box in ([1, 2, 3], [10, 10, 5, 20], [0, 0, np.nan, 4]):
+            with pytest.raises(InputError, match="box"):
+                tracker.prompt(0, {"r": box})
+        with pytest.raises(InputError, match="source"):
+            tracker.prompt(0, {"r": boxes[0]}, source="oracle")
+        tracker.step(images[0])  # no regions yet: counted, nothing tracked
+        with pytest.raises(InputError, match="next frame is 1"):
+            tracker.prompt(0, {"r": boxes[0]})
+        with pytest.raises(InputError, match="outside"):
+            tracker.prompt(1, {"r": [300, 300, 310, 320]})
+        with pytest.raises(InputError, match="empty"):
+            tracker.add_reference(images[0], {"r": np.zeros((SIZE, SIZE), bool)})
+        with pytest.raises(InputError, match="expected"):
+            tracker.add_reference(images[0], {"r": np.ones((10, 10), bool)})
+        with pytest.raises(InputError, match="at most 16"):
+            tracker.prompt(1, {f"r{k}": boxes[0] for k in range(17)})
+        assert tracker.regions == []
+
+
+def test_gray_and_12_bit_frames_and_other_sizes(bundle):
+    """A Frame from a DICOM-like source: 12-bit gray, 300 x 200; masks come back at that size."""
+    sequence = generate_sequence(seed=1, frames=14, size=304, contrast_delay_frames=1)
+    frames = [Frame(i, i / 15, cv2.resize(f, (200, 300)), "gray", 12)
+              for i, f in enumerate(sequence.frames[10:])]
+    with load_bundle(bundle) as graphs:
+        tracker = Tracker(graphs, TrackerConfig(window=tuple(sequence.meta.window)))
+        tracker.prompt(0, {"LAD": [40, 60, 120, 200]})
+        steps = [tracker.step(f) for f in frames]
+    for step in steps:
+        result = step.regions["LAD"]
+        assert step.frame_size == (300, 200)
+        assert result.present and result.mask.shape == (300, 200)
+        x1, y1, x2, y2 = result.box
+        assert 0 <= x1 < x2 <= 200 and 0 <= y1 < y2 <= 300
+
+
+def test_memory_is_constant_over_the_stream(bundle, clip):
+    _, images, boxes = clip
+    with load_bundle(bundle) as graphs:
+        tracker = Tracker(graphs)
+        tracker.prompt(0, {"r0": boxes[0], "r1": boxes[1]})
+        sizes = []
+        for t in range(40):
+            tracker.step(images[t % FRAMES])
+            sizes.append(tracker.memory_nbytes)
+    assert len(set(sizes)) == 1 and sizes[0] > 0
+
+
+def test_hole_filling_follows_the_bundle(bundle, clip):
+    """sam2.json's fill_hole_area (8, the predictor's) fills small background specks."""
+    _, images, boxes = clip
+    with load_bundle(bundle) as graphs:
+        assert read_layout(bundle).fill_hole_area == 8
+        filled = run_tracker(Tracker(graphs), images[:3], boxes[:1])
+        raw = run_tracker(Tracker(graphs, TrackerConfig(fill_hole_area=0)), images[:3],
+                          boxes[:1])
+    from rau_rt import ops
+
+    first = ops.fill_holes(raw[0].low_res_logits["r0"][None], 8)[0]
+    np.testing.assert_array_equal(filled[0].low_res_logits["r0"], first)
+
+
+def test_layout_and_specs_describe_the_bundle(bundle, model, tmp_path):
+    """graph_specs equals what the export recorded; mask_downsample equals sam2's conv."""
+    manifest = read_manifest(bundle)
+    specs = graph_specs(model)
+    for entry in manifest.graphs:
+        assert (entry.inputs, entry.outputs) == specs[entry.graph], entry.graph
+    layout = read_layout(bundle)
+    masks = (np.random.default_rng(0).random((2, SIZE, SIZE)) > 0.5).astype(np.float32)
+    with torch.no_grad():
+        expected = model.mask_downsample(torch.from_numpy(masks)[:, None]).numpy()
+    np.testing.assert_allclose(layout.mask_downsample(masks), expected, atol=1e-5)
+    (tmp_path / LAYOUT_FILE).write_text("{")
+    with pytest.raises(BundleError, match="malformed"):
+        read_layout(tmp_path)
+    with pytest.raises(BundleError, match="re-export"):
+        read_layout(tmp_path / "missing")
+
+
+@pytest.mark.gpu
+def test_cuda_fp32_tracker_matches_cpu(model, clip, checkpoint):
+    """GPU twin of the parity tests: the torch CUDA backend agrees with the CPU tracker."""
+    _, images, boxes = clip
+    config = TrackerConfig(fill_hole_area=0)
+    cpu = run_tracker(Tracker(EagerGraphs(model), config), images, boxes[:2])
+    cuda_model = load_model(checkpoint)
+    cuda = run_tracker(Tracker(EagerGraphs(cuda_model, EngineConfig(device="cuda")), config),
+                       images, boxes[:2])
+    for a, b in zip(cpu, cuda, strict=True):
+        for name in a.regions:
+            assert iou(a.regions[name].mask, b.regions[name].mask) >= 0.99
+
+
+@pytest.mark.slow
+def test_tiny_1024_bundle_matches_sam2_video_predictor(tmp_path):
+    """hiera-t at 1024 through the ONNX bundle, 8 frames, 1 region."""
+    source = ModelSource(image_size=1024, random_init="tiny")
+    out = tmp_path / "bundle"
+    with contextlib.redirect_stderr(io.StringIO()):
+        sam2.export_sam2(sam2.Sam2ExportConfig(source, out),
+                         CheckFrames.synthetic(generate_sequence, regions=1))
+    sequence = generate_sequence(seed=3, frames=18, size=1024, contrast_delay_frames=1)
+    for i, frame in enumerate(sequence.frames_8bit()[10:]):
+        Image.fromarray(frame).convert("RGB").save(tmp_path / f"{i:05d}.jpg", quality=95)
+    images = [np.array(Image.open(tmp_path / f"{i:05d}.jpg").convert("RGB")) for i in range(8)]
+    truth = sequence.truth[10].segments.values()
+    box = max((s.box for s in truth if s.present and s.box),
+              key=lambda b: (b[2] - b[0]) * (b[3] - b[1]))
+    predictor = load_model(source)
+    predictor.fill_hole_area = 0
+    expected = run_predictor(predictor, tmp_path, [np.asarray(box, np.float32)], frames=8)
+    with load_bundle(out) as graphs:
+        tracker = Tracker(graphs, TrackerConfig(fill_hole_area=0, clip_frames=8))
+        steps = run_tracker(tracker, images, [np.asarray(box, np.float32)])
+    assert_parity(steps, *expected)
