@@ -147,6 +147,9 @@ def markdown(record: dict[str, object]) -> str:
             f"({c['baseline_p90_ms']:.2f}) | {c['speedup']:.2f}x |")
     threads = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in device.items()
                         if k.endswith("threads"))
-    lines.append(f"\n{device['cpu']}, {device['physical_cores']} cores ({threads}). "
+    where = f"{device['gpu']} GPU; host " if device.get("gpu") else ""
+    lines.append(f"\n{where}{device['cpu']}, {device['physical_cores']} cores ({threads}). "
                  f"Reproduce: `{record['command']}`")
+    if record.get("summary_md"):
+        lines.append(f"\n{record['summary_md']}")
     return "\n".join(lines)

@@ -22,6 +22,8 @@ SUITES = {
     "ops_cpu.json": "Pre/post-processing kernels (native vs OpenCV/NumPy, same run)",
     "engines_cpu.json": "Engines on CPU (one conv + attention model, fp32, same run)",
     "sam2_graphs_cpu.json": "SAM2 graphs: eager vs ONNX Runtime fp32 / int8 (same run)",
+    "tracker_cpu.json": "Tracker vs sam2's SAM2VideoPredictor per frame (same weights and run)",
+    "tracker_cuda.json": "Tracker on a GPU (torch CUDA backend) vs SAM2VideoPredictor, same GPU",
     "vlm_cpu.json": "VLM graphs: prefill and per-token decode, fp32 / int8 / int4 vs transformers",
     "synthetic_cpu.json": "Synthetic angiography generator",
 }

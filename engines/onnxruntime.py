@@ -95,6 +95,9 @@ class OrtEngine(Engine):
         options = ort.SessionOptions()
         options.intra_op_num_threads = config.intra_op_threads
         options.inter_op_num_threads = config.inter_op_threads
+        if not config.spin_wait:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         model_path = path
         cached = cls._cached_optimized_model(ort, path, config)
         if cached is not None:

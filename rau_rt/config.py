@@ -34,6 +34,9 @@ class EngineConfig:
         cuda_graph: Capture the engine's launch in a CUDA graph and replay it (static shapes on
             CUDA only; TensorRT and the ONNX Runtime CUDA provider).
         io_binding: Bind ONNX Runtime inputs/outputs to preallocated buffers on CUDA.
+        spin_wait: Let ONNX Runtime's intra-op threads spin after a run (its default): faster
+            back-to-back runs, but the spinning threads take the cores from whatever runs next
+            (NumPy between graphs, another engine, torch); off for pipelines on few cores.
     """
 
     device: str = "cpu"
@@ -45,6 +48,7 @@ class EngineConfig:
     optimized_model_path: str | None = None
     cuda_graph: bool = False
     io_binding: bool = True
+    spin_wait: bool = True
 
     def __post_init__(self) -> None:
         if self.device != "cpu" and self.device != "cuda" and not (

@@ -160,3 +160,18 @@ def test_export_trt_without_tensorrt_fails_with_an_install_message(tmp_path, cap
     err = capsys.readouterr().err
     assert "rau-rt export: error: tensorrt does not import" in err
     assert "pip install 'tensorrt-cu12>=10,<11' cuda-python" in err
+
+
+@pytest.mark.parametrize("spin_wait", [True, False])
+def test_spin_wait_reaches_the_onnxruntime_session(relu_onnx, spin_wait):
+    """Off: the session's intra- and inter-op threads do not spin after a run (on: ORT's
+    default, no entry)."""
+    engine = registry.open_engine(relu_onnx, "onnxruntime", EngineConfig(spin_wait=spin_wait))
+    options = engine._session.get_session_options()
+    for key in ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning"):
+        if spin_wait:
+            with pytest.raises(RuntimeError, match="does not have configuration"):
+                options.get_session_config_entry(key)
+        else:
+            assert options.get_session_config_entry(key) == "0"
+    engine.close()

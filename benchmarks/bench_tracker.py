@@ -1,0 +1,340 @@
+"""The Tracker vs sam2's SAM2VideoPredictor: per-frame latency, memory over a long stream.
+
+    python -m benchmarks.bench_tracker [--quick] [--device cuda] [--frames N] [--json PATH]
+
+Latency (cases `<config>@<size>/<regions>r/<precision>`, baseline `sam2-predictor`): the same
+random-init weights (with the presence bias, so regions are present) and the same synthetic
+angiography frames, written as JPEG for the predictor (it reads JPEG folders) and decoded with
+PIL for the Tracker. The predictor gets the boxes on frame 0 and runs `propagate_in_video`; the
+Tracker gets the same boxes and `step`s. One frame of each runs in turn (the predictor's
+generator advanced by one frame, then the Tracker on that frame), so both see the same load;
+frame 0 (prompt) and frame 1 are warm-up. Hole filling is off on both sides (a pip-installed
+sam2 has no `sam2._C`, so the predictor skips it). Fidelity: mean / min mask IoU against the
+predictor, and for int8 against the fp32 Tracker.
+
+CPU (default): SAM2.1-tiny at 1024 and 512, 1 and 3 regions, ONNX Runtime fp32 and int8 bundles
+(`rau-rt export sam2 --precision int8`; graphs whose int8 drift was over tolerance stay fp32 and
+the record says which). GPU (`--device cuda`): tiny at 1024, the torch CUDA backend (eager
+graphs, fp32 and fp16) vs the predictor on the same GPU. `--quick`: the micro model at 256.
+
+Memory: the micro model at 256; RSS of a Tracker (ONNX Runtime bundle) over 10,000 frames (the
+clip's frames cycled) and of the predictor over a 300-frame clip (it loads every frame up front
+and keeps every frame's outputs); MiB per 1,000 frames for both. Time to first mask on a
+300-frame source: the Tracker's first `step` vs the predictor's `init_state` + box + first frame.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import io
+import json
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from benchmarks.harness import case_record, markdown, write_record
+from rau_rt.bundle import load_bundle
+from rau_rt.config import EngineConfig
+from rau_rt.export.sam2 import Sam2ExportConfig, export_sam2
+from rau_rt.export.sam2_graphs import EagerGraphs
+from rau_rt.export.sam2_inputs import CheckFrames
+from rau_rt.export.sam2_model import ModelSource, load_model
+from rau_rt.synthetic import generate_sequence
+from rau_rt.tracking import Tracker, TrackerConfig
+
+SUITE = "tracker"
+BASELINE = "sam2-predictor"
+WARMUP = 2  # frame 0 (the prompt) and frame 1; on a GPU 5 (kernel selection, allocator growth)
+
+
+@dataclass(frozen=True)
+class Run:
+    model: str
+    image_size: int
+    frames: int
+
+
+RUNS = {
+    "full": (Run("tiny", 1024, 14), Run("tiny", 512, 24)),
+    "quick": (Run("micro", 256, 24),),
+    "cuda": (Run("tiny", 1024, 40),),
+}
+
+
+def rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def write_clip(directory: Path, size: int, frames: int, regions: int,
+               ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """JPEG frames of a contrast-filled synthetic cine and the boxes of its largest segments."""
+    directory.mkdir(parents=True, exist_ok=True)
+    sequence = generate_sequence(seed=3, frames=frames + 10, size=size, contrast_delay_frames=1)
+    for i, frame in enumerate(sequence.frames_8bit()[10:]):
+        Image.fromarray(frame).convert("RGB").save(directory / f"{i:05d}.jpg", quality=95)
+    images = [np.array(Image.open(directory / f"{i:05d}.jpg").convert("RGB"))
+              for i in range(frames)]
+    truth = sequence.truth[10].segments.values()
+    boxes = sorted((s.box for s in truth if s.present and s.box),
+                   key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
+    return images, [np.asarray(b, np.float32) for b in boxes[:regions]]
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = (a | b).sum()
+    return 1.0 if union == 0 else float((a & b).sum() / union)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def predictor_frames(model, video: Path, boxes, device: str):
+    """A generator: one predictor frame per `next`, yielding (masks (regions, H, W) bool, ms)."""
+    with torch.inference_mode(), warnings.catch_warnings(), \
+            contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        state = model.init_state(str(video))
+        for k, box in enumerate(boxes):
+            model.add_new_points_or_box(state, frame_idx=0, obj_id=k, box=box)
+        frames = model.propagate_in_video(state)
+        while True:
+            started = time.perf_counter()
+            try:
+                _, _, masks = next(frames)
+            except StopIteration:
+                return
+            _sync(device)
+            yield (masks[:, 0] > 0).cpu().numpy(), (time.perf_counter() - started) * 1e3
+
+
+def tracker_frames(tracker: Tracker, images, boxes, device: str):
+    names = [f"r{k}" for k in range(len(boxes))]
+    tracker.prompt(0, dict(zip(names, boxes, strict=True)))
+    for image in images:
+        started = time.perf_counter()
+        step = tracker.step(image)
+        _sync(device)
+        ms = (time.perf_counter() - started) * 1e3
+        yield np.stack([step.regions[n].mask if step.regions[n].present
+                        else np.zeros(step.frame_size, bool) for n in names]), ms, step
+
+
+def compare_run(predictor, trackers: dict[str, Tracker], video: Path, images, boxes,
+                device: str) -> dict[str, dict]:
+    """Interleave the predictor and every tracker frame by frame; samples and masks per entry."""
+    runs: dict[str, object] = {BASELINE: predictor_frames(predictor, video, boxes, device)}
+    runs.update({name: tracker_frames(t, images, boxes, device) for name, t in trackers.items()})
+    out = {name: {"ms": [], "masks": [], "stage_ms": []} for name in runs}
+    for _ in images:
+        for name, frames in runs.items():
+            got = next(frames)
+            out[name]["ms"].append(got[1])
+            out[name]["masks"].append(got[0])
+            if len(got) > 2:
+                out[name]["stage_ms"].append(dict(got[2].stage_ms))
+    return out
+
+
+def _ious(a: list[np.ndarray], b: list[np.ndarray]) -> list[float]:
+    return [iou(x[k], y[k]) for x, y in zip(a, b, strict=True) for k in range(len(x))]
+
+
+def _stages(samples: list[dict], warmup: int) -> dict[str, float]:
+    kept = samples[warmup:]
+    return {k: round(float(np.median([s[k] for s in kept])), 2) for k in kept[0]}
+
+
+def latency_cases(run: Run, workdir: Path, device: str, backend: str,
+                  precisions: tuple[str, ...]) -> tuple[list[dict], dict]:
+    source = ModelSource(image_size=run.image_size, random_init=run.model)
+    facts: dict[str, object] = {"model": run.model, "image_size": run.image_size}
+    if backend == "onnxruntime":
+        out = workdir / f"{run.model}_{run.image_size}"
+        started = time.perf_counter()
+        with contextlib.redirect_stderr(io.StringIO()):
+            manifest, _ = export_sam2(Sam2ExportConfig(source, out, precision="int8"),
+                                      CheckFrames.synthetic(generate_sequence, regions=2))
+        facts["export_s"] = round(time.perf_counter() - started, 1)
+        facts["int8_graphs"] = {g: manifest.entries(g)[0].precision
+                                for g in manifest.graph_names}
+        # no spin-waiting: spinning ORT threads would slow the predictor's frame after ours
+        bundles = {"fp32": load_bundle(out, config=EngineConfig(precision="fp32",
+                                                                spin_wait=False)),
+                   # each graph's first entry: int8 where accepted
+                   "int8": load_bundle(out, config=EngineConfig(spin_wait=False))}
+    else:
+        bundles = {p: EagerGraphs(load_model(source), EngineConfig(device=device, precision=p))
+                   for p in precisions}
+    cases = []
+    warmup = WARMUP if device == "cpu" else 5
+    predictor = load_model(source)
+    predictor.fill_hole_area = 0
+    if device != "cpu":
+        predictor = predictor.to(device)
+    for regions in (1, 3):
+        video = workdir / f"clip_{run.image_size}_{regions}"
+        images, boxes = write_clip(video, run.image_size, run.frames, regions)
+        trackers = {p: Tracker(bundles[p], TrackerConfig(fill_hole_area=0)) for p in precisions}
+        result = compare_run(predictor, trackers, video, images, boxes, device)
+        theirs = np.asarray(result[BASELINE]["ms"][warmup:])
+        for precision in precisions:
+            ours = result[precision]
+            fidelity = {"iou_vs_predictor_mean": float(np.mean(_ious(
+                            ours["masks"], result[BASELINE]["masks"]))),
+                        "iou_vs_predictor_min": float(np.min(_ious(
+                            ours["masks"], result[BASELINE]["masks"]))),
+                        "stage_ms": _stages(ours["stage_ms"], warmup)}
+            if precision != "fp32":
+                fidelity["iou_vs_fp32_mean"] = float(np.mean(_ious(
+                    ours["masks"], result["fp32"]["masks"])))
+            cases.append(case_record(
+                f"{run.model}@{run.image_size}/{regions}r/{precision}", f"{backend}-{device}",
+                precision,
+                np.asarray(ours["ms"][warmup:]), BASELINE, theirs, fidelity))
+            print(json.dumps(cases[-1]), flush=True)
+    for bundle in bundles.values():
+        bundle.close()
+    return cases, facts
+
+
+def memory_run(workdir: Path, tracker_frames_n: int, predictor_frames_n: int) -> dict:
+    """RSS growth of the Tracker over a long stream and of the predictor over a clip."""
+    source = ModelSource(image_size=256, random_init="micro")
+    model = load_model(source)
+    model.fill_hole_area = 0
+    video = workdir / "long_clip"
+    images, boxes = write_clip(video, 256, predictor_frames_n, 1)
+    out = workdir / "micro_256"
+    with contextlib.redirect_stderr(io.StringIO()):
+        export_sam2(Sam2ExportConfig(source, out),
+                    CheckFrames.synthetic(generate_sequence, regions=2))
+    bundle = load_bundle(out, config=EngineConfig(spin_wait=False))
+    # time to first mask on a 300-frame source (the bundle is loaded, as in a running tower)
+    started = time.perf_counter()
+    tracker = Tracker(bundle, TrackerConfig(fill_hole_area=0))
+    tracker.prompt(0, {"r0": boxes[0]})
+    tracker.step(images[0])
+    first_tracker_ms = (time.perf_counter() - started) * 1e3
+    marks = sorted({100, 1000, tracker_frames_n} & set(range(1, tracker_frames_n + 1)))
+    rss = {}
+    for t in range(1, tracker_frames_n):
+        tracker.step(images[t % len(images)])
+        if t + 1 in marks:
+            gc.collect()
+            rss[t + 1] = rss_mib()
+    del tracker
+    bundle.close()
+    gc.collect()
+    base = rss_mib()
+    with torch.inference_mode(), warnings.catch_warnings(), \
+            contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        started = time.perf_counter()
+        state = model.init_state(str(video))
+        loaded = rss_mib()
+        model.add_new_points_or_box(state, frame_idx=0, obj_id=0, box=boxes[0])
+        frames = model.propagate_in_video(state)
+        next(frames)
+        first_predictor_ms = (time.perf_counter() - started) * 1e3
+        predictor_rss = {1: rss_mib()}
+        for t, _ in enumerate(frames, start=2):
+            if t in (100, predictor_frames_n):
+                gc.collect()
+                predictor_rss[t] = rss_mib()
+    start = marks[1] if len(marks) > 2 else marks[0]  # frame 1,000 on a long stream
+    ours_growth = (rss[marks[-1]] - rss[start]) / (marks[-1] - start) * 1000
+    theirs_growth = ((predictor_rss[predictor_frames_n] - predictor_rss[100])
+                     / (predictor_frames_n - 100) * 1000)
+    return {
+        "config": "micro@256/1r", "tracker_frames": tracker_frames_n,
+        "tracker_rss_mib": rss, "tracker_mib_per_1000_frames": round(ours_growth, 2),
+        "tracker_growth_1000_to_last_pct": round(
+            100 * (rss[marks[-1]] - rss[start]) / rss[start], 3),
+        "predictor_frames": predictor_frames_n, "predictor_rss_mib": predictor_rss,
+        "predictor_loaded_up_front_mib": round(loaded - base, 1),
+        "predictor_mib_per_1000_frames": round(theirs_growth, 2),
+        "first_mask_ms": {"tracker": round(first_tracker_ms, 1),
+                          "predictor_init_state_box_first_frame": round(first_predictor_ms, 1)},
+    }
+
+
+def summary(record: dict) -> str:
+    """Lines under the README table: memory and time to first mask."""
+    m = record.get("memory")
+    if not m:
+        return ""
+    return (f"Memory ({m['config']}): Tracker {m['tracker_mib_per_1000_frames']} MiB per 1,000 "
+            f"frames over {m['tracker_frames']:,} frames ({m['tracker_growth_1000_to_last_pct']}"
+            f" % from frame 1,000 (100 when shorter) to the last); predictor "
+            f"{m['predictor_mib_per_1000_frames']} MiB per 1,000 frames over "
+            f"{m['predictor_frames']} frames plus {m['predictor_loaded_up_front_mib']} MiB "
+            f"loaded up front. First mask on a {m['predictor_frames']}-frame source: Tracker "
+            f"{m['first_mask_ms']['tracker']} ms, predictor "
+            f"{m['first_mask_ms']['predictor_init_state_box_first_frame']} ms (init_state "
+            "loads every frame first).")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="micro model (about a minute)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--backend", choices=("onnxruntime", "torch"), default=None,
+                        help="onnxruntime: exported bundles (CPU default); torch: the eager "
+                             "graphs (CUDA default)")
+    parser.add_argument("--frames", type=int, default=None, help="frames per latency case")
+    parser.add_argument("--stream-frames", type=int, default=10_000,
+                        help="frames of the Tracker's memory run (0: skip the memory run)")
+    parser.add_argument("--json", default=None, help="where to write the JSON record")
+    args = parser.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    runs = RUNS["cuda" if cuda else "quick" if args.quick else "full"]
+    backend = args.backend or ("torch" if cuda else "onnxruntime")
+    if backend == "onnxruntime" and cuda:
+        parser.error("on CUDA this benchmark runs the torch backend (onnxruntime-gpu is not in "
+                     "the CPU stack)")
+    precisions = ("fp32", "fp16") if cuda else ("fp32", "int8") if backend == "onnxruntime" \
+        else ("fp32",)
+    default = "benchmarks/results/" + ("tracker_cuda.json" if cuda else "tracker_cpu.json")
+    cases, facts = [], []
+    with tempfile.TemporaryDirectory(prefix="bench_tracker_") as tmp:
+        for run in runs:
+            if args.frames:
+                run = Run(run.model, run.image_size, args.frames)
+            run_cases, run_facts = latency_cases(run, Path(tmp), args.device, backend,
+                                                 precisions)
+            cases += run_cases
+            facts.append(run_facts)
+        memory = None
+        if args.stream_frames and not cuda:
+            memory = memory_run(Path(tmp), 1000 if args.quick else args.stream_frames,
+                                150 if args.quick else 300)
+    command = ("python -m benchmarks.bench_tracker" + (" --quick" if args.quick else "")
+               + (f" --device {args.device}" if cuda else "")
+               + (f" --backend {backend}" if args.backend else "")
+               + (f" --frames {args.frames}" if args.frames else ""))
+    extra = {"torch_threads": torch.get_num_threads()}
+    if cuda:
+        extra["gpu"] = torch.cuda.get_device_name()
+    record = write_record(SUITE, cases, args.json or default, command, **extra)
+    record.update(runs=facts, memory=memory, summary_md=summary({"memory": memory}))
+    Path(args.json or default).write_text(json.dumps(record, indent=2) + "\n")
+    print(markdown(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
