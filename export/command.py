@@ -34,7 +34,9 @@ GIB = 1 << 30
 
 def _source_entry(manifest: Manifest, graph: str, precision: str) -> GraphEntry:
     """The ONNX entry an engine of `precision` is built from (QDQ for int8; fp16 or fp32)."""
-    onnx_entries = [e for e in manifest.entries(graph) if e.backend == "onnxruntime"]
+    # ONNX Runtime-only variants (fused attention) are not TensorRT-parsable
+    onnx_entries = [e for e in manifest.entries(graph) if e.backend == "onnxruntime"
+                    and e.exporter.get("variant") is None]
     wanted = {"int8": ("int8",), "fp16": ("fp16", "fp32"), "fp32": ("fp32",)}[precision]
     for want in wanted:
         for entry in onnx_entries:

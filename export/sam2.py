@@ -45,6 +45,7 @@ from rau_rt.bundle import (
 )
 from rau_rt.engines import registry
 from rau_rt.errors import InputError
+from rau_rt.export import fused_attention
 from rau_rt.export import quantize as int8
 from rau_rt.export import sam2_graphs as graphs
 from rau_rt.export import tensorrt as trt_export
@@ -58,27 +59,45 @@ from rau_rt.export.verify import (
     compare,
     mask_agreement,
 )
-from rau_rt.sam2_layout import LAYOUT_FILE, write_layout
+from rau_rt.sam2_layout import (
+    LAYOUT_FILE,
+    MAX_POINTERS,
+    MAX_REGIONS,
+    MAX_SLOTS,
+    RECENT_POINTERS,
+    RECENT_SLOTS,
+    write_layout,
+)
 
 log = logging.getLogger(__name__)
 
 BACKENDS = {"onnx": "onnxruntime", "aoti": "aotinductor"}
 PRECISIONS = ("fp32", "fp16", "int8")
-REGIONS = DynamicDim("regions", 1, graphs.MAX_REGIONS)
+REGIONS = DynamicDim("regions", 1, MAX_REGIONS)
 POINTS = DynamicDim("points", 1, graphs.MAX_POINTS)
+# steady state with one conditioning frame: 1 + 6 memories, 1 + 15 pointers (TensorRT's opt)
+MEMORY_SLOTS = DynamicDim("memory_slots", 1, MAX_SLOTS, opt=RECENT_SLOTS + 1)
+POINTER_SLOTS = DynamicDim("pointer_slots", 1, MAX_POINTERS,
+                           opt=RECENT_POINTERS + 1)
 # input -> {axis: dim}; every other axis is fixed by the image size and the model.
 DYNAMIC = {
     "image_encoder": {},
     "mask_decoder": {"image_embed": {0: REGIONS}, "point_coords": {0: REGIONS, 1: POINTS},
                      "point_labels": {0: REGIONS, 1: POINTS}, "mask_input": {0: REGIONS},
                      "has_mask_input": {0: REGIONS}},
-    "memory_attention": {name: {0: REGIONS} for name in (
-        "memory", "memory_pos", "memory_tpos_index", "memory_valid", "object_pointers",
-        "pointer_position", "pointer_valid")},
+    "memory_attention": {"memory": {0: REGIONS, 1: MEMORY_SLOTS},
+                         "memory_pos": {0: REGIONS, 1: MEMORY_SLOTS},
+                         "memory_tpos_index": {0: REGIONS, 1: MEMORY_SLOTS},
+                         "object_pointers": {0: REGIONS, 1: POINTER_SLOTS},
+                         "pointer_position": {0: REGIONS, 1: POINTER_SLOTS}},
     "memory_encoder": {"masks": {0: REGIONS}, "object_score": {0: REGIONS},
                        "binarize": {0: REGIONS}},
 }
 MASK_OUTPUTS = {"mask_decoder": "masks"}
+# Graphs whose attention dominates: exported a second time with ONNX Runtime's fused attention
+# (export/fused_attention.py), listed first for ONNX Runtime; the standard graph stays the
+# TensorRT source.
+FUSED_ATTENTION_GRAPHS = ("image_encoder", "memory_attention")
 
 
 @dataclass(frozen=True)
@@ -247,8 +266,8 @@ def export_sam2(config: Sam2ExportConfig, check: CheckFrames,
                   f"+{RANDOM_PRESENCE_BIAS} so regions are present" if source.random_init
                   else f"checkpoint {source.checkpoint} ({source.config})")
     step("verification inputs")
-    if not 1 <= len(check.boxes) <= graphs.MAX_REGIONS:
-        raise InputError(f"{len(check.boxes)} check regions: expected 1..{graphs.MAX_REGIONS}")
+    if not 1 <= len(check.boxes) <= MAX_REGIONS:
+        raise InputError(f"{len(check.boxes)} check regions: expected 1..{MAX_REGIONS}")
     inputs = build_inputs(model, modules, check)
     entries: list[GraphEntry] = []
     rows: list[GraphSummary] = []
@@ -281,24 +300,42 @@ def export_sam2(config: Sam2ExportConfig, check: CheckFrames,
                 raise ParityError(f"{directory / entry.file}: masks disagree with eager sam2 "
                                   f"beyond {SAM2_MASK_TOLERANCES['fp32']}: {masks}")
             graph_entries.append(entry)
-        onnx_fp32 = graph_entries[0]
+            if backend == "onnx" and graph in FUSED_ATTENTION_GRAPHS:
+                step(f"{graph}: onnx, fused attention")
+                started = time.perf_counter()
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=r"# The axis name: \w+ will not "
+                                            "be used, since it shares the same shape")
+                    fused = export_graph(module, example, directory, graph, "onnxruntime",
+                                         output_names=graphs.OUTPUTS[graph],
+                                         dynamic=DYNAMIC[graph],
+                                         source_checkpoint_sha256=checkpoint_sha,
+                                         variant=fused_attention.VARIANT)
+                graph_entries.insert(0, _with_record(
+                    fused, None, notes, export_s=round(time.perf_counter() - started, 2)))
+        # int8 for ONNX Runtime (dynamic) comes from the fused graph; TensorRT's formats (QDQ,
+        # fp16) from the standard one
+        onnx_fp32 = next(e for e in graph_entries if e.backend == "onnxruntime" and (
+            (config.precision == "int8" and config.int8_method == "dynamic")
+            or e.exporter.get("variant") is None))
         if config.precision != "fp32":
             step(f"{graph}: {_label(config)}")
             calibration = [to_numpy(f) for f in inputs.calibration[graph]]
             quantized, parity = _lower_graph(graph, onnx_fp32, directory, config, reference,
                                              feeds, calibration, notes)
+            lowered_from = graph_entries.index(onnx_fp32)
             if quantized is None:
                 # no silent downgrade: the manifest and the summary say the graph stays fp32
                 reason = f"{_label(config)} rejected: {_drift(parity)}"
-                graph_entries[0] = _with_record(onnx_fp32, None,
-                                                {"precision_choice": f"fp32: {reason}"},
-                                                **{f"{config.precision}_rejected": parity})
+                graph_entries[lowered_from] = _with_record(
+                    onnx_fp32, None, {"precision_choice": f"fp32: {reason}"},
+                    **{f"{config.precision}_rejected": parity})
                 log.warning("%s stays fp32: %s", graph, reason)
             else:
-                graph_entries.insert(0, quantized)
-                graph_entries[1] = _with_record(graph_entries[1], None, {
+                graph_entries[lowered_from] = _with_record(onnx_fp32, None, {
                     "precision_choice": f"{config.precision} first; fp32 kept (TensorRT "
                     "source, reference)"})
+                graph_entries.insert(0, quantized)
         entries.extend(graph_entries)
         rows.extend(_summary(e, directory, e.exporter.get("precision_choice", "")
                              if e.precision == "fp32" and config.precision != "fp32" else "")
@@ -335,8 +372,8 @@ def run_cli(args, generate_sequence: Callable[..., object]) -> int:
     config = Sam2ExportConfig(source=source, out=args.out, precision=args.precision,
                               backends=("onnx",) if args.backend == "onnx" else ("onnx", "aoti"),
                               int8_method=args.int8_method)
-    stages = 2 + len(graphs.GRAPH_NAMES) * (len(config.backends)
-                                            + (config.precision != "fp32"))
+    stages = 2 + len(FUSED_ATTENTION_GRAPHS) + len(graphs.GRAPH_NAMES) * (
+        len(config.backends) + (config.precision != "fp32"))
     started = time.perf_counter()
     with tqdm(total=stages, desc="export sam2", unit="stage") as bar:
         def step(stage: str) -> None:

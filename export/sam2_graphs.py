@@ -24,17 +24,16 @@ mask_decoder
         iou [N,4], object_pointers [N,4,D] (no_obj_ptr where absent), object_score [N,1]
     A box is 2 points labelled 2, 3; a tracked frame is 1 point (0, 0) labelled -1 (sam2 pads
     one more point itself, as here). P changes the token count, so padding P is not neutral.
-memory_attention (fixed slots, validity masks; see SLOTS)
-    in  current_features [1,D,h,w], current_pos [1,D,h,w], memory [N,7,M,h,w], memory_pos
-        [N,7,M,h,w] (memory encoder's spatial encoding, without time), memory_tpos_index [N,7]
+memory_attention (compacted, as sam2 gathers it; K memories 1..MAX_SLOTS, Q pointers
+1..MAX_POINTERS, dynamic)
+    in  current_features [1,D,h,w], current_pos [1,D,h,w], memory [N,K,M,h,w], memory_pos
+        [N,K,M,h,w] (memory encoder's spatial encoding, without time), memory_tpos_index [N,K]
         int64 (row of maskmem_tpos_enc: 6 for a conditioning frame, k-1 for frame t-k),
-        memory_valid [N,7] bool, object_pointers [N,16,D], pointer_position [N,16] (signed
-        frame offset t - t_ptr divided by t_diff_max = min(clip frames, 16) - 1),
-        pointer_valid [N,16] bool
+        object_pointers [N,Q,D], pointer_position [N,Q] (signed frame offset t - t_ptr divided
+        by t_diff_max = min(clip frames, 16) - 1)
     out conditioned_features [N,D,h,w]
-    An invalid slot may hold anything (zeros by convention): its keys are masked out of the
-    attention, which equals sam2's compaction of the memory to float rounding. Each region
-    needs at least one valid slot or pointer (an all-masked softmax is NaN).
+    Regions batched in one call share K and Q (the tracker groups them). No padding: masked
+    slots would cost their full attention and keep ONNX Runtime off its fused kernel.
 memory_encoder
     in  vision_features [1,D,h,w], masks [N,1,S/4,S/4] (selected low-res logits), object_score
         [N,1], binarize [N] bool (True for a mask from prompts: sam2 binarizes those)
@@ -51,16 +50,17 @@ from rau_rt.config import DEFAULT_ENGINE_CONFIG, EngineConfig
 from rau_rt.engines.torch import NUMPY_FLOAT, TorchEagerEngine
 from rau_rt.errors import InputError
 from rau_rt.export.sam2_model import RealMemoryAttention, feature_side
-from rau_rt.sam2_layout import Sam2Layout
+from rau_rt.sam2_layout import (
+    MAX_POINTERS,
+    MAX_SLOTS,
+    RECENT_POINTERS,
+    RECENT_SLOTS,
+    Sam2Layout,
+)
 from rau_rt.types import TensorSpec
 
 # sam2's NO_OBJ_SCORE: the logit of every pixel of an absent object.
 NO_OBJECT_LOGIT = -1024.0
-# 7 spatial slots: sam2's num_maskmem (1 conditioning + 6 recent frames); 16 pointers: its
-# max_obj_ptrs_in_encoder. Fixed so TensorRT builds one tight profile (ARCHITECTURE.md rule 2).
-SLOTS = 7
-POINTERS = 16
-MAX_REGIONS = 16
 MAX_POINTS = 16
 
 GRAPH_NAMES = ("image_encoder", "mask_decoder", "memory_attention", "memory_encoder")
@@ -84,12 +84,11 @@ CONTRACT = {
                     "object_pointers (no_obj_ptr where absent), object_score. The runtime picks "
                     "the token: multimask (<=1 point) argmax iou[1:]; else token 0 unless its "
                     "stability < 0.98, pointer token 0",
-    "memory_attention": f"fixed slots + validity masks. memory/memory_pos [N,{SLOTS},M,h,w], "
-                        f"memory_tpos_index [N,{SLOTS}] int64 (6: conditioning frame, k-1: frame "
-                        f"t-k), memory_valid [N,{SLOTS}] bool; object_pointers [N,{POINTERS},D], "
-                        f"pointer_position [N,{POINTERS}] = (t - t_ptr) / (min(frames,16) - 1), "
-                        f"pointer_valid [N,{POINTERS}] bool. Invalid slots are masked out (any "
-                        "content, zeros by convention); each region needs one valid key",
+    "memory_attention": f"compacted memory as sam2 gathers it. memory/memory_pos [N,K,M,h,w] "
+                        f"with K in 1..{MAX_SLOTS}, memory_tpos_index [N,K] int64 (6: "
+                        "conditioning frame, k-1: frame t-k); object_pointers [N,Q,D] with Q in "
+                        f"1..{MAX_POINTERS}, pointer_position [N,Q] = (t - t_ptr) / "
+                        "(min(frames,16) - 1). Regions in one call share K and Q",
     "memory_encoder": "vision_features [1,D,h,w]; masks [N,1,S/4,S/4] selected logits; "
                       "object_score [N,1]; binarize [N] bool (True for masks from prompts). "
                       "-> memory [N,M,h,w] (+ no-object embedding where absent), memory_pos",
@@ -101,7 +100,7 @@ def check_supported(model: nn.Module) -> None:
     needed = {"use_high_res_features_in_sam": True, "pred_obj_scores": True,
               "use_obj_ptrs_in_encoder": True, "add_tpos_enc_to_obj_ptrs": True,
               "proj_tpos_enc_in_obj_ptrs": True, "directly_add_no_mem_embed": True,
-              "num_maskmem": SLOTS, "max_obj_ptrs_in_encoder": POINTERS}
+              "num_maskmem": RECENT_SLOTS + 1, "max_obj_ptrs_in_encoder": RECENT_POINTERS + 1}
     wrong = {k: getattr(model, k, None) for k, v in needed.items() if getattr(model, k, None) != v}
     if wrong:
         raise InputError(f"this SAM2 config sets {wrong}; the exported graphs implement the "
@@ -155,7 +154,7 @@ class MaskDecoder(nn.Module):
 
 
 class MemoryAttention(nn.Module):
-    """Current features attend to 7 memory slots and 16 object pointers, masked per region."""
+    """Current features attend to K spatial memories and Q object pointers per region."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -163,7 +162,7 @@ class MemoryAttention(nn.Module):
         self.attention = RealMemoryAttention(model.memory_attention, feature_side(model))
 
     def forward(self, current_features, current_pos, memory, memory_pos, memory_tpos_index,
-                memory_valid, object_pointers, pointer_position, pointer_valid):
+                object_pointers, pointer_position):
         from sam2.modeling.sam2_utils import get_1d_sine_pe
 
         model = self.model
@@ -182,11 +181,9 @@ class MemoryAttention(nn.Module):
         pointers = object_pointers.reshape(regions, -1, mem_dim)
         pointer_pos = model.obj_ptr_tpos_proj(get_1d_sine_pe(pointer_position, dim=hidden))
         pointer_pos = pointer_pos.repeat_interleave(split, dim=1)
-        valid = torch.cat((memory_valid.repeat_interleave(tokens, dim=1),
-                           pointer_valid.repeat_interleave(split, dim=1)), dim=1)
         out = self.attention(curr, curr_pos, torch.cat((spatial, pointers), dim=1),
                              torch.cat((spatial_pos, pointer_pos), dim=1),
-                             num_obj_ptr_tokens=pointers.shape[1], key_mask=valid)
+                             num_obj_ptr_tokens=pointers.shape[1])
         return out.transpose(1, 2).reshape(regions, hidden, height, width)
 
 
@@ -249,7 +246,7 @@ def graph_specs(model: nn.Module, float_dtype: str = "float32",
                 ) -> dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]]:
     """(inputs, outputs) per graph, from the contract above; what an export records."""
     s, d, m = int(model.image_size), int(model.hidden_dim), int(model.mem_dim)
-    low, side, n = s // 4, s // 16, "regions"
+    low, side, n, k, q = s // 4, s // 16, "regions", "memory_slots", "pointer_slots"
 
     def f(name, *shape):
         return TensorSpec(name, shape, float_dtype)
@@ -272,11 +269,9 @@ def graph_specs(model: nn.Module, float_dtype: str = "float32",
              f("object_score", n, 1))),
         "memory_attention": (
             (frame("current_features", d, side), frame("current_pos", d, side),
-             f("memory", n, SLOTS, m, side, side), f("memory_pos", n, SLOTS, m, side, side),
-             TensorSpec("memory_tpos_index", (n, SLOTS), "int64"),
-             TensorSpec("memory_valid", (n, SLOTS), "bool"), f("object_pointers", n, POINTERS, d),
-             f("pointer_position", n, POINTERS),
-             TensorSpec("pointer_valid", (n, POINTERS), "bool")),
+             f("memory", n, k, m, side, side), f("memory_pos", n, k, m, side, side),
+             TensorSpec("memory_tpos_index", (n, k), "int64"),
+             f("object_pointers", n, q, d), f("pointer_position", n, q)),
             (f("conditioned_features", n, d, side, side),)),
         "memory_encoder": (
             (frame("vision_features", d, side), f("masks", n, 1, low, low),

@@ -8,8 +8,8 @@ The frames go through `ops.preprocess` (the runtime's preprocessing) and the eag
 modules, driven the way `SAM2VideoPredictor` drives sam2
 (notes/sam2_parity.md, section 2): frame 0 prompted with the boxes of the largest segments (no
 memory, single mask with the stability fallback, binarized mask into memory), frames 1 and 2
-tracked through the fixed-slot memory bank. Every graph's example is what it sees in that
-loop, so memory attention is checked with some slots and pointers invalid.
+tracked with the memory sam2 gathers (frame 0 as the conditioning frame, the tracked frames
+before t). Every graph's example is what it sees in that loop.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch import nn
 
 from rau_rt import ops
 from rau_rt.errors import InputError
-from rau_rt.export.sam2_graphs import POINTERS, SLOTS
+from rau_rt.sam2_layout import CONDITIONING_TPOS, RECENT_POINTERS
 
 SOURCE_SIZE = 512  # ARCADE's native frame size
 SEQUENCE_FRAMES = 16  # the tree is filled from about frame 9 with a one-frame contrast delay
@@ -119,18 +119,9 @@ def build_inputs(model: nn.Module, modules: dict[str, nn.Module],
     out = GraphInputs()
     n = regions
     low = size // 4
-    side = size // 16
-    hidden = model.hidden_dim
-    mem_dim = model.mem_dim
-    memory = torch.zeros(n, SLOTS, mem_dim, side, side)
-    memory_pos = torch.zeros_like(memory)
-    memory_valid = torch.zeros(n, SLOTS, dtype=torch.bool)
-    # slot 0: the conditioning frame (row 6 of maskmem_tpos_enc); slot k: frame t-(7-k) (6-k)
-    tpos_index = torch.arange(SLOTS - 1, -1, -1, dtype=torch.int64).expand(n, -1).contiguous()
-    pointers = torch.zeros(n, POINTERS, hidden)
-    pointer_frame = torch.zeros(POINTERS)
-    pointer_valid = torch.zeros(n, POINTERS, dtype=torch.bool)
-    t_diff_max = POINTERS - 1  # a stream longer than 16 frames: min(num_frames, 16) - 1
+    t_diff_max = RECENT_POINTERS  # a stream longer than 16 frames: min(num_frames, 16) - 1
+    memories: list[tuple[torch.Tensor, torch.Tensor]] = []  # per frame: (memory, memory_pos)
+    pointers: list[torch.Tensor] = []  # per frame
     with torch.no_grad():
         for t, image in enumerate(images):
             encoded = modules["image_encoder"](image)
@@ -141,14 +132,21 @@ def build_inputs(model: nn.Module, modules: dict[str, nn.Module],
                 point_coords = coords
                 point_labels = torch.tensor([[2, 3]] * n, dtype=torch.int32)
             else:
-                # the bank holds frames 0 .. t-1: slot 0 = frame 0, slot 6-(t-1-j) = frame j > 0
-                position = (t - pointer_frame) / t_diff_max
+                # sam2's gathering at frame t: frame 0 (conditioning, temporal row 6), then the
+                # tracked frames 1 .. t-1 oldest first (frame j = t-k at row k-1); pointers:
+                # frame 0 at offset t, then t-1, t-2, ... 1
+                tracked = range(1, t)
+                tpos = [CONDITIONING_TPOS] + [t - j - 1 for j in tracked]
+                pointer_frames = [0, *range(t - 1, 0, -1)]
                 feeds = {"current_features": features, "current_pos": pos,
-                         "memory": memory.clone(), "memory_pos": memory_pos.clone(),
-                         "memory_tpos_index": tpos_index, "memory_valid": memory_valid.clone(),
-                         "object_pointers": pointers.clone(),
-                         "pointer_position": position.expand(n, -1).contiguous(),
-                         "pointer_valid": pointer_valid.clone()}
+                         "memory": torch.stack([memories[j][0] for j in (0, *tracked)], dim=1),
+                         "memory_pos": torch.stack([memories[j][1] for j in (0, *tracked)],
+                                                   dim=1),
+                         "memory_tpos_index": torch.tensor([tpos] * n, dtype=torch.int64),
+                         "object_pointers": torch.stack([pointers[j] for j in pointer_frames],
+                                                        dim=1),
+                         "pointer_position": torch.tensor(
+                             [[(t - j) / t_diff_max for j in pointer_frames]] * n)}
                 out.add("memory_attention", feeds, example=t == CHECK_FRAMES - 1)
                 embed = modules["memory_attention"](*feeds.values())
                 point_coords = torch.zeros(n, 1, 2)
@@ -165,14 +163,8 @@ def build_inputs(model: nn.Module, modules: dict[str, nn.Module],
             feeds = {"vision_features": features, "masks": mask, "object_score": score,
                      "binarize": binarize}
             out.add("memory_encoder", feeds, example=t == 1)
-            new_memory, new_pos = modules["memory_encoder"](*feeds.values())
-            slot = 0 if t == 0 else SLOTS - 1
-            if t > 0:  # the ring shifts: frame t-1 moves towards slot 1 as frames arrive
-                memory[:, 1:-1] = memory[:, 2:].clone()
-                memory_pos[:, 1:-1] = memory_pos[:, 2:].clone()
-                memory_valid[:, 1:-1] = memory_valid[:, 2:].clone()
-            memory[:, slot], memory_pos[:, slot], memory_valid[:, slot] = new_memory, new_pos, True
-            pointers[:, t], pointer_frame[t], pointer_valid[:, t] = ptr, t, True
+            memories.append(modules["memory_encoder"](*feeds.values()))
+            pointers.append(ptr)
     return out
 
 

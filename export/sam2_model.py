@@ -219,20 +219,20 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     """sam2's `apply_rotary_enc` in real arithmetic: pairs (2i, 2i+1) rotate by the table's angle.
 
     Args:
-        x: [..., tokens, head_dim] with tokens a multiple of the table's rows (memory slots
-            repeat the spatial table, as `repeat_freqs_k` does).
+        x: [..., tokens, head_dim] with tokens a multiple of the table's rows (memory frames
+            repeat the spatial table, as `repeat_freqs_k` does); the count of memory frames may
+            be dynamic (it is folded into a broadcast axis, not a data-dependent repeat).
     """
-    repeat = x.shape[-2] // cos.shape[0]
-    if repeat > 1:
-        cos, sin = cos.repeat(repeat, 1), sin.repeat(repeat, 1)
-    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+    rows = cos.shape[0]
+    *lead, tokens, dim = x.shape
+    pairs = x.float().reshape(*lead, tokens // rows, rows, dim // 2, 2)
     x0, x1 = pairs[..., 0], pairs[..., 1]
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+    return out.reshape(x.shape).type_as(x)
 
 
 class RealRoPEAttention(nn.Module):
-    """A sam2 RoPEAttention with real-valued rotation and an optional key mask (same weights)."""
+    """A sam2 RoPEAttention with real-valued rotation (same weights)."""
 
     def __init__(self, attention: nn.Module, side: int) -> None:
         super().__init__()
@@ -248,8 +248,8 @@ class RealRoPEAttention(nn.Module):
         return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                num_k_exclude_rope: int = 0, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Attention of q over k/v; `key_mask` [B, Nk] bool (True: attend) hides invalid keys."""
+                num_k_exclude_rope: int | torch.SymInt = 0) -> torch.Tensor:
+        """Attention of q over k/v; the last `num_k_exclude_rope` keys (pointers) skip RoPE."""
         q = self._heads(self.q_proj(q))
         k = self._heads(self.k_proj(k))
         v = self._heads(self.v_proj(v))
@@ -257,18 +257,17 @@ class RealRoPEAttention(nn.Module):
         rope_keys = k.shape[-2] - num_k_exclude_rope
         k = torch.cat((rotate(k[:, :, :rope_keys], self.cos, self.sin), k[:, :, rope_keys:]),
                       dim=2)
-        mask = None if key_mask is None else key_mask[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = F.scaled_dot_product_attention(q, k, v)
         b, h, n, d = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, h * d))
 
 
 class RealMemoryAttention(nn.Module):
-    """sam2's MemoryAttention (batch-first tokens) over RealRoPEAttention, with a key mask.
+    """sam2's MemoryAttention (batch-first tokens) over RealRoPEAttention.
 
     Calls the original layers' norms, MLPs and dropout-free residuals in the order
-    `MemoryAttentionLayer.forward` does; with every key valid it equals the original to float
-    rounding (tests/test_export_sam2_model.py).
+    `MemoryAttentionLayer.forward` does; it equals the original to float rounding
+    (tests/test_export_sam2_model.py).
     """
 
     def __init__(self, memory_attention: nn.Module, side: int) -> None:
@@ -280,8 +279,7 @@ class RealMemoryAttention(nn.Module):
                                         for layer in memory_attention.layers)
 
     def forward(self, curr: torch.Tensor, curr_pos: torch.Tensor, memory: torch.Tensor,
-                memory_pos: torch.Tensor, num_obj_ptr_tokens: int,
-                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+                memory_pos: torch.Tensor, num_obj_ptr_tokens: int | torch.SymInt) -> torch.Tensor:
         """[B, HW, D] current tokens + [B, Nk, M] memory tokens -> [B, HW, D] conditioned."""
         source = self.source
         output = curr + 0.1 * curr_pos if source.pos_enc_at_input else curr
@@ -294,7 +292,7 @@ class RealMemoryAttention(nn.Module):
             output = output + cross_attn(
                 tgt2 + curr_pos if layer.pos_enc_at_cross_attn_queries else tgt2,
                 memory + memory_pos if layer.pos_enc_at_cross_attn_keys else memory,
-                memory, num_k_exclude_rope=num_obj_ptr_tokens, key_mask=key_mask)
+                memory, num_k_exclude_rope=num_obj_ptr_tokens)
             tgt2 = layer.norm3(output)
             output = output + layer.linear2(layer.activation(layer.linear1(tgt2)))
         return source.norm(output)

@@ -25,6 +25,7 @@ from rau_rt.engines import registry
 from rau_rt.engines.onnxruntime import PRECISION_METADATA_KEY
 from rau_rt.engines.torch import DESCRIPTION_KEY, NUMPY_FLOAT, TORCH_FLOAT, describe
 from rau_rt.errors import InputError
+from rau_rt.export import fused_attention
 from rau_rt.export import tensorrt as trt_export
 from rau_rt.export.verify import compare, require_parity
 from rau_rt.types import TensorSpec
@@ -43,6 +44,7 @@ class DynamicDim:
     name: str
     min: int
     max: int
+    opt: int | None = None  # the profile's optimum; None: the example's size
 
 
 def _cast(tensor: torch.Tensor, precision: str) -> torch.Tensor:
@@ -116,21 +118,31 @@ def _ranges(example: Mapping[str, torch.Tensor],
         low, high = list(opt), list(opt)
         for axis, dim in axes.items():
             low[axis], high[axis] = dim.min, dim.max
+            if dim.opt is not None:
+                opt[axis] = dim.opt
         ranges[name] = {"min": low, "opt": opt, "max": high}
     return ranges
 
 
 def write_onnx(program: torch.export.ExportedProgram, example: Mapping[str, torch.Tensor],
                path: Path, output_names: Sequence[str], precision: str,
-               dim_names: Mapping[str, str]) -> None:
+               dim_names: Mapping[str, str], variant: str | None = None) -> None:
     """ONNX graph (dynamo exporter, opset 18, weights inside the file) tagged with precision.
 
     Converts the program `export_graph` already traced, so each module is traced once, and
     renames torch's dynamic-dimension symbols ("s40") to ours ("batch") throughout the graph.
+    `variant` "fused-attention" writes attention as ONNX Runtime's fused kernel
+    (export/fused_attention.py).
     """
+    table = None
+    if variant == fused_attention.VARIANT:
+        table = fused_attention.translation_table()
+    elif variant is not None:
+        raise InputError(f"variant {variant!r}: expected None or {fused_attention.VARIANT!r}")
     torch.onnx.export(program, tuple(example.values()), str(path), dynamo=True,
                       input_names=list(example), output_names=list(output_names),
-                      opset_version=ONNX_OPSET, external_data=False, verbose=False)
+                      opset_version=ONNX_OPSET, external_data=False, verbose=False,
+                      custom_translation_table=table)
     model = onnx.load(str(path))
     graph = model.graph
     for value in (*graph.input, *graph.output, *graph.value_info):
@@ -145,7 +157,8 @@ def export_graph(module: torch.nn.Module, example: Mapping[str, torch.Tensor],
                  directory: str | Path, graph: str, backend: str, *,
                  output_names: Sequence[str], precision: str = "fp32", device: str = "cpu",
                  dynamic: Mapping[str, Mapping[int, DynamicDim]] | None = None,
-                 source_checkpoint_sha256: str | None = None) -> GraphEntry:
+                 source_checkpoint_sha256: str | None = None,
+                 variant: str | None = None) -> GraphEntry:
     """Write `graph` for `backend` into `directory`, verify it, and return its manifest entry.
 
     Args:
@@ -159,6 +172,8 @@ def export_graph(module: torch.nn.Module, example: Mapping[str, torch.Tensor],
         device: "cpu" or "cuda": where the graph is compiled (AOTInductor) and verified.
         dynamic: Input name -> {axis: DynamicDim}; other axes are fixed to the example's.
         source_checkpoint_sha256: sha256 of the checkpoint the weights came from.
+        variant: "fused-attention" (ONNX only): attention as ONNX Runtime's fused op, written
+            to `<graph>.fused.<precision>.onnx` (export/fused_attention.py).
 
     Raises:
         ParityError: the written graph disagrees with the eager module beyond the tolerance.
@@ -171,7 +186,10 @@ def export_graph(module: torch.nn.Module, example: Mapping[str, torch.Tensor],
     dynamic = dict(dynamic or {})
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{graph}.{precision}{SUFFIX[backend]}"
+    if variant is not None and backend != "onnxruntime":
+        raise InputError(f"variant {variant!r} is an ONNX graph variant, not for {backend}")
+    stem = graph if variant is None else f"{graph}.fused"
+    path = directory / f"{stem}.{precision}{SUFFIX[backend]}"
     reference_module = copy.deepcopy(module).eval().to(device)
     with torch.inference_mode():
         reference = reference_module(*[t.to(device) for t in example.values()])
@@ -189,7 +207,7 @@ def export_graph(module: torch.nn.Module, example: Mapping[str, torch.Tensor],
     lint = None
     if backend == "onnxruntime":
         write_onnx(program, cast, path, output_names, precision,
-                   _symbol_names(program, dynamic))
+                   _symbol_names(program, dynamic), variant)
         lint = trt_export.lint(path).to_dict()
     elif backend == "aotinductor":
         torch._inductor.aoti_compile_and_package(
@@ -209,6 +227,8 @@ def export_graph(module: torch.nn.Module, example: Mapping[str, torch.Tensor],
         inputs=inputs, outputs=outputs, sha256=file_sha256(path),
         device="any" if backend == "onnxruntime" else device,
         source_checkpoint_sha256=source_checkpoint_sha256,
-        exporter={"name": "rau_rt.export.torch.export_graph", "version": __version__},
+        exporter={"name": "rau_rt.export.torch.export_graph", "version": __version__,
+                  **({"variant": variant, "variant_note": fused_attention.NOTE}
+                     if variant else {})},
         tools=tool_versions(cuda=torch.version.cuda if device.startswith("cuda") else None),
         parity=parity, dynamic_ranges=_ranges(example, dynamic), lint=lint)

@@ -18,7 +18,19 @@ import numpy as np
 from rau_rt.errors import BundleError
 
 LAYOUT_FILE = "sam2.json"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
+
+# The memory sam2's video predictor attends to per frame: its conditioning frames, the tracked
+# frames t-6 ... t-1 (num_maskmem 7) and the pointers of t-1 ... t-15 (max_obj_ptrs_in_encoder
+# 16). The exported memory_attention takes them compacted, within these ranges (a TensorRT
+# profile's max); the tracker keeps at most MAX_CONDITIONING conditioning frames.
+RECENT_SLOTS = 6
+RECENT_POINTERS = 15
+MAX_CONDITIONING = 4
+MAX_SLOTS = MAX_CONDITIONING + RECENT_SLOTS
+MAX_POINTERS = MAX_CONDITIONING + RECENT_POINTERS
+CONDITIONING_TPOS = RECENT_SLOTS  # row of maskmem_tpos_enc for a conditioning frame
+MAX_REGIONS = 16  # regions per batched call (the graphs' region range)
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,9 @@ def _reference(modules, graph, example):
 
 
 def _copy_fp32(bundle, graph, directory):
-    entry = next(e for e in load_bundle(bundle).manifest.graphs if e.graph == graph)
+    """The standard (TensorRT-source) fp32 graph of `graph`, copied into `directory`."""
+    entry = next(e for e in load_bundle(bundle).manifest.graphs
+                 if e.graph == graph and e.exporter.get("variant") is None)
     (directory / entry.file).write_bytes((bundle / entry.file).read_bytes())
     return entry
 
@@ -93,7 +95,9 @@ def _check_fp32_entries(entries, size):
         parity = entry["parity"]
         assert parity["passed"], entry["graph"]
         assert max(o["max_abs"] for o in parity["outputs"].values()) <= 1e-4
-        assert entry["lint"]["tensorrt_ready"], (entry["graph"], entry["lint"]["issues"])
+        fused = entry["exporter"].get("variant") == "fused-attention"
+        # the fused variants hold ONNX Runtime's MultiHeadAttention, which TensorRT cannot parse
+        assert entry["lint"]["tensorrt_ready"] != fused, (entry["graph"], entry["lint"])
         assert entry["exporter"]["image_size"] == str(size)
         assert entry["exporter"]["contract"] == sam2_graphs.CONTRACT[entry["graph"]]
     decoder = next(e for e in entries if e["graph"] == "mask_decoder")
@@ -107,18 +111,28 @@ def test_cli_exports_four_verified_fp32_graphs(micro256):
     manifest = _manifest(bundle)
     assert manifest["name"] == "sam2-micro-256"
     entries = manifest["graphs"]
-    assert {e["graph"] for e in entries} == GRAPHS and len(entries) == 4
+    assert {e["graph"] for e in entries} == GRAPHS and len(entries) == 6
     assert {e["precision"] for e in entries} == {"fp32"}
+    # ONNX Runtime takes each graph's first entry: the fused-attention variant where there is one
+    assert [(e["graph"], e["exporter"].get("variant")) for e in entries] == [
+        ("image_encoder", "fused-attention"), ("image_encoder", None), ("mask_decoder", None),
+        ("memory_attention", "fused-attention"), ("memory_attention", None),
+        ("memory_encoder", None)]
+    assert manifest["files"] == {"sam2.json": file_sha256(bundle / "sam2.json")}
     _check_fp32_entries(entries, 256)
     for entry in entries:
         assert entry["source_checkpoint_sha256"] == file_sha256(checkpoint)
         assert entry["exporter"]["command"].startswith("rau-rt export sam2 --checkpoint")
-    attention = next(e for e in entries if e["graph"] == "memory_attention")
-    assert attention["dynamic_ranges"]["memory"] == {"min": [1, 7, 32, 16, 16],
-                                                     "opt": [2, 7, 32, 16, 16],
-                                                     "max": [16, 7, 32, 16, 16]}
-    assert [s["shape"] for s in attention["inputs"] if s["name"] == "memory_valid"] == [
-        ["regions", 7]]
+    for attention in (e for e in entries if e["graph"] == "memory_attention"):
+        # regions 1..16; memories 1..10 and pointers 1..19 (4 conditioning frames + 6 / 15
+        # recent), TensorRT's optimum at sam2's steady state (7 and 16)
+        assert attention["dynamic_ranges"]["memory"] == {"min": [1, 1, 32, 16, 16],
+                                                         "opt": [2, 7, 32, 16, 16],
+                                                         "max": [16, 10, 32, 16, 16]}
+        assert attention["dynamic_ranges"]["pointer_position"] == {
+            "min": [1, 1], "opt": [2, 16], "max": [16, 19]}
+        assert [s["shape"] for s in attention["inputs"] if s["name"] == "memory"] == [
+            ["regions", "memory_slots", 32, 16, 16]]
     assert "graph" in stdout and "IoU" in stdout
     for graph in GRAPHS:
         assert graph in stdout
@@ -146,20 +160,26 @@ def test_int8_bundle_records_each_graphs_precision(micro512_int8):
     by_graph = {g: [e for e in manifest["graphs"] if e["graph"] == g] for g in GRAPHS}
     _check_fp32_entries([e for e in manifest["graphs"] if e["precision"] == "fp32"], 512)
     for graph, entries in by_graph.items():
-        first, fp32 = entries[0], entries[-1]
-        assert fp32["precision"] == "fp32" and fp32["backend"] == "onnxruntime"
+        first, standard = entries[0], entries[-1]
+        assert standard["precision"] == "fp32" and "variant" not in standard["exporter"]
+        fp32 = [e for e in entries if e["precision"] == "fp32"]
+        # dynamic int8 is ONNX Runtime's: it comes from the fused graph where there is one
+        source = fp32[0]
+        assert (source["exporter"].get("variant") == "fused-attention") == (
+            graph in sam2.FUSED_ATTENTION_GRAPHS)
         if first["precision"] == "int8":
-            assert len(entries) == 2
+            assert len(entries) == len(fp32) + 1
             assert first["parity"]["passed"] and first["exporter"]["int8_method"] == "dynamic"
+            assert first["exporter"].get("variant") == source["exporter"].get("variant")
             assert min(o["cosine"] for o in first["parity"]["outputs"].values()) >= 0.999
             if graph == "mask_decoder":
                 assert first["parity"]["masks"]["iou"] >= 0.98
-            assert fp32["exporter"]["precision_choice"].startswith("int8 first")
+            assert source["exporter"]["precision_choice"].startswith("int8 first")
         else:  # kept fp32, and the manifest says why
-            assert len(entries) == 1
-            assert fp32["exporter"]["precision_choice"].startswith("fp32: int8 (dynamic) "
-                                                                   "rejected")
-            assert fp32["parity"]["int8_rejected"]["passed"] is False
+            assert len(entries) == len(fp32)
+            assert source["exporter"]["precision_choice"].startswith("fp32: int8 (dynamic) "
+                                                                     "rejected")
+            assert source["parity"]["int8_rejected"]["passed"] is False
     # the image encoder and memory attention are matmul-heavy: dynamic int8 keeps them
     assert by_graph["image_encoder"][0]["precision"] == "int8"
     assert by_graph["memory_attention"][0]["precision"] == "int8"

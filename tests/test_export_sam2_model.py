@@ -1,9 +1,10 @@
 """SAM2 export wrappers against sam2's own code paths, eager, on a random-weight micro model.
 
 Each wrapper in `rau_rt.export.sam2_graphs` must compute what sam2 1.1.0 computes for the same
-frame: the real-valued RoPE equals the complex one, masked fixed slots equal sam2's compacted
-memory, and the decoder/memory encoder equal `_forward_sam_heads`/`_encode_new_memory`. Also:
-checkpoints in Meta's format load through the user's path, and bad ones fail naming the keys.
+frame: the real-valued RoPE equals the complex one, the compacted memory equals sam2's own
+gathering (`_prepare_memory_conditioned_features`), and the decoder/memory encoder equal
+`_forward_sam_heads`/`_encode_new_memory`. Also: checkpoints in Meta's format load through
+the user's path, and bad ones fail naming the keys.
 """
 
 from __future__ import annotations
@@ -65,20 +66,19 @@ def test_memory_attention_all_keys_valid_equals_sam2(micro):
     assert (ours - ref.transpose(0, 1)).abs().max().item() <= 1e-6
 
 
-def test_fixed_slots_equal_sam2_prepare_memory_conditioned_features(micro):
-    """Slots 1-5 and pointers 2-15 invalid: sam2 sees only frames 0 (cond) and 1 at frame 2."""
+def test_compacted_memory_equals_sam2_prepare_memory_conditioned_features(micro):
+    """At frame 2 sam2 gathers frame 0 (conditioning) and frame 1 (tracked): 2 and 2."""
     model, modules, inputs = micro
     feeds = inputs.example["memory_attention"]
-    assert feeds["memory_valid"][0].tolist() == [True] + [False] * 5 + [True]
-    assert feeds["pointer_valid"][0, :3].tolist() == [True, True, False]
+    assert feeds["memory_tpos_index"][0].tolist() == [6, 0]
+    assert feeds["object_pointers"].shape[1] == 2
 
-    def frame(slot, pointer):
-        return {"maskmem_features": feeds["memory"][:, slot],
-                "maskmem_pos_enc": [feeds["memory_pos"][:, slot]],
-                "obj_ptr": feeds["object_pointers"][:, pointer]}
+    def frame(index):
+        return {"maskmem_features": feeds["memory"][:, index],
+                "maskmem_pos_enc": [feeds["memory_pos"][:, index]],
+                "obj_ptr": feeds["object_pointers"][:, [0, 1][index]]}
 
-    output_dict = {"cond_frame_outputs": {0: frame(0, 0)},
-                   "non_cond_frame_outputs": {1: frame(6, 1)}}
+    output_dict = {"cond_frame_outputs": {0: frame(0)}, "non_cond_frame_outputs": {1: frame(1)}}
     side = SIZE // 16
     flat = [t.flatten(2).permute(2, 0, 1) for t in (feeds["current_features"],
                                                      feeds["current_pos"])]
@@ -86,6 +86,51 @@ def test_fixed_slots_equal_sam2_prepare_memory_conditioned_features(micro):
     with torch.no_grad():
         ref = model._prepare_memory_conditioned_features(
             frame_idx=2, is_init_cond_frame=False,
+            current_vision_feats=[flat[0].expand(-1, regions, -1)],
+            current_vision_pos_embeds=[flat[1].expand(-1, regions, -1)],
+            feat_sizes=[(side, side)], output_dict=output_dict, num_frames=100)
+        ours = modules["memory_attention"](*feeds.values())
+    assert (ours - ref).abs().max().item() <= 1e-5
+
+
+def test_memory_attention_takes_any_memory_count(micro):
+    """8 memories and 17 pointers (2 conditioning frames at steady state) equal sam2 too."""
+    model, modules, inputs = micro
+    example = inputs.example["memory_attention"]
+    torch.manual_seed(3)
+    regions, _, mem_dim, side, _ = example["memory"].shape
+    memory = torch.randn(regions, 8, mem_dim, side, side)
+    memory_pos = torch.randn_like(memory)
+    pointers = torch.randn(regions, 17, model.hidden_dim)
+    # frame 30: conditioning frames -1 (reference) and 10 (a prompt), tracked 24 ... 29;
+    # pointers of both conditioning frames and of t-1 ... t-15
+    cond_frames, tracked = [-1, 10], list(range(24, 30))
+    pointer_frames = [-1, 10, *range(29, 14, -1)]
+
+    def stored(i, p):
+        return {"maskmem_features": memory[:, i], "maskmem_pos_enc": [memory_pos[:, i]],
+                "obj_ptr": pointers[:, p]}
+
+    output_dict = {
+        "cond_frame_outputs": {f: stored(i, i) for i, f in enumerate(cond_frames)},
+        "non_cond_frame_outputs": {f: stored(2 + i, pointer_frames.index(f))
+                                   for i, f in enumerate(tracked)}}
+    # pointers of frames 15 ... 23 live only in non-cond outputs without a spatial memory slot
+    for f in pointer_frames[2:]:
+        if f not in tracked:
+            output_dict["non_cond_frame_outputs"][f] = {
+                "maskmem_features": memory[:, 2], "maskmem_pos_enc": [memory_pos[:, 2]],
+                "obj_ptr": pointers[:, pointer_frames.index(f)]}
+    flat = [t.flatten(2).permute(2, 0, 1) for t in (example["current_features"],
+                                                     example["current_pos"])]
+    feeds = {"current_features": example["current_features"],
+             "current_pos": example["current_pos"], "memory": memory, "memory_pos": memory_pos,
+             "memory_tpos_index": torch.tensor([[6, 6, 5, 4, 3, 2, 1, 0]] * regions),
+             "object_pointers": pointers,
+             "pointer_position": torch.tensor([[(30 - f) / 15 for f in pointer_frames]] * regions)}
+    with torch.no_grad():
+        ref = model._prepare_memory_conditioned_features(
+            frame_idx=30, is_init_cond_frame=False,
             current_vision_feats=[flat[0].expand(-1, regions, -1)],
             current_vision_pos_embeds=[flat[1].expand(-1, regions, -1)],
             feat_sizes=[(side, side)], output_dict=output_dict, num_frames=100)

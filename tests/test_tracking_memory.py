@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from rau_rt.errors import InputError
-from rau_rt.tracking.memory import POINTERS, SLOTS, MemoryBank, MemoryConfig, to_bfloat16
+from rau_rt.sam2_layout import MAX_CONDITIONING
+from rau_rt.tracking.memory import MemoryBank, MemoryConfig, to_bfloat16
 
 SHAPE = (4, 2, 3)  # (M, h, w)
 DIM = 8
@@ -23,8 +24,11 @@ def bank(**kwargs) -> MemoryBank:
 
 
 def chosen_frames(feeds) -> list[int]:
-    return [int(m.flat[0] - 0.5) if v else None for m, v in zip(feeds.memory, feeds.memory_valid,
-                                                                 strict=True)]
+    """The frame each spatial memory came from, read from its content (not from `frames`)."""
+    chosen = [int(m.flat[0] - 0.5) for m in feeds.memory]
+    assert tuple(chosen) == feeds.frames
+    assert [int(p[0]) for p in feeds.pointers] == list(feeds.pointer_frames)
+    return chosen
 
 
 def test_first_frames_use_the_conditioning_frame_and_what_exists():
@@ -33,13 +37,14 @@ def test_first_frames_use_the_conditioning_frame_and_what_exists():
     b.add_tracked(1, *entry(1))
     b.add_tracked(2, *entry(2))
     feeds = b.feeds(3)
-    # slot 0: conditioning (temporal index 6); then t-6 ... t-1, frames < 0 or missing invalid
-    assert chosen_frames(feeds) == [0, None, None, None, None, 1, 2]
-    assert feeds.tpos_index.tolist() == [6, 5, 4, 3, 2, 1, 0]
-    assert feeds.pointer_valid.tolist() == [True, True, True] + [False] * (POINTERS - 3)
+    # conditioning first (temporal index 6); then the tracked frames among t-6 ... t-1 that
+    # exist, compacted as sam2 gathers them: t-2 (index 1), t-1 (index 0)
+    assert chosen_frames(feeds) == [0, 1, 2]
+    assert feeds.tpos_index.tolist() == [6, 1, 0]
+    assert feeds.counts == (3, 3)
     # pointers: conditioning frame at t - 0 = 3, then t-1, t-2; divided by t_diff_max 15
-    np.testing.assert_allclose(feeds.pointer_position[:3], np.array([3, 1, 2]) / 15)
-    assert feeds.pointers[:3, 0].tolist() == [0.0, 2.0, 1.0]
+    np.testing.assert_allclose(feeds.pointer_position, np.array([3, 1, 2]) / 15)
+    assert feeds.pointers[:, 0].tolist() == [0.0, 2.0, 1.0]
 
 
 def test_steady_state_keeps_the_last_six_frames_and_fifteen_pointers():
@@ -49,7 +54,7 @@ def test_steady_state_keeps_the_last_six_frames_and_fifteen_pointers():
         b.add_tracked(t, *entry(t))
     feeds = b.feeds(100)
     assert chosen_frames(feeds) == [0, 94, 95, 96, 97, 98, 99]
-    assert feeds.pointer_valid.all()
+    assert feeds.counts == (7, 16)
     assert feeds.pointers[1:, 0].tolist() == list(range(99, 84, -1))  # t-1 ... t-15
     assert feeds.pointer_position[0] == pytest.approx(100 / 15)  # unbounded, as in sam2
 
@@ -71,10 +76,12 @@ def test_reference_is_pinned_and_new_prompts_replace_old_ones():
     b.add_conditioning(25, *entry(25))  # a VLM box on frame 25 replaces the frame-0 prompt
     assert b.conditioning_frames == [-1, 25]
     feeds = b.feeds(30)
-    # 2 conditioning + 5 recent slots; frame 25 appears once, as conditioning
-    # frames t-5 ... t-1 = 25 ... 29, but 25 is now a conditioning frame: not again as tracked
-    assert chosen_frames(feeds) == [-1, 25, None, 26, 27, 28, 29]
-    assert feeds.tpos_index.tolist() == [6, 6, 4, 3, 2, 1, 0]
+    # 2 conditioning frames + t-6 ... t-1 (24 ... 29), but 25 is now a conditioning frame:
+    # it appears once, as sam2 moves a re-prompted frame to its conditioning outputs
+    assert chosen_frames(feeds) == [-1, 25, 24, 26, 27, 28, 29]
+    assert feeds.tpos_index.tolist() == [6, 6, 5, 3, 2, 1, 0]
+    # pointers: both conditioning frames, then t-1 ... t-15 without 25 (14 of them)
+    assert feeds.pointer_frames == (-1, 25, *[f for f in range(29, 14, -1) if f != 25])
     with pytest.raises(InputError, match="pinned"):
         full = bank(max_conditioning=1)
         full.add_conditioning(-1, *entry(-1), pinned=True)
@@ -120,4 +127,6 @@ def test_wrong_shapes_raise_input_error():
     with pytest.raises(InputError, match="numbered from 0"):
         b.add_tracked(-2, *entry(-2))
     with pytest.raises(InputError, match="max_conditioning"):
-        MemoryConfig(SHAPE, DIM, max_conditioning=SLOTS)
+        MemoryConfig(SHAPE, DIM, max_conditioning=MAX_CONDITIONING + 1)
+    with pytest.raises(InputError, match="no conditioning frame"):
+        bank().feeds(3)

@@ -1,25 +1,24 @@
 """The bounded memory bank: what SAM2 remembers of each region, as fixed-size arrays.
 
-It feeds the exported `memory_attention` graph (export/sam2_graphs.py), whose memory is 7
-spatial slots and 16 object pointers with validity masks, and follows sam2's selection rules
-(SAM2Base._prepare_memory_conditioned_features, notes/sam2_parity.md section 2):
+It feeds the exported `memory_attention` graph (export/sam2_graphs.py) with exactly the memories
+sam2 would attend to, compacted (sam2's own layout: the graph takes 1..MAX_SLOTS spatial
+memories and 1..MAX_POINTERS object pointers, no padding), following
+SAM2Base._prepare_memory_conditioned_features (notes/sam2_parity.md section 2):
 
-* spatial slots: the conditioning frames first (temporal index `slots - 1` = 6), then the most
-  recent tracked frames t-6 ... t-1, frame t-k at temporal index k-1; frames never stored
-  (t < 7) are invalid slots, not zeros;
-* pointers: every conditioning frame at or before t, then tracked frames t-1 ... t-15, at most
-  16, each at the signed offset (t - t_ptr) / t_diff_max with t_diff_max = min(clip, 16) - 1;
+* spatial memories: every conditioning frame (temporal index `num_maskmem - 1` = 6), then the
+  tracked frames t-6 ... t-1 that exist, frame t-k at temporal index k-1;
+* pointers: every conditioning frame at or before t, then tracked frames t-1 ... t-15 that exist
+  (stopping at frame 0), each at the signed offset (t - t_ptr) / t_diff_max with
+  t_diff_max = min(clip, 16) - 1;
 * memories are rounded to bfloat16 when stored, as sam2 stores `maskmem_features`.
 
-Where the fixed graph differs from sam2: with two conditioning frames sam2 would attend 2 + 6
-spatial memories and 2 + 15 pointers; the bank gives 2 + 5 and 16 (the oldest dropped).
-
 Conditioning frames are the annotated reference (RAU's "SAM2 memory setup") and frames prompted
-with a VLM or user box. sam2 attends all of them (unbounded, sam2 #196); here they take at most
-`max_conditioning` of the spatial slots, the rest go to recent frames. Eviction: the reference
-is pinned; a new prompted frame replaces the oldest prompted one. Tracked frames live in rings.
-Nothing grows: the arrays are allocated once per region, so memory after 10,000 frames equals
-memory after 100.
+with a VLM or user box. sam2 attends all of them, so its memory grows with every prompt (sam2
+#196); here at most `max_conditioning` are kept (default 2: the reference and the newest
+prompt). Eviction: the reference is pinned; a new prompted frame replaces the oldest prompted
+one. Tracked frames live in rings of 6 memories and 15 pointers. Within those bounds the
+selection is sam2's, frame for frame. Nothing grows: the arrays are allocated once per region,
+so memory after 10,000 frames equals memory after 100.
 """
 
 from __future__ import annotations
@@ -29,10 +28,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from rau_rt.errors import InputError
+from rau_rt.sam2_layout import (
+    CONDITIONING_TPOS,
+    MAX_CONDITIONING,
+    RECENT_POINTERS,
+    RECENT_SLOTS,
+)
 
-SLOTS = 7  # sam2 num_maskmem: 1 conditioning + 6 recent frames by default
-POINTERS = 16  # sam2 max_obj_ptrs_in_encoder
-RECENT_POINTERS = POINTERS - 1  # tracked frames t-1 ... t-15
+POINTER_PERIOD = RECENT_POINTERS + 1  # sam2's max_obj_ptrs_in_encoder (16)
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,7 @@ class MemoryConfig:
     Attributes:
         memory_shape: (M, h, w) of one spatial memory (the memory encoder's output).
         pointer_dim: D, the object pointer size.
-        max_conditioning: spatial slots conditioning frames may take (reference + prompts).
+        max_conditioning: conditioning frames kept (reference + newest prompts), 1..4.
         clip_frames: the clip length sam2 would know (its pointer positions depend on it for
             clips shorter than 16 frames); None for a live stream (as for >= 16 frames).
     """
@@ -53,29 +56,35 @@ class MemoryConfig:
     clip_frames: int | None = None
 
     def __post_init__(self) -> None:
-        if not 1 <= self.max_conditioning < SLOTS:
-            raise InputError(f"max_conditioning: expected 1..{SLOTS - 1}, got "
+        if not 1 <= self.max_conditioning <= MAX_CONDITIONING:
+            raise InputError(f"max_conditioning: expected 1..{MAX_CONDITIONING}, got "
                              f"{self.max_conditioning}")
         if self.clip_frames is not None and self.clip_frames < 1:
             raise InputError(f"clip_frames: expected >= 1 or None, got {self.clip_frames}")
 
     @property
     def t_diff_max(self) -> float:
-        frames = POINTERS if self.clip_frames is None else min(self.clip_frames, POINTERS)
+        frames = (POINTER_PERIOD if self.clip_frames is None
+                  else min(self.clip_frames, POINTER_PERIOD))
         return float(max(frames - 1, 1))
 
 
 @dataclass
 class MemoryFeeds:
-    """One region's memory-attention inputs (the graph's batch axis is added by stacking)."""
+    """One region's memory-attention inputs, compacted (views into the bank's buffers)."""
 
-    memory: np.ndarray  # (SLOTS, M, h, w) float32
-    memory_pos: np.ndarray  # (SLOTS, M, h, w) float32
-    tpos_index: np.ndarray  # (SLOTS,) int64
-    memory_valid: np.ndarray  # (SLOTS,) bool
-    pointers: np.ndarray  # (POINTERS, D) float32
-    pointer_position: np.ndarray  # (POINTERS,) float32
-    pointer_valid: np.ndarray  # (POINTERS,) bool
+    memory: np.ndarray  # (slots, M, h, w) float32
+    memory_pos: np.ndarray  # (slots, M, h, w) float32
+    tpos_index: np.ndarray  # (slots,) int64
+    pointers: np.ndarray  # (pointers, D) float32
+    pointer_position: np.ndarray  # (pointers,) float32
+    frames: tuple[int, ...]  # the frame of each spatial memory, in order (for inspection)
+    pointer_frames: tuple[int, ...]  # the frame of each pointer, in order
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        """(spatial memories, pointers): regions with equal counts batch into one call."""
+        return len(self.tpos_index), len(self.pointer_position)
 
 
 def to_bfloat16(values: np.ndarray) -> np.ndarray:
@@ -98,22 +107,22 @@ class MemoryBank:
         self._cond_frame = np.zeros(c, np.int64)  # the reference may sit before frame 0
         self._cond_used = np.zeros(c, bool)
         self._cond_pinned = np.zeros(c, bool)
-        recent = SLOTS - 1
-        self._recent_mem = np.zeros((recent, *m_shape), np.float32)
-        self._recent_pos = np.zeros((recent, *m_shape), np.float32)
-        self._recent_mem_frame = np.full(recent, -1, np.int64)  # -1: empty (tracked frames >= 0)
+        self._recent_mem = np.zeros((RECENT_SLOTS, *m_shape), np.float32)
+        self._recent_pos = np.zeros((RECENT_SLOTS, *m_shape), np.float32)
+        self._recent_mem_frame = np.full(RECENT_SLOTS, -1, np.int64)  # -1: empty
         self._recent_ptr = np.zeros((RECENT_POINTERS, d), np.float32)
         self._recent_ptr_frame = np.full(RECENT_POINTERS, -1, np.int64)
-        self._feeds = MemoryFeeds(
-            np.zeros((SLOTS, *m_shape), np.float32), np.zeros((SLOTS, *m_shape), np.float32),
-            np.zeros(SLOTS, np.int64), np.zeros(SLOTS, bool), np.zeros((POINTERS, d), np.float32),
-            np.zeros(POINTERS, np.float32), np.zeros(POINTERS, bool))
+        slots, pointers = c + RECENT_SLOTS, c + RECENT_POINTERS
+        self._out_mem = np.zeros((slots, *m_shape), np.float32)
+        self._out_pos = np.zeros((slots, *m_shape), np.float32)
+        self._out_tpos = np.zeros(slots, np.int64)
+        self._out_ptr = np.zeros((pointers, d), np.float32)
+        self._out_ptr_pos = np.zeros(pointers, np.float32)
 
     @property
     def nbytes(self) -> int:
         """Bytes held, constant over the stream."""
-        return sum(a.nbytes for a in vars(self).values() if isinstance(a, np.ndarray)) + sum(
-            a.nbytes for a in vars(self._feeds).values())
+        return sum(a.nbytes for a in vars(self).values() if isinstance(a, np.ndarray))
 
     @property
     def conditioning_frames(self) -> list[int]:
@@ -161,7 +170,7 @@ class MemoryBank:
         self._check(memory, memory_pos, pointer)
         if frame < 0:
             raise InputError(f"frame: tracked frames are numbered from 0, got {frame}")
-        slot = frame % len(self._recent_mem_frame)
+        slot = frame % RECENT_SLOTS
         self._recent_mem[slot] = to_bfloat16(memory)
         self._recent_pos[slot] = memory_pos
         self._recent_mem_frame[slot] = frame
@@ -174,48 +183,46 @@ class MemoryBank:
         self._recent_ptr_frame[self._recent_ptr_frame == frame] = -1
 
     def feeds(self, frame: int) -> MemoryFeeds:
-        """Memory-attention inputs for frame `frame` (arrays reused between calls)."""
-        out = self._feeds
-        out.memory_valid[:] = False
-        out.pointer_valid[:] = False
-        out.memory[:] = 0.0
-        out.memory_pos[:] = 0.0
-        out.pointers[:] = 0.0
-        out.pointer_position[:] = 0.0
-        slot = 0
-        # conditioning frames at or before `frame` (a live stream has no later ones), in order
+        """Memory-attention inputs for frame `frame`: views valid until the next call.
+
+        Raises:
+            InputError: the bank holds no conditioning frame at or before `frame` (sam2 needs
+                one to track from).
+        """
         cond = sorted((int(i) for i in np.flatnonzero(self._cond_used)
                        if self._cond_frame[i] <= frame), key=lambda k: self._cond_frame[k])
+        if not cond:
+            raise InputError(f"frame {frame}: no conditioning frame to track from (prompt a box "
+                             "or add a reference first)")
+        slot, frames = 0, []
         for i in cond:
-            out.memory[slot], out.memory_pos[slot] = self._cond_mem[i], self._cond_pos[i]
-            out.tpos_index[slot], out.memory_valid[slot] = SLOTS - 1, True
+            self._out_mem[slot], self._out_pos[slot] = self._cond_mem[i], self._cond_pos[i]
+            self._out_tpos[slot] = CONDITIONING_TPOS
+            frames.append(int(self._cond_frame[i]))
             slot += 1
-        recent_room = SLOTS - slot
-        # recent frames t-k for k = recent_room ... 1, oldest first (sam2's order)
-        for k in range(recent_room, 0, -1):
-            past = frame - k
-            hit = np.flatnonzero(self._recent_mem_frame == past)
-            if past >= 0 and hit.size:
+        for k in range(RECENT_SLOTS, 0, -1):  # t-6 first, as sam2 orders them
+            hit = np.flatnonzero(self._recent_mem_frame == frame - k)
+            if frame - k >= 0 and hit.size:
                 i = int(hit[0])
-                out.memory[slot], out.memory_pos[slot] = self._recent_mem[i], self._recent_pos[i]
-                out.tpos_index[slot], out.memory_valid[slot] = k - 1, True
-            else:
-                out.tpos_index[slot] = k - 1
-            slot += 1
-        # pointers: conditioning frames at or before t, then t-1 ... t-15
-        n, scale = 0, self.config.t_diff_max
+                self._out_mem[slot], self._out_pos[slot] = self._recent_mem[i], self._recent_pos[i]
+                self._out_tpos[slot] = k - 1
+                frames.append(frame - k)
+                slot += 1
+        n, scale, pointer_frames = 0, self.config.t_diff_max, []
         for i in cond:
-            out.pointers[n] = self._cond_ptr[i]
-            out.pointer_position[n] = (frame - self._cond_frame[i]) / scale
-            out.pointer_valid[n] = True
+            self._out_ptr[n] = self._cond_ptr[i]
+            self._out_ptr_pos[n] = (frame - self._cond_frame[i]) / scale
+            pointer_frames.append(int(self._cond_frame[i]))
             n += 1
         for k in range(1, RECENT_POINTERS + 1):
-            if n >= POINTERS or frame - k < 0:
+            if frame - k < 0:  # sam2 stops at the clip's start
                 break
             hit = np.flatnonzero(self._recent_ptr_frame == frame - k)
             if hit.size:
-                out.pointers[n] = self._recent_ptr[int(hit[0])]
-                out.pointer_position[n] = k / scale
-                out.pointer_valid[n] = True
+                self._out_ptr[n] = self._recent_ptr[int(hit[0])]
+                self._out_ptr_pos[n] = k / scale
+                pointer_frames.append(frame - k)
                 n += 1
-        return out
+        return MemoryFeeds(self._out_mem[:slot], self._out_pos[:slot], self._out_tpos[:slot],
+                           self._out_ptr[:n], self._out_ptr_pos[:n], tuple(frames),
+                           tuple(pointer_frames))

@@ -7,9 +7,10 @@ Per frame (notes/sam2_parity.md, section 2, is the specification):
    not tracked: no memory (`features_no_memory`), the box as two corner points, a single mask
    (token 0 unless its stability is under 0.98, then the best-IoU multimask token), the pointer
    of token 0; the mask enters memory binarized, after hole filling, as a conditioning frame.
-3. Every other region with memory is tracked: `memory_attention` over its bank (one batched
-   call), then the decoder with no prompt: the best-IoU of tokens 1-3 and that token's pointer;
-   the mask enters memory as sigmoid x 20 - 10 of the unfilled logits, as a tracked frame.
+3. Every other region with memory is tracked: `memory_attention` over the memory sam2 would
+   gather (one batched call per distinct memory size: one in steady state), then the decoder
+   with no prompt: the best-IoU of tokens 1-3 and that token's pointer; the mask enters
+   memory as sigmoid x 20 - 10 of the unfilled logits, as a tracked frame.
 4. One batched `memory_encoder` call over all regions; post-processing (hole filling, upsampling
    to the frame, threshold, box, score).
 
@@ -39,13 +40,12 @@ import numpy as np
 from rau_rt import ops
 from rau_rt.errors import InputError
 from rau_rt.ops._bilinear import resize_antialias
-from rau_rt.sam2_layout import Sam2Layout, read_layout
+from rau_rt.sam2_layout import MAX_REGIONS, Sam2Layout, read_layout
 from rau_rt.tracking.memory import MemoryBank, MemoryConfig
 from rau_rt.types import Frame, RegionResult
 
 STAGES = ("preprocess", "image_encoder", "memory_attention", "mask_decoder", "memory_encoder",
           "postprocess")
-MAX_REGIONS = 16  # the exported graphs' region range (export/sam2_graphs.py MAX_REGIONS)
 # sam2's `_use_mask_as_output`: a mask prompt becomes logits +-10 (sigmoid(-10) = 4.5e-5) and
 # object score +10.
 MASK_LOGIT = 10.0
@@ -66,8 +66,8 @@ class TrackerConfig:
     """Tracker settings; defaults are sam2's video predictor's.
 
     Attributes:
-        max_conditioning: spatial memory slots for conditioning frames (the reference plus the
-            newest prompted frames); the rest of the 7 hold recent frames (MemoryBank).
+        max_conditioning: conditioning frames kept per region (the reference and the newest
+            prompted frames), 1..4; sam2 keeps every one (MemoryBank).
         clip_frames: the clip length sam2 would know; its pointer positions depend on it for
             clips shorter than 16 frames (parity tests); None for a live stream.
         fill_hole_area: low-res background specks filled before output and conditioning memory;
@@ -419,20 +419,29 @@ class Tracker:
                          {n: filled[names.index(n)] for n in order}, times)
 
     def _attend(self, encoded: dict[str, np.ndarray], names: list[str], t: int) -> np.ndarray:
-        feeds = [self._banks[n].feeds(t) for n in names]
+        """Memory attention for `names`, batched: one call per distinct (memories, pointers)
+        count (one call in steady state; regions that joined late have less memory)."""
+        feeds = {n: self._banks[n].feeds(t) for n in names}
+        groups: dict[tuple[int, int], list[str]] = {}
+        for name in names:
+            groups.setdefault(feeds[name].counts, []).append(name)
+        out = np.empty((len(names), *encoded["vision_features"].shape[1:]), np.float32)
+        for members in groups.values():
+            chosen = [feeds[n] for n in members]
 
-        def stack(field: str) -> np.ndarray:
-            if len(feeds) == 1:
-                return getattr(feeds[0], field)[None]
-            return np.stack([getattr(f, field) for f in feeds])
+            def stack(field: str, chosen=chosen) -> np.ndarray:
+                if len(chosen) == 1:
+                    return getattr(chosen[0], field)[None]
+                return np.stack([getattr(f, field) for f in chosen])
 
-        out = self._run("memory_attention", {
-            "current_features": encoded["vision_features"], "current_pos": encoded["vision_pos"],
-            "memory": stack("memory"), "memory_pos": stack("memory_pos"),
-            "memory_tpos_index": stack("tpos_index"), "memory_valid": stack("memory_valid"),
-            "object_pointers": stack("pointers"), "pointer_position": stack("pointer_position"),
-            "pointer_valid": stack("pointer_valid")})
-        return out["conditioned_features"]
+            result = self._run("memory_attention", {
+                "current_features": encoded["vision_features"],
+                "current_pos": encoded["vision_pos"], "memory": stack("memory"),
+                "memory_pos": stack("memory_pos"), "memory_tpos_index": stack("tpos_index"),
+                "object_pointers": stack("pointers"),
+                "pointer_position": stack("pointer_position")})["conditioned_features"]
+            out[[names.index(n) for n in members]] = result
+        return out
 
 
 def _lap(times: dict[str, float], stage: str, since: float) -> float:
