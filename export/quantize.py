@@ -1,9 +1,11 @@
 """int8 ONNX graphs with ONNX Runtime's quantizer: dynamic (CPU) or static QDQ (TensorRT).
 
-`dynamic`: weights int8 ahead of time, activations quantized per call (DynamicQuantizeLinear +
-MatInteger/ConvInteger). 1.2-1.6x faster on CPU with cosine >= 0.9996 on SAM2-tiny
-(notes/feasibility.md, section 3), but TensorRT's parser rejects those ops: such a graph runs in
-ONNX Runtime only, and its lint result says so.
+`dynamic`: MatMul/Gemm weights int8 ahead of time, activations quantized per call
+(DynamicQuantizeLinear + MatMulInteger). 1.2-1.6x faster on CPU with cosine >= 0.9996 on
+SAM2-tiny (notes/feasibility.md, section 3), but TensorRT's parser rejects those ops: such a
+graph runs in ONNX Runtime only, and its lint result says so. Conv stays fp32: ONNX Runtime's
+ConvInteger made SAM2's (conv-only) memory encoder 2.2x slower than fp32 at 1024 px
+(benchmarks/bench_tracker.py), so a graph without MatMul gets no dynamic int8 graph at all.
 `qdq`: QuantizeLinear/DequantizeLinear pairs around MatMul and Conv only, calibrated on frames,
 symmetric int8. Quantizing every op drifted to cosine 0.85 in the same study; restricted to
 MatMul/Conv it kept 0.9998. QDQ is the format TensorRT builds int8 engines from.
@@ -22,6 +24,12 @@ from rau_rt.errors import InputError
 
 METHODS = ("dynamic", "qdq")
 QDQ_OPS = ("MatMul", "Conv")
+DYNAMIC_OPS = ("MatMul", "Gemm")
+INTEGER_OPS = ("MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv", "QuantizeLinear")
+
+
+class NothingToQuantizeError(InputError):
+    """The graph has none of the ops the method quantizes (it stays fp32)."""
 
 
 class _Frames:
@@ -66,7 +74,13 @@ def quantize(source: str | Path, out: str | Path, method: str = "dynamic",
         raise InputError(f"int8 method {method!r}: expected one of {METHODS}")
     source, out = Path(source), Path(out)
     if method == "dynamic":
-        quantize_dynamic(source, out, weight_type=QuantType.QInt8)
+        graph = onnx.load(str(source), load_external_data=False).graph
+        if not any(node.op_type in DYNAMIC_OPS for node in graph.node):
+            raise NothingToQuantizeError(
+                f"{source}: no {'/'.join(DYNAMIC_OPS)} to quantize dynamically (Conv stays fp32: "
+                "ConvInteger is slower than fp32 Conv on CPU)")
+        quantize_dynamic(source, out, weight_type=QuantType.QInt8,
+                         op_types_to_quantize=list(DYNAMIC_OPS))
     else:
         if not calibration:
             raise InputError("qdq quantization needs calibration feeds (frames through the "

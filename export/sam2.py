@@ -181,7 +181,11 @@ def _lower_graph(graph: str, fp32: GraphEntry, directory: Path, config: Sam2Expo
     precision = config.precision
     path = directory / f"{graph}.{precision}.onnx"
     if precision == "int8":
-        int8.quantize(directory / fp32.file, path, config.int8_method, calibration)
+        try:
+            int8.quantize(directory / fp32.file, path, config.int8_method, calibration)
+        except int8.NothingToQuantizeError as exc:
+            return None, {"precision": "int8", "passed": False, "reason": str(exc),
+                          "method": _label(config)}
         made_by = {"name": "rau_rt.export.quantize.quantize", "int8_method": config.int8_method}
     else:
         trt_export.convert_fp16(directory / fp32.file, path)
@@ -213,6 +217,8 @@ def _lower_graph(graph: str, fp32: GraphEntry, directory: Path, config: Sam2Expo
 
 def _drift(parity: dict[str, object]) -> str:
     """What put a lowered graph over the tolerance, e.g. "masks IoU 0.9250 (>= 0.98)"."""
+    if "reason" in parity:  # not lowered at all (nothing to quantize)
+        return str(parity["reason"])
     precision = parity["precision"]
     tolerance, masks = SAM2_TOLERANCES[precision], parity.get("masks")
     parts = [f"{name} cosine {o['cosine']:.5f} < {tolerance.min_cosine}"

@@ -16,11 +16,13 @@ import json
 import time
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
 from rau_rt import cli
 from rau_rt.bundle import file_sha256, load_bundle
+from rau_rt.export import quantize as int8
 from rau_rt.export import sam2, sam2_graphs
 from rau_rt.export.sam2_inputs import CheckFrames, build_inputs, to_numpy
 from rau_rt.export.sam2_model import ModelSource, load_model, random_model
@@ -180,9 +182,14 @@ def test_int8_bundle_records_each_graphs_precision(micro512_int8):
             assert source["exporter"]["precision_choice"].startswith("fp32: int8 (dynamic) "
                                                                      "rejected")
             assert source["parity"]["int8_rejected"]["passed"] is False
-    # the image encoder and memory attention are matmul-heavy: dynamic int8 keeps them
+    # the image encoder and memory attention are matmul-heavy: dynamic int8 keeps them; the
+    # memory encoder has no MatMul (convolutions stay fp32)
     assert by_graph["image_encoder"][0]["precision"] == "int8"
     assert by_graph["memory_attention"][0]["precision"] == "int8"
+    for entry in manifest["graphs"]:
+        if entry["precision"] == "int8":
+            ops = {n.op_type for n in onnx.load(str(bundle / entry["file"])).graph.node}
+            assert "MatMulInteger" in ops and "ConvInteger" not in ops, entry["graph"]
     assert {(r.graph, r.precision) for r in rows} == {
         (e["graph"], e["precision"]) for e in manifest["graphs"]}
     with load_bundle(bundle) as loaded:
@@ -192,18 +199,33 @@ def test_int8_bundle_records_each_graphs_precision(micro512_int8):
 
 def test_int8_over_tolerance_stays_fp32(micro256, micro256_eager, monkeypatch, tmp_path):
     _, modules, inputs = micro256_eager
-    example = inputs.example["memory_encoder"]
-    entry = _copy_fp32(micro256[0], "memory_encoder", tmp_path)
+    example = inputs.example["memory_attention"]
+    entry = _copy_fp32(micro256[0], "memory_attention", tmp_path)
     impossible = Tolerance(atol=0.0, rtol=0.0, min_cosine=1.0)
     monkeypatch.setitem(sam2.SAM2_TOLERANCES, "int8", impossible)
     config = sam2.Sam2ExportConfig(ModelSource(image_size=256, random_init="micro"), tmp_path,
                                    precision="int8")
-    quantized, parity = sam2._lower_graph("memory_encoder", entry, tmp_path, config,
-                                          _reference(modules, "memory_encoder", example),
+    quantized, parity = sam2._lower_graph("memory_attention", entry, tmp_path, config,
+                                          _reference(modules, "memory_attention", example),
                                           to_numpy(example), [], {})
     assert quantized is None and parity["passed"] is False
-    assert not (tmp_path / "memory_encoder.int8.onnx").exists()
-    assert "memory cosine" in sam2._drift(parity)
+    assert not (tmp_path / "memory_attention.int8.onnx").exists()
+    assert "conditioned_features cosine" in sam2._drift(parity)
+
+
+def test_a_graph_without_matmul_gets_no_dynamic_int8(tmp_path):
+    """Dynamic int8 quantizes MatMul/Gemm only: ConvInteger is slower than fp32 Conv on CPU."""
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 1, 8, 8])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 1, 8, 8])
+    w = onnx.numpy_helper.from_array(np.ones((1, 1, 1, 1), np.float32), "w")
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Conv", ["x", "w"], ["y"])], "conv",
+                                   [x], [y], [w])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    onnx.save(model, str(tmp_path / "conv.onnx"))
+    with pytest.raises(int8.NothingToQuantizeError, match="no MatMul/Gemm"):
+        int8.quantize(tmp_path / "conv.onnx", tmp_path / "conv.int8.onnx")
+    assert not (tmp_path / "conv.int8.onnx").exists()
 
 
 @pytest.mark.parametrize("graph", ["mask_decoder", "memory_attention"])
