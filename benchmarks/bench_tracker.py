@@ -311,6 +311,12 @@ def main(argv: list[str] | None = None) -> int:
     default = "benchmarks/results/" + ("tracker_cuda.json" if cuda else "tracker_cpu.json")
     cases, facts = [], []
     with tempfile.TemporaryDirectory(prefix="bench_tracker_") as tmp:
+        memory = None
+        if args.stream_frames and not cuda:
+            # first, while the process holds nothing else: RSS after the 1024 px runs moves
+            # with the allocator's fragmentation, not with the tracker
+            memory = memory_run(Path(tmp), 1000 if args.quick else args.stream_frames,
+                                150 if args.quick else 300)
         for run in runs:
             if args.frames:
                 run = Run(run.model, run.image_size, args.frames)
@@ -318,10 +324,6 @@ def main(argv: list[str] | None = None) -> int:
                                                  precisions)
             cases += run_cases
             facts.append(run_facts)
-        memory = None
-        if args.stream_frames and not cuda:
-            memory = memory_run(Path(tmp), 1000 if args.quick else args.stream_frames,
-                                150 if args.quick else 300)
     command = ("python -m benchmarks.bench_tracker" + (" --quick" if args.quick else "")
                + (f" --device {args.device}" if cuda else "")
                + (f" --backend {backend}" if args.backend else "")

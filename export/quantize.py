@@ -4,7 +4,7 @@
 (DynamicQuantizeLinear + MatMulInteger). 1.2-1.6x faster on CPU with cosine >= 0.9996 on
 SAM2-tiny (notes/feasibility.md, section 3), but TensorRT's parser rejects those ops: such a
 graph runs in ONNX Runtime only, and its lint result says so. Conv stays fp32: ONNX Runtime's
-ConvInteger made SAM2's (conv-only) memory encoder 2.2x slower than fp32 at 1024 px
+ConvInteger made SAM2's memory encoder (mostly convolutions) 2.2x slower than fp32 at 1024 px
 (benchmarks/bench_tracker.py), so a graph without MatMul gets no dynamic int8 graph at all.
 `qdq`: QuantizeLinear/DequantizeLinear pairs around MatMul and Conv only, calibrated on frames,
 symmetric int8. Quantizing every op drifted to cosine 0.85 in the same study; restricted to
@@ -25,7 +25,6 @@ from rau_rt.errors import InputError
 METHODS = ("dynamic", "qdq")
 QDQ_OPS = ("MatMul", "Conv")
 DYNAMIC_OPS = ("MatMul", "Gemm")
-INTEGER_OPS = ("MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv", "QuantizeLinear")
 
 
 class NothingToQuantizeError(InputError):
