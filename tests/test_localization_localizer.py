@@ -219,3 +219,27 @@ def test_free_decoding_never_crashes_the_parser(bundle, reference):
         result = free.locate_result(rng.integers(0, 256, (80, 100, 3), dtype=np.uint8))
         assert set(result.boxes) == set(NAMES)
         assert all(result.reasons[n] for n, b in result.boxes.items() if b is None)
+
+
+class CountingRunner:
+    """The bundle, counting decoder calls."""
+
+    def __init__(self, bundle):
+        self.bundle, self.directory, self.decoder_calls = bundle, bundle.directory, 0
+
+    def run(self, graph, feeds):
+        self.decoder_calls += graph == "vlm_decoder"
+        return self.bundle.run(graph, feeds)
+
+
+def test_forced_tokens_share_decoder_calls(bundle, reference):
+    counting = CountingRunner(bundle)
+    localizer = Localizer(counting, reference)
+    rng = np.random.default_rng(4)
+    for _ in range(5):
+        counting.decoder_calls = 0
+        result = localizer.locate_result(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8))
+        if '"label"' in result.text:  # at least one item: its keys are forced
+            break
+    # one prefill, then one call per chosen token; `"bbox_2d":` and `,"label":"` ride along
+    assert counting.decoder_calls < result.generated_tokens

@@ -10,6 +10,8 @@ input's side for Qwen2.5-VL's absolute pixels, 1000 for Qwen2-VL), written as `[
 because llguidance's `\\d` also matches Unicode digits. No whitespace is allowed anywhere, and
 the grammar ends at the closing bracket, so generation stops there without an end token
 (notes/constrained_decoding.md: the matcher reports stopped as soon as `]` is consumed).
+What the grammar forces (`"bbox_2d":` after `{`, `],"label":"` after the last number: about
+half of an item's tokens) is handed to the decoder as one multi-token step.
 
 llguidance is imported lazily: `import rau_rt` stays light, and a localizer without constraint
 does not need it. `Guidance` builds the LLTokenizer once (0.9 s for a 123k vocabulary); a
@@ -134,6 +136,14 @@ class BoxConstraint:
         if not self._matcher.consume_token(token):
             raise DecodingError(f"token {token} was allowed by the mask but rejected by the "
                                 f"grammar: {self._matcher.get_error()}")
+
+    def forced(self) -> list[int]:
+        """The tokens the grammar forces next (e.g. `"bbox_2d":` after `{`), consumed."""
+        tokens = list(self._matcher.compute_ff_tokens())
+        if tokens and not self._matcher.consume_tokens(tokens):
+            raise DecodingError(f"forced tokens {tokens} rejected by the grammar: "
+                                f"{self._matcher.get_error()}")
+        return tokens
 
     def is_stopped(self) -> bool:
         return bool(self._matcher.is_stopped())

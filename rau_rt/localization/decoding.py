@@ -51,6 +51,10 @@ class Constraint(Protocol):
 
     def advance(self, token: int) -> None: ...
 
+    def forced(self) -> list[int]:
+        """Tokens the constraint forces next (possibly none), already advanced over."""
+        ...
+
     def is_stopped(self) -> bool:
         """Whether the constrained text is complete (no token may follow)."""
         ...
@@ -148,7 +152,9 @@ class Decoder:
             max_new_tokens: bound on generated tokens (the stop token not counted).
             stop_ids: ids that end the answer (default: the layout's end-of-turn ids).
             constraint: masks each step's logits to the tokens it allows and is advanced with
-                the chosen token; the answer ends as soon as it reports stopped.
+                the chosen token; tokens it forces (JSON keys, separators) are appended and fed
+                to the decoder together in one call instead of one call each; the answer ends
+                as soon as it reports stopped.
         """
         if max_new_tokens < 1:
             raise InputError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -163,24 +169,30 @@ class Decoder:
             if token in stops:
                 reason = "eos"
                 break
-            tokens.append(token)
+            feed = [token]
             if constraint is not None:
                 constraint.advance(token)
-                if constraint.is_stopped():
-                    reason = "grammar"
-                    break
+                if not constraint.is_stopped():
+                    feed += constraint.forced()
+            room = max_new_tokens - len(tokens)
+            tokens += feed[:room]
+            if len(feed) > room:  # forced tokens past the bound: cut, as if generated singly
+                break
+            if constraint is not None and constraint.is_stopped():
+                reason = "grammar"
+                break
             if len(tokens) >= max_new_tokens:
                 break
-            logits, cache = self.step(token, cache)
+            logits, cache = self.step(feed, cache)
         done = time.perf_counter()
         return Generation(tuple(tokens), reason, int(ids.shape[1]),
                           (prefilled - started) * 1e3, (done - prefilled) * 1e3)
 
-    def step(self, token: int, cache: KvCache) -> tuple[np.ndarray, KvCache]:
-        """One decode step: `token` appended to `cache`."""
-        embeds = self.graphs.run(EMBED, {"input_ids": np.array([[token]], np.int64),
+    def step(self, tokens: Sequence[int], cache: KvCache) -> tuple[np.ndarray, KvCache]:
+        """One decoder call appending `tokens` (one sampled token plus any forced ones)."""
+        embeds = self.graphs.run(EMBED, {"input_ids": np.array([list(tokens)], np.int64),
                                          "image_features": self._no_images})
-        positions = decode_positions(cache.length, cache.delta)
+        positions = decode_positions(cache.length, cache.delta, steps=len(tokens))
         return self._decode(embeds["inputs_embeds"], positions, cache, delta=cache.delta)
 
     def _decode(self, embeds: np.ndarray, positions: np.ndarray, cache: KvCache,
