@@ -148,11 +148,11 @@ def _versus_generate(size, model_dir, bundle, layout, reference, warmup, repeat)
     images = [square.image, prompts.annotated_image(square), target]
     hf = _hf_inputs(model_dir, parts.parts, images)
     ours = Localizer(bundle, square, LocalizerConfig(prefix_cache=False, constrained=False))
-    ids = np.concatenate([ours._ids(parts.prefix_text()), ours._ids(parts.tail_text())], axis=1)
+    ids = ours.prompt_ids(parts)
     decoder = Decoder(bundle, layout)
 
     def loop():
-        patches = [ours._patches(image, "rgb") for image in images]
+        patches = [ours.patches(image, "rgb") for image in images]
         return decoder.generate(ids, decoder.image_features(patches),
                                 max_new_tokens=NEW_TOKENS, stop_ids=()).tokens
 

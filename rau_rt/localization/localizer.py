@@ -193,22 +193,29 @@ class Localizer:
                                      max_answer_bytes(names, limit))
         return self._grammars[names]
 
-    def _ids(self, text: str) -> np.ndarray:
-        ids = self._tokenizer.encode(text, add_special_tokens=False).ids
-        return expand_image_tokens(ids, self.layout)[None]
+    def prompt_ids(self, parts: prompts.PromptParts) -> np.ndarray:
+        """[1, S] ids of a whole conversation (prefix + tail), image pads expanded."""
+        return np.concatenate([self._ids(parts.prefix_text()), self._ids(parts.tail_text())],
+                              axis=1)
 
-    def _patches(self, image: np.ndarray, channel_order: str,
-                 bits_stored: int | None = None) -> np.ndarray:
+    def patches(self, image: np.ndarray, channel_order: str = "rgb",
+                bits_stored: int | None = None) -> np.ndarray:
+        """An image as the vision graph's input: resized to the bundle's input size,
+        normalized, patchified."""
         fam = self._family
         pixels = ops.resize_for_vlm(image, size=self.layout.input_size, factor=fam.factor,
                                     channel_order=channel_order, mean=fam.mean, std=fam.std,
                                     bits_stored=bits_stored).pixels
         return patchify(pixels, fam)[0]
 
+    def _ids(self, text: str) -> np.ndarray:
+        ids = self._tokenizer.encode(text, add_special_tokens=False).ids
+        return expand_image_tokens(ids, self.layout)[None]
+
     def _reference_features(self) -> np.ndarray:
         ref = self.reference
-        patches = [self._patches(ref.image, ref.channel_order),
-                   self._patches(self._annotated, "rgb")]
+        patches = [self.patches(ref.image, ref.channel_order),
+                   self.patches(self._annotated, "rgb")]
         return self._decoder.image_features(patches)
 
     def _frame_image(self, frame: Frame | np.ndarray,
@@ -216,10 +223,10 @@ class Localizer:
         start = time.perf_counter()
         if isinstance(frame, Frame):
             order = "rgb" if frame.channel_order == "gray" else frame.channel_order
-            patches = self._patches(frame.image, order, frame.bits_stored)
+            patches = self.patches(frame.image, order, frame.bits_stored)
             size = frame.image.shape[:2]
         elif isinstance(frame, np.ndarray):
-            patches = self._patches(frame, self.config.channel_order)
+            patches = self.patches(frame, self.config.channel_order)
             size = frame.shape[:2]
         else:
             raise InputError(f"frame: expected a Frame or an image array, got "
