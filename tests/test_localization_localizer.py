@@ -242,3 +242,29 @@ def test_forced_tokens_share_decoder_calls(bundle, reference):
             break
     # one prefill, then one call per chosen token; `"bbox_2d":` and `,"label":"` ride along
     assert counting.decoder_calls < result.generated_tokens
+
+
+def test_qwen2_vl_answers_in_thousandths(tmp_path, reference):
+    from rau_rt.export import vlm
+
+    out = tmp_path / "qwen2vl"
+    vlm.export_vlm(vlm.VlmExportConfig(out=out, random_init="tiny", family="qwen2_vl",
+                                       input_size=INPUT))
+    layout = read_layout(out)
+    assert layout.family_constants.box_convention == "relative_1000"
+    listed = json.loads(prompts.reference_parts(reference, layout)[4].split("\n", 2)[2])
+    assert listed[0]["bbox_2d"] == [round(v * 1000 / INPUT) for v in (10, 20, 100, 150)]
+    rng = np.random.default_rng(9)
+    with load_bundle(out, config=EngineConfig(precision="fp32")) as loaded:
+        localizer = Localizer(loaded, reference)
+        coordinates = []
+        for _ in range(8):
+            frame = rng.integers(0, 256, (150, 250, 3), dtype=np.uint8)
+            result = localizer.locate_result(frame)
+            assert result.stop_reason == "grammar"
+            coordinates += [v for item in json.loads(result.text) if item["bbox_2d"]
+                            for v in item["bbox_2d"]]
+            for box in result.boxes.values():
+                assert box is None or (0 <= box[0] < box[2] <= 250 and 0 <= box[1] < box[3] <= 150)
+    # thousandths, not input pixels: the grammar's bound is 1000 (values above 224 occur)
+    assert INPUT < max(coordinates) <= 1000
