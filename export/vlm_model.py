@@ -32,6 +32,9 @@ CHAT_TEMPLATE = (
     "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# transformers' Qwen2Tokenizer PRETOKENIZE_REGEX (and Qwen2.5's tokenizer.json Split pattern)
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 # Text the local BPE is trained on: the prompt and answer vocabulary of RAU.
 _CORPUS = ("You are a helpful assistant.", "system user assistant",
            "The first image is the reference with the annotated regions.",
@@ -71,7 +74,7 @@ RANDOM_INIT = {
 
 def build_tokenizer(directory: Path) -> None:
     """Train a byte-level BPE on RAU prompt text and save it as a Qwen2 tokenizer folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
@@ -80,6 +83,15 @@ def build_tokenizer(directory: Path) -> None:
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=list(SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(_CORPUS, trainer)
+    # Then Qwen2's pipeline, as in a real Qwen tokenizer.json and as transformers'
+    # Qwen2Tokenizer rebuilds it on load (NFC, then its split regex, which isolates every
+    # digit): with plain ByteLevel, "56" was one token for the runtime and two for
+    # transformers. Set after training so the merges (and the tiny model's exported tokens)
+    # stay those of the plain ByteLevel training.
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>",
                                    pad_token="<|endoftext|>")
     fast.chat_template = CHAT_TEMPLATE

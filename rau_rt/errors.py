@@ -46,3 +46,8 @@ class BackendUnavailableError(RauRtError, RuntimeError):
 class AnnotationError(InputError):
     """A reference annotation file is malformed; the message names the JSON path of the item
     (e.g. "ref.json: $.regions[2].box: expected 0 <= x1 < x2 <= 512 ...")."""
+
+
+class DecodingError(RauRtError, RuntimeError):
+    """The VLM decode loop cannot go on: a constraint rejected the token it allowed, or left
+    no token to choose. A bug or a mismatched tokenizer, never a model answer."""

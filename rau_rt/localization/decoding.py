@@ -1,0 +1,222 @@
+"""Greedy decoding over a VLM bundle's graphs with a KV cache and a reusable prefix cache.
+
+The graphs (rau_rt.vlm_layout.VlmLayout documents their tensors): `vlm_vision` turns one
+image's patches into image features, `vlm_embed` turns ids (+ image features at the image-pad
+positions) into embeddings, `vlm_decoder` takes embeddings, 3-D M-RoPE positions and the past
+KV and returns the last logits and the present KV. All state is numpy arrays owned here
+(ARCHITECTURE.md rule 1), so a cached prefix is just a `KvCache` value: a query prefills only
+its own tokens on top of it, its positions continuing after the prefix's (`rope_positions`
+with `start` = the prefix's next position), and the prefix's arrays are never written to, so
+any number of queries can share it.
+
+The export verifier (rau_rt.export.vlm_verify.greedy) has its own loop: export may not import
+this layer (tests/test_layering.py), and its teacher forcing and per-step logits serve a
+different purpose; tests check that both loops give the same tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from rau_rt.errors import DecodingError, InputError
+from rau_rt.vlm_layout import (
+    DECODER,
+    EMBED,
+    VISION,
+    VlmLayout,
+    decode_positions,
+    rope_positions,
+)
+
+STOP_REASONS = ("eos", "grammar", "max_tokens")
+
+
+class GraphRunner(Protocol):
+    """What decoding needs of a loaded bundle (`rau_rt.bundle.Bundle` is one)."""
+
+    def run(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+class Constraint(Protocol):
+    """A token-level constraint (`rau_rt.localization.constrained.BoxConstraint` is one)."""
+
+    def allowed(self) -> np.ndarray:
+        """bool [vocab]: tokens allowed next."""
+        ...
+
+    def advance(self, token: int) -> None: ...
+
+    def forced(self) -> list[int]:
+        """Tokens the constraint forces next (possibly none), already advanced over."""
+        ...
+
+    def is_stopped(self) -> bool:
+        """Whether the constrained text is complete (no token may follow)."""
+        ...
+
+
+@dataclass(frozen=True)
+class KvCache:
+    """The decoder's KV for the tokens processed so far.
+
+    Attributes:
+        past: one array per `layout.past_names` entry, [1, kv_heads, length, head_dim].
+        length: tokens held.
+        delta: M-RoPE's rope delta: the next token's position is `length + delta`.
+    """
+
+    past: Mapping[str, np.ndarray]
+    length: int
+    delta: int
+
+    @property
+    def next_position(self) -> int:
+        return self.length + self.delta
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One greedy answer.
+
+    Attributes:
+        tokens: generated ids, the stop token excluded.
+        stop_reason: "eos" (a stop id), "grammar" (the constraint completed) or "max_tokens".
+        prompt_tokens: tokens prefilled for this answer (the tail only, on a cached prefix).
+        prefill_ms: embedding + decoder over the prompt tokens.
+        decode_ms: the token-by-token loop after it.
+    """
+
+    tokens: tuple[int, ...]
+    stop_reason: str
+    prompt_tokens: int
+    prefill_ms: float
+    decode_ms: float
+
+
+class Decoder:
+    """Greedy decoding through `vlm_vision`, `vlm_embed` and `vlm_decoder`.
+
+    Args:
+        graphs: a loaded bundle (or anything with `run(graph, feeds)`).
+        layout: the bundle's vlm.json.
+    """
+
+    def __init__(self, graphs: GraphRunner, layout: VlmLayout) -> None:
+        self.graphs = graphs
+        self.layout = layout
+        self._dtype = np.dtype(layout.float_dtype)
+        self._no_images = np.zeros((0, layout.hidden_size), self._dtype)
+
+    def image_features(self, patches: Sequence[np.ndarray]) -> np.ndarray:
+        """Every image's patches through the vision graph, concatenated in prompt order."""
+        if not patches:
+            return self._no_images
+        features = [self.graphs.run(VISION, {"pixel_values": p})["image_features"]
+                    for p in patches]
+        return np.concatenate(features).astype(self._dtype, copy=False)
+
+    def prefill(self, ids: np.ndarray, features: np.ndarray, cache: KvCache | None = None,
+                ) -> tuple[np.ndarray, KvCache]:
+        """Run prompt ids on top of `cache` (None: from scratch).
+
+        Args:
+            ids: [1, S] ids with every image's pad tokens expanded.
+            features: image features of the images in `ids`, in order ([0, hidden] for none).
+            cache: the KV of the tokens before `ids`, e.g. a cached reference prefix.
+
+        Returns:
+            (logits [vocab] float32 of the last position, the cache after `ids`).
+        """
+        ids = np.asarray(ids, np.int64)
+        if ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] < 1:
+            raise InputError(f"prefill: expected ids of shape [1, S >= 1], got {ids.shape}")
+        if cache is None:
+            cache = KvCache(self.layout.empty_past(1), 0, 0)
+        positions, delta = rope_positions(ids, self.layout, start=cache.next_position)
+        embeds = self.graphs.run(EMBED, {"input_ids": ids, "image_features": features})
+        return self._decode(embeds["inputs_embeds"], positions, cache,
+                            delta=cache.delta + delta)
+
+    def generate(self, ids: np.ndarray, features: np.ndarray, cache: KvCache | None = None, *,
+                 max_new_tokens: int, stop_ids: Sequence[int] | None = None,
+                 constraint: Constraint | None = None) -> Generation:
+        """Greedy tokens after a prompt.
+
+        Args:
+            ids, features, cache: as `prefill`.
+            max_new_tokens: bound on generated tokens (the stop token not counted).
+            stop_ids: ids that end the answer (default: the layout's end-of-turn ids).
+            constraint: masks each step's logits to the tokens it allows and is advanced with
+                the chosen token; tokens it forces (JSON keys, separators) are appended and fed
+                to the decoder together in one call instead of one call each; the answer ends
+                as soon as it reports stopped.
+        """
+        if max_new_tokens < 1:
+            raise InputError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+        stops = set(self.layout.eos_token_ids if stop_ids is None else stop_ids)
+        started = time.perf_counter()
+        logits, cache = self.prefill(ids, features, cache)
+        prefilled = time.perf_counter()
+        tokens: list[int] = []
+        reason = "max_tokens"
+        while True:
+            token = self._choose(logits, constraint)
+            if token in stops:
+                reason = "eos"
+                break
+            feed = [token]
+            if constraint is not None:
+                constraint.advance(token)
+                if not constraint.is_stopped():
+                    feed += constraint.forced()
+            room = max_new_tokens - len(tokens)
+            tokens += feed[:room]
+            if len(feed) > room:  # forced tokens past the bound: cut, as if generated singly
+                break
+            if constraint is not None and constraint.is_stopped():
+                reason = "grammar"
+                break
+            if len(tokens) >= max_new_tokens:
+                break
+            logits, cache = self.step(feed, cache)
+        done = time.perf_counter()
+        return Generation(tuple(tokens), reason, int(ids.shape[1]),
+                          (prefilled - started) * 1e3, (done - prefilled) * 1e3)
+
+    def step(self, tokens: Sequence[int], cache: KvCache) -> tuple[np.ndarray, KvCache]:
+        """One decoder call appending `tokens` (one sampled token plus any forced ones)."""
+        embeds = self.graphs.run(EMBED, {"input_ids": np.array([list(tokens)], np.int64),
+                                         "image_features": self._no_images})
+        positions = decode_positions(cache.length, cache.delta, steps=len(tokens))
+        return self._decode(embeds["inputs_embeds"], positions, cache, delta=cache.delta)
+
+    def _decode(self, embeds: np.ndarray, positions: np.ndarray, cache: KvCache,
+                delta: int) -> tuple[np.ndarray, KvCache]:
+        new = embeds.shape[1]
+        layout = self.layout
+        out = self.graphs.run(DECODER, {
+            "inputs_embeds": embeds.astype(self._dtype, copy=False),
+            "attention_mask": np.ones((1, cache.length + new), np.int64),
+            "position_ids": positions, **cache.past})
+        present = {p: out[q] for p, q in zip(layout.past_names, layout.present_names,
+                                             strict=True)}
+        return (out["logits"][0].astype(np.float32, copy=False),
+                KvCache(present, cache.length + new, delta))
+
+    @staticmethod
+    def _choose(logits: np.ndarray, constraint: Constraint | None) -> int:
+        if constraint is None:
+            return int(np.argmax(logits))
+        allowed = constraint.allowed()
+        if allowed.shape != logits.shape:
+            raise DecodingError(f"constraint mask has {allowed.shape[0]} entries, the logits "
+                                f"{logits.shape[0]}; build the tokenizer with n_vocab = the "
+                                "decoder's vocab size")
+        if not allowed.any():
+            raise DecodingError("the constraint allows no token")
+        return int(np.argmax(np.where(allowed, logits, -np.inf)))
