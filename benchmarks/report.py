@@ -24,6 +24,8 @@ SUITES = {
     "sam2_graphs_cpu.json": "SAM2 graphs: eager vs ONNX Runtime fp32 / int8 (same run)",
     "tracker_cpu.json": "Tracker vs sam2's SAM2VideoPredictor per frame (same weights and run)",
     "tracker_cuda.json": "Tracker on a GPU (torch CUDA backend) vs SAM2VideoPredictor, same GPU",
+    "localizer_cpu.json": "VLM localizer: cached / constrained keyframe queries vs uncached / "
+                          "free / transformers generate",
     "vlm_cpu.json": "VLM graphs: prefill and per-token decode, fp32 / int8 / int4 vs transformers",
     "synthetic_cpu.json": "Synthetic angiography generator",
 }
