@@ -261,6 +261,10 @@ def export_sam2(config: Sam2ExportConfig, check: CheckFrames,
         ParityError: an fp32 graph disagrees with eager sam2 beyond verify.SAM2_TOLERANCES.
     """
     step = progress or (lambda stage: None)
+    if not 2 <= len(check.boxes) <= MAX_REGIONS:
+        # torch.export specializes a dynamic dimension whose example size is 1
+        raise InputError(f"{len(check.boxes)} check regions: expected 2..{MAX_REGIONS} (the "
+                         "region axis is dynamic; an example of 1 would fix it to 1)")
     source = config.source
     directory = Path(config.out)
     directory.mkdir(parents=True, exist_ok=True)
@@ -272,8 +276,6 @@ def export_sam2(config: Sam2ExportConfig, check: CheckFrames,
                   f"+{RANDOM_PRESENCE_BIAS} so regions are present" if source.random_init
                   else f"checkpoint {source.checkpoint} ({source.config})")
     step("verification inputs")
-    if not 1 <= len(check.boxes) <= MAX_REGIONS:
-        raise InputError(f"{len(check.boxes)} check regions: expected 1..{MAX_REGIONS}")
     inputs = build_inputs(model, modules, check)
     entries: list[GraphEntry] = []
     rows: list[GraphSummary] = []

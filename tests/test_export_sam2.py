@@ -22,6 +22,7 @@ import torch
 
 from rau_rt import cli
 from rau_rt.bundle import file_sha256, load_bundle
+from rau_rt.errors import InputError
 from rau_rt.export import quantize as int8
 from rau_rt.export import sam2, sam2_graphs
 from rau_rt.export.sam2_inputs import CheckFrames, build_inputs, to_numpy
@@ -211,6 +212,15 @@ def test_int8_over_tolerance_stays_fp32(micro256, micro256_eager, monkeypatch, t
     assert quantized is None and parity["passed"] is False
     assert not (tmp_path / "memory_attention.int8.onnx").exists()
     assert "conditioned_features cosine" in sam2._drift(parity)
+
+
+def test_one_check_region_is_refused_before_export(tmp_path):
+    """The region axis is dynamic: torch.export would fix it to an example's size of 1."""
+    check = check_frames()
+    one = CheckFrames(check.frames, check.boxes[:1], check.window)
+    config = sam2.Sam2ExportConfig(ModelSource(image_size=256, random_init="micro"), tmp_path)
+    with pytest.raises(InputError, match=r"1 check regions: expected 2\.\.16"):
+        sam2.export_sam2(config, one)
 
 
 def test_a_graph_without_matmul_gets_no_dynamic_int8(tmp_path):

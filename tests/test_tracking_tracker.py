@@ -395,7 +395,7 @@ def test_tiny_1024_bundle_matches_sam2_video_predictor(tmp_path):
     out = tmp_path / "bundle"
     with contextlib.redirect_stderr(io.StringIO()):
         sam2.export_sam2(sam2.Sam2ExportConfig(source, out),
-                         CheckFrames.synthetic(generate_sequence, regions=1))
+                         CheckFrames.synthetic(generate_sequence, regions=2))
     sequence = generate_sequence(seed=3, frames=18, size=1024, contrast_delay_frames=1)
     for i, frame in enumerate(sequence.frames_8bit()[10:]):
         Image.fromarray(frame).convert("RGB").save(tmp_path / f"{i:05d}.jpg", quality=95)
