@@ -130,7 +130,8 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if union == 0 else float((a & b).sum() / union)
 
 
-def assert_parity(steps, expected_masks, expected_scores, expected_logits, present=None):
+def assert_parity(steps, expected_masks, expected_scores, expected_logits, present=None,
+                  max_area=0.6):
     """Per frame and region: presence, object score, low-res logits, mask IoU >= 0.99.
 
     Random weights make every region's mask look alike (the IoU of two token choices can exceed
@@ -150,8 +151,8 @@ def assert_parity(steps, expected_masks, expected_scores, expected_logits, prese
             if not visible:
                 assert result.mask is None and result.box is None and not expected.any()
                 continue
-            # non-trivial masks: two empty masks would agree for free
-            assert 0.01 <= expected.mean() <= 0.6, (t, name, expected.mean())
+            # non-trivial masks: two empty (or full) masks would agree for free
+            assert 0.01 <= expected.mean() <= max_area, (t, name, expected.mean())
             assert iou(result.mask, expected) >= 0.99, (t, name)
 
 
@@ -409,4 +410,5 @@ def test_tiny_1024_bundle_matches_sam2_video_predictor(tmp_path):
     with load_bundle(out) as graphs:
         tracker = Tracker(graphs, TrackerConfig(fill_hole_area=0, clip_frames=8))
         steps = run_tracker(tracker, images, [np.asarray(box, np.float32)])
-    assert_parity(steps, *expected)
+    # random tiny weights give a mask of about 75 % of the frame here (not sharpened)
+    assert_parity(steps, *expected, max_area=0.9)
