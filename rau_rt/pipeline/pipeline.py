@@ -1,0 +1,139 @@
+"""`Pipeline`: one stream's per-frame loop, tracker on every frame and the VLM on keyframes.
+
+Per frame: take the newest finished localizer answer (if any) and prompt the tracker with its
+boxes on this frame (the newest: the tracker cannot go back), track, then let the keyframe
+policy decide whether this frame goes to the localizer worker. The tracker never waits for the
+VLM, so a keyframe's boxes land some frames later; each result says how many
+(`vlm_staleness`). `PipelineConfig.wait_for_localizer` makes a keyframe's answer land on the
+very next frame (offline runs, tests and reproducible benchmarks: the results then do not
+depend on how fast the VLM was).
+
+A pipeline owns its tracker, policy and worker; pipelines on separate threads share nothing
+mutable (a loaded bundle's engines are stateless and may be shared).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from rau_rt.errors import InputError
+from rau_rt.localization.worker import LocalizerWorker, WorkerResult
+from rau_rt.pipeline.keyframes import KeyframeConfig, KeyframePolicy
+from rau_rt.tracking.tracker import Tracker
+from rau_rt.types import Frame, FrameResult, RegionResult
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Pipeline settings (`rau-rt run --keyframe-every K ...`).
+
+    Attributes:
+        keyframes: when frames go to the VLM.
+        wait_for_localizer: block on a keyframe's answer so that it prompts the next frame
+            (offline); False (live): the tracker goes on and the boxes land when they come.
+        localizer_timeout_s: how long `wait_for_localizer` waits for one answer.
+    """
+
+    keyframes: KeyframeConfig = field(default_factory=KeyframeConfig)
+    wait_for_localizer: bool = False
+    localizer_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.localizer_timeout_s <= 0:
+            raise InputError(f"localizer_timeout_s: expected > 0, got {self.localizer_timeout_s}")
+
+
+@dataclass
+class PipelineStats:
+    """What happened on the way (not per frame)."""
+
+    keyframes: list[tuple[int, str]] = field(default_factory=list)  # (frame index, reason)
+    prompts: list[tuple[int, int]] = field(default_factory=list)  # (prompted at, computed on)
+    localizer_errors: list[tuple[int, str]] = field(default_factory=list)  # (frame, error)
+
+
+class Pipeline:
+    """Tracker + localizer worker + keyframe policy for one stream.
+
+    Args:
+        tracker: the stream's Tracker (regions come from the localizer's boxes).
+        worker: a LocalizerWorker over the stream's Localizer; None tracks only what the
+            caller prompts or references on the tracker itself.
+        regions: the reference regions to follow.
+        config: PipelineConfig.
+    """
+
+    def __init__(self, tracker: Tracker, worker: LocalizerWorker | None,
+                 regions: Sequence[str], config: PipelineConfig | None = None) -> None:
+        if not regions:
+            raise InputError("regions: at least one region to follow")
+        self.tracker = tracker
+        self.worker = worker
+        self.regions = tuple(regions)
+        self.config = config or PipelineConfig()
+        self.policy = KeyframePolicy(self.config.keyframes)
+        self.stats = PipelineStats()
+        self._vlm_frame: int | None = None
+        self._ready: WorkerResult | None = None
+
+    def process(self, frame: Frame) -> FrameResult:
+        """Track one frame (and maybe send it to the localizer); never waits for the VLM
+        unless `wait_for_localizer`."""
+        arrived = time.perf_counter()
+        latest = self._ready
+        self._ready = None
+        while self.worker is not None and (done := self.worker.poll()) is not None:
+            latest = done
+        prompt_ms = 0.0
+        if latest is not None:
+            started = time.perf_counter()
+            self._apply(latest, frame.index)
+            prompt_ms = (time.perf_counter() - started) * 1e3
+        step = self.tracker.step(frame)
+        confidence = {name: (1 / (1 + math.exp(-step.object_scores[name]))
+                             if step.regions[name].present else None)
+                      for name in step.regions}
+        # a followed region the tracker does not have yet counts as lost
+        confidence.update({n: None for n in self.regions if n not in confidence})
+        reason = self.policy.decide(frame.index, confidence) if self.worker else None
+        if reason is not None:
+            self.stats.keyframes.append((frame.index, reason))
+            self.worker.submit(frame.index, frame, self.regions)
+            if self.config.wait_for_localizer:
+                self._ready = self.worker.wait(self.config.localizer_timeout_s)
+        absent = RegionResult(False, None, None, 0.0, "track")
+        return FrameResult(
+            index=frame.index, timestamp_s=frame.timestamp_s, frame_size=step.frame_size,
+            regions={n: step.regions.get(n, absent) for n in self.regions},
+            stage_ms={**step.stage_ms, "prompt": prompt_ms},
+            latency_ms=(time.perf_counter() - arrived) * 1e3,
+            vlm_staleness=None if self._vlm_frame is None else frame.index - self._vlm_frame)
+
+    def _apply(self, done: WorkerResult, index: int) -> None:
+        if not done.ok:
+            why = "timed out" if done.timed_out else done.error
+            self.stats.localizer_errors.append((done.frame_index, str(why)))
+            return
+        boxes = {n: b for n, b in done.result.boxes.items()
+                 if b is not None and n in self.regions}
+        if boxes:
+            try:
+                self.tracker.prompt(self.tracker.frame_index, boxes, source="vlm")
+            except InputError as exc:  # a box the tracker refuses: reported, tracking goes on
+                self.stats.localizer_errors.append((done.frame_index, f"prompt: {exc}"))
+                return
+            self.stats.prompts.append((index, done.frame_index))
+        self._vlm_frame = done.frame_index
+
+    def run(self, frames: Iterable[Frame], sinks: Sequence[object] = ()) -> list[FrameResult]:
+        """Process every frame (offline) and hand each result to the sinks' `write`."""
+        results = []
+        for frame in frames:
+            result = self.process(frame)
+            for sink in sinks:
+                sink.write(frame, result)
+            results.append(result)
+        return results

@@ -1,0 +1,152 @@
+"""Pipeline: keyframes to the localizer worker, its boxes prompting the tracker, staleness.
+
+The tracker is real (the micro SAM2 bundle); the VLM is a stand-in that answers with the
+synthetic sequence's true boxes of the frame it was asked about (the real Localizer is tested
+in tests/test_localization_*.py), so what is checked here is the plumbing: which frame's boxes
+prompt which frame, what the results say, and that streams on threads do not interfere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from rau_rt.bundle import load_bundle
+from rau_rt.export import sam2
+from rau_rt.export.sam2_inputs import CheckFrames
+from rau_rt.export.sam2_model import ModelSource
+from rau_rt.localization import LocalizerWorker
+from rau_rt.pipeline import KeyframeConfig, Pipeline, PipelineConfig
+from rau_rt.synthetic import generate_sequence
+from rau_rt.tracking import Tracker
+from rau_rt.types import Frame
+
+SIZE = 256
+REGIONS = ("6", "7")
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline_bundle") / "bundle"
+    with contextlib.redirect_stderr(io.StringIO()):
+        sam2.export_sam2(sam2.Sam2ExportConfig(ModelSource(image_size=SIZE, random_init="micro"),
+                                               out),
+                         CheckFrames.synthetic(generate_sequence, regions=2))
+    with load_bundle(out) as loaded:
+        yield loaded
+
+
+@pytest.fixture(scope="module")
+def sequence():
+    return generate_sequence(seed=4, frames=24, size=SIZE, contrast_delay_frames=1,
+                             segments=("5", "6", "7"))
+
+
+class TruthLocalizer:
+    """Answers with the true boxes of the asked frame, after `delay_s`."""
+
+    def __init__(self, sequence, delay_s=0.0, fail_on=()):
+        self.sequence, self.delay_s, self.fail_on = sequence, delay_s, set(fail_on)
+        self.asked: list[int] = []
+
+    def locate_result(self, frame, regions=None):
+        time.sleep(self.delay_s)
+        self.asked.append(frame.index)
+        if frame.index in self.fail_on:
+            raise RuntimeError("vlm failed")
+        truth = self.sequence.truth[frame.index].segments
+        return SimpleNamespace(boxes={n: truth[n].box for n in regions})
+
+
+def frames(sequence, start=0):
+    return [Frame(i, i / 15, sequence.frames[i], "gray", 12)
+            for i in range(start, len(sequence.frames))]
+
+
+def run(bundle, sequence, config, localizer):
+    with LocalizerWorker(localizer, timeout_s=10) as worker:
+        pipeline = Pipeline(Tracker(bundle), worker, REGIONS, config)
+        return pipeline, pipeline.run(frames(sequence))
+
+
+def test_keyframe_boxes_prompt_the_next_frame_offline(bundle, sequence):
+    config = PipelineConfig(KeyframeConfig(every=8, min_gap=100), wait_for_localizer=True)
+    localizer = TruthLocalizer(sequence)
+    pipeline, results = run(bundle, sequence, config, localizer)
+    first_visible = min(i for i, t in enumerate(sequence.truth)
+                        if all(t.segments[n].box for n in REGIONS))
+    # frame 0 (no contrast yet: no boxes, nothing to track) and the schedule: 8, 16
+    assert pipeline.stats.keyframes == [(0, "first"), (8, "scheduled"), (16, "scheduled")]
+    assert localizer.asked == [0, 8, 16]
+    prompted = {at: on for at, on in pipeline.stats.prompts}
+    for at, on in prompted.items():
+        assert at == on + 1  # offline: a keyframe's answer prompts the very next frame
+        assert results[at].vlm_staleness == 1
+        assert {r.source for n, r in results[at].regions.items()
+                if sequence.truth[on].segments[n].box} == {"vlm"}
+    assert any(on >= first_visible for on in prompted.values())
+    for result in results:
+        assert set(result.regions) == set(REGIONS) and result.latency_ms > 0
+        assert "prompt" in result.stage_ms and "memory_attention" in result.stage_ms
+    assert all(r.vlm_staleness is None for r in results[:1])
+    tracked = [r for r in results if r.vlm_staleness and r.vlm_staleness > 1]
+    assert tracked and all(r.regions[n].source == "track" for r in tracked for n in REGIONS
+                           if r.regions[n].present)
+
+
+def test_live_mode_never_waits_for_a_slow_localizer(bundle, sequence):
+    """A 0.3 s VLM: the tracker keeps its own pace and the boxes land frames later."""
+    config = PipelineConfig(KeyframeConfig(every=0, min_gap=1000))
+    localizer = TruthLocalizer(sequence, delay_s=0.3)
+    stream = frames(sequence, start=10)  # contrast-filled: the regions are visible
+    with LocalizerWorker(localizer, timeout_s=10) as worker:
+        pipeline = Pipeline(Tracker(bundle), worker, REGIONS, config)
+        results = [pipeline.process(frame) for frame in stream[:3]]
+        time.sleep(0.4)
+        results += [pipeline.process(frame) for frame in stream[3:6]]
+    # no frame waited for the 0.3 s VLM
+    assert max(r.latency_ms for r in results) < 300
+    assert pipeline.stats.keyframes == [(10, "first")]
+    # the answer about frame 10 arrived during the sleep: it prompts the next frame, 13
+    assert pipeline.stats.prompts == [(13, 10)]
+    assert [r.vlm_staleness for r in results] == [None, None, None, 3, 4, 5]
+    assert {r.source for r in results[3].regions.values()} == {"vlm"}
+
+
+def test_localizer_errors_are_reported_and_tracking_goes_on(bundle, sequence):
+    config = PipelineConfig(KeyframeConfig(every=4, min_gap=1000), wait_for_localizer=True)
+    pipeline, results = run(bundle, sequence, config, TruthLocalizer(sequence, fail_on={4}))
+    assert pipeline.stats.localizer_errors == [(4, "RuntimeError: vlm failed")]
+    assert len(results) == len(sequence.frames)
+
+
+def test_two_streams_on_threads_match_sequential_runs(bundle, sequence):
+    """Deterministic (offline) pipelines: threads must not change a single mask."""
+    config = PipelineConfig(KeyframeConfig(every=6, min_gap=100), wait_for_localizer=True)
+    other = generate_sequence(seed=9, frames=24, size=SIZE, contrast_delay_frames=1,
+                              segments=("5", "6", "7"))
+    alone = [run(bundle, s, config, TruthLocalizer(s))[1] for s in (sequence, other)]
+    together: dict[int, list] = {}
+
+    def stream(k, s):
+        together[k] = run(bundle, s, config, TruthLocalizer(s))[1]
+
+    threads = [threading.Thread(target=stream, args=(k, s))
+               for k, s in enumerate((sequence, other))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for k in (0, 1):
+        for a, b in zip(alone[k], together[k], strict=True):
+            for name in REGIONS:
+                ra, rb = a.regions[name], b.regions[name]
+                assert ra.present == rb.present and ra.source == rb.source
+                if ra.present:
+                    np.testing.assert_array_equal(ra.mask, rb.mask)
