@@ -242,7 +242,8 @@ def _summary(entry: GraphEntry, directory: Path, note: str = "") -> GraphSummary
         cosine=min((o["cosine"] for o in outputs.values()), default=1.0),
         iou=masks.get("iou"), note=note,
         lint="-" if lint is None else ("ok" if lint["tensorrt_ready"] else
-                                       f"{lint['errors']} errors"))
+                                       "ORT only (fused)" if entry.exporter.get("variant")
+                                       else f"{lint['errors']} errors"))
 
 
 def export_sam2(config: Sam2ExportConfig, check: CheckFrames,
@@ -358,11 +359,11 @@ def export_sam2(config: Sam2ExportConfig, check: CheckFrames,
 
 def format_summary(rows: list[GraphSummary]) -> str:
     """The summary table the CLI prints."""
-    lines = [f"{'graph':<17} {'file':<30} {'precision':<9} {'MB':>7} {'max err':>9} "
+    lines = [f"{'graph':<17} {'file':<33} {'precision':<9} {'MB':>7} {'max err':>9} "
              f"{'cosine':>9} {'IoU':>7}  lint"]
     for r in rows:
         iou = "-" if r.iou is None else f"{r.iou:.4f}"
-        lines.append(f"{r.graph:<17} {r.file:<30} {r.precision:<9} {r.size_mb:>7.1f} "
+        lines.append(f"{r.graph:<17} {r.file:<33} {r.precision:<9} {r.size_mb:>7.1f} "
                      f"{r.max_abs:>9.2e} {r.cosine:>9.6f} {iou:>7}  {r.lint}"
                      + (f"  ({r.note})" if r.note else ""))
     return "\n".join(lines)

@@ -137,6 +137,7 @@ def test_cli_exports_four_verified_fp32_graphs(micro256):
         assert [s["shape"] for s in attention["inputs"] if s["name"] == "memory"] == [
             ["regions", "memory_slots", 32, 16, 16]]
     assert "graph" in stdout and "IoU" in stdout
+    assert stdout.count("ORT only (fused)") == 2 and "errors" not in stdout
     for graph in GRAPHS:
         assert graph in stdout
 
