@@ -150,3 +150,29 @@ def test_two_streams_on_threads_match_sequential_runs(bundle, sequence):
                 assert ra.present == rb.present and ra.source == rb.source
                 if ra.present:
                     np.testing.assert_array_equal(ra.mask, rb.mask)
+
+
+def test_realtime_mode_processes_the_newest_frame_and_counts_drops(bundle, sequence):
+    """Frames every 1 ms against a tracker that needs tens of ms per frame."""
+    fast = [Frame(i, i * 0.001, sequence.frames[10 + i % 14], "gray", 12) for i in range(40)]
+    config = PipelineConfig(KeyframeConfig(every=0, min_gap=1000), wait_for_localizer=True,
+                            realtime=True)
+    with LocalizerWorker(TruthLocalizer(sequence), timeout_s=10) as worker:
+        pipeline = Pipeline(Tracker(bundle), worker, REGIONS, config)
+        results = pipeline.run(fast)
+    processed = [r.index for r in results]
+    assert processed == sorted(set(processed)) and processed[0] == 0
+    assert pipeline.stats.frames_dropped > 0
+    assert len(processed) + pipeline.stats.frames_dropped == len(fast)
+    assert processed[-1] == len(fast) - 1  # the newest frame is never the one dropped
+
+
+def test_realtime_mode_surfaces_a_failing_source(bundle, sequence):
+    def broken():
+        yield Frame(0, 0.0, sequence.frames[12], "gray", 12)
+        raise OSError("camera unplugged")
+
+    config = PipelineConfig(KeyframeConfig(every=0), realtime=True)
+    pipeline = Pipeline(Tracker(bundle), None, REGIONS, config)
+    with pytest.raises(OSError, match="camera unplugged"):
+        pipeline.run(broken())

@@ -15,8 +15,9 @@ mutable (a loaded bundle's engines are stateless and may be shared).
 from __future__ import annotations
 
 import math
+import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from rau_rt.errors import InputError
@@ -35,11 +36,15 @@ class PipelineConfig:
         wait_for_localizer: block on a keyframe's answer so that it prompts the next frame
             (offline); False (live): the tracker goes on and the boxes land when they come.
         localizer_timeout_s: how long `wait_for_localizer` waits for one answer.
+        realtime: `run` reads the source on its own thread at the frames' timestamps and
+            processes only the newest frame (latest wins; the others are counted as dropped),
+            as on a live feed; False processes every frame (offline).
     """
 
     keyframes: KeyframeConfig = field(default_factory=KeyframeConfig)
     wait_for_localizer: bool = False
     localizer_timeout_s: float = 30.0
+    realtime: bool = False
 
     def __post_init__(self) -> None:
         if self.localizer_timeout_s <= 0:
@@ -53,6 +58,7 @@ class PipelineStats:
     keyframes: list[tuple[int, str]] = field(default_factory=list)  # (frame index, reason)
     prompts: list[tuple[int, int]] = field(default_factory=list)  # (prompted at, computed on)
     localizer_errors: list[tuple[int, str]] = field(default_factory=list)  # (frame, error)
+    frames_dropped: int = 0  # realtime: frames a newer one replaced before they were processed
 
 
 class Pipeline:
@@ -129,11 +135,58 @@ class Pipeline:
         self._vlm_frame = done.frame_index
 
     def run(self, frames: Iterable[Frame], sinks: Sequence[object] = ()) -> list[FrameResult]:
-        """Process every frame (offline) and hand each result to the sinks' `write`."""
+        """Process a source and hand each result to the sinks' `write`.
+
+        Offline: every frame. Realtime (`config.realtime`): a reader thread releases frames at
+        their timestamps into a one-frame slot; the newest frame wins and the replaced ones
+        count in `stats.frames_dropped`.
+        """
         results = []
-        for frame in frames:
+        for frame in self._realtime(frames) if self.config.realtime else frames:
             result = self.process(frame)
             for sink in sinks:
                 sink.write(frame, result)
             results.append(result)
         return results
+
+    def _realtime(self, frames: Iterable[Frame]) -> Iterator[Frame]:
+        slot: list[Frame] = []
+        done = threading.Event()
+        lock = threading.Condition()
+        failure: list[BaseException] = []
+
+        def read() -> None:
+            start, first = time.monotonic(), None
+            try:
+                for frame in frames:
+                    first = frame.timestamp_s if first is None else first
+                    delay = start + (frame.timestamp_s - first) - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                    with lock:
+                        if slot:
+                            self.stats.frames_dropped += 1
+                            slot.clear()
+                        slot.append(frame)
+                        lock.notify()
+            except BaseException as exc:  # surfaced on the processing thread
+                failure.append(exc)
+            finally:
+                with lock:
+                    done.set()
+                    lock.notify()
+
+        reader = threading.Thread(target=read, name="rau-rt-source", daemon=True)
+        reader.start()
+        while True:
+            with lock:
+                while not slot and not done.is_set():
+                    lock.wait()
+                if slot:
+                    frame = slot.pop()
+                elif failure:
+                    raise failure[0]
+                else:
+                    break
+            yield frame
+        reader.join()
