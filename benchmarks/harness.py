@@ -11,7 +11,6 @@ import argparse
 import importlib.metadata
 import json
 import platform
-import resource
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 
 from rau_rt import ops
 from rau_rt._version import __version__
+from rau_rt.profiling import cpu_model, peak_rss_mib
 
 
 def parse_args(description: str, default_json: str,
@@ -100,17 +100,10 @@ def _version(dist: str) -> str | None:
 
 def environment(**device_extra: object) -> dict[str, object]:
     """Device and versions, for the record's `device` and `versions` keys."""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import cv2
 
-    device = {"cpu": model, "machine": platform.machine(), "physical_cores": ops.physical_cores(),
+    device = {"cpu": cpu_model(), "machine": platform.machine(),
+              "physical_cores": ops.physical_cores(),
               "native_threads": ops.num_threads(), "opencv_threads": cv2.getNumThreads(),
               "gpu": None, **device_extra}
     versions = {"rau_rt": __version__, "python": platform.python_version(),
@@ -125,7 +118,7 @@ def write_record(suite: str, cases: list[dict[str, object]], path: str, command:
                  **device_extra: object) -> dict[str, object]:
     """Write the suite's JSON record (with environment and peak RSS) and return it."""
     record = {"suite": suite, **environment(**device_extra), "cases": cases,
-              "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              "peak_rss_mib": peak_rss_mib(),
               "command": command}
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
