@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 from rau_rt.errors import InputError
@@ -80,6 +81,24 @@ class Reference:
             raise InputError(f"reference {self.name!r}: region {region.name!r} has an empty "
                              "polygon or mask, so no box")
         return box
+
+
+    def mask(self, region: Region) -> np.ndarray | None:
+        """A region's (H, W) bool mask: its own, else its polygon filled; None for a region
+        marked by box only (SAM2 reference memory needs a mask; such a region starts from the
+        VLM's first box instead)."""
+        if region.mask is not None:
+            mask = np.asarray(region.mask, dtype=bool)
+            if mask.shape != self.size:
+                raise InputError(f"reference {self.name!r}: region {region.name!r} mask is "
+                                 f"{mask.shape}, the image {self.size}")
+            return mask
+        if region.polygon is None:
+            return None
+        canvas = np.zeros(self.size, np.uint8)
+        points = np.round(np.asarray(region.polygon, dtype=np.float64) * 16).astype(np.int32)
+        cv2.fillPoly(canvas, [points], 1, cv2.LINE_8, shift=4)  # 4 fractional bits
+        return canvas.astype(bool) if canvas.any() else None
 
 
 def pool_features(features: np.ndarray) -> np.ndarray:

@@ -161,6 +161,32 @@ def read_reference_annotation(
     return ReferenceAnnotation(path.parent / doc["image"], (width, height), tuple(regions))
 
 
+def load_reference_image(annotation: ReferenceAnnotation) -> np.ndarray:
+    """The annotated image as uint8, (H, W) gray or (H, W, 3) BGR, checked against the JSON's
+    image_size.
+
+    A 16-bit image (X-ray) is scaled to 8 bits by its highest stored bit, not windowed: save an
+    8-bit (windowed) reference to control the contrast the models see.
+    """
+    image = cv2.imread(str(annotation.image), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise AnnotationError(f"{annotation.image}: the reference image is missing or not "
+                              "readable")
+    if image.ndim == 3 and image.shape[2] == 4:
+        image = image[:, :, :3]
+    if image.dtype == np.uint16:
+        bits = max(int(image.max()).bit_length(), 8)
+        image = np.clip(image / ((1 << bits) - 1) * 255 + 0.5, 0, 255).astype(np.uint8)
+    if image.dtype != np.uint8:
+        raise AnnotationError(f"{annotation.image}: expected 8- or 16-bit pixels, got "
+                              f"{image.dtype}")
+    height, width = image.shape[:2]
+    if (width, height) != tuple(annotation.image_size):
+        raise AnnotationError(f"{annotation.image}: the annotation's image_size is "
+                              f"{list(annotation.image_size)}, the image {width}x{height}")
+    return image
+
+
 def write_reference_annotation(path: str | Path, image: str, image_size: tuple[int, int],
                                regions: Iterable[Region]) -> None:
     """Write the project's JSON. `image` is stored as given (relative to the JSON's folder).

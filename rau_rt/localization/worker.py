@@ -125,13 +125,18 @@ class LocalizerWorker:
                     until = min(until, job.started + self.timeout_s)
                 self._cond.wait(max(until - now, 0.0) + 1e-3)
 
-    def close(self, timeout_s: float = 5.0) -> None:
-        """Stop taking requests, drop a waiting one, and join the thread (idempotent)."""
+    def close(self, timeout_s: float = 5.0) -> bool:
+        """Stop taking requests, drop a waiting one, and join the thread (idempotent).
+
+        Returns whether the thread ended within `timeout_s` (False: a query is still running,
+        so the localizer's engines must stay open until it returns).
+        """
         with self._cond:
             self._closed = True
             self._pending = None
             self._cond.notify_all()
         self._thread.join(timeout_s)
+        return not self._thread.is_alive()
 
     def __enter__(self) -> LocalizerWorker:
         return self

@@ -19,10 +19,12 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from rau_rt.errors import InputError
 from rau_rt.localization.worker import LocalizerWorker, WorkerResult
 from rau_rt.pipeline.keyframes import KeyframeConfig, KeyframePolicy
+from rau_rt.reference import Reference
 from rau_rt.tracking.tracker import Tracker
 from rau_rt.types import Frame, FrameResult, RegionResult
 
@@ -58,7 +60,19 @@ class PipelineStats:
     keyframes: list[tuple[int, str]] = field(default_factory=list)  # (frame index, reason)
     prompts: list[tuple[int, int]] = field(default_factory=list)  # (prompted at, computed on)
     localizer_errors: list[tuple[int, str]] = field(default_factory=list)  # (frame, error)
+    # every answer that arrived: (frame computed on, query ms, boxes found)
+    answers: list[tuple[int, float, int]] = field(default_factory=list)
     frames_dropped: int = 0  # realtime: frames a newer one replaced before they were processed
+    localizer_wait_ms: float = 0.0  # wait_for_localizer: time spent waiting for answers
+
+    def to_dict(self) -> dict[str, object]:
+        return {"keyframes": [{"frame": f, "reason": r} for f, r in self.keyframes],
+                "prompts": [{"frame": at, "computed_on": on} for at, on in self.prompts],
+                "localizer_errors": [{"frame": f, "error": e} for f, e in self.localizer_errors],
+                "answers": [{"frame": f, "query_ms": ms, "boxes": n}
+                            for f, ms, n in self.answers],
+                "frames_dropped": self.frames_dropped,
+                "localizer_wait_ms": self.localizer_wait_ms}
 
 
 class Pipeline:
@@ -84,6 +98,31 @@ class Pipeline:
         self.stats = PipelineStats()
         self._vlm_frame: int | None = None
         self._ready: WorkerResult | None = None
+        # the bundles `from_bundle` opened ("sam2", "vlm"), closed by `close`
+        self.bundles: dict[str, object] = {}
+
+    @classmethod
+    def from_bundle(cls, bundle: str | Path, reference: Reference,
+                    regions: Sequence[str] | None = None, config: PipelineConfig | None = None,
+                    **options: object) -> Pipeline:
+        """A pipeline over a pipeline bundle (`sam2/` + optional `vlm/`) and one reference;
+        see `rau_rt.pipeline.factory.open_pipeline` for the options."""
+        from rau_rt.pipeline.factory import open_pipeline
+
+        return open_pipeline(bundle, reference, regions, config, **options)
+
+    def close(self) -> None:
+        """Stop the localizer worker and close the bundles this pipeline opened."""
+        if self.worker is not None and not self.worker.close(self.config.localizer_timeout_s):
+            return  # a query still runs on the VLM's engines: leave them open
+        while self.bundles:
+            self.bundles.popitem()[1].close()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def process(self, frame: Frame) -> FrameResult:
         """Track one frame (and maybe send it to the localizer); never waits for the VLM
@@ -108,15 +147,20 @@ class Pipeline:
         if reason is not None:
             self.stats.keyframes.append((frame.index, reason))
             self.worker.submit(frame.index, frame, self.regions)
-            if self.config.wait_for_localizer:
-                self._ready = self.worker.wait(self.config.localizer_timeout_s)
         absent = RegionResult(False, None, None, 0.0, "track")
-        return FrameResult(
+        result = FrameResult(
             index=frame.index, timestamp_s=frame.timestamp_s, frame_size=step.frame_size,
             regions={n: step.regions.get(n, absent) for n in self.regions},
             stage_ms={**step.stage_ms, "prompt": prompt_ms},
             latency_ms=(time.perf_counter() - arrived) * 1e3,
             vlm_staleness=None if self._vlm_frame is None else frame.index - self._vlm_frame)
+        if reason is not None and self.config.wait_for_localizer:
+            # after the result is complete: the wait is for the next frame's prompt, not part
+            # of this frame's latency (it is counted in stats.localizer_wait_ms)
+            started = time.perf_counter()
+            self._ready = self.worker.wait(self.config.localizer_timeout_s)
+            self.stats.localizer_wait_ms += (time.perf_counter() - started) * 1e3
+        return result
 
     def _apply(self, done: WorkerResult, index: int) -> None:
         if not done.ok:
@@ -125,6 +169,7 @@ class Pipeline:
             return
         boxes = {n: b for n, b in done.result.boxes.items()
                  if b is not None and n in self.regions}
+        self.stats.answers.append((done.frame_index, done.elapsed_ms, len(boxes)))
         if boxes:
             try:
                 self.tracker.prompt(self.tracker.frame_index, boxes, source="vlm")
@@ -134,19 +179,22 @@ class Pipeline:
             self.stats.prompts.append((index, done.frame_index))
         self._vlm_frame = done.frame_index
 
-    def run(self, frames: Iterable[Frame], sinks: Sequence[object] = ()) -> list[FrameResult]:
+    def run(self, frames: Iterable[Frame], sinks: Sequence[object] = (), *,
+            collect: bool = True) -> list[FrameResult]:
         """Process a source and hand each result to the sinks' `write`.
 
         Offline: every frame. Realtime (`config.realtime`): a reader thread releases frames at
         their timestamps into a one-frame slot; the newest frame wins and the replaced ones
-        count in `stats.frames_dropped`.
+        count in `stats.frames_dropped`. `collect=False` returns nothing and keeps nothing (a
+        long or live stream: the sinks hold the results).
         """
         results = []
         for frame in self._realtime(frames) if self.config.realtime else frames:
             result = self.process(frame)
             for sink in sinks:
                 sink.write(frame, result)
-            results.append(result)
+            if collect:
+                results.append(result)
         return results
 
     def _realtime(self, frames: Iterable[Frame]) -> Iterator[Frame]:

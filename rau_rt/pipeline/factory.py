@@ -1,0 +1,124 @@
+"""Opening a `Pipeline` from a pipeline bundle and a reference.
+
+A pipeline bundle is a folder holding one SAM2 bundle and, optionally, one VLM bundle:
+
+    BUNDLE/sam2/   rau-rt export sam2 ... --out BUNDLE/sam2
+    BUNDLE/vlm/    rau-rt export vlm ... --out BUNDLE/vlm
+
+The reference's regions that carry a mask or polygon are encoded once into SAM2's reference
+memory (the tracker follows them from the first frame); the VLM localizes every requested
+region on keyframes and its boxes re-prompt the tracker. Without `vlm/` there are no keyframes
+and every region must carry a mask or polygon.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from rau_rt.bundle import MANIFEST, load_bundle
+from rau_rt.config import EngineConfig
+from rau_rt.errors import BundleError, InputError
+from rau_rt.localization import Localizer, LocalizerConfig, LocalizerWorker
+from rau_rt.pipeline.pipeline import Pipeline, PipelineConfig
+from rau_rt.reference import Reference
+from rau_rt.tracking import Tracker, TrackerConfig
+from rau_rt.types import Frame
+
+SAM2_PART, VLM_PART = "sam2", "vlm"
+# ONNX Runtime threads that spin after a run take the cores from the other engine and NumPy in
+# between (a tracker and a VLM worker share the host): off by default for pipelines.
+PIPELINE_ENGINE_CONFIG = EngineConfig(spin_wait=False)
+
+
+@dataclass(frozen=True)
+class PipelineBundle:
+    """Where a pipeline bundle's parts are."""
+
+    directory: Path
+    sam2: Path
+    vlm: Path | None
+
+    @classmethod
+    def find(cls, directory: str | Path) -> PipelineBundle:
+        """Check the layout (module docstring); raises BundleError saying what is missing."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise BundleError(f"{directory}: no such bundle folder")
+        if (directory / MANIFEST).exists():
+            raise BundleError(
+                f"{directory}: this is a single-model bundle; a pipeline bundle holds one in "
+                f"{SAM2_PART}/ and optionally one in {VLM_PART}/ (rau-rt export sam2 --out "
+                f"{directory.name}/{SAM2_PART}, rau-rt export vlm --out "
+                f"{directory.name}/{VLM_PART})")
+        sam2 = directory / SAM2_PART
+        if not (sam2 / MANIFEST).exists():
+            raise BundleError(f"{directory}: no SAM2 bundle at {sam2} (build it with rau-rt "
+                              f"export sam2 --out {sam2})")
+        vlm = directory / VLM_PART
+        return cls(directory, sam2, vlm if (vlm / MANIFEST).exists() else None)
+
+
+def open_pipeline(bundle: str | Path, reference: Reference,
+                  regions: Sequence[str] | None = None, config: PipelineConfig | None = None, *,
+                  backend: str | None = None,
+                  engine: EngineConfig = PIPELINE_ENGINE_CONFIG,
+                  vlm_engine: EngineConfig | None = None,
+                  tracker: TrackerConfig | None = None,
+                  localizer: LocalizerConfig | None = None) -> Pipeline:
+    """Load the bundle's engines, encode the reference, and return the stream's Pipeline.
+
+    Args:
+        bundle: a pipeline bundle folder (module docstring).
+        reference: the annotated reference image.
+        regions: the reference regions to follow (default: all of them).
+        config: pipeline settings (without a VLM there are no keyframes).
+        backend: engine backend for both parts (None: each graph's first manifest entry).
+        engine: SAM2 engine settings (device, precision, threads).
+        vlm_engine: VLM engine settings (default: `engine` without its precision, since the
+            VLM bundle's precisions differ from SAM2's).
+        tracker, localizer: their settings.
+
+    Raises:
+        BundleError: the folder is not a pipeline bundle; EngineMismatchError / BundleError
+            from loading a part.
+        InputError: a requested region is not in the reference, or cannot be followed (a
+            box-only region without a VLM).
+    """
+    paths = PipelineBundle.find(bundle)
+    config = config or PipelineConfig()
+    by_name = {r.name: r for r in reference.regions}
+    names = tuple(regions) if regions else reference.region_names
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise InputError(f"regions {unknown} are not in the reference {reference.name!r}; it "
+                         f"has {list(by_name)}")
+    masks = {n: m for n in names if (m := reference.mask(by_name[n])) is not None}
+    if paths.vlm is None:
+        boxes_only = [n for n in names if n not in masks]
+        if boxes_only:
+            raise InputError(f"{paths.directory} has no VLM ({VLM_PART}/), so regions "
+                             f"{boxes_only} marked by box only cannot be found; give them a "
+                             "polygon or mask, or add a VLM bundle")
+    opened = {}
+    try:
+        sam2 = opened[SAM2_PART] = load_bundle(paths.sam2, backend, engine)
+        stream_tracker = Tracker(sam2, tracker)
+        if masks:
+            image = reference.image
+            order = "gray" if image.ndim == 2 else reference.channel_order
+            stream_tracker.add_reference(Frame(0, 0.0, image, order, 8), masks)
+        worker = None
+        if paths.vlm is not None:
+            vlm = opened[VLM_PART] = load_bundle(paths.vlm, backend,
+                                                 vlm_engine or replace(engine, precision=None))
+            worker = LocalizerWorker(Localizer(vlm, reference, localizer or LocalizerConfig()),
+                                     timeout_s=config.localizer_timeout_s)
+        pipeline = Pipeline(stream_tracker, worker, names, config)
+    except BaseException:
+        for part in opened.values():
+            part.close()
+        raise
+    pipeline.bundles.update(opened)
+    return pipeline
