@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from importlib import import_module
 
 from rau_rt._version import __version__
 from rau_rt.errors import RauRtError
@@ -62,6 +63,20 @@ def _run_export(args: argparse.Namespace) -> int:
     return command.run(args, generate_sequence)
 
 
+def _configure(module: str) -> Callable[[argparse.ArgumentParser], None]:
+    def configure(parser: argparse.ArgumentParser) -> None:
+        import_module(f"rau_rt.commands.{module}").configure(parser)
+
+    return configure
+
+
+def _run(module: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        return import_module(f"rau_rt.commands.{module}").run(args)
+
+    return run
+
+
 COMMANDS: tuple[Command, ...] = (
     Command("doctor", "report what this host can run (versions, providers, GPU, native ops)",
             _configure_doctor, _run_doctor),
@@ -70,6 +85,15 @@ COMMANDS: tuple[Command, ...] = (
     Command("export", "export stages: SAM2 and VLM bundles (sam2, vlm), TensorRT engines for a "
             "bundle (trt), ONNX graphs checked for TensorRT (lint)", _configure_export,
             _run_export),
+    Command("run", "track reference regions through a video, DICOM cine, folder, camera or "
+            "stream with a pipeline bundle; writes results, overlay and a latency summary",
+            _configure("run"), _run("run")),
+    Command("demo", "the whole job on built-in defaults: synthetic cine + reference, a "
+            "random-init bundle (cached), VLM keyframes + SAM2 tracking, outputs and latency",
+            _configure("demo"), _run("demo")),
+    Command("bench", "latency of a pipeline bundle on this box: per stage and end to end, "
+            "jitter, tail, deadline misses, peak memory (JSON, Markdown, PNG)",
+            _configure("bench"), _run("bench")),
 )
 
 
@@ -88,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `rau-rt` console script; returns the process exit code."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # summaries record the command as typed
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2

@@ -41,6 +41,7 @@ LAYER_OF = {
     "rau_rt.synthetic.command": "cli",  # `rau-rt synth`: wires the generator to rau_rt.io
     "rau_rt.export": "export",
     "rau_rt.cli": "cli",
+    "rau_rt.commands": "cli",  # run, demo, bench: wire io, pipeline and (demo) export
     "rau_rt.doctor": "cli",
     "rau_rt.__main__": "cli",
 }

@@ -1,0 +1,202 @@
+"""`rau-rt demo`: the whole job on built-in defaults, on this machine, in about a minute.
+
+1. A pipeline bundle: random-init SAM2 (micro, 256 px) and Qwen2.5-VL (tiny, 224 px) exported
+   and verified like any bundle, built once into the user cache dir and reused (or exported
+   from `--sam2-checkpoint` / `--vlm`, or taken from `--bundle`).
+2. A synthetic coronary angiography cine (12-bit multi-frame XA DICOM) and an annotated
+   reference still of another patient in another view (reference.png + reference.json).
+3. The full pipeline over the DICOM file replayed as a live feed at its frame rate: the VLM on
+   keyframes in its worker, SAM2 tracking every frame, late frames dropped and counted.
+4. results.jsonl, overlay.mp4, summary.json/.md, latency.png, stages.png and a latency table.
+
+Random weights localize and segment nothing meaningful: the demo shows the machinery and its
+latency, and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from rau_rt._version import __version__
+from rau_rt.commands import run as run_command
+from rau_rt.errors import InputError
+from rau_rt.pipeline import KeyframeConfig, PipelineConfig, open_pipeline
+from rau_rt.pipeline.factory import SAM2_PART, VLM_PART, PipelineBundle
+
+DEMO_REGIONS = ("5", "6", "7", "11")  # left main, LAD proximal and mid, proximal circumflex
+UNTRAINED = ("NOTE: the demo bundle has random (untrained) weights: its masks and boxes are "
+             "meaningless; the latency is what this machine does with these model sizes. Pass "
+             "--sam2-checkpoint/--vlm (or --bundle) for real weights.")
+
+
+def cache_root() -> Path:
+    """Where built bundles are kept: $RAU_RT_CACHE, else $XDG_CACHE_HOME/rau-rt, else
+    ~/.cache/rau-rt."""
+    if os.environ.get("RAU_RT_CACHE"):
+        return Path(os.environ["RAU_RT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "rau-rt"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("rau-rt-demo"),
+                        help="output folder (default ./rau-rt-demo)")
+    parser.add_argument("--frames", type=int, default=60, help="cine length (default 60)")
+    parser.add_argument("--size", type=int, default=512, help="cine frame side (default 512)")
+    parser.add_argument("--fps", type=float, default=15.0, help="cine frame rate: 7.5, 15, 30")
+    parser.add_argument("--seed", type=int, default=0, help="synthetic patient and view")
+    parser.add_argument("--regions", default=",".join(DEMO_REGIONS),
+                        help=f"ARCADE segments to follow (default {','.join(DEMO_REGIONS)})")
+    parser.add_argument("--keyframe-every", type=int, default=15,
+                        help="VLM keyframe schedule in frames (default 15)")
+    parser.add_argument("--offline", action="store_true",
+                        help="process every frame back to back, keyframe answers on the next "
+                        "frame (default: replay as a live feed at --fps)")
+    parser.add_argument("--bundle", type=Path, default=None,
+                        help="use this pipeline bundle instead of building one")
+    parser.add_argument("--sam2-checkpoint", type=Path, default=None,
+                        help="export SAM2 from this sam2.1_hiera_*.pt (with --sam2-config)")
+    parser.add_argument("--sam2-config", default=None,
+                        help="the checkpoint's config: tiny, small, base_plus, large")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="SAM2 input side (default 256 random-init micro, 512 checkpoint)")
+    parser.add_argument("--vlm", type=Path, default=None,
+                        help="export the VLM from this Hugging Face Qwen2.5-VL folder")
+    parser.add_argument("--vlm-input-size", type=int, default=None,
+                        help="VLM input side (default 224 random-init, 448 --vlm)")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="bundle cache folder (default $RAU_RT_CACHE or ~/.cache/rau-rt)")
+    parser.add_argument("--rebuild", action="store_true", help="rebuild the cached bundle")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    run_command.add_engine_arguments(parser)
+
+
+def _bundle_spec(args: argparse.Namespace) -> dict[str, object]:
+    """What the demo bundle is built from: its cache key."""
+    if (args.sam2_checkpoint is None) != (args.sam2_config is None):
+        raise InputError("--sam2-checkpoint and --sam2-config go together")
+    sam2 = ({"checkpoint": str(args.sam2_checkpoint.resolve()), "config": args.sam2_config,
+             "checkpoint_bytes": _size(args.sam2_checkpoint),
+             "image_size": args.image_size or 512}
+            if args.sam2_checkpoint else {"random_init": "micro",
+                                          "image_size": args.image_size or 256})
+    vlm = ({"model": str(args.vlm.resolve()), "input_size": args.vlm_input_size or 448}
+           if args.vlm else {"random_init": "tiny", "input_size": args.vlm_input_size or 224})
+    return {"rau_rt": __version__, "sam2": sam2, "vlm": vlm}
+
+
+def _size(path: Path) -> int:
+    if not path.is_file():
+        raise InputError(f"--sam2-checkpoint {path}: no such file")
+    return path.stat().st_size
+
+
+def build_bundle(spec: dict[str, object], out: Path, progress: bool = True) -> None:
+    """Export and verify the pipeline bundle `spec` describes into `out` (needs [export])."""
+    try:
+        from rau_rt.export import sam2, vlm
+        from rau_rt.export.sam2_inputs import CheckFrames
+        from rau_rt.export.sam2_model import ModelSource
+    except ImportError as exc:
+        raise InputError(f"building the demo bundle needs the export extra ({exc.name} is "
+                         "missing): pip install 'rau-rt[export]', or pass --bundle DIR") from exc
+    from rau_rt.synthetic import generate_sequence
+
+    s = spec["sam2"]
+    source = (ModelSource(image_size=s["image_size"], random_init=s["random_init"])
+              if "random_init" in s else
+              ModelSource(image_size=s["image_size"], checkpoint=Path(s["checkpoint"]),
+                          config=s["config"]))
+    sam2.export_sam2(sam2.Sam2ExportConfig(source, out / SAM2_PART),
+                     CheckFrames.synthetic(generate_sequence, regions=2))
+    v = spec["vlm"]
+    vlm.export_vlm(vlm.VlmExportConfig(out=out / VLM_PART, model=Path(v["model"]) if "model" in v
+                                       else None, random_init=v.get("random_init"),
+                                       input_size=v["input_size"], progress=progress))
+    (out / "demo.json").write_text(json.dumps(spec, indent=2) + "\n")
+
+
+def cached_bundle(spec: dict[str, object], cache: Path, rebuild: bool,
+                  progress: bool = True) -> tuple[Path, bool]:
+    """The bundle for `spec` in `cache`, built if missing (atomically: a crash leaves no
+    half-built bundle under the final name). Returns (folder, whether it was built now)."""
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    final = cache / f"demo-{__version__}-{key}"
+    if final.exists() and not rebuild:
+        PipelineBundle.find(final)  # complete? (else: BundleError naming what is missing)
+        return final, False
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = cache / f"{final.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    build_bundle(spec, partial, progress)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    return final, True
+
+
+def write_inputs(out: Path, frames: int, size: int, fps: float, seed: int,
+                 regions: tuple[str, ...]) -> tuple[Path, Path]:
+    """The synthetic cine (XA DICOM) and reference (PNG + JSON) in `out`."""
+    import cv2
+
+    from rau_rt.io.annotations import write_reference_annotation
+    from rau_rt.synthetic import formats, generate_sequence, make_reference
+
+    sequence = generate_sequence(seed=seed, frames=frames, size=size, fps=fps,
+                                 segments=regions)
+    cine = out / "cine.dcm"
+    formats.write_dicom(cine, sequence)
+    reference = make_reference(seed, size, segments=regions, avoid_view=sequence.meta.view)
+    cv2.imwrite(str(out / "reference.png"), reference.image_8bit())
+    annotation = out / "reference.json"
+    write_reference_annotation(annotation, "reference.png", (size, size), reference.regions)
+    return cine, annotation
+
+
+def run(args: argparse.Namespace) -> int:
+    from rau_rt.io.sources import open_source
+
+    if args.frames < 2:
+        raise InputError(f"--frames must be >= 2, got {args.frames}")
+    regions = tuple(r.strip() for r in args.regions.split(",") if r.strip())
+    untrained = args.bundle is None and (args.sam2_checkpoint is None or args.vlm is None)
+    if untrained:
+        print(UNTRAINED)
+    if args.bundle is not None:
+        bundle = args.bundle
+        PipelineBundle.find(bundle)
+    else:
+        bundle, built = cached_bundle(_bundle_spec(args), args.cache or cache_root(),
+                                      args.rebuild, not args.quiet)
+        print(f"bundle: {bundle} ({'built now' if built else 'reused from the cache'})")
+    args.out.mkdir(parents=True, exist_ok=True)
+    cine, annotation = write_inputs(args.out, args.frames, args.size, args.fps, args.seed,
+                                    regions)
+    print(f"inputs: {cine} ({args.frames} frames {args.size}x{args.size}, 12-bit XA, "
+          f"{args.fps:g} fps), reference {annotation}")
+    reference = run_command.load_reference(annotation)
+    config = PipelineConfig(KeyframeConfig(every=args.keyframe_every),
+                            wait_for_localizer=args.offline, realtime=not args.offline)
+    sam2_engine, vlm_engine = run_command.engine_configs(args)
+    source = open_source(cine)
+    with source, open_pipeline(bundle, reference, regions, config, backend=args.backend,
+                               engine=sam2_engine, vlm_engine=vlm_engine) as pipeline:
+        sinks = run_command.open_sinks(args.out, overlay=True, masks="none", dicom_seg=False)
+        profile, wall = run_command.stream(pipeline, source, sinks, progress=not args.quiet,
+                                           desc="demo")
+        record = run_command.summarize(
+            pipeline, profile, wall, command=run_command.command_line(args), source=source,
+            fps=source.fps, extra={"untrained_weights": untrained, "bundle": str(bundle),
+                                   "outputs": {type(s).__name__: str(s.path) for s in sinks}})
+    paths = run_command.write_report(args.out, record, profile, "rau-rt demo")
+    run_command.print_summary(record, paths)
+    print(f"overlay: {args.out / 'overlay.mp4'}, results: {args.out / 'results.jsonl'}")
+    if untrained:
+        print(UNTRAINED)
+    return 0

@@ -1,0 +1,329 @@
+"""`rau-rt run`: a pipeline bundle + a reference + a source -> results, overlay and a summary.
+
+Also the pieces `demo` and `bench` share: reading the reference, streaming a source through a
+pipeline with a progress bar, describing what ran, and writing the summary (JSON, Markdown,
+latency plot, per-stage chart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import replace
+from importlib import metadata
+from itertools import islice
+from pathlib import Path
+
+from rau_rt import ops
+from rau_rt._version import __version__
+from rau_rt.errors import InputError
+from rau_rt.io import plots
+from rau_rt.io.sinks import DicomSegSink, JsonlSink, MaskArchiveSink, OverlayVideoSink, Sink
+from rau_rt.io.sources import Source, SyntheticSource, open_source
+from rau_rt.pipeline import KeyframeConfig, Pipeline, PipelineConfig, open_pipeline
+from rau_rt.profiling import RunProfile, cpu_model, latency_stats, markdown_table
+from rau_rt.reference import Reference
+from rau_rt.types import Frame, FrameResult
+
+PROGRESS_EVERY = 5  # frames between progress-bar statistics updates
+
+
+# -- the reference -------------------------------------------------------------------------
+def load_reference(path: str | Path) -> Reference:
+    """`rau_rt.load_reference`: the reference JSON and its image."""
+    from rau_rt import load_reference as load
+
+    return load(str(path))
+
+
+def synthetic_reference(source: SyntheticSource) -> Reference:
+    """The generator's annotated reference for a `synthetic:` source: another patient in
+    another view, with every segment the source shows (what `rau-rt synth` writes)."""
+    from rau_rt.synthetic import make_reference
+
+    config = source.sequence.meta.config
+    still = make_reference(config.seed, config.size, artery=config.artery,
+                           dominance=config.dominance, segments=config.chosen_segments,
+                           avoid_view=source.sequence.meta.view)
+    return Reference(still.image_8bit(), still.regions, name=f"synthetic reference "
+                     f"({still.view.name})")
+
+
+# -- streaming --------------------------------------------------------------------------------
+class ProgressSink:
+    """A tqdm bar over a run: frames, fps, p50/p99 of the recent latencies, dropped frames."""
+
+    def __init__(self, pipeline: Pipeline, profile: RunProfile, total: int | None,
+                 desc: str, enabled: bool = True) -> None:
+        from tqdm import tqdm
+
+        self.pipeline, self.profile = pipeline, profile
+        self.bar = tqdm(total=total, desc=desc, unit="frame", disable=not enabled,
+                        dynamic_ncols=True)
+        self.started = time.perf_counter()
+
+    def write(self, frame: Frame, result: FrameResult) -> None:
+        self.bar.update(1)
+        if len(self.profile) % PROGRESS_EVERY == 0:
+            recent = self.profile.recent()
+            elapsed = time.perf_counter() - self.started
+            self.bar.set_postfix(fps=f"{len(self.profile) / elapsed:.1f}",
+                                 p50=f"{recent['p50']:.0f}ms", p99=f"{recent['p99']:.0f}ms",
+                                 dropped=self.pipeline.stats.frames_dropped, refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def paced(frames: Iterable[Frame], fps: float) -> Iterator[Frame]:
+    """The frames re-stamped at `fps` (a file replayed as a live feed of that rate)."""
+    for frame in frames:
+        yield replace(frame, timestamp_s=frame.index / fps)
+
+
+def stream(pipeline: Pipeline, source: Source, sinks: Sequence[object], *,
+           max_frames: int | None = None, fps: float | None = None, progress: bool = True,
+           desc: str = "run") -> tuple[RunProfile, float]:
+    """Run `source` (at most `max_frames`, re-stamped at `fps` if given) through `pipeline`.
+
+    The sinks are closed (published) after a clean run and aborted on an exception. Returns the
+    profile and the wall time in seconds.
+    """
+    frames: Iterable[Frame] = source if max_frames is None else islice(source, max_frames)
+    if fps is not None:
+        frames = paced(frames, fps)
+    total = source.frame_count
+    if max_frames is not None:
+        total = max_frames if total is None else min(total, max_frames)
+    profile = RunProfile()
+    bar = ProgressSink(pipeline, profile, total, desc, progress)
+    started = time.perf_counter()
+    try:
+        pipeline.run(frames, [profile, *sinks, bar], collect=False)
+    except BaseException:
+        for sink in sinks:
+            if isinstance(sink, Sink):
+                sink.abort()
+        raise
+    finally:
+        bar.close()
+    wall = time.perf_counter() - started
+    for sink in sinks:
+        sink.close()
+    return profile, wall
+
+
+# -- what ran, and the summary ------------------------------------------------------------
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment() -> dict[str, object]:
+    """Host and versions, recorded in every summary."""
+    versions = {"rau_rt": __version__, "python": platform.python_version(),
+                "native": ops.native_info()["built"]}
+    for dist in ("numpy", "onnxruntime", "onnxruntime-gpu", "tensorrt", "opencv-python-headless",
+                 "torch"):
+        if (version := _version(dist)) is not None:
+            versions[dist] = version
+    return {"host": {"cpu": cpu_model(), "machine": platform.machine(), "cores": os.cpu_count(),
+                     "physical_cores": ops.physical_cores()},
+            "versions": versions}
+
+
+def describe(pipeline: Pipeline) -> dict[str, object]:
+    """Per part and graph: the file, backend, precision and device that ran."""
+    parts = {}
+    for part, bundle in pipeline.bundles.items():
+        graphs = {}
+        for graph, engine in bundle.engines.items():
+            entry = bundle.entry(graph)
+            graphs[graph] = {"file": entry.file, "backend": type(engine).__name__,
+                             "precision": engine.precision, "device": engine.config.device}
+        parts[part] = {"bundle": str(bundle.directory), "graphs": graphs}
+    return parts
+
+
+def summarize(pipeline: Pipeline, profile: RunProfile, wall_s: float, *, command: str,
+              source: Source, fps: float | None, warmup: int = 0,
+              extra: dict[str, object] | None = None) -> dict[str, object]:
+    """The run's summary record (summary.json)."""
+    rate = fps or source.fps
+    deadline = 1e3 / rate if rate else None
+    latency = profile.summary(deadline, skip_first=warmup)
+    return {
+        "command": command,
+        "source": {"uri": source.uri, "fps": rate, "frames_declared": source.frame_count},
+        "regions": list(pipeline.regions),
+        "config": {"realtime": pipeline.config.realtime,
+                   "wait_for_localizer": pipeline.config.wait_for_localizer,
+                   "keyframe_every": pipeline.config.keyframes.every,
+                   "keyframe_min_score": pipeline.config.keyframes.min_score},
+        "engines": describe(pipeline),
+        **environment(),
+        "frames_processed": len(profile),
+        "wall_s": wall_s,
+        "throughput_fps": len(profile) / wall_s if wall_s > 0 else None,
+        "latency_ms": latency,
+        # the VLM's keyframe queries, in its worker (not on the per-frame path)
+        "vlm_query_ms": latency_stats([ms for _, ms, _ in pipeline.stats.answers]),
+        "pipeline": pipeline.stats.to_dict(),
+        **(extra or {}),
+    }
+
+
+def write_report(out: Path, record: dict[str, object], profile: RunProfile, title: str,
+                 stem: str = "summary") -> dict[str, Path]:
+    """<stem>.json, <stem>.md, latency.png and stages.png in `out` (each written atomically)."""
+    paths = {"json": out / f"{stem}.json", "markdown": out / f"{stem}.md",
+             "latency_plot": out / "latency.png", "stage_chart": out / "stages.png"}
+    latency = record["latency_ms"]
+    record = {**record, "outputs": {**record.get("outputs", {}),
+                                    **{k: str(p) for k, p in paths.items()}}}
+    _atomic_text(paths["json"], json.dumps(record, indent=2) + "\n")
+    _atomic_text(paths["markdown"], f"# {title}\n\n{record['command']}\n\n"
+                 f"{markdown_table(latency)}\n")
+    if len(profile):
+        plots.latency_plot(paths["latency_plot"], profile.timestamps_s, profile.latency_ms,
+                           deadline_ms=latency["deadline_ms"], title=title)
+        plots.stage_chart(paths["stage_chart"], {"end to end": latency["end_to_end"],
+                                                 **latency["stages"]}, title=title)
+    return paths
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def print_summary(record: dict[str, object], paths: dict[str, Path]) -> None:
+    latency = record["latency_ms"]
+    stats = record["pipeline"]
+    print(markdown_table(latency))
+    vlm = record["vlm_query_ms"]
+    if vlm["count"]:
+        print(f"VLM keyframe queries (in the worker, off the per-frame path): {vlm['count']}, "
+              f"p50 {vlm['p50']:.0f} ms, max {vlm['max']:.0f} ms")
+    print(f"\n{record['frames_processed']} frames in {record['wall_s']:.1f} s "
+          f"({record['throughput_fps']:.1f} fps), {len(stats['keyframes'])} keyframes, "
+          f"{len(stats['prompts'])} VLM prompts, {len(stats['localizer_errors'])} localizer "
+          f"errors, {stats['frames_dropped']} frames dropped; peak RSS "
+          f"{latency['peak_rss_mib']:.0f} MiB")
+    print(f"summary: {paths['json']} ({paths['latency_plot'].name}, "
+          f"{paths['stage_chart'].name})")
+
+
+# -- rau-rt run -----------------------------------------------------------------------------
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", default=None,
+                        help="engine backend for every graph: onnxruntime, tensorrt, torch or "
+                        "auto (default: each graph's first manifest entry)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (never switched)")
+    parser.add_argument("--precision", default=None,
+                        help="SAM2 graphs' precision (fp32, fp16, int8; default: the bundle's "
+                        "first entry); an absent precision is an error, never a fallback")
+    parser.add_argument("--vlm-precision", default=None,
+                        help="VLM graphs' precision (fp32, int8, int4; default: first entry)")
+
+
+def engine_configs(args: argparse.Namespace):
+    from rau_rt.pipeline.factory import PIPELINE_ENGINE_CONFIG
+
+    sam2 = replace(PIPELINE_ENGINE_CONFIG, device=args.device, precision=args.precision)
+    return sam2, replace(sam2, precision=args.vlm_precision)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bundle", type=Path, required=True,
+                        help="pipeline bundle: DIR/sam2 (+ DIR/vlm), see README 'Pipeline'")
+    parser.add_argument("--reference", type=Path, required=True,
+                        help="reference annotation JSON (rau-rt.reference-annotation)")
+    parser.add_argument("--source", required=True,
+                        help="video file, image folder, DICOM cine, camera:N, rtsp://..., or "
+                        "synthetic:seed=0&frames=64")
+    parser.add_argument("--regions", default=None,
+                        help="comma-separated region names to follow (default: all annotated)")
+    parser.add_argument("--out", type=Path, default=Path("rau-rt-out"),
+                        help="output folder (default ./rau-rt-out)")
+    parser.add_argument("--realtime", action="store_true",
+                        help="live mode: frames arrive at their timestamps, the newest wins "
+                        "(late ones are dropped and counted), the tracker never waits for the "
+                        "VLM; default: offline, every frame, keyframe answers land on the "
+                        "next frame")
+    parser.add_argument("--keyframe-every", type=int, default=KeyframeConfig().every,
+                        help="send every K-th frame to the VLM (0: only the first and "
+                        "low-score/lost frames)")
+    parser.add_argument("--min-score", type=float, default=KeyframeConfig().min_score,
+                        help="a region below this score triggers a keyframe")
+    parser.add_argument("--max-frames", type=int, default=None, help="stop after N frames")
+    parser.add_argument("--fps", type=float, default=None,
+                        help="frame rate of an image folder (default: timestamps are frame "
+                        "numbers)")
+    parser.add_argument("--no-overlay", action="store_true", help="skip overlay.mp4")
+    parser.add_argument("--masks", choices=("none", "npz", "png"), default="none",
+                        help="also write every mask: masks.npz or masks/<region>/<frame>.png")
+    parser.add_argument("--dicom-seg", action="store_true",
+                        help="write DICOM SEG (+ Secondary Capture) for VLM keyframes in seg/")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_engine_arguments(parser)
+
+
+def open_sinks(out: Path, overlay: bool, masks: str, dicom_seg: bool) -> list[Sink]:
+    out.mkdir(parents=True, exist_ok=True)
+    sinks: list[Sink] = [JsonlSink(out / "results.jsonl")]
+    try:
+        if overlay:
+            sinks.append(OverlayVideoSink(out / "overlay.mp4"))
+        if masks != "none":
+            sinks.append(MaskArchiveSink(out / ("masks.npz" if masks == "npz" else "masks")))
+        if dicom_seg:
+            sinks.append(DicomSegSink(out / "seg"))
+    except BaseException:
+        for sink in sinks:
+            sink.abort()
+        raise
+    return sinks
+
+
+def pipeline_config(args: argparse.Namespace) -> PipelineConfig:
+    keyframes = KeyframeConfig(every=args.keyframe_every, min_score=args.min_score)
+    return PipelineConfig(keyframes, wait_for_localizer=not args.realtime,
+                          realtime=args.realtime)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.max_frames is not None and args.max_frames < 1:
+        raise InputError(f"--max-frames must be >= 1, got {args.max_frames}")
+    if args.fps is not None and args.fps <= 0:
+        raise InputError(f"--fps must be > 0, got {args.fps}")
+    reference = load_reference(args.reference)
+    regions = [r.strip() for r in args.regions.split(",")] if args.regions else None
+    sam2_engine, vlm_engine = engine_configs(args)
+    source = open_source(args.source, fps=args.fps)
+    with source, open_pipeline(args.bundle, reference, regions, pipeline_config(args),
+                               backend=args.backend, engine=sam2_engine,
+                               vlm_engine=vlm_engine) as pipeline:
+        sinks = open_sinks(args.out, not args.no_overlay, args.masks, args.dicom_seg)
+        profile, wall = stream(pipeline, source, sinks, max_frames=args.max_frames,
+                               progress=not args.quiet)
+        record = summarize(pipeline, profile, wall, command=command_line(args), source=source,
+                           fps=source.fps,
+                           extra={"outputs": {type(s).__name__: str(s.path) for s in sinks}})
+    paths = write_report(args.out, record, profile, f"rau-rt run: {Path(source.uri).name}")
+    print_summary(record, paths)
+    return 0
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command as typed (`rau_rt.cli.main` keeps argv on the namespace)."""
+    argv = getattr(args, "argv", None)
+    return "rau-rt " + (shlex.join(argv) if argv is not None else args.command)
