@@ -176,3 +176,35 @@ def test_realtime_mode_surfaces_a_failing_source(bundle, sequence):
     pipeline = Pipeline(Tracker(bundle), None, REGIONS, config)
     with pytest.raises(OSError, match="camera unplugged"):
         pipeline.run(broken())
+
+
+def test_a_view_change_triggers_a_keyframe(bundle, sequence):
+    """Another patient's run in another view replaces the feed mid-stream: the frame's pooled
+    encoder features leave the last keyframe's, and the VLM is asked again."""
+    other = generate_sequence(seed=9, frames=24, size=SIZE, contrast_delay_frames=1,
+                              segments=("5", "6", "7"))
+    shown = [sequence.frames[10 + i] for i in range(8)] + [other.frames[10 + i] for i in range(6)]
+    feed = [Frame(i, i / 15, image, "gray", 12) for i, image in enumerate(shown)]
+    truth = [sequence.truth[10 + i] for i in range(8)] + [other.truth[10 + i] for i in range(6)]
+    localizer = TruthLocalizer(SimpleNamespace(truth=truth))
+    config = PipelineConfig(KeyframeConfig(every=0, min_score=0.0, min_gap=2,
+                                           view_similarity=0.99), wait_for_localizer=True)
+    with LocalizerWorker(localizer, timeout_s=10) as worker:
+        pipeline = Pipeline(Tracker(bundle), worker, REGIONS, config)
+        pipeline.run(feed)
+    # the margins the 0.99 threshold sits between (random-init micro weights)
+    tracker = Tracker(bundle)
+    tracker.prompt(0, {"6": truth[0].segments["6"].box})
+    pooled = [tracker.step(frame).descriptor for frame in feed]
+
+    def cos(a, b):
+        return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+    assert min(cos(pooled[0], p) for p in pooled[:8]) > 0.995
+    assert max(cos(pooled[0], p) for p in pooled[8:]) < 0.985
+    keyframes = pipeline.stats.keyframes
+    # the policy ranks a view change above a lost region: the first keyframe in the new view
+    # is the view change; keyframes within one view never are
+    assert next(r for i, r in keyframes if i >= 8) == "view_change"
+    assert all(r != "view_change" for i, r in keyframes if i < 8)
+    assert [r for i, r in keyframes if i >= 8].count("view_change") == 1

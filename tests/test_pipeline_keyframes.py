@@ -46,7 +46,8 @@ def test_the_schedule_counts_from_the_last_keyframe():
     assert got == {0: "first", 4: "low_score:6", 14: "scheduled"}
 
 
-@pytest.mark.parametrize("kwargs", [{"every": -1}, {"min_score": 1.5}, {"min_gap": -2}])
+@pytest.mark.parametrize("kwargs", [{"every": -1}, {"min_score": 1.5}, {"min_gap": -2},
+                                    {"view_similarity": 1.0}, {"view_similarity": -1.5}])
 def test_bad_settings_raise(kwargs):
     with pytest.raises(InputError):
         KeyframeConfig(**kwargs)

@@ -40,6 +40,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="first frames left out of the statistics (default 5)")
     parser.add_argument("--realtime", type=float, default=None, metavar="FPS",
                         help="pace the source at FPS, newest frame wins (default: back to back)")
+    parser.add_argument("--view-similarity", type=float, default=None,
+                        help="keyframe when the frame's pooled encoder features fall below "
+                        "this cosine similarity to the last keyframe's (default off; "
+                        "uncalibrated, see README)")
     parser.add_argument("--keyframe-every", type=int, default=KeyframeConfig().every,
                         help="VLM keyframe schedule in frames")
     parser.add_argument("--out", type=Path, default=Path("rau-rt-bench"),
@@ -83,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
         regions = [r.strip() for r in args.regions.split(",")] if args.regions else None
         if regions is None and args.reference is None:
             regions = list(DEMO_REGIONS)  # the generator's reference marks every segment
-        config = PipelineConfig(KeyframeConfig(every=args.keyframe_every),
+        config = PipelineConfig(KeyframeConfig(every=args.keyframe_every,
+                                               view_similarity=args.view_similarity),
                                 realtime=args.realtime is not None)
         sam2_engine, vlm_engine = run_command.engine_configs(args)
         with open_pipeline(args.bundle, reference, regions, config, backend=args.backend,

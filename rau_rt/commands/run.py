@@ -166,7 +166,8 @@ def summarize(pipeline: Pipeline, profile: RunProfile, wall_s: float, *, command
         "config": {"realtime": pipeline.config.realtime,
                    "wait_for_localizer": pipeline.config.wait_for_localizer,
                    "keyframe_every": pipeline.config.keyframes.every,
-                   "keyframe_min_score": pipeline.config.keyframes.min_score},
+                   "keyframe_min_score": pipeline.config.keyframes.min_score,
+                   "view_similarity": pipeline.config.keyframes.view_similarity},
         "engines": describe(pipeline),
         **environment(),
         "frames_processed": len(profile),
@@ -259,6 +260,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "(late ones are dropped and counted), the tracker never waits for the "
                         "VLM; default: offline, every frame, keyframe answers land on the "
                         "next frame")
+    parser.add_argument("--view-similarity", type=float, default=None,
+                        help="keyframe when the frame's pooled encoder features fall below "
+                        "this cosine similarity to the last keyframe's (default off; "
+                        "uncalibrated, see README)")
     parser.add_argument("--keyframe-every", type=int, default=KeyframeConfig().every,
                         help="send every K-th frame to the VLM (0: only the first and "
                         "low-score/lost frames)")
@@ -295,7 +300,8 @@ def open_sinks(out: Path, overlay: bool, masks: str, dicom_seg: bool) -> list[Si
 
 
 def pipeline_config(args: argparse.Namespace) -> PipelineConfig:
-    keyframes = KeyframeConfig(every=args.keyframe_every, min_score=args.min_score)
+    keyframes = KeyframeConfig(every=args.keyframe_every, min_score=args.min_score,
+                               view_similarity=args.view_similarity)
     return PipelineConfig(keyframes, wait_for_localizer=not args.realtime,
                           realtime=args.realtime)
 

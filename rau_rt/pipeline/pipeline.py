@@ -21,11 +21,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from rau_rt.errors import InputError
 from rau_rt.localization.worker import LocalizerWorker, WorkerResult
 from rau_rt.pipeline.keyframes import KeyframeConfig, KeyframePolicy
 from rau_rt.reference import Reference
-from rau_rt.tracking.tracker import Tracker
+from rau_rt.tracking.tracker import Tracker, TrackStep
 from rau_rt.types import Frame, FrameResult, RegionResult
 
 
@@ -98,6 +100,7 @@ class Pipeline:
         self.stats = PipelineStats()
         self._vlm_frame: int | None = None
         self._ready: WorkerResult | None = None
+        self._keyframe_descriptor: np.ndarray | None = None
         # the bundles `from_bundle` opened ("sam2", "vlm"), closed by `close`
         self.bundles: dict[str, object] = {}
 
@@ -143,9 +146,12 @@ class Pipeline:
                       for name in step.regions}
         # a followed region the tracker does not have yet counts as lost
         confidence.update({n: None for n in self.regions if n not in confidence})
-        reason = self.policy.decide(frame.index, confidence) if self.worker else None
+        reason = None
+        if self.worker is not None:
+            reason = self.policy.decide(frame.index, confidence, self._view_changed(step))
         if reason is not None:
             self.stats.keyframes.append((frame.index, reason))
+            self._keyframe_descriptor = step.descriptor  # None: taken from the next frame
             self.worker.submit(frame.index, frame, self.regions)
         absent = RegionResult(False, None, None, 0.0, "track")
         result = FrameResult(
@@ -161,6 +167,18 @@ class Pipeline:
             self._ready = self.worker.wait(self.config.localizer_timeout_s)
             self.stats.localizer_wait_ms += (time.perf_counter() - started) * 1e3
         return result
+
+    def _view_changed(self, step: TrackStep) -> bool:
+        threshold = self.config.keyframes.view_similarity
+        last = self._keyframe_descriptor
+        if threshold is None or step.descriptor is None:
+            return False
+        if last is None:  # the keyframe had nothing tracked (no encoder pass): this view
+            self._keyframe_descriptor = step.descriptor
+            return False
+        current = step.descriptor
+        denominator = float(np.linalg.norm(current) * np.linalg.norm(last))
+        return denominator > 0 and float(current @ last) / denominator < threshold
 
     def _apply(self, done: WorkerResult, index: int) -> None:
         if not done.ok:

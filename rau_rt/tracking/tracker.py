@@ -104,6 +104,9 @@ class TrackStep:
         object_scores: name -> sam2's object score logit (> 0: present).
         low_res_logits: name -> (S/4, S/4) float32 logits after hole filling (what is upsampled).
         stage_ms: wall time per stage (STAGES).
+        descriptor: the frame's image-encoder features pooled to a [D] vector
+            (`rau_rt.reference.pool_features`: view-change detection, reference selection);
+            None when no region was tracked (the encoder did not run).
     """
 
     index: int
@@ -112,6 +115,7 @@ class TrackStep:
     object_scores: Mapping[str, float]
     low_res_logits: Mapping[str, np.ndarray]
     stage_ms: Mapping[str, float]
+    descriptor: np.ndarray | None = None
 
 
 @dataclass
@@ -416,7 +420,8 @@ class Tracker:
         order = [n for n in self._banks if n in results]
         return TrackStep(t, frame_size, {n: results[n] for n in order},
                          {n: float(scores[names.index(n)]) for n in order},
-                         {n: filled[names.index(n)] for n in order}, times)
+                         {n: filled[names.index(n)] for n in order}, times,
+                         encoded["vision_features"][0].mean(axis=(1, 2)))
 
     def _attend(self, encoded: dict[str, np.ndarray], names: list[str], t: int) -> np.ndarray:
         """Memory attention for `names`, batched: one call per distinct (memories, pointers)
