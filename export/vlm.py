@@ -5,8 +5,9 @@ Stages (each a function; `export_vlm` runs them in order with a progress bar):
 2. check the runtime's preprocessing and prompt ids against transformers' processor;
 3. export the three fp32 graphs (rau_rt.export.vlm_graphs) and verify each against eager;
 4. verify end to end through the bundle: prefill logits and greedy tokens vs `generate`;
-5. quantize (int8: vision + decoder dynamic; int4: decoder MatMulNBits, vision int8) and record
-   their drift, gating int8 (rau_rt.export.verify's VLM tolerances);
+5. lower (int8: vision + decoder dynamic; int4: decoder MatMulNBits, vision int8; fp16: all
+   three converted, rau_rt.export.vlm_fp16) and record their drift, gating int8 and fp16
+   (rau_rt.export.verify's VLM tolerances);
 6. write manifest.json, vlm.json (rau_rt.vlm_layout) and the tokenizer files.
 """
 
