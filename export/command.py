@@ -143,13 +143,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "*.safetensors, tokenizer.json)")
     source.add_argument("--random-init", choices=("tiny", "small"),
                         help="build a random-init model and local tokenizer instead")
-    vlm.add_argument("--family", choices=("qwen2_5_vl", "qwen2_vl"), default="qwen2_5_vl",
-                     help="model type of --random-init (default qwen2_5_vl)")
+    vlm.add_argument("--family", choices=("qwen2_5_vl", "qwen2_vl", "qwen3_vl"),
+                     default="qwen2_5_vl", help="model type of --random-init (default "
+                     "qwen2_5_vl; qwen3_vl adds the deepstack inputs)")
     vlm.add_argument("--input-size", type=int, default=448, help="square VLM input side in "
-                     "pixels, a multiple of 28; every image is resized to it (default 448)")
-    vlm.add_argument("--precision", choices=("fp32", "int8", "int4"), default="fp32",
-                     help="decoder precision: int8 dynamic or int4 MatMulNBits (the vision "
-                     "tower is dynamic int8 in both); fp32 entries stay in the bundle")
+                     "pixels, a multiple of patch x merge (28; Qwen3-VL 32); every image is "
+                     "resized to it (default 448)")
+    vlm.add_argument("--precision", choices=("fp32", "fp16", "int8", "int4"), default="fp32",
+                     help="fp16: all three graphs for GPUs (norms, Softmax and RoPE kept fp32, "
+                     "float16 KV cache); int8: decoder dynamic; int4: decoder MatMulNBits (the "
+                     "vision tower is dynamic int8 in both); fp32 entries stay in the bundle")
     vlm.add_argument("--block-size", type=int, default=32, help="int4 weights per scale")
     vlm.add_argument("--quantize-lm-head", action="store_true",
                      help="quantize the output projection too (default: kept fp32)")

@@ -254,18 +254,23 @@ def has_qdq(onnx_path: str | Path) -> bool:
 
 
 def convert_fp16(onnx_path: str | Path, out: str | Path,
-                 keep_fp32: Sequence[str] = FP32_SENSITIVE_OPS) -> Path:
+                 keep_fp32: Sequence[str] = FP32_SENSITIVE_OPS,
+                 keep_fp32_nodes: Sequence[str] = (),
+                 keep_io_types: bool | Sequence[str] = True) -> Path:
     """Write an fp16 copy of an fp32 graph for a strongly typed fp16 build.
 
     Strongly typed networks take their precision from the graph's types (TensorRT 10 deprecates
     the FP16 builder flag), so the graph itself becomes fp16. Inputs and outputs stay fp32 (Casts
-    at the boundary) and `keep_fp32` op types stay fp32 inside.
+    at the boundary; or only those named in `keep_io_types`, the others becoming float16), and
+    `keep_fp32` op types and `keep_fp32_nodes` node names stay fp32 inside.
     """
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = onnx.load(str(onnx_path))
-    converted = convert_float_to_float16(model, keep_io_types=True,
-                                         op_block_list=list(keep_fp32))
+    converted = convert_float_to_float16(
+        model, keep_io_types=keep_io_types if isinstance(keep_io_types, bool)
+        else list(keep_io_types), op_block_list=list(keep_fp32),
+        node_block_list=list(keep_fp32_nodes))
     # The source's metadata says fp32; the copy must not (the ORT engine reads it).
     onnx.helper.set_model_props(converted, {PRECISION_METADATA_KEY: "fp16"})
     onnx.save(converted, str(out))

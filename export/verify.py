@@ -147,7 +147,19 @@ def require_parity(result: Mapping[str, object], what: str) -> None:
 # and top-1 agreement along the fp32 greedy path are recorded; int8 must keep cosine >= 0.99
 # (dynamic int8 measured 0.998 on a 135M LLM); int4 on random weights drifts far more (0.91
 # there) than on trained ones and is recorded only (None), to be gated on the real fine-tune.
+# Lowered vision and embed graphs against eager, on the prompt's images: every output's cosine
+# (their error scales with each tensor's range, so no absolute bound, as for SAM2). fp16 (norms,
+# Softmax and RoPE kept fp32): 0.9999997 measured on the tiny Qwen3-VL, so 0.9999 as for SAM2's
+# fp16 graphs; int8: 0.99 (dynamic int8 vision, 0.999 on SigLIP). The fp16 decoder's prefill
+# logits (along the fp32 greedy path): cosine 0.999998 on the tiny Qwen2.5-VL and Qwen3-VL
+# (top-1 agreement 0.96 and 1.0: one near-tie flipped); gated at 0.999, a tenth of int8's
+# distance from 1.
 VLM_PATCH_ATOL = 1e-5
+VLM_GRAPH_TOLERANCES: dict[str, Tolerance] = {
+    "fp16": Tolerance(atol=math.inf, rtol=0.0, min_cosine=0.9999),
+    "int8": Tolerance(atol=math.inf, rtol=0.0, min_cosine=0.99),
+}
 VLM_PREFILL_LOGITS_ATOL = {"fp32": 1e-4}
 VLM_GREEDY_EXACT = ("fp32",)
-VLM_MIN_LOGIT_COSINE: dict[str, float | None] = {"fp32": 0.99999, "int8": 0.99, "int4": None}
+VLM_MIN_LOGIT_COSINE: dict[str, float | None] = {"fp32": 0.99999, "fp16": 0.999,
+                                                 "int8": 0.99, "int4": None}

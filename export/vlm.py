@@ -5,8 +5,9 @@ Stages (each a function; `export_vlm` runs them in order with a progress bar):
 2. check the runtime's preprocessing and prompt ids against transformers' processor;
 3. export the three fp32 graphs (rau_rt.export.vlm_graphs) and verify each against eager;
 4. verify end to end through the bundle: prefill logits and greedy tokens vs `generate`;
-5. quantize (int8: vision + decoder dynamic; int4: decoder MatMulNBits, vision int8) and record
-   their drift, gating int8 (rau_rt.export.verify's VLM tolerances);
+5. lower (int8: vision + decoder dynamic; int4: decoder MatMulNBits, vision int8; fp16: all
+   three converted, rau_rt.export.vlm_fp16) and record their drift, gating int8 and fp16
+   (rau_rt.export.verify's VLM tolerances);
 6. write manifest.json, vlm.json (rau_rt.vlm_layout) and the tokenizer files.
 """
 
@@ -47,11 +48,13 @@ from rau_rt.vlm_layout import (
 )
 from rau_rt.vlm_layout import family as family_of
 
-PRECISIONS = ("fp32", "int8", "int4")
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
 # Which precision each graph gets per requested precision. The embedding is a table lookup
-# (nothing to quantize); the vision tower takes dynamic int8 in both quantized bundles (0.999
-# cosine on SigLIP; MatMulNBits has no gain on its activation-heavy attention).
+# (nothing to quantize; fp16 halves the table); the vision tower takes dynamic int8 in both
+# quantized bundles (0.999 cosine on SigLIP; MatMulNBits has no gain on its activation-heavy
+# attention); fp16 converts all three (rau_rt.export.vlm_fp16).
 GRAPH_PRECISION = {"fp32": {VISION: "fp32", EMBED: "fp32", DECODER: "fp32"},
+                   "fp16": {VISION: "fp16", EMBED: "fp16", DECODER: "fp16"},
                    "int8": {VISION: "int8", EMBED: "fp32", DECODER: "int8"},
                    "int4": {VISION: "int8", EMBED: "fp32", DECODER: "int4"}}
 
@@ -64,9 +67,10 @@ class VlmExportConfig:
         out: The bundle directory.
         model: A Hugging Face model folder; or None with `random_init`.
         random_init: "tiny" or "small": build a random-init model and tokenizer instead.
-        family: model type for `random_init` ("qwen2_5_vl" or "qwen2_vl").
-        input_size: square VLM input side in pixels (a multiple of patch x merge, 28).
-        precision: "fp32", "int8" or "int4" (the decoder's; see GRAPH_PRECISION).
+        family: model type for `random_init` ("qwen2_5_vl", "qwen2_vl" or "qwen3_vl").
+        input_size: square VLM input side in pixels (a multiple of patch x merge: 28;
+            Qwen3-VL 32).
+        precision: "fp32", "fp16", "int8" or "int4" (per graph: see GRAPH_PRECISION).
         block_size: int4 weights per scale.
         quantize_lm_head: quantize the output projection too.
         hidden_state: give the decoder a last_hidden_state output (for seg-token heads).
@@ -134,6 +138,8 @@ def make_layout(model, family: str, input_size: int, hidden_state: bool) -> VlmL
         vision_end_token_id=model.config.vision_end_token_id,
         eos_token_ids=tuple(eos if isinstance(eos, list) else [eos]),
         pad_token_id=model.generation_config.pad_token_id, has_hidden_state=hidden_state,
+        deepstack_layers=(len(model.config.vision_config.deepstack_visual_indexes)
+                          if fam.deepstack else 0),
         past_names=past, present_names=present)
 
 
@@ -145,6 +151,10 @@ def _ranges(layout: VlmLayout, prompt: int, max_context: int) -> dict[str, dict]
               "attention_mask": {"min": [1, 1], "opt": [1, prompt], "max": [1, max_context]},
               "position_ids": {"min": [3, 1, 1], "opt": [3, 1, prompt],
                                "max": [3, 1, max_context]}}
+    if layout.deepstack_layers:
+        deep = layout.deepstack_layers
+        ranges["deepstack_embeds"] = {"min": [deep, 1, 1, h], "opt": [deep, 1, prompt, h],
+                                      "max": [deep, 1, max_context, h]}
     for name in layout.past_names:
         ranges[name] = {"min": [1, kv, 0, d], "opt": [1, kv, prompt, d],
                         "max": [1, kv, max_context - 1, d]}
@@ -284,7 +294,7 @@ def export_vlm(config: VlmExportConfig) -> dict[str, object]:
 
         stages.next("quantize")
         chosen = GRAPH_PRECISION[config.precision]
-        made = vlm_stages.quantize_graphs(model, out, layout, chosen, paths, patches,
+        made = vlm_stages.quantize_graphs(model, out, layout, chosen, paths, ids, patches,
                                           config.block_size, config.quantize_lm_head)
         if DECODER in made:
             _write(out, layout, config, made, paths, fp32, graph_parity, sha, tokenizer_files)
@@ -325,7 +335,8 @@ def format_summary(summary: dict[str, object]) -> str:
         elif "outputs" in parity:
             drift = ", ".join(f"{n} max abs {o['max_abs']:.1e} cos {o['cosine']:.5f}"
                               for n, o in parity["outputs"].items() if n in (
-                                  "image_features", "inputs_embeds", "logits"))
+                                  "image_features", "deepstack_features", "inputs_embeds",
+                                  "deepstack_embeds", "logits"))
         else:
             drift = "-"
         lines.append(f"| {g['graph']} | {g['precision']} | {g['file']} | {g['mb']} | {drift} |")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
@@ -26,27 +27,35 @@ ONNX_OPSET = 18
 
 
 class VisionGraph(torch.nn.Module):
-    """pixel_values [grid_h*grid_w, patch_dim] -> image_features [tokens, hidden] for one image.
+    """pixel_values [grid_h*grid_w, patch_dim] -> image_features [tokens, hidden] for one image
+    (and deepstack_features [L, tokens, hidden] when `deepstack`, Qwen3-VL).
 
     The grid is a constant of the graph: the exporter traces it with this grid only.
     """
 
-    def __init__(self, model: torch.nn.Module, grid_thw: Sequence[int]) -> None:
+    def __init__(self, model: torch.nn.Module, grid_thw: Sequence[int],
+                 deepstack: bool = False) -> None:
         super().__init__()
         self.visual = model.model.visual
+        self.deepstack = deepstack
         self.register_buffer("grid_thw", torch.tensor([list(grid_thw)], dtype=torch.long),
                              persistent=False)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.visual(pixel_values, grid_thw=self.grid_thw).pooler_output
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        out = self.visual(pixel_values, grid_thw=self.grid_thw)
+        if self.deepstack:
+            return out.pooler_output, torch.stack(out.deepstack_features)
+        return out.pooler_output
 
 
 class EmbedGraph(torch.nn.Module):
-    """input_ids [B, S] + image_features [N, hidden] -> inputs_embeds [B, S, hidden].
+    """input_ids [B, S] + image_features [N, hidden] -> inputs_embeds [B, S, hidden]
+    (+ deepstack_features [L, N, hidden] -> deepstack_embeds [L, B, S, hidden] with deepstack).
 
     The k-th image-pad token takes row k of image_features (transformers' masked_scatter
     order). Written as a gather from [zero row; features] so that N = 0 (decode steps,
     text-only prompts) is an ordinary shape: CumSum + Gather + Where, no data-dependent size.
+    Deepstack rows are gathered the same way; positions without an image take the zero row.
     """
 
     def __init__(self, model: torch.nn.Module, image_token_id: int) -> None:
@@ -54,40 +63,76 @@ class EmbedGraph(torch.nn.Module):
         self.embed_tokens = model.model.language_model.embed_tokens
         self.image_token_id = image_token_id
 
-    def forward(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, image_features: torch.Tensor,
+                deepstack_features: torch.Tensor | None = None,
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         embeds = self.embed_tokens(input_ids)
         is_image = input_ids == self.image_token_id
         index = torch.cumsum(is_image.flatten().long(), 0) * is_image.flatten().long()
         rows = torch.cat([torch.zeros_like(embeds[0, :1]), image_features.to(embeds.dtype)])
         gathered = rows[index].reshape(embeds.shape)
-        return torch.where(is_image.unsqueeze(-1), gathered, embeds)
+        merged = torch.where(is_image.unsqueeze(-1), gathered, embeds)
+        if deepstack_features is None:
+            return merged
+        layers = deepstack_features.to(embeds.dtype)
+        zero = torch.zeros_like(embeds[0, :1]).expand(layers.shape[0], 1, -1)  # N may be 0
+        deep = torch.cat([zero, layers], 1)[:, index]  # [L, B*S, hidden]; row 0 is zero
+        return merged, deep.reshape(layers.shape[0], *embeds.shape)
 
 
 class DecoderGraph(torch.nn.Module):
-    """The text decoder with its KV cache as plain tensors (see VlmLayout for the contract)."""
+    """The text decoder with its KV cache as plain tensors (see VlmLayout for the contract).
 
-    def __init__(self, model: torch.nn.Module, hidden_state: bool) -> None:
+    With `deepstack_layers` L > 0 (Qwen3-VL) it takes deepstack_embeds [L, B, S, hidden] after
+    position_ids and adds row l to the hidden states after layer l, densely: transformers adds
+    the rows at the visual positions only, and the embed graph put zeros everywhere else.
+    """
+
+    def __init__(self, model: torch.nn.Module, hidden_state: bool,
+                 deepstack_layers: int = 0) -> None:
         super().__init__()
         self.language_model = model.model.language_model
         self.lm_head = model.lm_head
         self.num_layers = model.config.text_config.num_hidden_layers
         self.hidden_state = hidden_state
+        self.deepstack_layers = deepstack_layers
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                position_ids: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
         from transformers import DynamicCache
 
+        past = rest[1:] if self.deepstack_layers else rest
         cache = DynamicCache(config=self.language_model.config)
         for layer in range(self.num_layers):
             cache.update(past[2 * layer], past[2 * layer + 1], layer)
-        out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                  position_ids=position_ids, cache=cache, use_cache=True)
+        kwargs = {}
+        if self.deepstack_layers:
+            kwargs = {"deepstack_visual_embeds": list(rest[0].unbind(0)),
+                      "visual_pos_masks": None}
+        with _dense_deepstack(self.language_model, bool(self.deepstack_layers)):
+            out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                      position_ids=position_ids, cache=cache, use_cache=True,
+                                      **kwargs)
         hidden = out.last_hidden_state
         logits = self.lm_head(hidden[:, -1, :])
         present = []
         for layer in range(self.num_layers):
             present += [cache.layers[layer].keys, cache.layers[layer].values]
         return (logits, *present, hidden) if self.hidden_state else (logits, *present)
+
+
+@contextmanager
+def _dense_deepstack(language_model: torch.nn.Module, active: bool):
+    """Swap Qwen3-VL's masked deepstack add (boolean indexing: a data-dependent NonZero in the
+    graph) for a dense add of [B, S, hidden] rows for the duration of one forward."""
+    if not active:
+        yield
+        return
+    language_model._deepstack_process = lambda hidden, _mask, rows: hidden + rows.to(hidden.dtype)
+    try:
+        yield
+    finally:
+        del language_model._deepstack_process
 
 
 def kv_names(num_layers: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -99,7 +144,8 @@ def kv_names(num_layers: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 def decoder_names(layout: VlmLayout) -> tuple[list[str], list[str]]:
     """Input and output names of the decoder graph, in forward's order."""
-    inputs = ["inputs_embeds", "attention_mask", "position_ids", *layout.past_names]
+    deepstack = ["deepstack_embeds"] if layout.deepstack_layers else []
+    inputs = ["inputs_embeds", "attention_mask", "position_ids", *deepstack, *layout.past_names]
     outputs = ["logits", *layout.present_names]
     return inputs, outputs + (["last_hidden_state"] if layout.has_hidden_state else [])
 
@@ -109,6 +155,8 @@ def decoder_dynamic_axes(layout: VlmLayout) -> dict[str, dict[int, str]]:
     axes = {"inputs_embeds": {0: "batch", 1: "sequence"},
             "attention_mask": {0: "batch", 1: "total_sequence"},
             "position_ids": {1: "batch", 2: "sequence"}, "logits": {0: "batch"}}
+    if layout.deepstack_layers:
+        axes["deepstack_embeds"] = {1: "batch", 2: "sequence"}
     for name in layout.past_names:
         axes[name] = {0: "batch", 2: "past_sequence"}
     for name in layout.present_names:

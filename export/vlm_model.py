@@ -11,7 +11,7 @@ benchmarks and the demo take the same path a user does.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rau_rt.errors import InputError
@@ -24,6 +24,7 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_s
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # Qwen2-VL's chat template, reduced to what the runtime's chat_prompt reproduces (string
 # content or a list of {"type": "image"} / {"type": "text"} parts; default system prompt).
+# Qwen3-VL's inserts no default system prompt (`chat_template` drops that branch).
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
@@ -41,6 +42,18 @@ _CORPUS = ("You are a helpful assistant.", "system user assistant",
            "Locate the same regions in the second image. Answer in JSON.",
            '[{"bbox_2d": [12, 34, 256, 448], "label": "lad_proximal"}]',
            "0123456789 left anterior descending circumflex right coronary artery segment")
+
+
+_DEFAULT_SYSTEM_BRANCH = ("{% if loop.first and message['role'] != 'system' %}"
+                          "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                          "{% endif %}")
+
+
+def chat_template(fam: VlmFamily) -> str:
+    """The local tokenizer's chat template for a family (with or without a default system)."""
+    if fam.default_system is None:
+        return CHAT_TEMPLATE.replace(_DEFAULT_SYSTEM_BRANCH, "")
+    return CHAT_TEMPLATE
 
 
 @dataclass(frozen=True)
@@ -72,7 +85,7 @@ RANDOM_INIT = {
 }
 
 
-def build_tokenizer(directory: Path) -> None:
+def build_tokenizer(directory: Path, fam: VlmFamily) -> None:
     """Train a byte-level BPE on RAU prompt text and save it as a Qwen2 tokenizer folder."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -94,7 +107,7 @@ def build_tokenizer(directory: Path) -> None:
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>",
                                    pad_token="<|endoftext|>")
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template(fam)
     fast.save_pretrained(directory)
     # transformers 5 records its generic backend class; Qwen folders name Qwen2Tokenizer.
     config_path = directory / "tokenizer_config.json"
@@ -113,8 +126,12 @@ def build_random(directory: str | Path, size: str = "tiny", family: str = "qwen2
         raise InputError(f"--random-init {size!r}: choose one of {sorted(RANDOM_INIT)}")
     fam = _family_or_raise(family, "--family")
     s = RANDOM_INIT[size]
+    if family == "qwen3_vl" and size == "tiny":
+        # one more text layer and vision block, so that two deepstack layers feed the first
+        # two of three decoder layers (their order and the layers without one are tested)
+        s = replace(s, layers=3, vision_depth=3)
     directory = Path(directory)
-    build_tokenizer(directory)
+    build_tokenizer(directory, fam)
     ids = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
     head_dim = s.hidden // s.heads
     # M-RoPE sections (t, h, w) sum to head_dim / 2, split 1/4, 3/8, 3/8 like Qwen's 16/24/24
@@ -140,6 +157,8 @@ def build_random(directory: str | Path, size: str = "tiny", family: str = "qwen2
             vision_start_token_id=ids["<|vision_start|>"],
             vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=size == "tiny")
         model_class = transformers.Qwen2_5_VLForConditionalGeneration
+    elif family == "qwen3_vl":
+        config, model_class = _qwen3_vl_config(s, text, vision, ids, head_dim, size)
     else:
         vision.update(embed_dim=s.vision_hidden, hidden_size=s.hidden,
                       mlp_ratio=s.vision_intermediate // s.vision_hidden)
@@ -161,11 +180,36 @@ def build_random(directory: str | Path, size: str = "tiny", family: str = "qwen2
     return directory
 
 
+def deepstack_indexes(vision_depth: int, text_layers: int) -> list[int]:
+    """Vision blocks feeding deepstack, spread like Qwen3-VL's 8, 16, 24 of 27: up to three,
+    fewer than the text layers (so some decoder layers take none) and the vision blocks."""
+    count = max(1, min(3, vision_depth - 1, text_layers - 1))
+    return [round((i + 1) * vision_depth / (count + 1)) - 1 for i in range(count)]
+
+
+def _qwen3_vl_config(s: RandomInit, text: dict, vision: dict, ids: dict[str, int],
+                     head_dim: int, size: str):
+    import transformers
+
+    # Qwen3 text layers: explicit head_dim (default 128) and interleaved M-RoPE
+    # (t, h, w frequencies alternate instead of three blocks); position ids are the same.
+    text = {**text, "head_dim": head_dim,
+            "rope_parameters": {**text["rope_parameters"], "mrope_interleaved": True}}
+    # a learned 2-D position table resampled to the grid; 48 x 48 in the released models
+    side = 16 if size == "tiny" else 48
+    vision = {**vision, "num_position_embeddings": side * side,
+              "deepstack_visual_indexes": deepstack_indexes(s.vision_depth, s.layers)}
+    config = transformers.Qwen3VLConfig(
+        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=size == "tiny")
+    return config, transformers.Qwen3VLForConditionalGeneration
+
+
 def _family_or_raise(name: str, what: str) -> VlmFamily:
     if name not in FAMILIES:
         raise InputError(f"{what}: model type {name!r} is not supported; supported: "
-                         f"{sorted(FAMILIES)} (Qwen3-VL's deepstack decoder inputs are not "
-                         "exported yet)")
+                         f"{sorted(FAMILIES)}")
     return FAMILIES[name]
 
 

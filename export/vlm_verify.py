@@ -21,7 +21,9 @@ from rau_rt.vlm_layout import (
     VISION,
     VlmFamily,
     VlmLayout,
+    cast_feeds,
     chat_prompt,
+    declared_dtypes,
     decode_positions,
     expand_image_tokens,
     patchify,
@@ -55,8 +57,8 @@ def runtime_inputs(images: Sequence[np.ndarray], layout: VlmLayout, tokenizer_js
     patches = [patchify(ops.resize_for_vlm(img, size=layout.input_size, channel_order="rgb",
                                            factor=fam.factor, mean=fam.mean,
                                            std=fam.std).pixels, fam)[0] for img in images]
-    ids = Tokenizer.from_file(str(tokenizer_json)).encode(chat_prompt(PROMPT_PARTS),
-                                                          add_special_tokens=False).ids
+    text = chat_prompt(PROMPT_PARTS, system=fam.default_system)
+    ids = Tokenizer.from_file(str(tokenizer_json)).encode(text, add_special_tokens=False).ids
     return expand_image_tokens(ids, layout)[None], patches
 
 
@@ -69,10 +71,12 @@ def hf_inputs(images: Sequence[np.ndarray], tokenizer, fam: VlmFamily):
         patch_size=fam.patch_size, merge_size=fam.merge_size,
         temporal_patch_size=fam.temporal_patch_size, image_mean=list(fam.mean),
         image_std=list(fam.std))
-    processor_class = (transformers.Qwen2_5_VLProcessor if fam.name == "qwen2_5_vl"
-                       else transformers.Qwen2VLProcessor)
+    processor_class, video_class = {
+        "qwen2_5_vl": (transformers.Qwen2_5_VLProcessor, transformers.Qwen2VLVideoProcessor),
+        "qwen2_vl": (transformers.Qwen2VLProcessor, transformers.Qwen2VLVideoProcessor),
+        "qwen3_vl": (transformers.Qwen3VLProcessor, transformers.Qwen3VLVideoProcessor)}[fam.name]
     processor = processor_class(image_processor=image_processor, tokenizer=tokenizer,
-                                video_processor=transformers.Qwen2VLVideoProcessor(),
+                                video_processor=video_class(),
                                 chat_template=tokenizer.chat_template)
     content = [{"type": "image"} if part == IMAGE_PLACEHOLDER else {"type": "text", "text": part}
                for part in PROMPT_PARTS]
@@ -82,13 +86,45 @@ def hf_inputs(images: Sequence[np.ndarray], tokenizer, fam: VlmFamily):
                      return_tensors="pt")
 
 
+def transformers_greedy(model, hf, new_tokens: int) -> tuple[np.ndarray, list[int]]:
+    """transformers' reference on `hf_inputs`: (last prefill logits [vocab], the `new_tokens`
+    greedy tokens of `generate`, end-of-sequence suppressed until then)."""
+    import torch
+
+    prompt = hf["input_ids"].shape[1]
+    with torch.inference_mode():
+        logits = model(**hf).logits[0, -1].numpy()
+        tokens = model.generate(**hf, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                do_sample=False)[0, prompt:].tolist()
+    return logits, tokens
+
+
 def image_features(bundle: Bundle, patches: Sequence[np.ndarray],
                    layout: VlmLayout) -> np.ndarray:
     """Every image through the vision graph, concatenated in prompt order ([0, hidden] for
     a text-only prompt)."""
-    features = [bundle.run(VISION, {"pixel_values": p})["image_features"] for p in patches]
-    return (np.concatenate(features) if features
-            else np.zeros((0, layout.hidden_size), layout.float_dtype))
+    return visual_feeds(bundle, patches, layout)["image_features"]
+
+
+def visual_feeds(bundle: Bundle, patches: Sequence[np.ndarray],
+                 layout: VlmLayout) -> dict[str, np.ndarray]:
+    """The embed graph's image inputs for these images: image_features [N, hidden] (and
+    deepstack_features [L, N, hidden] with deepstack), concatenated in prompt order."""
+    outputs = [run(bundle, VISION, {"pixel_values": p}) for p in patches]
+    deep = layout.deepstack_layers
+    hidden = layout.hidden_size
+    feeds = {"image_features": (np.concatenate([o["image_features"] for o in outputs])
+                                if outputs else np.zeros((0, hidden), np.float32))}
+    if deep:
+        feeds["deepstack_features"] = (
+            np.concatenate([o["deepstack_features"] for o in outputs], axis=1)
+            if outputs else np.zeros((deep, 0, hidden), np.float32))
+    return feeds
+
+
+def run(bundle: Bundle, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`bundle.run` with float feeds cast to the dtypes the loaded graph declares."""
+    return bundle.run(graph, cast_feeds(feeds, declared_dtypes(bundle, graph)))
 
 
 def greedy(bundle: Bundle, layout: VlmLayout, input_ids: np.ndarray,
@@ -107,21 +143,20 @@ def greedy(bundle: Bundle, layout: VlmLayout, input_ids: np.ndarray,
     Returns:
         (the argmax token of every step, the logits [vocab] of every step).
     """
-    hidden = layout.hidden_size
-    dtype = np.dtype(layout.float_dtype)
-    features = image_features(bundle, patches, layout).astype(dtype)
-    embeds = bundle.run(EMBED, {"input_ids": input_ids, "image_features": features})
+    embeds = run(bundle, EMBED, {"input_ids": input_ids,
+                                 **visual_feeds(bundle, patches, layout)})
+    no_images = visual_feeds(bundle, [], layout)
     positions, delta = rope_positions(input_ids, layout)
     length = input_ids.shape[1]
-    feeds = {"inputs_embeds": embeds["inputs_embeds"],
-             "attention_mask": np.ones((1, length), np.int64), "position_ids": positions,
-             **layout.empty_past(1)}
+    kv_dtype = declared_dtypes(bundle, DECODER).get(layout.past_names[0], layout.float_dtype)
+    feeds = {**embeds, "attention_mask": np.ones((1, length), np.int64),
+             "position_ids": positions, **layout.empty_past(1, kv_dtype)}
     eos = list(layout.eos_token_ids)
     tokens: list[int] = []
     logits_seen: list[np.ndarray] = []
     steps = new_tokens if forced is None else len(forced)
     for step in range(steps):
-        out = bundle.run(DECODER, feeds)
+        out = run(bundle, DECODER, feeds)
         logits = out["logits"][0].astype(np.float32)
         logits_seen.append(logits)
         masked = logits.copy()
@@ -132,11 +167,8 @@ def greedy(bundle: Bundle, layout: VlmLayout, input_ids: np.ndarray,
         fed = token if forced is None else int(forced[step])
         if forced is None and token in eos:
             break
-        step_ids = np.array([[fed]], np.int64)
-        embeds = bundle.run(EMBED, {"input_ids": step_ids,
-                                    "image_features": np.zeros((0, hidden), dtype)})
-        feeds = {"inputs_embeds": embeds["inputs_embeds"],
-                 "attention_mask": np.ones((1, length + 1), np.int64),
+        embeds = run(bundle, EMBED, {"input_ids": np.array([[fed]], np.int64), **no_images})
+        feeds = {**embeds, "attention_mask": np.ones((1, length + 1), np.int64),
                  "position_ids": decode_positions(length, delta),
                  **{p: out[q] for p, q in zip(layout.past_names, layout.present_names,
                                               strict=True)}}

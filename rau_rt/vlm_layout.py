@@ -12,7 +12,7 @@ transformers by the exporter (and tests/test_export_vlm*.py).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,6 +40,11 @@ class VlmFamily:
         mean, std: normalization after scaling to [0, 1] (OpenAI CLIP's; Qwen3-VL 0.5/0.5).
         box_convention: "absolute" (pixels of the resized input, Qwen2.5-VL) or "relative_1000"
             (0-1000 of the input, Qwen2-VL / Qwen3-VL); rau_rt.geometry converts either.
+        default_system: the system prompt the family's chat template inserts when a
+            conversation has none (Qwen2-VL/2.5-VL: "You are a helpful assistant."; Qwen3-VL's
+            template inserts none).
+        deepstack: the vision tower also emits features of intermediate blocks that the
+            decoder adds at image-token positions after its first layers (Qwen3-VL).
     """
 
     name: str
@@ -50,6 +55,8 @@ class VlmFamily:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     box_convention: str
+    default_system: str | None
+    deepstack: bool = False
 
     @property
     def factor(self) -> int:
@@ -57,20 +64,24 @@ class VlmFamily:
         return self.patch_size * self.merge_size
 
 
+DEFAULT_SYSTEM = "You are a helpful assistant."
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 FAMILIES: dict[str, VlmFamily] = {
     "qwen2_5_vl": VlmFamily("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", 14, 2, 2,
-                            _CLIP_MEAN, _CLIP_STD, "absolute"),
+                            _CLIP_MEAN, _CLIP_STD, "absolute", DEFAULT_SYSTEM),
     "qwen2_vl": VlmFamily("qwen2_vl", "Qwen2VLForConditionalGeneration", 14, 2, 2,
-                          _CLIP_MEAN, _CLIP_STD, "relative_1000"),
+                          _CLIP_MEAN, _CLIP_STD, "relative_1000", DEFAULT_SYSTEM),
+    # Qwen3-VL's preprocessor_config.json: patch 16, merge 2, mean = std = 0.5 (SigLIP-2's)
+    "qwen3_vl": VlmFamily("qwen3_vl", "Qwen3VLForConditionalGeneration", 16, 2, 2,
+                          (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "relative_1000", None,
+                          deepstack=True),
 }
 
 # Qwen's chat format; `<|image_pad|>` is expanded to the image's token count after tokenizing.
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 VISION_START, VISION_END, IMAGE_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"
 IMAGE_PLACEHOLDER = VISION_START + IMAGE_PAD + VISION_END
-DEFAULT_SYSTEM = "You are a helpful assistant."
 
 
 @dataclass(frozen=True)
@@ -89,6 +100,15 @@ class VlmLayout:
             present.{i}.key/.value [B, num_kv_heads, P+S, head_dim] (past + new, fed back as
             the next step's past), and last_hidden_state [B, S, hidden] when
             `has_hidden_state`.
+        Deepstack (Qwen3-VL, `deepstack_layers` L > 0): vlm_vision also outputs
+            deepstack_features [L, tokens_per_image, hidden] (its intermediate blocks' merged
+            features); vlm_embed also takes deepstack_features [L, N, hidden] and outputs
+            deepstack_embeds [L, B, S, hidden]: the rows scattered like image_features, zeros
+            at every other position; vlm_decoder also takes deepstack_embeds and adds row l to
+            its hidden states after layer l. Adding zeros elsewhere is transformers' masked add
+            exactly, with static shapes; decode steps and text-only prefills feed zeros.
+        Float tensors take the dtype each graph declares (fp16 graphs: the KV cache is
+            float16, other inputs and outputs float32); the runtime casts with `cast_feeds`.
     """
 
     family: str
@@ -109,6 +129,7 @@ class VlmLayout:
     pad_token_id: int | None
     has_hidden_state: bool
     float_dtype: str = "float32"
+    deepstack_layers: int = 0
     past_names: tuple[str, ...] = field(default=())  # per layer: key, value
     present_names: tuple[str, ...] = field(default=())
     version: int = LAYOUT_VERSION
@@ -121,10 +142,17 @@ class VlmLayout:
         """Shape of one layer's key (or value) cache holding `length` tokens."""
         return (batch, self.num_kv_heads, length, self.head_dim)
 
-    def empty_past(self, batch: int = 1) -> dict[str, np.ndarray]:
-        """Zero-length past for a prefill from scratch."""
+    def empty_past(self, batch: int = 1, dtype: str | None = None) -> dict[str, np.ndarray]:
+        """Zero-length past for a prefill from scratch (in the decoder's KV `dtype`)."""
         shape = self.kv_shape(batch, 0)
-        return {name: np.zeros(shape, self.float_dtype) for name in self.past_names}
+        return {name: np.zeros(shape, dtype or self.float_dtype) for name in self.past_names}
+
+    def no_deepstack(self, batch: int, length: int) -> dict[str, np.ndarray]:
+        """The decoder's deepstack feed for tokens without images (empty without deepstack)."""
+        if not self.deepstack_layers:
+            return {}
+        shape = (self.deepstack_layers, batch, length, self.hidden_size)
+        return {"deepstack_embeds": np.zeros(shape, self.float_dtype)}
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -136,6 +164,29 @@ class VlmLayout:
                               f"reads {LAYOUT_VERSION}; re-export with `rau-rt export vlm`")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         return cls(**values)
+
+
+def cast_feeds(feeds: Mapping[str, np.ndarray],
+               dtypes: Mapping[str, str]) -> dict[str, np.ndarray]:
+    """Floating feeds cast to the dtype their graph declares (`dtypes`: input name -> numpy
+    dtype name, e.g. from the bundle entry's input specs); other feeds unchanged."""
+    out = {}
+    for name, value in feeds.items():
+        want = dtypes.get(name)
+        if want is not None and value.dtype.kind == "f" and value.dtype != np.dtype(want):
+            value = value.astype(want)
+        out[name] = value
+    return out
+
+
+def declared_dtypes(graphs: object, graph: str) -> dict[str, str]:
+    """Input name -> dtype of `graph` as loaded in `graphs` (a `rau_rt.bundle.Bundle`: its
+    entry's input specs); {} for runners without entries (test doubles, benchmark wrappers),
+    whose feeds then pass uncast."""
+    entry = getattr(graphs, "entry", None)
+    if entry is None:
+        return {}
+    return {spec.name: spec.dtype for spec in entry(graph).inputs}
 
 
 def family(name: str) -> VlmFamily:

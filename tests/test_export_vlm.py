@@ -58,10 +58,7 @@ def reference(model_dir, fp32_bundle):
     layout = read_layout(fp32_bundle)
     images = vlm_verify.sample_images(layout.input_size)
     hf = vlm_verify.hf_inputs(images, tokenizer, fam)
-    with torch.inference_mode():
-        logits = model(**hf).logits[0, -1].numpy()
-        tokens = model.generate(**hf, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                                do_sample=False)[0, hf["input_ids"].shape[1]:].tolist()
+    logits, tokens = vlm_verify.transformers_greedy(model, hf, NEW_TOKENS)
     return {"model": model, "hf": hf, "logits": logits, "tokens": tokens, "images": images}
 
 

@@ -14,7 +14,9 @@ from rau_rt.vlm_layout import (
     FAMILIES,
     IMAGE_PLACEHOLDER,
     VlmLayout,
+    cast_feeds,
     chat_prompt,
+    declared_dtypes,
     decode_positions,
     expand_image_tokens,
     patchify,
@@ -82,3 +84,21 @@ def test_prompt_expansion_and_positions():
 def test_positions_refuse_an_unexpanded_image():
     with pytest.raises(InputError, match="expand_image_tokens"):
         rope_positions(np.array([[1, 5, 7, 6]]), layout())
+
+
+def test_cast_feeds_follows_the_declared_dtypes_and_leaves_ids_alone():
+    feeds = {"a": np.ones((2,), np.float32), "ids": np.arange(3), "b": np.ones(1, np.float32)}
+    cast = cast_feeds(feeds, {"a": "float16", "ids": "float16"})
+    assert cast["a"].dtype == np.float16 and cast["ids"].dtype == feeds["ids"].dtype
+    assert cast["b"] is feeds["b"]  # undeclared (or already right): passed through
+    assert declared_dtypes(object(), "vlm_decoder") == {}  # a runner without entries
+
+
+def test_deepstack_layout_round_trips_and_feeds_zeros(tmp_path):
+    lay = VlmLayout(**{**layout().to_dict(), "family": "qwen3_vl", "deepstack_layers": 3})
+    write_layout(tmp_path, lay)
+    assert read_layout(tmp_path) == lay
+    zeros = lay.no_deepstack(1, 2)["deepstack_embeds"]
+    assert zeros.shape == (3, 1, 2, 8) and not zeros.any()
+    assert layout().no_deepstack(1, 2) == {}
+    assert lay.empty_past(1, "float16")["past_key_values.0.key"].dtype == np.float16

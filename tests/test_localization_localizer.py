@@ -13,6 +13,7 @@ import json
 import numpy as np
 import pytest
 
+from rau_rt import geometry
 from rau_rt.bundle import load_bundle
 from rau_rt.config import EngineConfig
 from rau_rt.errors import InputError
@@ -244,27 +245,37 @@ def test_forced_tokens_share_decoder_calls(bundle, reference):
     assert counting.decoder_calls < result.generated_tokens
 
 
-def test_qwen2_vl_answers_in_thousandths(tmp_path, reference):
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_relative_1000_families_answer_in_thousandths(tmp_path, reference, family):
+    """Qwen2-VL and Qwen3-VL (deepstack: the target's rows enter with the tail prefill, the
+    reference images' with the cached prefix) answer in thousandths of the frame."""
     from rau_rt.export import vlm
 
-    out = tmp_path / "qwen2vl"
-    vlm.export_vlm(vlm.VlmExportConfig(out=out, random_init="tiny", family="qwen2_vl",
+    out = tmp_path / family
+    vlm.export_vlm(vlm.VlmExportConfig(out=out, random_init="tiny", family=family,
                                        input_size=INPUT))
     layout = read_layout(out)
     assert layout.family_constants.box_convention == "relative_1000"
+    assert layout.deepstack_layers == (2 if family == "qwen3_vl" else 0)
     listed = json.loads(prompts.reference_parts(reference, layout)[4].split("\n", 2)[2])
     assert listed[0]["bbox_2d"] == [round(v * 1000 / INPUT) for v in (10, 20, 100, 150)]
     rng = np.random.default_rng(9)
     with load_bundle(out, config=EngineConfig(precision="fp32")) as loaded:
         localizer = Localizer(loaded, reference)
+        uncached = Localizer(loaded, reference, LocalizerConfig(prefix_cache=False))
         coordinates = []
-        for _ in range(8):
+        for _ in range(6):
             frame = rng.integers(0, 256, (150, 250, 3), dtype=np.uint8)
             result = localizer.locate_result(frame)
             assert result.stop_reason == "grammar"
-            coordinates += [v for item in json.loads(result.text) if item["bbox_2d"]
-                            for v in item["bbox_2d"]]
-            for box in result.boxes.values():
-                assert box is None or (0 <= box[0] < box[2] <= 250 and 0 <= box[1] < box[3] <= 150)
+            assert uncached.locate_result(frame).text == result.text
+            for item in json.loads(result.text):
+                if item["bbox_2d"]:
+                    coordinates += item["bbox_2d"]
+                    # thousandths of the frame (250 x 150), not of the 224-px model input
+                    x1, y1, x2, y2 = item["bbox_2d"]
+                    expected, _ = geometry.clip_box((x1 * 0.25, y1 * 0.15, x2 * 0.25, y2 * 0.15),
+                                                    (150, 250))
+                    assert result.boxes[item["label"]] == expected
     # thousandths, not input pixels: the grammar's bound is 1000 (values above 224 occur)
-    assert INPUT < max(coordinates) <= 1000
+    assert coordinates and INPUT < max(coordinates) <= 1000

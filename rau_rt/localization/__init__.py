@@ -4,7 +4,7 @@ answers, parsing into frame boxes, and the keyframe worker (ARCHITECTURE.md, `lo
 Importing it loads neither onnxruntime nor llguidance; both load when a localizer is built.
 """
 
-from rau_rt.localization.decoding import Decoder, Generation, KvCache
+from rau_rt.localization.decoding import Decoder, Generation, ImageFeatures, KvCache
 from rau_rt.localization.localizer import Localizer, LocalizerConfig, LocateResult
 from rau_rt.localization.parse import ParsedRegion, parse_answer
 from rau_rt.localization.worker import LocalizerWorker, WorkerResult
@@ -12,6 +12,7 @@ from rau_rt.localization.worker import LocalizerWorker, WorkerResult
 __all__ = [
            "Decoder",
            "Generation",
+           "ImageFeatures",
            "KvCache",
            "Localizer",
            "LocalizerConfig",

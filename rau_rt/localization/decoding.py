@@ -29,6 +29,8 @@ from rau_rt.vlm_layout import (
     EMBED,
     VISION,
     VlmLayout,
+    cast_feeds,
+    declared_dtypes,
     decode_positions,
     rope_positions,
 )
@@ -58,6 +60,38 @@ class Constraint(Protocol):
     def is_stopped(self) -> bool:
         """Whether the constrained text is complete (no token may follow)."""
         ...
+
+
+@dataclass(frozen=True)
+class ImageFeatures:
+    """The vision graph's outputs for the images of a prompt, in prompt order.
+
+    Attributes:
+        features: [N, hidden] merged visual tokens, scattered at the image-pad positions.
+        deepstack: [L, N, hidden] features of intermediate vision blocks (Qwen3-VL), added at
+            the same positions after the decoder's first L layers; None without deepstack.
+    """
+
+    features: np.ndarray
+    deepstack: np.ndarray | None = None
+
+    @property
+    def tokens(self) -> int:
+        return int(self.features.shape[0])
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        """The embed graph's image inputs."""
+        feeds = {"image_features": self.features}
+        if self.deepstack is not None:
+            feeds["deepstack_features"] = self.deepstack
+        return feeds
+
+    @staticmethod
+    def concat(parts: Sequence[ImageFeatures]) -> ImageFeatures:
+        """Images of several parts of a prompt, joined in order (at least one part)."""
+        deep = [p.deepstack for p in parts]
+        return ImageFeatures(np.concatenate([p.features for p in parts]),
+                             None if deep[0] is None else np.concatenate(deep, axis=1))
 
 
 @dataclass(frozen=True)
@@ -109,24 +143,39 @@ class Decoder:
     def __init__(self, graphs: GraphRunner, layout: VlmLayout) -> None:
         self.graphs = graphs
         self.layout = layout
-        self._dtype = np.dtype(layout.float_dtype)
-        self._no_images = np.zeros((0, layout.hidden_size), self._dtype)
+        # Feeds are cast to the dtypes the loaded graphs declare (fp16 graphs take a float16
+        # KV cache), so the cache is kept in the decoder's dtype from the start.
+        self._dtypes = {g: declared_dtypes(graphs, g) for g in (VISION, EMBED, DECODER)}
+        self._kv_dtype = self._dtypes[DECODER].get(layout.past_names[0], layout.float_dtype)
+        hidden, deep = layout.hidden_size, layout.deepstack_layers
+        self._no_images = ImageFeatures(np.zeros((0, hidden), np.float32),
+                                        np.zeros((deep, 0, hidden), np.float32) if deep
+                                        else None)
 
-    def image_features(self, patches: Sequence[np.ndarray]) -> np.ndarray:
+    def image_features(self, patches: Sequence[np.ndarray]) -> ImageFeatures:
         """Every image's patches through the vision graph, concatenated in prompt order."""
         if not patches:
             return self._no_images
-        features = [self.graphs.run(VISION, {"pixel_values": p})["image_features"]
-                    for p in patches]
-        return np.concatenate(features).astype(self._dtype, copy=False)
+        outputs = [self._run(VISION, {"pixel_values": p}) for p in patches]
+        return ImageFeatures.concat([ImageFeatures(o["image_features"],
+                                                   o.get("deepstack_features"))
+                                     for o in outputs])
 
-    def prefill(self, ids: np.ndarray, features: np.ndarray, cache: KvCache | None = None,
+    def empty_cache(self) -> KvCache:
+        """No tokens yet, in the decoder's KV dtype."""
+        return KvCache(self.layout.empty_past(1, self._kv_dtype), 0, 0)
+
+    def prefill(self, ids: np.ndarray, features: ImageFeatures, cache: KvCache | None = None,
                 ) -> tuple[np.ndarray, KvCache]:
         """Run prompt ids on top of `cache` (None: from scratch).
 
+        Deepstack rows (Qwen3-VL) reach the decoder with the prefill that holds their image
+        tokens only; the cache then carries their effect, as in transformers' full forward.
+
         Args:
             ids: [1, S] ids with every image's pad tokens expanded.
-            features: image features of the images in `ids`, in order ([0, hidden] for none).
+            features: image features of the images in `ids`, in order (`image_features([])`
+                for none).
             cache: the KV of the tokens before `ids`, e.g. a cached reference prefix.
 
         Returns:
@@ -135,14 +184,17 @@ class Decoder:
         ids = np.asarray(ids, np.int64)
         if ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] < 1:
             raise InputError(f"prefill: expected ids of shape [1, S >= 1], got {ids.shape}")
+        pads = int(np.count_nonzero(ids == self.layout.image_token_id))
+        if pads != features.tokens:
+            raise InputError(f"prefill: {pads} image-pad tokens in the ids but "
+                             f"{features.tokens} image feature rows")
         if cache is None:
-            cache = KvCache(self.layout.empty_past(1), 0, 0)
+            cache = self.empty_cache()
         positions, delta = rope_positions(ids, self.layout, start=cache.next_position)
-        embeds = self.graphs.run(EMBED, {"input_ids": ids, "image_features": features})
-        return self._decode(embeds["inputs_embeds"], positions, cache,
-                            delta=cache.delta + delta)
+        embeds = self._run(EMBED, {"input_ids": ids, **features.feeds()})
+        return self._decode(embeds, positions, cache, delta=cache.delta + delta)
 
-    def generate(self, ids: np.ndarray, features: np.ndarray, cache: KvCache | None = None, *,
+    def generate(self, ids: np.ndarray, features: ImageFeatures, cache: KvCache | None = None, *,
                  max_new_tokens: int, stop_ids: Sequence[int] | None = None,
                  constraint: Constraint | None = None) -> Generation:
         """Greedy tokens after a prompt.
@@ -190,18 +242,21 @@ class Decoder:
 
     def step(self, tokens: Sequence[int], cache: KvCache) -> tuple[np.ndarray, KvCache]:
         """One decoder call appending `tokens` (one sampled token plus any forced ones)."""
-        embeds = self.graphs.run(EMBED, {"input_ids": np.array([list(tokens)], np.int64),
-                                         "image_features": self._no_images})
+        embeds = self._run(EMBED, {"input_ids": np.array([list(tokens)], np.int64),
+                                   **self._no_images.feeds()})
         positions = decode_positions(cache.length, cache.delta, steps=len(tokens))
-        return self._decode(embeds["inputs_embeds"], positions, cache, delta=cache.delta)
+        return self._decode(embeds, positions, cache, delta=cache.delta)
 
-    def _decode(self, embeds: np.ndarray, positions: np.ndarray, cache: KvCache,
+    def _run(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.graphs.run(graph, cast_feeds(feeds, self._dtypes[graph]))
+
+    def _decode(self, embeds: Mapping[str, np.ndarray], positions: np.ndarray, cache: KvCache,
                 delta: int) -> tuple[np.ndarray, KvCache]:
-        new = embeds.shape[1]
+        """The decoder over the embed graph's outputs (inputs_embeds [+ deepstack_embeds])."""
+        new = embeds["inputs_embeds"].shape[1]
         layout = self.layout
-        out = self.graphs.run(DECODER, {
-            "inputs_embeds": embeds.astype(self._dtype, copy=False),
-            "attention_mask": np.ones((1, cache.length + new), np.int64),
+        out = self._run(DECODER, {
+            **embeds, "attention_mask": np.ones((1, cache.length + new), np.int64),
             "position_ids": positions, **cache.past})
         present = {p: out[q] for p, q in zip(layout.past_names, layout.present_names,
                                              strict=True)}

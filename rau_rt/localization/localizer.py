@@ -20,7 +20,7 @@ from rau_rt import ops
 from rau_rt.errors import InputError
 from rau_rt.localization import prompts
 from rau_rt.localization.constrained import Guidance, box_grammar, max_answer_bytes
-from rau_rt.localization.decoding import Decoder, GraphRunner, KvCache
+from rau_rt.localization.decoding import Decoder, GraphRunner, ImageFeatures, KvCache
 from rau_rt.localization.parse import parse_answer
 from rau_rt.reference import Reference
 from rau_rt.types import Box, Frame
@@ -212,7 +212,7 @@ class Localizer:
         ids = self._tokenizer.encode(text, add_special_tokens=False).ids
         return expand_image_tokens(ids, self.layout)[None]
 
-    def _reference_features(self) -> np.ndarray:
+    def _reference_features(self) -> ImageFeatures:
         ref = self.reference
         patches = [self.patches(ref.image, ref.channel_order),
                    self.patches(self._annotated, "rgb")]
@@ -243,7 +243,7 @@ class Localizer:
             ids, features, cache = tail_ids, target, self._prefix_cache
         else:  # what a runtime without the reference cache does for every query
             ids = np.concatenate([self._prefix_ids, tail_ids], axis=1)
-            features = np.concatenate([self._reference_features(), target])
+            features = ImageFeatures.concat([self._reference_features(), target])
             cache = None
         times["vision"] = (time.perf_counter() - start) * 1e3
         generation = self._decoder.generate(ids, features, cache, max_new_tokens=bound,
