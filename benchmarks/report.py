@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from benchmarks.harness import markdown
+from rau_rt.profiling import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -27,6 +28,10 @@ SUITES = {
     "localizer_cpu.json": "VLM localizer: cached / constrained keyframe queries vs uncached / "
                           "free / transformers generate",
     "vlm_cpu.json": "VLM graphs: prefill and per-token decode, fp32 / int8 / int4 vs transformers",
+    "pipeline_demo_cpu.json": "Pipeline end to end (`rau-rt bench`): the demo bundle (random-init "
+                              "SAM2 micro 256 px + Qwen2.5-VL tiny 224 px), live at 15 fps",
+    "pipeline_tiny512_cpu.json": "Pipeline end to end (`rau-rt bench`): SAM2 tiny 512 px int8 + "
+                                 "Qwen2.5-VL tiny 224 px, back to back",
     "synthetic_cpu.json": "Synthetic angiography generator",
 }
 BEGIN, END = "<!-- perf:begin -->", "<!-- perf:end -->"
@@ -42,8 +47,34 @@ def render() -> str:
         record = json.loads(path.read_text())
         versions = ", ".join(f"{k} {v}" for k, v in record["versions"].items()
                              if isinstance(v, str))
-        parts.append(f"**{heading}** ({versions})\n\n{markdown(record)}")
+        table = (pipeline_markdown(record) if record.get("suite") == "rau-rt bench"
+                 else markdown(record))
+        parts.append(f"**{heading}** ({versions})\n\n{table}")
     return "\n\n".join(parts)
+
+
+def pipeline_markdown(record: dict[str, object]) -> str:
+    """A `rau-rt bench` record: what ran, then its end-to-end and per-stage latency table."""
+    precisions = {part: sorted({g["precision"] for g in info["graphs"].values()})
+                  for part, info in record["engines"].items()}
+    stats = record["pipeline"]
+    vlm = record["vlm_query_ms"]
+    host = record["host"]
+    lines = [
+        f"{record['mode']}, {record['frames_processed']} frames processed "
+        f"({stats['frames_dropped']} dropped), {len(record['regions'])} regions, "
+        f"{record['throughput_fps']:.1f} fps; precisions "
+        + ", ".join(f"{part} {'/'.join(p)}" for part, p in precisions.items())
+        + (f"; VLM keyframe query p50 {vlm['p50']:.0f} ms ({vlm['count']} queries, in its "
+           "worker)" if vlm["count"] else "")
+        + f"; peak RSS {record['latency_ms']['peak_rss_mib']:.0f} MiB; {host['cpu']}, "
+        f"{host['cores']} cores.",
+        "",
+        markdown_table(record["latency_ms"]),
+        "",
+        f"`{record['command']}`",
+    ]
+    return "\n".join(lines)
 
 
 def rewrite_readme(readme: Path = ROOT / "README.md") -> None:
