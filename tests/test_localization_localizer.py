@@ -21,7 +21,7 @@ from rau_rt.localization import Decoder, Localizer, LocalizerConfig, prompts
 from rau_rt.localization.parse import NOT_IN_ANSWER, NOT_VISIBLE
 from rau_rt.reference import Reference
 from rau_rt.types import Frame, Region
-from rau_rt.vlm_layout import IMAGE_PLACEHOLDER, read_layout
+from rau_rt.vlm_layout import DEFAULT_SYSTEM, IMAGE_PLACEHOLDER, read_layout
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -263,6 +263,9 @@ def test_relative_1000_families_answer_in_thousandths(tmp_path, reference, famil
     with load_bundle(out, config=EngineConfig(precision="fp32")) as loaded:
         localizer = Localizer(loaded, reference)
         uncached = Localizer(loaded, reference, LocalizerConfig(prefix_cache=False))
+        # the default system turn is the family's template's: none for Qwen3-VL
+        assert localizer.system == (None if family == "qwen3_vl" else DEFAULT_SYSTEM)
+        assert Localizer(loaded, reference, LocalizerConfig(system="Find.")).system == "Find."
         coordinates = []
         for _ in range(6):
             frame = rng.integers(0, 256, (150, 250, 3), dtype=np.uint8)

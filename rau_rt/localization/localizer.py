@@ -25,7 +25,6 @@ from rau_rt.localization.parse import parse_answer
 from rau_rt.reference import Reference
 from rau_rt.types import Box, Frame
 from rau_rt.vlm_layout import (
-    DEFAULT_SYSTEM,
     VlmLayout,
     expand_image_tokens,
     patchify,
@@ -36,6 +35,17 @@ from rau_rt.vlm_layout import (
 # Qwen's vocabulary, so 256 holds ten regions.
 FREE_MAX_TOKENS = 256
 TIMING_STAGES = ("preprocess", "vision", "prefill", "decode", "parse")
+
+
+class _FamilySystem:
+    """The type of FAMILY_SYSTEM."""
+
+    def __repr__(self) -> str:
+        return "FAMILY_SYSTEM"
+
+
+# LocalizerConfig.system's default: the VLM family's own default system turn
+FAMILY_SYSTEM = _FamilySystem()
 
 
 @dataclass(frozen=True)
@@ -49,7 +59,9 @@ class LocalizerConfig:
         max_new_tokens: token bound of `locate`; None: the grammar's longest answer in bytes
             when constrained (so an answer always completes), FREE_MAX_TOKENS otherwise.
         ask_max_new_tokens: token bound of `ask`.
-        system: the system prompt (Qwen's default).
+        system: the system prompt; FAMILY_SYSTEM (default): what the family's chat template
+            inserts when a conversation has none, as the model was fine-tuned with it
+            (Qwen2/2.5-VL "You are a helpful assistant.", Qwen3-VL none); None: no system turn.
         channel_order: of bare (H, W, 3) arrays passed as frames ("rgb" or "bgr"); a `Frame`
             carries its own.
     """
@@ -58,7 +70,7 @@ class LocalizerConfig:
     prefix_cache: bool = True
     max_new_tokens: int | None = None
     ask_max_new_tokens: int = FREE_MAX_TOKENS
-    system: str | None = DEFAULT_SYSTEM
+    system: str | _FamilySystem | None = FAMILY_SYSTEM
     channel_order: str = "rgb"
 
     def __post_init__(self) -> None:
@@ -119,6 +131,9 @@ class Localizer:
             tokenizer_json = (directory / "tokenizer.json").read_text()
         self.reference = reference
         self.config = config
+        # the system turn the prompts carry (config.system resolved against the family)
+        self.system = (self.layout.family_constants.default_system
+                       if isinstance(config.system, _FamilySystem) else config.system)
         self._tokenizer = Tokenizer.from_str(tokenizer_json)
         self._decoder = Decoder(bundle, self.layout)
         self._family = self.layout.family_constants
@@ -126,7 +141,7 @@ class Localizer:
                                    self.layout.eos_token_ids) if config.constrained else None)
         self._grammars: dict[tuple[str, ...], tuple[str, int]] = {}
         self._prefix_parts = prompts.reference_parts(reference, self.layout)
-        prefix = prompts.PromptParts(self._prefix_parts, (), config.system)
+        prefix = prompts.PromptParts(self._prefix_parts, (), self.system)
         self._prefix_ids = self._ids(prefix.prefix_text())
         self._annotated = prompts.annotated_image(reference)
         self._prefix_cache: KvCache | None = None
@@ -155,7 +170,7 @@ class Localizer:
         """`locate` with the reasons, the answer text, token counts and timings."""
         names = tuple(regions) if regions is not None else self.reference.region_names
         started = time.perf_counter()
-        parts = prompts.locate_parts(self.reference, self.layout, names, self.config.system)
+        parts = prompts.locate_parts(self.reference, self.layout, names, self.system)
         constraint, bound = None, self.config.max_new_tokens or FREE_MAX_TOKENS
         if self._guidance is not None:
             compiled, grammar_bound = self._grammar(names)
@@ -179,7 +194,7 @@ class Localizer:
     def ask(self, frame: Frame | np.ndarray, question: str) -> str:
         """A free answer to a question about the frame (which region is this, where is X
         relative to Y), with the same reference prefix; greedy, unconstrained."""
-        parts = prompts.ask_parts(self.reference, self.layout, question, self.config.system)
+        parts = prompts.ask_parts(self.reference, self.layout, question, self.system)
         image, _, times = self._frame_image(frame)
         generation, _ = self._generate(parts, image, self.config.ask_max_new_tokens, None,
                                        times)
