@@ -285,3 +285,28 @@ def test_two_streams_with_the_real_localizer_match_each_alone(demo, cine, refere
                 assert (ra.present, ra.source, ra.box) == (rb.present, rb.source, rb.box)
                 if ra.present:
                     np.testing.assert_array_equal(ra.mask, rb.mask)
+
+
+def test_ctrl_c_ends_a_live_run_with_its_results_published(demo, cine, reference_json,
+                                                           tmp_path):
+    from rau_rt.commands.run import load_reference, open_sinks, stream
+    from rau_rt.io.sources import Source
+    from rau_rt.pipeline import open_pipeline
+    from rau_rt.types import Frame
+
+    class Camera(Source):  # a live source the user stops with Ctrl-C after 3 frames
+        def __iter__(self):
+            for i in range(3):
+                yield Frame(i, i / 15, cine.frames[i], "gray", 12)
+            raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    with open_pipeline(demo["bundle"], load_reference(reference_json), REGIONS) as pipeline:
+        sinks = open_sinks(out, overlay=True, masks="none", dicom_seg=False)
+        profile, _, interrupted = stream(pipeline, Camera("camera:test", 15.0, None), sinks,
+                                         progress=False)
+    assert interrupted and len(profile) == 3
+    assert len(records(out / "results.jsonl")) == 3
+    with av.open(str(out / "overlay.mp4")) as video:
+        assert sum(1 for _ in video.decode(video=0)) == 3
+    assert not list(out.glob("*.partial"))

@@ -93,12 +93,12 @@ def run(args: argparse.Namespace) -> int:
         sam2_engine, vlm_engine = run_command.engine_configs(args)
         with open_pipeline(args.bundle, reference, regions, config, backend=args.backend,
                            engine=sam2_engine, vlm_engine=vlm_engine) as pipeline:
-            profile, wall = run_command.stream(pipeline, source, [], max_frames=args.frames,
-                                               fps=args.realtime, progress=not args.quiet,
-                                               desc="bench")
+            profile, wall, interrupted = run_command.stream(
+                pipeline, source, [], max_frames=args.frames, fps=args.realtime,
+                progress=not args.quiet, desc="bench")
             record = run_command.summarize(
                 pipeline, profile, wall, command=run_command.command_line(args), source=source,
-                fps=args.realtime or source.fps, warmup=args.warmup,
+                fps=args.realtime or source.fps, warmup=args.warmup, interrupted=interrupted,
                 extra={"suite": "rau-rt bench", "mode": "realtime" if args.realtime
                        else "back to back", "gpu_memory": gpu_memory(args.device)})
     args.out.mkdir(parents=True, exist_ok=True)

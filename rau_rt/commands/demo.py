@@ -188,12 +188,13 @@ def run(args: argparse.Namespace) -> int:
     with source, open_pipeline(bundle, reference, regions, config, backend=args.backend,
                                engine=sam2_engine, vlm_engine=vlm_engine) as pipeline:
         sinks = run_command.open_sinks(args.out, overlay=True, masks="none", dicom_seg=False)
-        profile, wall = run_command.stream(pipeline, source, sinks, progress=not args.quiet,
-                                           desc="demo")
+        profile, wall, interrupted = run_command.stream(pipeline, source, sinks,
+                                                        progress=not args.quiet, desc="demo")
         record = run_command.summarize(
             pipeline, profile, wall, command=run_command.command_line(args), source=source,
-            fps=source.fps, extra={"untrained_weights": untrained, "bundle": str(bundle),
-                                   "outputs": {type(s).__name__: str(s.path) for s in sinks}})
+            fps=source.fps, interrupted=interrupted,
+            extra={"untrained_weights": untrained, "bundle": str(bundle),
+                   "outputs": {type(s).__name__: str(s.path) for s in sinks}})
     paths = run_command.write_report(args.out, record, profile, "rau-rt demo")
     run_command.print_summary(record, paths)
     print(f"overlay: {args.out / 'overlay.mp4'}, results: {args.out / 'results.jsonl'}")

@@ -68,7 +68,8 @@ class ProgressSink:
         self.started = time.perf_counter()
 
     def write(self, frame: Frame, result: FrameResult) -> None:
-        self.bar.update(1)
+        # the bar counts source frames: processed and (realtime) dropped
+        self.bar.update(len(self.profile) + self.pipeline.stats.frames_dropped - self.bar.n)
         if len(self.profile) % PROGRESS_EVERY == 0:
             recent = self.profile.recent()
             elapsed = time.perf_counter() - self.started
@@ -88,11 +89,12 @@ def paced(frames: Iterable[Frame], fps: float) -> Iterator[Frame]:
 
 def stream(pipeline: Pipeline, source: Source, sinks: Sequence[object], *,
            max_frames: int | None = None, fps: float | None = None, progress: bool = True,
-           desc: str = "run") -> tuple[RunProfile, float]:
+           desc: str = "run") -> tuple[RunProfile, float, bool]:
     """Run `source` (at most `max_frames`, re-stamped at `fps` if given) through `pipeline`.
 
-    The sinks are closed (published) after a clean run and aborted on an exception. Returns the
-    profile and the wall time in seconds.
+    The sinks are closed (published) after a clean run, and after Ctrl-C, which is how a live
+    source (camera, stream) ends; they are aborted on an error. Returns the profile, the wall
+    time in seconds and whether Ctrl-C stopped the run.
     """
     frames: Iterable[Frame] = source if max_frames is None else islice(source, max_frames)
     if fps is not None:
@@ -102,9 +104,11 @@ def stream(pipeline: Pipeline, source: Source, sinks: Sequence[object], *,
         total = max_frames if total is None else min(total, max_frames)
     profile = RunProfile()
     bar = ProgressSink(pipeline, profile, total, desc, progress)
-    started = time.perf_counter()
+    started, interrupted = time.perf_counter(), False
     try:
         pipeline.run(frames, [profile, *sinks, bar], collect=False)
+    except KeyboardInterrupt:
+        interrupted = True
     except BaseException:
         for sink in sinks:
             if isinstance(sink, Sink):
@@ -115,7 +119,7 @@ def stream(pipeline: Pipeline, source: Source, sinks: Sequence[object], *,
     wall = time.perf_counter() - started
     for sink in sinks:
         sink.close()
-    return profile, wall
+    return profile, wall, interrupted
 
 
 # -- what ran, and the summary ------------------------------------------------------------
@@ -153,7 +157,7 @@ def describe(pipeline: Pipeline) -> dict[str, object]:
 
 
 def summarize(pipeline: Pipeline, profile: RunProfile, wall_s: float, *, command: str,
-              source: Source, fps: float | None, warmup: int = 0,
+              source: Source, fps: float | None, warmup: int = 0, interrupted: bool = False,
               extra: dict[str, object] | None = None) -> dict[str, object]:
     """The run's summary record (summary.json)."""
     rate = fps or source.fps
@@ -171,6 +175,7 @@ def summarize(pipeline: Pipeline, profile: RunProfile, wall_s: float, *, command
         "engines": describe(pipeline),
         **environment(),
         "frames_processed": len(profile),
+        "interrupted": interrupted,  # stopped by Ctrl-C (a live source's normal end)
         "wall_s": wall_s,
         "throughput_fps": len(profile) / wall_s if wall_s > 0 else None,
         "latency_ms": latency,
@@ -214,6 +219,8 @@ def print_summary(record: dict[str, object], paths: dict[str, Path]) -> None:
     if vlm["count"]:
         print(f"VLM keyframe queries (in the worker, off the per-frame path): {vlm['count']}, "
               f"p50 {vlm['p50']:.0f} ms, max {vlm['max']:.0f} ms")
+    if record["interrupted"]:
+        print("stopped by Ctrl-C; the results so far are written")
     print(f"\n{record['frames_processed']} frames in {record['wall_s']:.1f} s "
           f"({record['throughput_fps']:.1f} fps), {len(stats['keyframes'])} keyframes, "
           f"{len(stats['prompts'])} VLM prompts, {len(stats['localizer_errors'])} localizer "
@@ -319,10 +326,10 @@ def run(args: argparse.Namespace) -> int:
                                backend=args.backend, engine=sam2_engine,
                                vlm_engine=vlm_engine) as pipeline:
         sinks = open_sinks(args.out, not args.no_overlay, args.masks, args.dicom_seg)
-        profile, wall = stream(pipeline, source, sinks, max_frames=args.max_frames,
-                               progress=not args.quiet)
+        profile, wall, interrupted = stream(pipeline, source, sinks,
+                                            max_frames=args.max_frames, progress=not args.quiet)
         record = summarize(pipeline, profile, wall, command=command_line(args), source=source,
-                           fps=source.fps,
+                           fps=source.fps, interrupted=interrupted,
                            extra={"outputs": {type(s).__name__: str(s.path) for s in sinks}})
     paths = write_report(args.out, record, profile, f"rau-rt run: {Path(source.uri).name}")
     print_summary(record, paths)
