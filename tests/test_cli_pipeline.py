@@ -310,3 +310,26 @@ def test_ctrl_c_ends_a_live_run_with_its_results_published(demo, cine, reference
     with av.open(str(out / "overlay.mp4")) as video:
         assert sum(1 for _ in video.decode(video=0)) == 3
     assert not list(out.glob("*.partial"))
+
+
+def test_run_with_two_reference_views(demo, cine, reference_json, tmp_path, capsys):
+    second = make_reference(7, SIZE, segments=("6", "7"))
+    cv2.imwrite(str(tmp_path / "lao.png"), second.image_8bit())
+    write_reference_annotation(tmp_path / "lao.json", "lao.png", (SIZE, SIZE), second.regions)
+    video = tmp_path / "cine.mkv"
+    formats.write_video(video, cine.frames, 15.0)
+    out = tmp_path / "out"
+    code, _, _ = run_cli(capsys, "run", "--bundle", str(demo["bundle"]), "--reference",
+                         str(reference_json), str(tmp_path / "lao.json"), "--regions", "6,7",
+                         "--source", str(video), "--out", str(out), "--no-overlay", "--quiet")
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["references"] == ["reference", "lao"]
+    views = summary["pipeline"]["views"]
+    assert views[0]["frame"] == 0 and views[0]["reference"] in ("reference", "lao")
+    assert summary["frames_processed"] == 6
+    # a region no reference marks
+    code, _, stderr = run_cli(capsys, "run", "--bundle", str(demo["bundle"]), "--reference",
+                              str(tmp_path / "lao.json"), "--regions", "5",
+                              "--source", str(video), "--out", str(out), "--quiet")
+    assert code == 1 and "not in the reference" in stderr

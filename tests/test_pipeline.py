@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from rau_rt.bundle import load_bundle
+from rau_rt.errors import InputError
 from rau_rt.export import sam2
 from rau_rt.export.sam2_inputs import CheckFrames
 from rau_rt.export.sam2_model import ModelSource
@@ -208,3 +209,39 @@ def test_a_view_change_triggers_a_keyframe(bundle, sequence):
     assert next(r for i, r in keyframes if i >= 8) == "view_change"
     assert all(r != "view_change" for i, r in keyframes if i < 8)
     assert [r for i, r in keyframes if i >= 8].count("view_change") == 1
+
+
+def test_a_reference_bank_switches_the_vlm_to_the_matching_view(bundle, sequence):
+    """Two references (two patients/views); the feed shows the first, then the second: the
+    bank switches after its patience, the switch is a keyframe, and keyframes go to the
+    chosen reference's localizer only."""
+    from rau_rt.reference import BankConfig, Reference, ReferenceBank
+    from rau_rt.types import Region
+
+    other = generate_sequence(seed=9, frames=24, size=SIZE, contrast_delay_frames=1,
+                              segments=("5", "6", "7"))
+    shown = [sequence.frames[10 + i] for i in range(8)] + [other.frames[10 + i] for i in range(8)]
+    feed = [Frame(i, i / 15, image, "gray", 12) for i, image in enumerate(shown)]
+    truth = [sequence.truth[10 + i] for i in range(8)] + [other.truth[10 + i] for i in range(8)]
+    references = [Reference((s.frames[20] >> 4).astype(np.uint8),  # 12 -> 8 bits, linear
+                            tuple(Region(n, s.truth[20].segments[n].box) for n in REGIONS),
+                            name=name)
+                  for s, name in ((sequence, "view A"), (other, "view B"))]
+    tracker = Tracker(bundle)
+    bank = ReferenceBank(references, [tracker.describe(Frame(0, 0.0, r.image, "gray", 8))
+                                      for r in references], BankConfig(patience=3))
+    localizers = [TruthLocalizer(SimpleNamespace(truth=truth)) for _ in references]
+    config = PipelineConfig(KeyframeConfig(every=4, min_score=0.0, min_gap=1),
+                            wait_for_localizer=True)
+    workers = [LocalizerWorker(loc, timeout_s=10) for loc in localizers]
+    with Pipeline(tracker, workers, REGIONS, config, bank=bank) as pipeline:
+        pipeline.run(feed)
+    assert pipeline.stats.views == [(0, "view A"), (10, "view B")]  # 8, 9, 10: patience 3
+    assert (10, "view_change") in pipeline.stats.keyframes
+    asked = [i for i, _ in pipeline.stats.keyframes]
+    assert localizers[0].asked == [i for i in asked if i < 10]
+    assert localizers[1].asked == [i for i in asked if i >= 10]
+    with pytest.raises(InputError, match="one worker per reference"):
+        Pipeline(tracker, workers[:1], REGIONS, config, bank=bank)
+    with pytest.raises(InputError, match="ReferenceBank"):
+        Pipeline(tracker, workers, REGIONS, config)

@@ -28,9 +28,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", type=Path, required=True, help="pipeline bundle folder")
     parser.add_argument("--source", default=None,
                         help="any rau-rt source (default: a synthetic 512 px cine at 15 fps)")
-    parser.add_argument("--reference", type=Path, default=None,
-                        help="reference annotation JSON (default for synthetic: sources: the "
-                        "generator's reference)")
+    parser.add_argument("--reference", type=Path, default=None, nargs="+",
+                        help="reference annotation JSON, one or several views (default for "
+                        "synthetic: sources: the generator's reference)")
     parser.add_argument("--regions", default=None,
                         help="comma-separated regions (default: all annotated; for a "
                         "synthetic source without --reference: the demo's "
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     source = open_source(uri)
     with source:
         if args.reference is not None:
-            reference = run_command.load_reference(args.reference)
+            reference = [run_command.load_reference(path) for path in args.reference]
         elif isinstance(source, SyntheticSource):
             reference = run_command.synthetic_reference(source)
         else:

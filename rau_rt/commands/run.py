@@ -167,6 +167,8 @@ def summarize(pipeline: Pipeline, profile: RunProfile, wall_s: float, *, command
         "command": command,
         "source": {"uri": source.uri, "fps": rate, "frames_declared": source.frame_count},
         "regions": list(pipeline.regions),
+        "references": ([r.name for r in pipeline.bank.references] if pipeline.bank is not None
+                       else None),
         "config": {"realtime": pipeline.config.realtime,
                    "wait_for_localizer": pipeline.config.wait_for_localizer,
                    "keyframe_every": pipeline.config.keyframes.every,
@@ -253,8 +255,10 @@ def engine_configs(args: argparse.Namespace):
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", type=Path, required=True,
                         help="pipeline bundle: DIR/sam2 (+ DIR/vlm), see README 'Pipeline'")
-    parser.add_argument("--reference", type=Path, required=True,
-                        help="reference annotation JSON (rau-rt.reference-annotation)")
+    parser.add_argument("--reference", type=Path, required=True, nargs="+",
+                        help="reference annotation JSON (rau-rt.reference-annotation); several "
+                        "(views of the same anatomy): each frame picks the most similar one "
+                        "for the VLM, and a switch is a keyframe")
     parser.add_argument("--source", required=True,
                         help="video file, image folder, DICOM cine, camera:N, rtsp://..., or "
                         "synthetic:seed=0&frames=64")
@@ -318,11 +322,11 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--max-frames must be >= 1, got {args.max_frames}")
     if args.fps is not None and args.fps <= 0:
         raise InputError(f"--fps must be > 0, got {args.fps}")
-    reference = load_reference(args.reference)
+    references = [load_reference(path) for path in args.reference]
     regions = [r.strip() for r in args.regions.split(",")] if args.regions else None
     sam2_engine, vlm_engine = engine_configs(args)
     source = open_source(args.source, fps=args.fps)
-    with source, open_pipeline(args.bundle, reference, regions, pipeline_config(args),
+    with source, open_pipeline(args.bundle, references, regions, pipeline_config(args),
                                backend=args.backend, engine=sam2_engine,
                                vlm_engine=vlm_engine) as pipeline:
         sinks = open_sinks(args.out, not args.no_overlay, args.masks, args.dicom_seg)

@@ -8,7 +8,9 @@ A pipeline bundle is a folder holding one SAM2 bundle and, optionally, one VLM b
 The reference's regions that carry a mask or polygon are encoded once into SAM2's reference
 memory (the tracker follows them from the first frame); the VLM localizes every requested
 region on keyframes and its boxes re-prompt the tracker. Without `vlm/` there are no keyframes
-and every region must carry a mask or polygon.
+and every region must carry a mask or polygon. Several references (views of the same anatomy)
+get one localizer each and a `ReferenceBank` that picks, per frame, the one the VLM is asked
+with (`Pipeline`'s `bank`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from rau_rt.config import EngineConfig
 from rau_rt.errors import BundleError, InputError
 from rau_rt.localization import Localizer, LocalizerConfig, LocalizerWorker
 from rau_rt.pipeline.pipeline import Pipeline, PipelineConfig
-from rau_rt.reference import Reference
+from rau_rt.reference import BankConfig, Reference, ReferenceBank
 from rau_rt.tracking import Tracker, TrackerConfig
 from rau_rt.types import Frame
 
@@ -60,65 +62,90 @@ class PipelineBundle:
         return cls(directory, sam2, vlm if (vlm / MANIFEST).exists() else None)
 
 
-def open_pipeline(bundle: str | Path, reference: Reference,
+def open_pipeline(bundle: str | Path, reference: Reference | Sequence[Reference],
                   regions: Sequence[str] | None = None, config: PipelineConfig | None = None, *,
                   backend: str | None = None,
                   engine: EngineConfig = PIPELINE_ENGINE_CONFIG,
                   vlm_engine: EngineConfig | None = None,
                   tracker: TrackerConfig | None = None,
-                  localizer: LocalizerConfig | None = None) -> Pipeline:
-    """Load the bundle's engines, encode the reference, and return the stream's Pipeline.
+                  localizer: LocalizerConfig | None = None,
+                  bank: BankConfig | None = None) -> Pipeline:
+    """Load the bundle's engines, encode the reference(s), and return the stream's Pipeline.
 
     Args:
         bundle: a pipeline bundle folder (module docstring).
-        reference: the annotated reference image.
-        regions: the reference regions to follow (default: all of them).
+        reference: the annotated reference image, or several (views of the same anatomy, e.g.
+            one per C-arm angle): each frame then chooses the most similar one
+            (`ReferenceBank`) and the VLM is asked with it; the first one's polygons/masks
+            are SAM2's reference memory.
+        regions: the regions to follow (default: all of the first reference's); each must be
+            marked on at least one reference.
         config: pipeline settings (without a VLM there are no keyframes).
         backend: engine backend for both parts (None: each graph's first manifest entry).
         engine: SAM2 engine settings (device, precision, threads).
         vlm_engine: VLM engine settings (default: `engine` without its precision, since the
             VLM bundle's precisions differ from SAM2's).
-        tracker, localizer: their settings.
+        tracker, localizer, bank: their settings.
 
     Raises:
         BundleError: the folder is not a pipeline bundle; EngineMismatchError / BundleError
             from loading a part.
-        InputError: a requested region is not in the reference, or cannot be followed (a
-            box-only region without a VLM).
+        InputError: a requested region is on no reference, or cannot be followed (a box-only
+            region without a VLM); several references without a VLM.
     """
     paths = PipelineBundle.find(bundle)
     config = config or PipelineConfig()
-    by_name = {r.name: r for r in reference.regions}
-    names = tuple(regions) if regions else reference.region_names
-    unknown = [n for n in names if n not in by_name]
+    references = (reference,) if isinstance(reference, Reference) else tuple(reference)
+    if not references:
+        raise InputError("reference: at least one annotated reference")
+    primary = references[0]
+    names = tuple(regions) if regions else primary.region_names
+    marked = {n for r in references for n in r.region_names}
+    unknown = [n for n in names if n not in marked]
     if unknown:
-        raise InputError(f"regions {unknown} are not in the reference {reference.name!r}; it "
-                         f"has {list(by_name)}")
-    masks = {n: m for n in names if (m := reference.mask(by_name[n])) is not None}
+        raise InputError(f"regions {unknown} are not in the reference"
+                         f"{'s' if len(references) > 1 else ''} "
+                         f"{[r.name for r in references]}; marked: {sorted(marked)}")
+    by_name = {r.name: r for r in primary.regions}
+    masks = {n: m for n in names if n in by_name
+             and (m := primary.mask(by_name[n])) is not None}
     if paths.vlm is None:
+        if len(references) > 1:
+            raise InputError(f"{paths.directory} has no VLM ({VLM_PART}/): several references "
+                             "choose the VLM's reference per view and need one")
         boxes_only = [n for n in names if n not in masks]
         if boxes_only:
             raise InputError(f"{paths.directory} has no VLM ({VLM_PART}/), so regions "
                              f"{boxes_only} marked by box only cannot be found; give them a "
                              "polygon or mask, or add a VLM bundle")
-    opened = {}
+    opened, workers = {}, []
     try:
         sam2 = opened[SAM2_PART] = load_bundle(paths.sam2, backend, engine)
         stream_tracker = Tracker(sam2, tracker)
         if masks:
-            image = reference.image
-            order = "gray" if image.ndim == 2 else reference.channel_order
-            stream_tracker.add_reference(Frame(0, 0.0, image, order, 8), masks)
-        worker = None
+            stream_tracker.add_reference(_frame(primary), masks)
+        views = None
+        if len(references) > 1:
+            views = ReferenceBank(references, [stream_tracker.describe(_frame(r))
+                                               for r in references], bank or BankConfig())
         if paths.vlm is not None:
             vlm = opened[VLM_PART] = load_bundle(paths.vlm, backend,
                                                  vlm_engine or replace(engine, precision=None))
-            worker = LocalizerWorker(Localizer(vlm, reference, localizer or LocalizerConfig()),
-                                     timeout_s=config.localizer_timeout_s)
-        pipeline = Pipeline(stream_tracker, worker, names, config)
+            for ref in references:
+                workers.append(LocalizerWorker(
+                    Localizer(vlm, ref, localizer or LocalizerConfig()),
+                    timeout_s=config.localizer_timeout_s))
+        pipeline = Pipeline(stream_tracker, workers or None, names, config, bank=views)
     except BaseException:
+        for worker in workers:
+            worker.close()
         for part in opened.values():
             part.close()
         raise
     pipeline.bundles.update(opened)
     return pipeline
+
+
+def _frame(reference: Reference) -> Frame:
+    image = reference.image
+    return Frame(0, 0.0, image, "gray" if image.ndim == 2 else reference.channel_order, 8)

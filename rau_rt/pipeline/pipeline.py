@@ -26,7 +26,7 @@ import numpy as np
 from rau_rt.errors import InputError
 from rau_rt.localization.worker import LocalizerWorker, WorkerResult
 from rau_rt.pipeline.keyframes import KeyframeConfig, KeyframePolicy
-from rau_rt.reference import Reference
+from rau_rt.reference import Reference, ReferenceBank
 from rau_rt.tracking.tracker import Tracker, TrackStep
 from rau_rt.types import Frame, FrameResult, RegionResult
 
@@ -65,6 +65,7 @@ class PipelineStats:
     # every answer that arrived: (frame computed on, query ms, boxes found)
     answers: list[tuple[int, float, int]] = field(default_factory=list)
     frames_dropped: int = 0  # realtime: frames a newer one replaced before they were processed
+    views: list[tuple[int, str]] = field(default_factory=list)  # (frame, reference) per switch
     localizer_wait_ms: float = 0.0  # wait_for_localizer: time spent waiting for answers
 
     def to_dict(self) -> dict[str, object]:
@@ -74,6 +75,7 @@ class PipelineStats:
                 "answers": [{"frame": f, "query_ms": ms, "boxes": n}
                             for f, ms, n in self.answers],
                 "frames_dropped": self.frames_dropped,
+                "views": [{"frame": f, "reference": r} for f, r in self.views],
                 "localizer_wait_ms": self.localizer_wait_ms}
 
 
@@ -83,17 +85,33 @@ class Pipeline:
     Args:
         tracker: the stream's Tracker (regions come from the localizer's boxes).
         worker: a LocalizerWorker over the stream's Localizer; None tracks only what the
-            caller prompts or references on the tracker itself.
+            caller prompts or references on the tracker itself. With `bank`: one worker per
+            bank reference, in the bank's order (each localizer holds its reference's cache).
         regions: the reference regions to follow.
         config: PipelineConfig.
+        bank: several references (views) of the anatomy: every frame's pooled encoder
+            features (`TrackStep.descriptor`) choose one (`ReferenceBank.select`); a switch is
+            a "view_change" keyframe, and keyframes go to the chosen reference's worker.
     """
 
-    def __init__(self, tracker: Tracker, worker: LocalizerWorker | None,
-                 regions: Sequence[str], config: PipelineConfig | None = None) -> None:
+    def __init__(self, tracker: Tracker,
+                 worker: LocalizerWorker | Sequence[LocalizerWorker] | None,
+                 regions: Sequence[str], config: PipelineConfig | None = None, *,
+                 bank: ReferenceBank | None = None) -> None:
         if not regions:
             raise InputError("regions: at least one region to follow")
+        workers = (() if worker is None else tuple(worker) if isinstance(worker, Sequence)
+                   else (worker,))
+        if bank is not None and len(workers) != len(bank.references):
+            raise InputError(f"bank: expected one worker per reference "
+                             f"({len(bank.references)}), got {len(workers)}")
+        if bank is None and len(workers) > 1:
+            raise InputError("several localizer workers need a ReferenceBank to choose among "
+                             "them")
         self.tracker = tracker
-        self.worker = worker
+        self.workers = workers
+        self.bank = bank
+        self._view = 0  # the bank's chosen reference
         self.regions = tuple(regions)
         self.config = config or PipelineConfig()
         self.policy = KeyframePolicy(self.config.keyframes)
@@ -114,9 +132,15 @@ class Pipeline:
 
         return open_pipeline(bundle, reference, regions, config, **options)
 
+    @property
+    def worker(self) -> LocalizerWorker | None:
+        """The localizer worker keyframes go to now (the chosen view's), None without a VLM."""
+        return self.workers[self._view] if self.workers else None
+
     def close(self) -> None:
-        """Stop the localizer worker and close the bundles this pipeline opened."""
-        if self.worker is not None and not self.worker.close(self.config.localizer_timeout_s):
+        """Stop the localizer workers and close the bundles this pipeline opened."""
+        finished = [w.close(self.config.localizer_timeout_s) for w in self.workers]
+        if not all(finished):
             return  # a query still runs on the VLM's engines: leave them open
         while self.bundles:
             self.bundles.popitem()[1].close()
@@ -131,14 +155,16 @@ class Pipeline:
         """Track one frame (and maybe send it to the localizer); never waits for the VLM
         unless `wait_for_localizer`."""
         arrived = time.perf_counter()
-        latest = self._ready
+        finished = [self._ready] if self._ready is not None else []
         self._ready = None
-        while self.worker is not None and (done := self.worker.poll()) is not None:
-            latest = done
+        for worker in self.workers:
+            while (done := worker.poll()) is not None:
+                finished.append(done)
         prompt_ms = 0.0
-        if latest is not None:
+        if finished:
             started = time.perf_counter()
-            self._apply(latest, frame.index)
+            for done in sorted(finished, key=lambda d: d.frame_index):  # the newest last
+                self._apply(done, frame.index)
             prompt_ms = (time.perf_counter() - started) * 1e3
         step = self.tracker.step(frame)
         confidence = {name: (1 / (1 + math.exp(-step.object_scores[name]))
@@ -147,12 +173,18 @@ class Pipeline:
         # a followed region the tracker does not have yet counts as lost
         confidence.update({n: None for n in self.regions if n not in confidence})
         reason = None
-        if self.worker is not None:
-            reason = self.policy.decide(frame.index, confidence, self._view_changed(step))
+        if self.workers:
+            view_changed = (self._select_view(frame, step) if self.bank is not None
+                            else self._view_changed(step))
+            reason = self.policy.decide(frame.index, confidence, view_changed)
         if reason is not None:
             self.stats.keyframes.append((frame.index, reason))
             self._keyframe_descriptor = step.descriptor  # None: taken from the next frame
-            self.worker.submit(frame.index, frame, self.regions)
+            names = self.regions
+            if self.bank is not None:  # the regions the chosen reference marks
+                marked = self.bank.references[self._view].region_names
+                names = tuple(n for n in self.regions if n in marked)
+            self.worker.submit(frame.index, frame, names)
         absent = RegionResult(False, None, None, 0.0, "track")
         result = FrameResult(
             index=frame.index, timestamp_s=frame.timestamp_s, frame_size=step.frame_size,
@@ -167,6 +199,18 @@ class Pipeline:
             self._ready = self.worker.wait(self.config.localizer_timeout_s)
             self.stats.localizer_wait_ms += (time.perf_counter() - started) * 1e3
         return result
+
+    def _select_view(self, frame: Frame, step: TrackStep) -> bool:
+        """The bank's choice for this frame; True when it switched from an earlier one."""
+        descriptor = step.descriptor
+        if descriptor is None:  # nothing tracked yet (no encoder pass): encode for the choice
+            descriptor = self.tracker.describe(frame)
+        first = self.bank.current is None
+        selection = self.bank.select(descriptor)
+        self._view = selection.index
+        if selection.switched:
+            self.stats.views.append((frame.index, self.bank.references[selection.index].name))
+        return selection.switched and not first
 
     def _view_changed(self, step: TrackStep) -> bool:
         threshold = self.config.keyframes.view_similarity

@@ -40,6 +40,7 @@ import numpy as np
 from rau_rt import ops
 from rau_rt.errors import InputError
 from rau_rt.ops._bilinear import resize_antialias
+from rau_rt.reference import pool_features
 from rau_rt.sam2_layout import MAX_REGIONS, Sam2Layout, read_layout
 from rau_rt.tracking.memory import MemoryBank, MemoryConfig
 from rau_rt.types import Frame, RegionResult
@@ -256,6 +257,12 @@ class Tracker:
             return ops.fill_holes(logits, self._fill, threshold=0.0)
         return logits.copy()
 
+    def describe(self, image: Frame | np.ndarray) -> np.ndarray:
+        """An image's pooled image-encoder features ([D], as `TrackStep.descriptor`): a
+        reference's descriptor for `ReferenceBank`, or a frame's when nothing is tracked."""
+        x, _ = self._input(image, None)
+        return pool_features(self._run("image_encoder", {"image": x[None]})["vision_features"])
+
     # -- reference and prompts ------------------------------------------------------------
     def add_reference(self, image: Frame | np.ndarray,
                       masks_by_region: Mapping[str, np.ndarray]) -> None:
@@ -421,7 +428,7 @@ class Tracker:
         return TrackStep(t, frame_size, {n: results[n] for n in order},
                          {n: float(scores[names.index(n)]) for n in order},
                          {n: filled[names.index(n)] for n in order}, times,
-                         encoded["vision_features"][0].mean(axis=(1, 2)))
+                         pool_features(encoded["vision_features"]))
 
     def _attend(self, encoded: dict[str, np.ndarray], names: list[str], t: int) -> np.ndarray:
         """Memory attention for `names`, batched: one call per distinct (memories, pointers)
