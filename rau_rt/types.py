@@ -87,6 +87,9 @@ class Frame:
         channel_order: "gray", "bgr" or "rgb".
         bits_stored: significant bits per sample (8, 12 for X-ray, 16); what
             ops.preprocess's `bits_stored` takes.
+        window: the VOI window (center, width) in raw values the source says the frame is
+            viewed with (DICOM WindowCenter/WindowWidth); the models' preprocessing and the
+            overlays apply it. None: the full `bits_stored` range.
     """
 
     index: int
@@ -94,6 +97,7 @@ class Frame:
     image: np.ndarray
     channel_order: str
     bits_stored: int
+    window: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.channel_order not in CHANNEL_ORDERS:
@@ -110,6 +114,9 @@ class Frame:
         if not 1 <= self.bits_stored <= 8 * self.image.dtype.itemsize:
             raise InputError(f"frame {self.index}: bits_stored {self.bits_stored} does not fit "
                              f"{self.image.dtype}")
+        if self.window is not None and (len(self.window) != 2 or not self.window[1] > 0):
+            raise InputError(f"frame {self.index}: window must be (center, width > 0), got "
+                             f"{self.window}")
 
 
 Box = tuple[int, int, int, int]  # x1, y1, x2, y2 in frame pixels, x2/y2 exclusive (geometry.py)

@@ -108,6 +108,16 @@ def test_overlay_video_decodes_with_the_masks_drawn(tmp_path):
         sinks.OverlayVideoSink(tmp_path / "overlay.gif")
 
 
+def test_display_view_follows_the_voi_window():
+    image = np.array([[0, 1000, 1500, 2000, 4095]], np.uint16)
+    plain = sinks.to_bgr8(Frame(0, 0.0, image, "gray", 12))
+    windowed = sinks.to_bgr8(Frame(0, 0.0, image, "gray", 12, window=(1500.0, 1000.0)))
+    assert plain[0, :, 0].tolist() == [0, 62, 93, 125, 255]  # high bits kept
+    assert windowed[0, :, 0].tolist() == [0, 0, 128, 255, 255]  # [1000, 2000] -> [0, 255]
+    with pytest.raises(InputError, match="window"):
+        Frame(0, 0.0, image, "gray", 12, window=(1500.0, 0.0))
+
+
 def test_dicom_seg_for_vlm_keyframes(tmp_path):
     import pydicom
 

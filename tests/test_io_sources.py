@@ -27,6 +27,7 @@ def test_synthetic_uri_streams_the_generator(sequence):
     assert np.array_equal(np.stack([f.image for f in frames]), sequence.frames)
     assert [f.index for f in frames] == list(range(8))
     assert frames[2].timestamp_s == pytest.approx(2 / 15) and frames[0].bits_stored == 12
+    assert frames[0].window == tuple(sequence.meta.window)
 
 
 def test_multiframe_xa_dicom_12_bit(sequence, tmp_path):
@@ -36,6 +37,8 @@ def test_multiframe_xa_dicom_12_bit(sequence, tmp_path):
     assert source.frame_count == 8 and source.fps == pytest.approx(15.0, rel=1e-4)
     assert frames[0].image.dtype == np.uint16 and frames[0].bits_stored == 12
     assert np.array_equal(frames[5].image, sequence.frames[5])
+    # the file's VOI window (WindowCenter/Width, 0.1 precision) travels with every frame
+    assert frames[3].window == pytest.approx(sequence.meta.window, abs=0.05)
 
 
 def test_dicom_monochrome1_is_inverted(sequence, tmp_path):
@@ -48,6 +51,12 @@ def test_dicom_monochrome1_is_inverted(sequence, tmp_path):
     ds.save_as(tmp_path / "inverted.dcm")
     frames, _ = frames_of(tmp_path / "inverted.dcm")
     assert np.array_equal(frames[1].image, 4095 - sequence.frames[1])
+    center, width = sequence.meta.window  # the window inverts with the values
+    assert frames[1].window == pytest.approx((4095 - center, width), abs=0.05)
+    ds.WindowWidth = "0"
+    ds.save_as(tmp_path / "bad_window.dcm")
+    with pytest.raises(InputError, match="WindowWidth"):
+        frames_of(tmp_path / "bad_window.dcm")
 
 
 def test_pydicom_multiframe_ultrasound_is_rgb():

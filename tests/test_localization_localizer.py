@@ -201,6 +201,23 @@ def test_frames_of_every_kind(cached):
         cached.locate([[0, 1]], ["lad"])
 
 
+def test_a_frames_voi_window_reaches_the_vision_input(cached, monkeypatch):
+    """A 12-bit frame with a DICOM window is seen as its windowed 8-bit view would be."""
+    rng = np.random.default_rng(4)
+    raw = rng.integers(1000, 2001, (112, 112), dtype=np.uint16)  # inside: no clamping
+    window = (1500.0, 1000.0)
+    view = np.clip((raw.astype(np.float32) - 1000.0) * 0.255 + 0.5, 0, 255).astype(np.uint8)
+    expected = cached.patches(np.repeat(view[:, :, None], 3, axis=2), "rgb")
+    seen = []
+    patches = cached.patches
+    monkeypatch.setattr(cached, "patches", lambda *a: seen.append(patches(*a)) or seen[-1])
+    cached.locate_result(Frame(0, 0.0, raw, "gray", 12, window), ["lad"])
+    # 8-bit rounding of the view: half a level over CLIP's smallest std
+    np.testing.assert_allclose(seen[0], expected, atol=0.5 / 255 / 0.26 + 1e-6)
+    unwindowed = cached.patches(raw, "rgb", 12)
+    assert np.abs(unwindowed - expected).max() > 0.5
+
+
 def test_unknown_region_and_token_bound(bundle, reference, cached):
     frame = np.zeros((64, 64, 3), np.uint8)
     with pytest.raises(InputError, match=r"\['aorta'\] are not annotated"):

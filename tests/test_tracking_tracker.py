@@ -331,6 +331,27 @@ def test_gray_and_12_bit_frames_and_other_sizes(bundle):
         assert 0 <= x1 < x2 <= 200 and 0 <= y1 < y2 <= 300
 
 
+def test_a_frames_own_window_equals_the_configured_one(bundle):
+    """A DICOM's VOI window on the Frame is applied like TrackerConfig.window (which wins)."""
+    sequence = generate_sequence(seed=1, frames=13, size=256, contrast_delay_frames=1)
+    window = tuple(sequence.meta.window)
+    with load_bundle(bundle) as graphs:
+        runs = []
+        for config, frame_window in ((TrackerConfig(window=window), None),
+                                     (TrackerConfig(), window),
+                                     (TrackerConfig(), None),
+                                     (TrackerConfig(window=window), (100.0, 50.0))):
+            tracker = Tracker(graphs, config)
+            tracker.prompt(0, {"LAD": [40, 60, 120, 200]})
+            runs.append([tracker.step(Frame(i, i / 15, f, "gray", 12, frame_window))
+                         .low_res_logits["LAD"] for i, f in enumerate(sequence.frames[10:])])
+    for a, b in zip(runs[0], runs[1], strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(runs[0], runs[3], strict=True):  # the configured window wins
+        np.testing.assert_array_equal(a, b)
+    assert max(np.abs(a - b).max() for a, b in zip(runs[0], runs[2], strict=True)) > 1e-3
+
+
 def test_memory_is_constant_over_the_stream(bundle, clip):
     _, images, boxes = clip
     with load_bundle(bundle) as graphs:

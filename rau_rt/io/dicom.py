@@ -51,6 +51,8 @@ class DicomSource(Source):
         if int(header.get("PixelRepresentation", 0)) != 0:
             raise InputError(f"{path}: signed pixels (PixelRepresentation 1) are not a "
                              "supported cine format")
+        self.window = _voi_window(header, path, self.bits_stored,
+                                  self.photometric == "MONOCHROME1")
 
     def __iter__(self) -> Iterator[Frame]:
         from pydicom.pixels import iter_pixels
@@ -70,7 +72,26 @@ class DicomSource(Source):
         image = pixels.astype(_dtype(self.bits_stored), copy=False)
         if self.photometric == "MONOCHROME1":  # 0 is white: invert so higher is brighter
             image = (np.uint32((1 << self.bits_stored) - 1) - image).astype(image.dtype)
-        return Frame(index, time_s, image, "gray", self.bits_stored)
+        return Frame(index, time_s, image, "gray", self.bits_stored, self.window)
+
+
+def _voi_window(header, path: Path, bits: int, inverted: bool) -> tuple[float, float] | None:
+    """The first VOI window (WindowCenter, WindowWidth) of a grayscale image, in the raw values
+    the frames carry (MONOCHROME1 frames are inverted, so is the center); None without one."""
+    if "WindowCenter" not in header or "WindowWidth" not in header:
+        return None
+    from pydicom.multival import MultiValue
+
+    try:  # several windows (MultiValue): the first is the default view
+        center, width = (float(v[0]) if isinstance(v, MultiValue) else float(v)
+                         for v in (header.WindowCenter, header.WindowWidth))
+    except (TypeError, ValueError, IndexError) as exc:
+        raise InputError(f"{path}: unreadable WindowCenter/WindowWidth ({exc})") from exc
+    if not width > 0:
+        raise InputError(f"{path}: WindowWidth {width} is not positive")
+    if inverted:
+        center = (1 << bits) - 1 - center
+    return center, width
 
 
 def _dtype(bits: int) -> type:

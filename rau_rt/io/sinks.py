@@ -133,9 +133,14 @@ class MaskArchiveSink(Sink):
 
 
 def to_bgr8(frame: Frame) -> np.ndarray:
-    """An 8-bit BGR view of a frame for display (gray replicated, high bits kept)."""
+    """An 8-bit BGR view of a frame for display (gray replicated): through its VOI window
+    ([c - w/2, c + w/2] -> [0, 255], as the models see it) if it has one, else high bits kept."""
     image = frame.image
-    if image.dtype == np.uint16:
+    if frame.window is not None:
+        center, width = frame.window
+        scaled = (image.astype(np.float32) - (center - width / 2)) * (255.0 / width)
+        image = np.clip(scaled + 0.5, 0, 255).astype(np.uint8)
+    elif image.dtype == np.uint16:
         scale = 255.0 / ((1 << frame.bits_stored) - 1)
         image = np.clip(image * scale + 0.5, 0, 255).astype(np.uint8)
     if frame.channel_order == "gray":

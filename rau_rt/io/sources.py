@@ -214,8 +214,9 @@ class SyntheticSource(Source):
         super().__init__(uri, config.fps, config.frames)
 
     def __iter__(self) -> Iterator[Frame]:
+        window = tuple(float(v) for v in self.sequence.meta.window)
         for index, image in enumerate(self.sequence.frames):
-            yield Frame(index, index / self.fps, image, "gray", 12)
+            yield Frame(index, index / self.fps, image, "gray", 12, window)
 
 
 def open_source(uri: str | Path, *, fps: float | None = None) -> Source:

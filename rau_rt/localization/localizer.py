@@ -214,13 +214,14 @@ class Localizer:
                               axis=1)
 
     def patches(self, image: np.ndarray, channel_order: str = "rgb",
-                bits_stored: int | None = None) -> np.ndarray:
-        """An image as the vision graph's input: resized to the bundle's input size,
-        normalized, patchified."""
+                bits_stored: int | None = None,
+                window: tuple[float, float] | None = None) -> np.ndarray:
+        """An image as the vision graph's input: VOI-windowed if `window`, resized to the
+        bundle's input size, normalized, patchified."""
         fam = self._family
         pixels = ops.resize_for_vlm(image, size=self.layout.input_size, factor=fam.factor,
                                     channel_order=channel_order, mean=fam.mean, std=fam.std,
-                                    bits_stored=bits_stored).pixels
+                                    window=window, bits_stored=bits_stored).pixels
         return patchify(pixels, fam)[0]
 
     def _ids(self, text: str) -> np.ndarray:
@@ -238,7 +239,7 @@ class Localizer:
         start = time.perf_counter()
         if isinstance(frame, Frame):
             order = "rgb" if frame.channel_order == "gray" else frame.channel_order
-            patches = self.patches(frame.image, order, frame.bits_stored)
+            patches = self.patches(frame.image, order, frame.bits_stored, frame.window)
             size = frame.image.shape[:2]
         elif isinstance(frame, np.ndarray):
             patches = self.patches(frame, self.config.channel_order)

@@ -76,7 +76,8 @@ class TrackerConfig:
         mask_threshold: logit threshold of the output masks.
         channel_order: of bare uint8/uint16 (H, W, 3) arrays passed to `step` ("rgb" or "bgr");
             a `Frame` carries its own.
-        window: optional VOI (centre, width) of raw X-ray values for `ops.preprocess`.
+        window: VOI (centre, width) of raw X-ray values for `ops.preprocess`, overriding the
+            frames' own (`Frame.window`, e.g. a DICOM's WindowCenter/Width); None: theirs.
     """
 
     max_conditioning: int = 2
@@ -199,7 +200,8 @@ class Tracker:
         cfg = self.config
         if isinstance(frame, Frame):
             order = "rgb" if frame.channel_order == "gray" else frame.channel_order
-            ops.preprocess(frame.image, (size, size), channel_order=order, window=cfg.window,
+            window = cfg.window if cfg.window is not None else frame.window
+            ops.preprocess(frame.image, (size, size), channel_order=order, window=window,
                            bits_stored=frame.bits_stored, out=self._image)
             return self._image, frame.image.shape[:2]
         if not isinstance(frame, np.ndarray):
