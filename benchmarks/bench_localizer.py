@@ -30,16 +30,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
 
 from benchmarks.harness import case_record, markdown, parse_args, time_interleaved, write_record
 from rau_rt.bundle import load_bundle
 from rau_rt.config import EngineConfig
-from rau_rt.export import vlm, vlm_model
+from rau_rt.export import vlm, vlm_model, vlm_verify
 from rau_rt.localization import Decoder, Localizer, LocalizerConfig, prompts
 from rau_rt.reference import Reference
 from rau_rt.synthetic import generate_sequence, make_reference
 from rau_rt.types import Frame
-from rau_rt.vlm_layout import IMAGE_PLACEHOLDER, read_layout
+from rau_rt.vlm_layout import family, read_layout
 
 SUITE = "localizer"
 INPUT = 224  # 64 tokens per image; three images and ~250 text tokens per prompt
@@ -56,23 +57,6 @@ def _scenario(size: int = 256):
     run = generate_sequence(seed=2, frames=24, size=size, segments=SEGMENTS)
     frame = Frame(23, 23 / 15, run.frames[-1], "gray", 12)
     return Reference(ref.image_8bit(), ref.regions, name=ref.view.name), frame
-
-
-def _hf_inputs(model_dir: Path, parts, images):
-    import transformers
-    from PIL import Image
-
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
-    processor = transformers.Qwen2_5_VLProcessor(
-        image_processor=transformers.Qwen2VLImageProcessor(), tokenizer=tokenizer,
-        video_processor=transformers.Qwen2VLVideoProcessor(),
-        chat_template=tokenizer.chat_template)
-    content = [{"type": "image"} if p == IMAGE_PLACEHOLDER else {"type": "text", "text": p}
-               for p in parts]
-    text = processor.apply_chat_template([{"role": "user", "content": content}],
-                                         tokenize=False, add_generation_prompt=True)
-    return processor(text=[text], images=[Image.fromarray(i) for i in images],
-                     return_tensors="pt")
 
 
 def _agreement(a, b) -> float:
@@ -146,7 +130,8 @@ def _versus_generate(size, model_dir, bundle, layout, reference, warmup, repeat)
     target = rng.integers(0, 256, (INPUT, INPUT, 3), dtype=np.uint8)
     parts = prompts.locate_parts(square, layout, square.region_names)
     images = [square.image, prompts.annotated_image(square), target]
-    hf = _hf_inputs(model_dir, parts.parts, images)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    hf = vlm_verify.hf_inputs(images, tokenizer, family("qwen2_5_vl"), parts.parts)
     ours = Localizer(bundle, square, LocalizerConfig(prefix_cache=False, constrained=False))
     ids = ours.prompt_ids(parts)
     decoder = Decoder(bundle, layout)

@@ -62,8 +62,10 @@ def runtime_inputs(images: Sequence[np.ndarray], layout: VlmLayout, tokenizer_js
     return expand_image_tokens(ids, layout)[None], patches
 
 
-def hf_inputs(images: Sequence[np.ndarray], tokenizer, fam: VlmFamily):
-    """transformers' processor output for the same prompt and images."""
+def hf_inputs(images: Sequence[np.ndarray], tokenizer, fam: VlmFamily,
+              parts: Sequence[str] = PROMPT_PARTS):
+    """transformers' processor output (torch tensors) for a one-turn conversation of `parts`
+    (text, or IMAGE_PLACEHOLDER for the next of `images`); by default the export's prompt."""
     import transformers
     from PIL import Image
 
@@ -79,7 +81,7 @@ def hf_inputs(images: Sequence[np.ndarray], tokenizer, fam: VlmFamily):
                                 video_processor=video_class(),
                                 chat_template=tokenizer.chat_template)
     content = [{"type": "image"} if part == IMAGE_PLACEHOLDER else {"type": "text", "text": part}
-               for part in PROMPT_PARTS]
+               for part in parts]
     text = processor.apply_chat_template([{"role": "user", "content": content}],
                                          tokenize=False, add_generation_prompt=True)
     return processor(text=[text], images=[Image.fromarray(img) for img in images],

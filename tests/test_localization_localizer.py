@@ -17,11 +17,12 @@ from rau_rt import geometry
 from rau_rt.bundle import load_bundle
 from rau_rt.config import EngineConfig
 from rau_rt.errors import InputError
+from rau_rt.export import vlm_verify
 from rau_rt.localization import Decoder, Localizer, LocalizerConfig, prompts
 from rau_rt.localization.parse import NOT_IN_ANSWER, NOT_VISIBLE
 from rau_rt.reference import Reference
 from rau_rt.types import Frame, Region
-from rau_rt.vlm_layout import DEFAULT_SYSTEM, IMAGE_PLACEHOLDER, read_layout
+from rau_rt.vlm_layout import DEFAULT_SYSTEM, family, read_layout
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -79,20 +80,9 @@ def uncached(bundle, reference):
 
 def hf_ids(model_dir, parts, images) -> np.ndarray:
     """transformers' processor ids for the same conversation (the exporter's processor set-up)."""
-    from PIL import Image
-
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
-    processor = transformers.Qwen2_5_VLProcessor(
-        image_processor=transformers.Qwen2VLImageProcessor(),
-        tokenizer=tokenizer, video_processor=transformers.Qwen2VLVideoProcessor(),
-        chat_template=tokenizer.chat_template)
-    content = [{"type": "image"} if p == IMAGE_PLACEHOLDER else {"type": "text", "text": p}
-               for p in parts]
-    text = processor.apply_chat_template([{"role": "user", "content": content}],
-                                         tokenize=False, add_generation_prompt=True)
-    out = processor(text=[text], images=[Image.fromarray(i) for i in images],
-                    return_tensors="np")
-    return np.asarray(out["input_ids"])
+    out = vlm_verify.hf_inputs(images, tokenizer, family("qwen2_5_vl"), parts)
+    return out["input_ids"].numpy()
 
 
 def test_prompt_ids_match_the_transformers_processor(model_dir, bundle_dir, cached, reference):
