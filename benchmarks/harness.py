@@ -8,7 +8,6 @@ Record shape (STYLE.md, Benchmarks): {"suite", "device", "versions", "cases": [{
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import platform
 import time
@@ -19,7 +18,7 @@ import numpy as np
 
 from rau_rt import ops
 from rau_rt._version import __version__
-from rau_rt.profiling import cpu_model, peak_rss_mib
+from rau_rt.profiling import cpu_model, package_version, peak_rss_mib
 
 
 def parse_args(description: str, default_json: str,
@@ -91,13 +90,6 @@ def case_record(case: str, backend: str, precision: str, ours: np.ndarray, basel
     }
 
 
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def environment(**device_extra: object) -> dict[str, object]:
     """Device and versions, for the record's `device` and `versions` keys."""
     import cv2
@@ -109,7 +101,7 @@ def environment(**device_extra: object) -> dict[str, object]:
     versions = {"rau_rt": __version__, "python": platform.python_version(),
                 "native": ops.native_info()["built"]}
     for dist in ("numpy", "opencv-python-headless", "onnxruntime", "onnx", "torch"):
-        if (version := _version(dist)) is not None:
+        if (version := package_version(dist)) is not None:
             versions[dist] = version
     return {"device": device, "versions": versions}
 

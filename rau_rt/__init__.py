@@ -7,6 +7,7 @@ imported lazily by the parts that need them (ARCHITECTURE.md, rule 3). The pipel
 
 from __future__ import annotations
 
+import os
 from importlib import import_module
 
 from rau_rt import ops
@@ -29,7 +30,7 @@ __all__ = ["InputError", "NativeUnavailableError", "RauRtError", "__version__",
            "load_reference", "ops", *sorted(_LAZY)]
 
 
-def load_reference(path: str, name: str | None = None):
+def load_reference(path: str | os.PathLike, name: str | None = None):
     """A `Reference` from the project's reference-annotation JSON and the image it names.
 
     Raises:

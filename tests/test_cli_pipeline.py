@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 import pytest
 
+import rau_rt
 from rau_rt.cli import main
 from rau_rt.errors import BundleError, InputError
 from rau_rt.io.annotations import write_reference_annotation
@@ -253,11 +254,10 @@ def test_open_pipeline_without_a_vlm_needs_masks(demo, tmp_path):
 
 def test_two_streams_with_the_real_localizer_match_each_alone(demo, cine, reference_json):
     """Offline pipelines over one bundle on two threads: identical to each run alone."""
-    from rau_rt.commands.run import load_reference
     from rau_rt.pipeline import KeyframeConfig, PipelineConfig, open_pipeline
     from rau_rt.types import Frame
 
-    reference = load_reference(reference_json)
+    reference = rau_rt.load_reference(reference_json)
     other = generate_sequence(seed=8, frames=6, size=SIZE, fps=15.0, segments=("5", "6", "7"),
                               contrast_delay_frames=1)
     config = PipelineConfig(KeyframeConfig(every=2), wait_for_localizer=True)
@@ -289,7 +289,7 @@ def test_two_streams_with_the_real_localizer_match_each_alone(demo, cine, refere
 
 def test_ctrl_c_ends_a_live_run_with_its_results_published(demo, cine, reference_json,
                                                            tmp_path):
-    from rau_rt.commands.run import load_reference, open_sinks, stream
+    from rau_rt.commands.run import open_sinks, stream
     from rau_rt.io.sources import Source
     from rau_rt.pipeline import open_pipeline
     from rau_rt.types import Frame
@@ -301,7 +301,7 @@ def test_ctrl_c_ends_a_live_run_with_its_results_published(demo, cine, reference
             raise KeyboardInterrupt
 
     out = tmp_path / "out"
-    with open_pipeline(demo["bundle"], load_reference(reference_json), REGIONS) as pipeline:
+    with open_pipeline(demo["bundle"], rau_rt.load_reference(reference_json), REGIONS) as pipeline:
         sinks = open_sinks(out, overlay=True, masks="none", dicom_seg=False)
         profile, _, interrupted = stream(pipeline, Camera("camera:test", 15.0, None), sinks,
                                          progress=False)

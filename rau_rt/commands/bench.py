@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from rau_rt import load_reference
 from rau_rt.commands import run as run_command
 from rau_rt.commands.demo import DEMO_REGIONS
 from rau_rt.errors import InputError
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     source = open_source(uri)
     with source:
         if args.reference is not None:
-            reference = [run_command.load_reference(path) for path in args.reference]
+            reference = [load_reference(path) for path in args.reference]
         elif isinstance(source, SyntheticSource):
             reference = run_command.synthetic_reference(source)
         else:

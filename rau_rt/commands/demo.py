@@ -22,6 +22,7 @@ import os
 import shutil
 from pathlib import Path
 
+from rau_rt import load_reference
 from rau_rt._version import __version__
 from rau_rt.commands import run as run_command
 from rau_rt.errors import InputError
@@ -180,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
                                     regions)
     print(f"inputs: {cine} ({args.frames} frames {args.size}x{args.size}, 12-bit XA, "
           f"{args.fps:g} fps), reference {annotation}")
-    reference = run_command.load_reference(annotation)
+    reference = load_reference(annotation)
     config = PipelineConfig(KeyframeConfig(every=args.keyframe_every),
                             wait_for_localizer=args.offline, realtime=not args.offline)
     sam2_engine, vlm_engine = run_command.engine_configs(args)

@@ -15,18 +15,23 @@ import shlex
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
-from importlib import metadata
 from itertools import islice
 from pathlib import Path
 
-from rau_rt import ops
+from rau_rt import load_reference, ops
 from rau_rt._version import __version__
 from rau_rt.errors import InputError
 from rau_rt.io import plots
 from rau_rt.io.sinks import DicomSegSink, JsonlSink, MaskArchiveSink, OverlayVideoSink, Sink
 from rau_rt.io.sources import Source, SyntheticSource, open_source
 from rau_rt.pipeline import KeyframeConfig, Pipeline, PipelineConfig, open_pipeline
-from rau_rt.profiling import RunProfile, cpu_model, latency_stats, markdown_table
+from rau_rt.profiling import (
+    RunProfile,
+    cpu_model,
+    latency_stats,
+    markdown_table,
+    package_version,
+)
 from rau_rt.reference import Reference
 from rau_rt.types import Frame, FrameResult
 
@@ -34,13 +39,6 @@ PROGRESS_EVERY = 5  # frames between progress-bar statistics updates
 
 
 # -- the reference -------------------------------------------------------------------------
-def load_reference(path: str | Path) -> Reference:
-    """`rau_rt.load_reference`: the reference JSON and its image."""
-    from rau_rt import load_reference as load
-
-    return load(str(path))
-
-
 def synthetic_reference(source: SyntheticSource) -> Reference:
     """The generator's annotated reference for a `synthetic:` source: another patient in
     another view, with every segment the source shows (what `rau-rt synth` writes)."""
@@ -123,20 +121,13 @@ def stream(pipeline: Pipeline, source: Source, sinks: Sequence[object], *,
 
 
 # -- what ran, and the summary ------------------------------------------------------------
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def environment() -> dict[str, object]:
     """Host and versions, recorded in every summary."""
     versions = {"rau_rt": __version__, "python": platform.python_version(),
                 "native": ops.native_info()["built"]}
     for dist in ("numpy", "onnxruntime", "onnxruntime-gpu", "tensorrt", "opencv-python-headless",
                  "torch"):
-        if (version := _version(dist)) is not None:
+        if (version := package_version(dist)) is not None:
             versions[dist] = version
     return {"host": {"cpu": cpu_model(), "machine": platform.machine(), "cores": os.cpu_count(),
                      "physical_cores": ops.physical_cores()},

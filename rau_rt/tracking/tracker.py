@@ -33,6 +33,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol
 
 import numpy as np
@@ -106,9 +107,8 @@ class TrackStep:
         object_scores: name -> sam2's object score logit (> 0: present).
         low_res_logits: name -> (S/4, S/4) float32 logits after hole filling (what is upsampled).
         stage_ms: wall time per stage (STAGES).
-        descriptor: the frame's image-encoder features pooled to a [D] vector
-            (`rau_rt.reference.pool_features`: view-change detection, reference selection);
-            None when no region was tracked (the encoder did not run).
+        vision_features: the frame's image-encoder features [1, D, h, w]; None when no
+            region was tracked (the encoder did not run).
     """
 
     index: int
@@ -117,7 +117,13 @@ class TrackStep:
     object_scores: Mapping[str, float]
     low_res_logits: Mapping[str, np.ndarray]
     stage_ms: Mapping[str, float]
-    descriptor: np.ndarray | None = None
+    vision_features: np.ndarray | None = None
+
+    @cached_property
+    def descriptor(self) -> np.ndarray | None:
+        """`vision_features` pooled to a [D] vector (`rau_rt.reference.pool_features`) for
+        view-change detection and reference selection; computed only when asked for."""
+        return None if self.vision_features is None else pool_features(self.vision_features)
 
 
 @dataclass
@@ -430,7 +436,7 @@ class Tracker:
         return TrackStep(t, frame_size, {n: results[n] for n in order},
                          {n: float(scores[names.index(n)]) for n in order},
                          {n: filled[names.index(n)] for n in order}, times,
-                         pool_features(encoded["vision_features"]))
+                         encoded["vision_features"])
 
     def _attend(self, encoded: dict[str, np.ndarray], names: list[str], t: int) -> np.ndarray:
         """Memory attention for `names`, batched: one call per distinct (memories, pointers)
