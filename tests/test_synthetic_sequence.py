@@ -3,6 +3,7 @@ timing, references and argument checking (issue 3, acceptance "Tests")."""
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
@@ -121,7 +122,7 @@ def _max_excursion(sequence) -> float:
 def test_motion_stays_within_the_requested_amplitude(cardiac, respiratory):
     # 60 bpm: 16 frames at 15 fps cover a whole beat, so end-diastole and end-systole occur
     seq = generate_sequence(seed=5, frames=16, size=256, fps=15.0,
-                            motion=Motion(cardiac, respiratory, 60.0))
+                            motion=Motion(cardiac, respiratory, 60.0), look="classic")
     excursion = _max_excursion(seq)
     assert excursion <= cardiac + respiratory + 1e-3
     if cardiac:
@@ -132,7 +133,7 @@ def test_motion_stays_within_the_requested_amplitude(cardiac, respiratory):
 
 def test_cardiac_motion_has_rest_phases():
     seq = generate_sequence(seed=5, frames=30, size=SIZE, fps=30.0,
-                            motion=Motion(20.0, 0.0, 55.0), segments=("6",))
+                            motion=Motion(20.0, 0.0, 55.0), segments=("6",), look="classic")
     lines = np.stack([t.segments["6"].centerline for t in seq.truth])
     steps = np.linalg.norm(np.diff(lines, axis=0), axis=-1).max(axis=1)
     assert (steps < 0.05).sum() >= 3  # consecutive frames that do not move at all
@@ -211,6 +212,49 @@ def test_full_size_sequence_has_angiographic_calibres():
     assert seq.frames.shape == (64, 512, 512) and int(seq.frames.max()) <= 4095
     assert 0.25 <= seq.meta.pixel_spacing_mm <= 0.35
     # left main lumen, 4.5 mm (Dodge 1992) at 0.25-0.35 mm/px: 11-20 px across (magnified)
-    mask = seq.truth[-1].segments["5"].mask(512)
+    # the frame where the left main is most opacified (the run may already wash out by frame 63)
+    mask = max((t.segments["5"].mask(512) for t in seq.truth), key=np.sum)
     widths = mask.sum(axis=0)[mask.any(axis=0)]
     assert 8 <= np.median(np.concatenate([widths, mask.sum(axis=1)[mask.any(axis=1)]])) <= 24
+
+
+def test_unknown_look_names_the_choices():
+    with pytest.raises(InputError, match="classic"):
+        generate_sequence(seed=1, frames=1, size=64, look="cartoon")
+
+
+def test_clinical_look_hides_truth_under_collimator_blades():
+    # seeds whose draw put blades on the field (the look covers 1-3 sides in 60 % of runs)
+    checked = 0
+    for seed in range(12):
+        seq = generate_sequence(seed=seed, frames=30, size=128, contrast_delay_frames=1)
+        level = seq.frames[5].astype(np.float32)
+        dark = level < np.percentile(level, 1) + 1
+        border = np.zeros_like(dark)
+        border[:, :4] = border[:, -4:] = True
+        border[:4] = border[-4:] = True
+        if not (dark & border).any():
+            continue
+        for truth in seq.truth:
+            for seg in truth.segments.values():
+                mask = seg.mask(128)
+                # no truth pixel where the blade leaves the frame near black
+                assert not (mask & dark & border).any()
+        checked += 1
+    assert checked >= 2
+
+
+def test_clinical_look_moves_more_and_is_smoother_than_classic():
+    def motion_and_grain(look: str) -> tuple[float, float]:
+        seq = generate_sequence(seed=2, frames=24, size=256, look=look,
+                                segments=("5", "6", "11"))
+        steps = [np.median(np.linalg.norm(b.segments[n].centerline - a.segments[n].centerline,
+                                          axis=1))
+                 for a, b in zip(seq.truth, seq.truth[1:]) for n in b.segments]
+        view = seq.frames_8bit()[0].astype(np.float32)
+        grain = float(np.std(view - cv2.GaussianBlur(view, (0, 0), 2)))
+        return float(np.mean(steps)), grain
+
+    classic, clinical = motion_and_grain("classic"), motion_and_grain("clinical")
+    assert clinical[0] > 1.5 * classic[0]  # notes/real_angiography.md: real motion is 4-8x
+    assert clinical[1] < 0.6 * classic[1]  # and its grain 2.5x weaker

@@ -7,6 +7,7 @@
 
 from rau_rt.synthetic.anatomy import SEGMENT_TITLES, SEGMENTS, segments_of
 from rau_rt.synthetic.dynamics import Motion
+from rau_rt.synthetic.look import LOOKS, Look
 from rau_rt.synthetic.projection import View
 from rau_rt.synthetic.sequence import (
     FrameTruth,
@@ -21,9 +22,11 @@ from rau_rt.synthetic.sequence import (
 )
 
 __all__ = [
+    "LOOKS",
     "SEGMENTS",
     "SEGMENT_TITLES",
     "FrameTruth",
+    "Look",
     "Motion",
     "Reference",
     "Region",

@@ -185,7 +185,7 @@ def _narrow(radii: np.ndarray, stenosis: Stenosis) -> np.ndarray:
 
 
 def build_tree(rng: np.random.Generator, artery: str, dominance: str, stenoses: int = 0,
-               twigs: bool = True) -> Tree:
+               twigs_per_25mm: float = 1.0) -> Tree:
     """Draw one patient's tree: lengths, headings, tortuosity and radii randomized around
     TEMPLATE; radii follow Murray's law (r_parent³ = Σ r_child³) at every branch point."""
     names = segments_of(artery, dominance)
@@ -238,10 +238,10 @@ def build_tree(rng: np.random.Generator, artery: str, dominance: str, stenoses: 
         radii[lesion.segment] = _narrow(radii[lesion.segment], lesion)
 
     vessels = [Vessel(n, points[n], radii[n], path[n]) for n in names]
-    if twigs:  # septal/marginal twigs below the SYNTAX size: background clutter without labels
+    if twigs_per_25mm > 0:  # septal/marginal twigs below the SYNTAX size: unlabelled clutter
         for name in names:
             pts = points[name]
-            for _ in range(rng.poisson(len(pts) / 25)):
+            for _ in range(rng.poisson(len(pts) * twigs_per_25mm / 25)):
                 k = int(rng.integers(1, len(pts)))
                 heading = _unit(rng.normal(0, 1, 3) + np.array([0.0, 0.0, -0.8]))
                 length = rng.uniform(6, 18)

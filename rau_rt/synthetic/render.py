@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from rau_rt.synthetic.look import Look, collimation, devices
+
 # Iodine: effective mass attenuation (mu/rho) about 12.25 cm²/g at 60-80 kVp with 300 mgI/mL
 # contrast (a published flow simulator), diluted about 1:2 by blood: 12.25·0.3·0.5 = 1.8 /cm.
 MU_IODINE_PER_MM = 0.18
@@ -22,7 +24,6 @@ MU_CATHETER_WALL_PER_MM = 0.3
 BITS_STORED = 12  # XA DICOM stores 12 of 16 bits
 MAX_VALUE = (1 << BITS_STORED) - 1
 BLUR_RANGE_PX = (0.5, 1.2)  # detector and focal-spot blur sigma at 512²
-COUNTS_RANGE = (400.0, 3000.0)  # quanta per pixel behind the thinnest tissue (cine dose)
 ELECTRONIC_NOISE = 0.015  # Gaussian read noise, as a fraction of the unattenuated counts
 # The log-encoding spans this many units of attenuation below the unattenuated level.
 LOG_RANGE = 3.2
@@ -114,12 +115,14 @@ class Background:
     moving: np.ndarray  # float32 (size + 2·pad)², shifted by the respiratory drift
     still: np.ndarray  # float32 size²
     pad: int
-    gain: np.ndarray  # float32 size²: relative I₀ (image-intensifier vignetting)
+    gain: np.ndarray  # float32 size²: relative I₀ (vignetting; near 0 under collimator blades)
+    open_field: np.ndarray | None  # bool size²: False under a collimator blade; None: no blades
 
 
 def make_background(rng: np.random.Generator, size: int, heart_xy: np.ndarray,
-                    primary_deg: float, mm_per_px: float) -> Background:
-    """Soft-tissue fBm, heart shadow, diaphragm dome, ribs and spine, all smooth and random."""
+                    primary_deg: float, mm_per_px: float, look: Look) -> Background:
+    """Soft-tissue fBm, heart shadow, diaphragm dome, ribs and spine, all smooth and random;
+    sternal wires, ECG leads and collimator blades where the look has them."""
     pad = size // 8
     full = size + 2 * pad
     moving = np.full((full, full), 1.0, np.float32)
@@ -158,18 +161,30 @@ def make_background(rng: np.random.Generator, size: int, heart_xy: np.ndarray,
     discs = np.cos(2 * np.pi * (ys / period + rng.uniform())) > 0.8
     still += 0.3 * _soft(body & ~discs, 4 / mm_per_px)
     still += 0.07 * _soft(np.abs(np.abs(xs - sx) - half * 1.6) < half * 0.25, 4 / mm_per_px)
+    if look.wires:  # they ride on the chest: the moving layer
+        moving += devices(rng, full, mm_per_px, cx)
     r2 = ((xs - size / 2) ** 2 + (ys - size / 2) ** 2) / (size * size / 2)
     gain = (1.0 - 0.35 * r2).astype(np.float32)
-    return Background(moving, still, pad, gain)
+    open_field = collimation(rng, size, look.collimation) if look.collimation > 0 else None
+    if open_field is not None:  # lead blades pass about 3 % of the beam, with a soft edge
+        gain *= 0.03 + 0.97 * np.clip(_soft(open_field, 1.5 * size / 512), 0.0, 1.0)
+    return Background(moving, still, pad, gain, open_field)
 
 
-def background_at(bg: Background, shift_xy: np.ndarray) -> np.ndarray:
-    """The body's attenuation with the moving layer shifted by `shift_xy` pixels."""
+def background_at(bg: Background, shift_xy: np.ndarray,
+                  pan_xy: np.ndarray | None = None) -> np.ndarray:
+    """The body's attenuation with the moving layer shifted by `shift_xy` pixels and the whole
+    body (the table panned under the detector) by `pan_xy`."""
     size = bg.still.shape[0]
-    m = np.float32([[1, 0, shift_xy[0] - bg.pad], [0, 1, shift_xy[1] - bg.pad]])
+    pan = np.zeros(2) if pan_xy is None else pan_xy
+    m = np.float32([[1, 0, shift_xy[0] + pan[0] - bg.pad], [0, 1, shift_xy[1] + pan[1] - bg.pad]])
     moving = cv2.warpAffine(bg.moving, m, (size, size), flags=cv2.INTER_LINEAR,
                             borderMode=cv2.BORDER_REFLECT)
-    return moving + bg.still
+    if pan_xy is None:
+        return moving + bg.still
+    m = np.float32([[1, 0, pan[0]], [0, 1, pan[1]]])
+    return moving + cv2.warpAffine(bg.still, m, (size, size), flags=cv2.INTER_LINEAR,
+                                   borderMode=cv2.BORDER_REFLECT)
 
 
 @dataclass(frozen=True)
@@ -177,6 +192,7 @@ class Detector:
     counts: float  # quanta per pixel at zero attenuation and full gain
     blur_px: float
     gamma: float  # display curve applied in the log domain
+    grain_px: float = 0.0  # blur of the noise itself (0: white quantum noise)
 
     def expose(self, rng: np.random.Generator, attenuation: np.ndarray,
                gain: np.ndarray) -> np.ndarray:
@@ -186,15 +202,17 @@ class Detector:
         counts = rng.poisson(signal).astype(np.float32)
         counts += rng.standard_normal(counts.shape, dtype=np.float32) * (
             ELECTRONIC_NOISE * self.counts)
+        if self.grain_px > 0:  # scintillator spread and video compression smooth the grain
+            counts = cv2.GaussianBlur(counts, (0, 0), self.grain_px)
         level = np.log(np.maximum(counts, 1.0) / self.counts)  # 0 at zero attenuation
         encoded = np.clip(1.0 + level / LOG_RANGE, 0.0, 1.0) ** self.gamma
         return (encoded * MAX_VALUE + 0.5).astype(np.uint16)
 
 
-def make_detector(rng: np.random.Generator, size: int) -> Detector:
-    return Detector(float(np.exp(rng.uniform(*np.log(COUNTS_RANGE)))),
+def make_detector(rng: np.random.Generator, size: int, look: Look) -> Detector:
+    return Detector(float(np.exp(rng.uniform(*np.log(look.counts_range)))),
                     float(rng.uniform(*BLUR_RANGE_PX) * size / 512),
-                    float(rng.uniform(0.9, 1.2)))
+                    float(rng.uniform(0.9, 1.2)), look.grain_px * size / 512)
 
 
 def window_8bit(frames: np.ndarray, window: tuple[float, float]) -> np.ndarray:

@@ -32,6 +32,7 @@ from rau_rt.synthetic.dynamics import (
     make_motion_field,
     respiratory_weight,
 )
+from rau_rt.synthetic.look import Pan, look_named, make_pan
 from rau_rt.synthetic.projection import Projector, View, fit_projector, random_view
 from rau_rt.types import Region
 
@@ -58,8 +59,10 @@ class SequenceConfig:
     stenoses: int = 0
     contrast_delay_frames: int | None = None  # None: about 0.4 s, at least 2 frames
     catheter: bool = True
+    look: str = "clinical"  # a LOOKS name: "clinical" (toward real cines) or "classic"
 
     def __post_init__(self) -> None:
+        look_named(self.look)
         if self.frames < 1:
             raise InputError(f"frames: expected >= 1, got {self.frames}")
         if self.size % SIZE_MULTIPLE or not SIZE_RANGE[0] <= self.size <= SIZE_RANGE[1]:
@@ -163,6 +166,8 @@ class _Scene:
     background: render.Background
     detector: render.Detector
     catheter: np.ndarray | None  # (n, 2) rest pixel path, tip first
+    iodine_per_mm: float  # attenuation of opacified blood (MU_IODINE_PER_MM x the look's gain)
+    pan: Pan | None
 
 
 def _catheter_path(rng: np.random.Generator, ostium: np.ndarray, first: np.ndarray,
@@ -192,9 +197,11 @@ def _catheter_path(rng: np.random.Generator, ostium: np.ndarray, first: np.ndarr
 
 def _scene(rng: np.random.Generator, cfg: SequenceConfig, view: View,
            bolus_start_s: float) -> _Scene:
-    tree = build_tree(rng, cfg.artery, cfg.dominance, cfg.stenoses)
+    look = look_named(cfg.look)
+    tree = build_tree(rng, cfg.artery, cfg.dominance, cfg.stenoses, look.twigs_per_25mm)
     labelled = np.vstack([v.points for v in tree.vessels if v.name is not None])
-    margin = cfg.motion.cardiac_px + cfg.motion.respiratory_px + 12 * cfg.size / 512
+    margin = (cfg.motion.cardiac_px + cfg.motion.respiratory_px
+              + (12 + look.pan_px) * cfg.size / 512)
     projector = fit_projector(rng, view, cfg.size, labelled, margin)
     rest = tuple(projector.project(v.points) for v in tree.vessels)
     rest_xy = np.vstack([r[0] for r, v in zip(rest, tree.vessels, strict=True) if v.name])
@@ -203,14 +210,15 @@ def _scene(rng: np.random.Generator, cfg: SequenceConfig, view: View,
     bolus = make_bolus(rng, bolus_start_s, longest, cfg.motion.heart_rate_bpm)
     centre = (rest_xy.min(axis=0) + rest_xy.max(axis=0)) / 2
     background = render.make_background(rng, cfg.size, centre, view.primary_deg,
-                                        projector.spacing_mm)
-    detector = render.make_detector(rng, cfg.size)
+                                        projector.spacing_mm, look)
+    detector = render.make_detector(rng, cfg.size, look)
     catheter = None
     if cfg.catheter:
         root_xy = rest[0][0]
         catheter = _catheter_path(rng, root_xy[0], root_xy[min(3, len(root_xy) - 1)], cfg.size,
                                   projector.spacing_mm)
-    return _Scene(tree, projector, rest, motion, bolus, background, detector, catheter)
+    return _Scene(tree, projector, rest, motion, bolus, background, detector, catheter,
+                  render.MU_IODINE_PER_MM * look.iodine_gain, make_pan(rng, look, cfg.size))
 
 
 def _render(scene: _Scene, cfg: SequenceConfig, segments: tuple[str, ...], index: int,
@@ -219,29 +227,36 @@ def _render(scene: _Scene, cfg: SequenceConfig, segments: tuple[str, ...], index
     motion = scene.motion
     drift = (respiratory_weight(np.array(t), motion.respiratory_phase0)
              * cfg.motion.respiratory_px * motion.drift)
+    pan = scene.pan.at(t) if scene.pan is not None else np.zeros(2)
     vessels = np.zeros((size, size), np.float32)
     labels = np.zeros((size, size), np.uint8)
     depth_buffer = np.full((size, size), np.inf, np.float32)
     truths: dict[str, SegmentTruth] = {}
     spacing = scene.projector.spacing_mm
+    open_field = scene.background.open_field
     for vessel, (xy0, mag, depth) in zip(scene.tree.vessels, scene.rest, strict=True):
-        xy = xy0 + motion.displacement(xy0, t)
+        xy = xy0 + motion.displacement(xy0, t) + pan
         opacity = scene.bolus.opacity(vessel.path_mm, t)
         raster = None
         if opacity.max() > 0:
-            tube = render.Tube(xy, vessel.radii, spacing / mag, render.MU_IODINE_PER_MM * opacity)
+            tube = render.Tube(xy, vessel.radii, spacing / mag, scene.iodine_per_mm * opacity)
             raster = render.rasterize(tube, size)
             if raster is not None:
                 render.composite(vessels, raster)
         if vessel.name not in segments:
             continue
-        fraction = float(np.mean(opacity >= OPACIFIED))
+        seen = opacity >= OPACIFIED
+        if open_field is not None:  # nothing shows under a collimator blade
+            seen = seen & _in_field(open_field, xy)
+        fraction = float(np.mean(seen))
         crop, origin = np.zeros((0, 0), bool), (0, 0)
         if raster is not None:
             crop = raster.inside & (opacity[raster.sample] >= OPACIFIED)
             origin = raster.origin
             x0, y0 = origin
             h, w = crop.shape
+            if open_field is not None:
+                crop = crop & open_field[y0:y0 + h, x0:x0 + w]
             z = depth_buffer[y0:y0 + h, x0:x0 + w]
             front = crop & (depth[raster.sample] < z)
             z[front] = depth[raster.sample][front]
@@ -249,15 +264,16 @@ def _render(scene: _Scene, cfg: SequenceConfig, segments: tuple[str, ...], index
         truths[vessel.name] = SegmentTruth(
             vessel.name, crop, origin, box_from_mask(crop, origin) if crop.size else None,
             xy.astype(np.float32), fraction, fraction >= PRESENT_FRACTION)
-    attenuation = render.background_at(scene.background, drift) + vessels
+    attenuation = render.background_at(scene.background, drift,
+                                       pan if scene.pan is not None else None) + vessels
     if scene.catheter is not None:
         tip = scene.catheter[0]
         tip_shift = motion.displacement(tip[None, :], t)[0]
         along = np.linspace(0.0, 1.0, len(scene.catheter))[:, None]
         follow = np.clip(1.0 - along / 0.4, 0.0, 1.0)  # the tip rides the heart, the shaft not
-        xy = scene.catheter + follow * tip_shift + (1 - follow) * 0.5 * drift
+        xy = scene.catheter + follow * tip_shift + (1 - follow) * 0.5 * drift + pan
         n = len(xy)
-        iodine = render.MU_IODINE_PER_MM * 2.0 if scene.bolus.injecting(t) else 0.0
+        iodine = scene.iodine_per_mm * 2.0 if scene.bolus.injecting(t) else 0.0
         tube = render.Tube(xy, np.full(n, render.CATHETER_INNER_RADIUS_MM),
                            np.full(n, spacing), np.full(n, iodine))
         raster = render.rasterize(tube, size, np.full(n, render.CATHETER_OUTER_RADIUS_MM))
@@ -269,9 +285,20 @@ def _render(scene: _Scene, cfg: SequenceConfig, segments: tuple[str, ...], index
     return frame, FrameTruth(index, t, truths, labels)
 
 
-def _window(frame: np.ndarray) -> tuple[float, float]:
+def _in_field(open_field: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    """Per centerline sample: inside the image and the collimated field."""
+    size = open_field.shape[0]
+    ij = np.round(xy).astype(int)
+    inside = (ij >= 0).all(axis=1) & (ij < size).all(axis=1)
+    out = np.zeros(len(xy), bool)
+    out[inside] = open_field[ij[inside, 1], ij[inside, 0]]
+    return out
+
+
+def _window(frame: np.ndarray, look: str) -> tuple[float, float]:
     lo, hi = np.percentile(frame, [0.5, 99.8])
-    lo -= 0.25 * (hi - lo)  # room below the empty frame for the contrast to come
+    below, above = look_named(look).window_room  # room below for the contrast to come
+    lo, hi = lo - below * (hi - lo), hi + above * (hi - lo)
     return float((lo + hi) / 2), float(max(hi - lo, 1.0))
 
 
@@ -280,15 +307,17 @@ def generate_sequence(seed: int = 0, frames: int = 64, size: int = 512, fps: flo
                       motion: Motion | None = None, *, artery: str = "left",
                       segments: tuple[str, ...] | None = None, stenoses: int = 0,
                       contrast_delay_frames: int | None = None, catheter: bool = True,
+                      look: str = "clinical",
                       progress: Callable[[int], None] | None = None) -> Sequence:
     """A cine run: empty frames, the bolus filling the tree, plateau and washout.
 
-    Deterministic for equal arguments. `progress` is called with 1 after every frame.
+    Deterministic for equal arguments. `motion` None takes the look's motion (`LOOKS`).
+    `progress` is called with 1 after every frame.
     Raises InputError (a ValueError) naming the valid range of a bad argument.
     """
     cfg = SequenceConfig(seed, frames, size, fps, view, artery, dominance,
-                         motion if motion is not None else Motion(), segments, stenoses,
-                         contrast_delay_frames, catheter)
+                         motion if motion is not None else look_named(look).motion, segments,
+                         stenoses, contrast_delay_frames, catheter, look)
     rng = np.random.default_rng([seed, _SEQUENCE])
     noise = np.random.default_rng([seed, _SEQUENCE, 1])
     chosen = cfg.chosen_segments
@@ -302,7 +331,7 @@ def generate_sequence(seed: int = 0, frames: int = 64, size: int = 512, fps: flo
         if progress is not None:
             progress(1)
     meta = SequenceMeta(cfg, view, chosen, scene.projector.spacing_mm,
-                        scene.projector.pixel_spacing_detector_mm, _window(images[0]),
+                        scene.projector.pixel_spacing_detector_mm, _window(images[0], look),
                         min(cfg.delay_frames, frames), scene.tree.stenoses)
     return Sequence(images, tuple(truths), meta)
 
@@ -319,14 +348,14 @@ def polygon_of(mask: np.ndarray) -> tuple[tuple[float, float], ...] | None:
 
 def make_reference(seed: int = 0, size: int = 512, *, artery: str = "left",
                    dominance: str = "right", segments: tuple[str, ...] | None = None,
-                   avoid_view: View | None = None) -> Reference:
+                   avoid_view: View | None = None, look: str = "clinical") -> Reference:
     """A contrast-filled still of another patient (another tree draw) in another view, with a
     box and a polygon for each chosen segment.
 
     `avoid_view`: the target's view; the reference's differs by at least 20° on some axis.
     """
     cfg = SequenceConfig(seed, 1, size, 15.0, None, artery, dominance, Motion(0.0, 0.0),
-                         segments, 0, None, True)
+                         segments, 0, None, True, look)
     chosen = cfg.chosen_segments
     rng = np.random.default_rng([seed, _REFERENCE])
     for _ in range(8):  # a view where every chosen segment shows; the first almost always does
@@ -334,7 +363,7 @@ def make_reference(seed: int = 0, size: int = 512, *, artery: str = "left",
         scene = _scene(rng, cfg, view, -60.0)  # injected long ago: filled, not washed out
         scene = _Scene(scene.tree, scene.projector, scene.rest, scene.motion,
                        Bolus(-60.0, scene.bolus.speed_mm_s, 1e9), scene.background,
-                       scene.detector, scene.catheter)
+                       scene.detector, scene.catheter, scene.iodine_per_mm, None)
         image, truth = _render(scene, cfg, chosen, 0, 0.0, np.random.default_rng([seed, 1, 1]))
         if all(truth.segments[n].box is not None for n in chosen):
             break
@@ -342,4 +371,4 @@ def make_reference(seed: int = 0, size: int = 512, *, artery: str = "left",
         raise InputError(f"make_reference: segments {chosen} never all showed in 8 views")
     regions = tuple(Region(n, truth.segments[n].box, polygon_of(truth.segments[n].mask(size)))
                     for n in chosen)
-    return Reference(image, view, _window(image), regions)
+    return Reference(image, view, _window(image, look), regions)
