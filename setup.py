@@ -17,7 +17,8 @@ from setuptools import setup
 ROOT = Path(__file__).parent.resolve()
 STRICT_NATIVE = os.environ.get("RAU_RT_STRICT_NATIVE", "") == "1"
 # installed name -> source folder (ARCHITECTURE.md, "Layout")
-PACKAGE_ROOTS = {"rau_rt": "rau_rt", "rau_rt.engines": "engines", "rau_rt.export": "export"}
+PACKAGE_ROOTS = {"rau_rt": "rau_rt", "rau_rt.engines": "engines", "rau_rt.export": "export",
+                 "rau_rt.train": "train"}
 
 
 def read_version() -> str:

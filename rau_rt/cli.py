@@ -85,6 +85,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("export", "export stages: SAM2 and VLM bundles (sam2, vlm), TensorRT engines for a "
             "bundle (trt), ONNX graphs checked for TensorRT (lint)", _configure_export,
             _run_export),
+    Command("train", "train the demo models on synthetic angiography (sam2), resumable, "
+            "with a training record", _configure("train"), _run("train")),
     Command("run", "track reference regions through a video, DICOM cine, folder, camera or "
             "stream with a pipeline bundle; writes results, overlay and a latency summary",
             _configure("run"), _run("run")),

@@ -250,7 +250,7 @@ def test_clinical_look_moves_more_and_is_smoother_than_classic():
                                 segments=("5", "6", "11"))
         steps = [np.median(np.linalg.norm(b.segments[n].centerline - a.segments[n].centerline,
                                           axis=1))
-                 for a, b in zip(seq.truth, seq.truth[1:]) for n in b.segments]
+                 for a, b in zip(seq.truth, seq.truth[1:], strict=False) for n in b.segments]
         view = seq.frames_8bit()[0].astype(np.float32)
         grain = float(np.std(view - cv2.GaussianBlur(view, (0, 0), 2)))
         return float(np.mean(steps)), grain

@@ -134,3 +134,61 @@ def stage_chart(path: str | Path, stages: Mapping[str, Mapping[str, float | None
     cv2.line(image, (left, top), (left, bottom), INK, 1)
     _text(image, f"{title}: p50 bar, p99 whisker (ms)", left, top - 16, scale=0.5)
     return _write(path, image)
+
+
+SERIES = ((180, 90, 30), (60, 150, 60), (0, 140, 230), (40, 40, 200), (150, 60, 150))
+
+
+def _panel(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], title: str,
+           y_label: str, x_label: str, y_range: tuple[float, float] | None) -> np.ndarray:
+    image = np.full((HEIGHT, WIDTH, 3), 255, np.uint8)
+    left, right = MARGIN["left"], WIDTH - MARGIN["right"]
+    top, bottom = MARGIN["top"], HEIGHT - MARGIN["bottom"]
+    finite = [(np.asarray(x, np.float64), np.asarray(y, np.float64)) for x, y in series.values()]
+    xs = np.concatenate([x for x, _ in finite]) if finite else np.zeros(1)
+    ys = np.concatenate([y[np.isfinite(y)] for _, y in finite]) if finite else np.zeros(1)
+    x_max = float(xs.max()) if xs.size else 1.0
+    x_max = x_max or 1.0
+    lo, hi = y_range if y_range is not None else (0.0, float(ys.max()) * 1.1 if ys.size else 1.0)
+    hi = hi if hi > lo else lo + 1.0
+
+    def px(xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
+        return np.stack([left + xx / x_max * (right - left),
+                         bottom - (yy - lo) / (hi - lo) * (bottom - top)],
+                        axis=-1).round().astype(np.int32)
+
+    step = _nice_step(hi - lo)
+    for k in range(int((hi - lo) / step) + 1):
+        yy = int(px(np.zeros(1), np.array([lo + k * step]))[0, 1])
+        cv2.line(image, (left, yy), (right, yy), GRID, 1)
+        _text(image, f"{lo + k * step:g}", left - 6, yy, align="right")
+    step = _nice_step(x_max)
+    for k in range(int(x_max / step) + 1):
+        xx = int(px(np.array([k * step]), np.zeros(1))[0, 0])
+        cv2.line(image, (xx, bottom), (xx, bottom + 4), INK, 1)
+        _text(image, f"{k * step:g}", xx, bottom + 14, align="center")
+    cv2.rectangle(image, (left, top), (right, bottom), INK, 1)
+    x = left
+    for (name, (sx, sy)), colour in zip(series.items(), SERIES * 4, strict=False):
+        sx, sy = np.asarray(sx, np.float64), np.asarray(sy, np.float64)
+        keep = np.isfinite(sy)
+        if keep.sum() >= 2:
+            cv2.polylines(image, [px(sx[keep], np.clip(sy[keep], lo, hi))], False, colour, 1,
+                          cv2.LINE_AA)
+        _text(image, name, x, top - 12, colour)
+        x += cv2.getTextSize(name, FONT, 0.45, 1)[0][0] + 24
+    _text(image, title, right, top - 12, align="right", scale=0.5)
+    _text(image, x_label, (left + right) // 2, HEIGHT - 14, align="center")
+    _text(image, y_label, 8, (top + bottom) // 2)
+    return image
+
+
+def training_curve(path: str | Path, steps: Sequence[int], losses: Sequence[float],
+                   validation: Sequence[Mapping[str, float]]) -> Path:
+    """A run's training loss (top) and its validation scores in [0, 1] (bottom) over steps."""
+    names = [k for k in (validation[0] if validation else {}) if k != "step"]
+    scores = {name: ([v["step"] for v in validation], [v[name] for v in validation])
+              for name in names}
+    top = _panel({"loss": (steps, losses)}, "training loss", "loss", "step", None)
+    bottom = _panel(scores, "validation", "", "step", (0.0, 1.0))
+    return _write(path, np.vstack([top, bottom]))

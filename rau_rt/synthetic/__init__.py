@@ -19,6 +19,7 @@ from rau_rt.synthetic.sequence import (
     SequenceMeta,
     generate_sequence,
     make_reference,
+    render_frames,
 )
 
 __all__ = [
@@ -37,5 +38,6 @@ __all__ = [
     "View",
     "generate_sequence",
     "make_reference",
+    "render_frames",
     "segments_of",
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import cv2
@@ -318,21 +318,38 @@ def generate_sequence(seed: int = 0, frames: int = 64, size: int = 512, fps: flo
     cfg = SequenceConfig(seed, frames, size, fps, view, artery, dominance,
                          motion if motion is not None else look_named(look).motion, segments,
                          stenoses, contrast_delay_frames, catheter, look)
-    rng = np.random.default_rng([seed, _SEQUENCE])
-    noise = np.random.default_rng([seed, _SEQUENCE, 1])
+    return render_frames(cfg, range(frames), progress)
+
+
+def render_frames(cfg: SequenceConfig, indices: Iterable[int],
+                  progress: Callable[[int], None] | None = None) -> Sequence:
+    """Frames `indices` (ascending, each < cfg.frames) of the run `cfg` describes.
+
+    The scene (patient, view, motion, bolus) and the truth are those of `generate_sequence`
+    with the same config; the noise differs unless `indices` is every frame from 0 (one noise
+    stream is drawn frame by frame). `Sequence.truth[i].index` is the frame index; the window
+    is taken from the first frame rendered. Training draws short clips this way.
+    """
+    indices = list(indices)
+    if not indices or indices != sorted(set(indices)) or not 0 <= indices[0] <= indices[-1] \
+            < cfg.frames:
+        raise InputError(f"indices: expected ascending distinct frames in 0..{cfg.frames - 1}, "
+                         f"got {indices[:8]}")
+    rng = np.random.default_rng([cfg.seed, _SEQUENCE])
+    noise = np.random.default_rng([cfg.seed, _SEQUENCE, 1])
     chosen = cfg.chosen_segments
-    view = view if view is not None else random_view(rng)
-    scene = _scene(rng, cfg, view, cfg.delay_frames / fps)
-    images = np.empty((frames, size, size), np.uint16)
+    view = cfg.view if cfg.view is not None else random_view(rng)
+    scene = _scene(rng, cfg, view, cfg.delay_frames / cfg.fps)
+    images = np.empty((len(indices), cfg.size, cfg.size), np.uint16)
     truths = []
-    for k in range(frames):
-        images[k], truth = _render(scene, cfg, chosen, k, k / fps, noise)
+    for i, k in enumerate(indices):
+        images[i], truth = _render(scene, cfg, chosen, k, k / cfg.fps, noise)
         truths.append(truth)
         if progress is not None:
             progress(1)
     meta = SequenceMeta(cfg, view, chosen, scene.projector.spacing_mm,
-                        scene.projector.pixel_spacing_detector_mm, _window(images[0], look),
-                        min(cfg.delay_frames, frames), scene.tree.stenoses)
+                        scene.projector.pixel_spacing_detector_mm, _window(images[0], cfg.look),
+                        min(cfg.delay_frames, cfg.frames), scene.tree.stenoses)
     return Sequence(images, tuple(truths), meta)
 
 

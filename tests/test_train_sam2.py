@@ -1,0 +1,124 @@
+"""`rau-rt train sam2`: clips, loss, resumable training, and checkpoints sam2 loads (issue 15,
+acceptance: "a 3-step training run on a fixed batch lowers the loss; the checkpoint loads in
+sam2's predictor")."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("sam2")
+
+from rau_rt.train import HELD_OUT_SEEDS, TRAIN_SEEDS, VALIDATION_SEEDS  # noqa: E402
+from rau_rt.train.sam2_data import ClipSpec, draw_clip, jitter_box  # noqa: E402
+from rau_rt.train.sam2_trainer import TrainConfig, clip_loss, new_model, train  # noqa: E402
+
+SPEC = ClipSpec(image_size=256, frames=3)
+
+
+def _clip(regime: str, first: int = TRAIN_SEEDS.start):
+    for seed in range(first, first + 50):
+        clip = draw_clip(seed, SPEC, regime)
+        if clip is not None:
+            return clip
+    raise AssertionError(f"no usable {regime} clip in 50 seeds")
+
+
+def test_seed_ranges_are_disjoint():
+    # held-out (benchmark) < validation < training: no training clip is ever scored
+    assert HELD_OUT_SEEDS.stop <= VALIDATION_SEEDS.start
+    assert VALIDATION_SEEDS.stop <= TRAIN_SEEDS.start
+
+
+@pytest.mark.parametrize("regime", ["box", "mask", "reference"])
+def test_clips_are_what_the_tracker_sees(regime):
+    clip = _clip(regime)
+    again = _clip(regime)
+    assert np.array_equal(clip.images, again.images)  # a clip is a function of its seed
+    frames = SPEC.frames + (regime == "reference")
+    n = len(clip.regions)
+    assert clip.images.shape == (frames, 3, 256, 256) and clip.images.dtype == np.float32
+    assert clip.targets.shape == (frames, n, 256, 256) and clip.targets.dtype == bool
+    assert 1 <= n <= 4
+    for t, boxes in clip.boxes.items():
+        assert boxes.shape == (n, 4)
+        assert (boxes[:, :2] >= 0).all() and (boxes[:, 2:] <= 256).all()
+        assert (boxes[:, 2:] > boxes[:, :2]).all()
+        assert clip.supervised[t]
+    for t, masks in clip.masks.items():  # a mask prompt is that frame's output: no loss there
+        assert np.array_equal(masks, clip.targets[t]) and not clip.supervised[t]
+    if regime == "reference":
+        assert list(clip.masks) == [0] and all(m.any() for m in clip.masks[0])
+    else:
+        prompt = clip.masks.get(0, clip.boxes.get(0))
+        assert prompt is not None
+
+
+def test_jittered_boxes_stay_near_the_truth():
+    rng = np.random.default_rng(0)
+    box = np.array([40, 60, 120, 100], np.float32)
+    boxes = np.stack([jitter_box(box, 256, rng) for _ in range(200)])
+    exact = (boxes == box).all(axis=1).mean()
+    assert 0.15 < exact < 0.45  # about 30 % exact, as a good VLM answer
+    moved = np.abs(boxes - box).max(axis=1)
+    assert moved.max() <= 0.25 * 80 * 2 + 1  # sides and shift at most 25 % of the width each
+
+
+def test_three_steps_on_a_fixed_clip_lower_the_loss():
+    torch.manual_seed(0)
+    cfg = TrainConfig(frames=3)
+    model = new_model(cfg).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    clip = _clip("box")
+    losses = []
+    for _ in range(4):
+        loss, _ = clip_loss(model, clip)
+        losses.append(loss.item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert losses[3] < losses[0]
+
+
+def test_training_resumes_where_it_stopped_and_sam2_loads_the_checkpoint(tmp_path):
+    from rau_rt.export.sam2_model import load_checkpoint
+
+    cfg = TrainConfig(steps=2, frames=2, validate_every=2, validation_clips=1, warmup=1)
+    straight = train(cfg, tmp_path / "a")
+
+    def stop_after_one(step, values):
+        if step == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "b", progress=stop_after_one)
+    assert json.loads((tmp_path / "b" / "record.json").read_text())["steps_done"] == 1
+    resumed = train(cfg, tmp_path / "b", resume=True)
+    assert resumed["steps_done"] == straight["steps_done"] == 2
+    assert resumed["clip_seeds"] == straight["clip_seeds"]
+    a = torch.load(tmp_path / "a" / "sam2.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "sam2.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # sam2's own video predictor class, built from the same config, takes the checkpoint
+    predictor = load_checkpoint(tmp_path / "a" / "sam2.pt", "micro", 256)
+    assert type(predictor).__name__ == "SAM2VideoPredictor"
+    assert torch.equal(predictor.state_dict()["sam_mask_decoder.iou_token.weight"],
+                       a["sam_mask_decoder.iou_token.weight"])
+    assert (tmp_path / "a" / "curve.png").stat().st_size > 0
+    record = json.loads((tmp_path / "a" / "record.json").read_text())
+    assert record["validation"][-1]["step"] == 2 and "dice_box" in record["validation"][-1]
+
+
+def test_a_run_folder_is_not_overwritten(tmp_path):
+    from rau_rt.errors import InputError
+
+    cfg = TrainConfig(steps=1, frames=2, validate_every=1, validation_clips=1, warmup=1)
+    train(cfg, tmp_path)
+    with pytest.raises(InputError, match="--resume"):
+        train(cfg, tmp_path)
+    with pytest.raises(InputError, match="same arguments"):
+        train(TrainConfig(steps=3, frames=2, validate_every=1, validation_clips=1, warmup=1),
+              tmp_path, resume=True)

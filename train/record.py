@@ -1,0 +1,65 @@
+"""Training outputs written so that a stop at any moment leaves a usable set: atomic files,
+the training record (what produced the weights) and the curve."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+from rau_rt._version import __version__
+from rau_rt.io.plots import training_curve
+from rau_rt.profiling import cpu_model, package_version
+
+RECORD_PACKAGES = ("torch", "sam2", "transformers", "numpy", "opencv-python-headless")
+
+
+def save_atomic(obj: object, path: Path) -> None:
+    """torch.save to `path` through a `.partial` file renamed into place."""
+    import torch
+
+    partial = path.with_name(path.name + ".partial")
+    torch.save(obj, partial)
+    os.replace(partial, path)
+
+
+def write_json_atomic(path: Path, data: object) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(partial, path)
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (with "-dirty" when it has changes), None outside a checkout."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "."],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("-dirty" if dirty else "")
+
+
+def training_record(model: str, command: str, config: dict, step: int, next_seed: int,
+                    wall_s: float, validation: list[dict[str, float]],
+                    last_loss: float | None) -> dict[str, object]:
+    """The record that ships beside the weights."""
+    return {
+        "model": model, "command": command, "config": config, "steps_done": step,
+        "clip_seeds": [config["first_clip_seed"], next_seed - 1], "wall_s": round(wall_s, 1),
+        "last_loss": last_loss, "validation": validation,
+        "host": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
+        "versions": {"rau-rt": __version__,
+                     **{name: package_version(name) for name in RECORD_PACKAGES}},
+        "git_commit": git_commit(),
+    }
+
+
+def write_curve(path: Path, steps: list[int], losses: list[float],
+                validation: list[dict[str, float]]) -> None:
+    if steps:
+        training_curve(path, steps, losses, validation)

@@ -1,0 +1,243 @@
+"""`rau-rt train sam2`: the training loop, resumable checkpoints, validation and the record.
+
+One clip per step (its 1-4 regions are the batch, as the tracker batches them), AdamW with a
+linear warm-up and a cosine decay over `steps`, gradients clipped at 0.1 (sam2's value). The
+clip stream is a pure function of the step's generator seed, and the checkpoint holds the
+model, the optimizer, the next seed and torch's RNG state, so a run stopped by `--minutes` and
+resumed with `--resume` continues the same run.
+
+Files in `--out`:
+    train_state.pt  the resumable state (written atomically every `checkpoint_minutes`)
+    sam2.pt         sam2's `{"model": state_dict}` of the latest checkpoint
+    record.json     command, seeds, steps, wall time, losses, validation Dice, versions, commit
+    curve.png       loss and validation Dice over steps
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rau_rt.errors import InputError
+from rau_rt.train import TRAIN_SEEDS, VALIDATION_SEEDS
+from rau_rt.train.record import save_atomic, training_record, write_curve, write_json_atomic
+from rau_rt.train.sam2_data import REGIMES, ClipSpec, clip_stream, draw_clip
+
+CONFIGS = ("micro", "tiny")  # micro: 2.6 M parameters; tiny: sam2.1 hiera-t (39 M)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run (recorded in record.json)."""
+
+    config: str = "micro"
+    image_size: int = 256
+    steps: int = 6000
+    frames: int = 8
+    lr: float = 8e-4
+    weight_decay: float = 0.05
+    warmup: int = 200
+    seed: int = 0  # model init and torch's RNG
+    first_clip_seed: int = TRAIN_SEEDS.start
+    checkpoint_minutes: float = 5.0
+    validate_every: int = 500
+    validation_clips: int = 8  # per regime
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        if self.config not in CONFIGS:
+            raise InputError(f"config {self.config!r}: expected one of {CONFIGS}")
+        if self.image_size not in (256, 512):
+            raise InputError(f"image_size {self.image_size}: expected 256 or 512")
+        if self.config != "micro" and self.image_size == 256:
+            raise InputError("image_size 256 is for the micro config; tiny trains at 512")
+        if self.steps < 1 or self.frames < 2 or self.validate_every < 1:
+            raise InputError("steps >= 1, frames >= 2 and validate_every >= 1 expected, got "
+                             f"{self.steps}, {self.frames}, {self.validate_every}")
+        if self.first_clip_seed not in TRAIN_SEEDS:
+            raise InputError(f"first_clip_seed {self.first_clip_seed}: training seeds are "
+                             f"{TRAIN_SEEDS.start}..{TRAIN_SEEDS.stop - 1} (disjoint from the "
+                             "validation and held-out seeds)")
+
+
+@dataclass
+class History:
+    """What the record and the curve show."""
+
+    steps: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # mean over the last `every` steps
+    validation: list[dict[str, float]] = field(default_factory=list)  # with "step"
+    wall_s: float = 0.0
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def new_model(cfg: TrainConfig):
+    """A randomly initialised plain sam2 model of `cfg.config` at `cfg.image_size`."""
+    import torch
+
+    from rau_rt.export.sam2_model import build
+
+    torch.manual_seed(cfg.seed)
+    return build(cfg.config, cfg.image_size)
+
+
+def clip_loss(model, clip) -> tuple[object, dict[str, float]]:
+    """Mean loss over a clip's supervised frames and regions, and its terms as floats."""
+    import torch
+
+    from rau_rt.train.sam2_clip import run_clip
+    from rau_rt.train.sam2_loss import frame_loss, total
+
+    outputs = run_clip(model, clip)
+    targets = torch.from_numpy(clip.targets)
+    sums: dict[str, object] = {}
+    for t, out in enumerate(outputs):
+        if not clip.supervised[t]:
+            continue
+        for name, value in frame_loss(out.multimasks, out.ious, out.object_scores,
+                                      targets[t]).items():
+            sums[name] = sums.get(name, 0) + value
+    count = int(clip.supervised.sum()) * clip.targets.shape[1]
+    terms = {name: value / count for name, value in sums.items()}
+    return total(terms), {name: float(value.detach()) for name, value in terms.items()}
+
+
+def validation_clips(cfg: TrainConfig) -> dict[str, list]:
+    """Fixed, unaugmented clips per regime from VALIDATION_SEEDS."""
+    spec = ClipSpec(cfg.image_size, cfg.frames, augment=False)
+    clips: dict[str, list] = {}
+    for regime in REGIMES:
+        chosen = []
+        for seed in VALIDATION_SEEDS:
+            clip = draw_clip(seed, spec, regime)
+            if clip is not None:
+                chosen.append(clip)
+            if len(chosen) == cfg.validation_clips:
+                break
+        clips[regime] = chosen
+    return clips
+
+
+def evaluate(model, clips: dict[str, list]) -> dict[str, float]:
+    """Mean Dice of present targets and presence accuracy per regime, at the input size."""
+    import torch
+
+    from rau_rt.train.sam2_clip import run_clip
+
+    was_training = model.training
+    model.eval()
+    result: dict[str, float] = {}
+    with torch.no_grad():
+        for regime, chosen in clips.items():
+            dices, presence = [], []
+            for clip in chosen:
+                for t, out in enumerate(run_clip(model, clip)):
+                    if not clip.supervised[t]:
+                        continue
+                    pred = (out.masks[:, 0] > 0).numpy()
+                    for mask, truth in zip(pred, clip.targets[t], strict=True):
+                        presence.append(bool(mask.any()) == bool(truth.any()))
+                        if truth.any():
+                            inter = np.logical_and(mask, truth).sum()
+                            dices.append(2 * inter / (mask.sum() + truth.sum()))
+            result[f"dice_{regime}"] = float(np.mean(dices)) if dices else float("nan")
+            result[f"presence_{regime}"] = float(np.mean(presence)) if presence else float("nan")
+    model.train(was_training)
+    return result
+
+
+def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None, resume: bool = False,
+          command: str = "", progress: Callable[[int, dict[str, float]], None] | None = None,
+          ) -> dict[str, object]:
+    """Train (or resume) into `out`; returns the record. Stops at `cfg.steps` or after
+    `minutes` of this call (a checkpoint is written either way)."""
+    import torch
+
+    out = Path(out)
+    state_path = out / "train_state.pt"
+    if state_path.exists() and not resume:
+        raise InputError(f"{out} holds a training run (train_state.pt): pass --resume to "
+                         "continue it, or choose another --out")
+    if resume and not state_path.exists():
+        raise InputError(f"--resume: {state_path} does not exist")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    model = new_model(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step, next_seed, history = 0, cfg.first_clip_seed, History()
+    if resume:
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        if state["config"] != asdict(cfg):
+            raise InputError(f"--resume: {state_path} was trained with {state['config']}, "
+                             f"not {asdict(cfg)}; resume with the same arguments")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        step, next_seed = state["step"], state["next_seed"]
+        history = History(**state["history"])
+    model.train()
+    clips = validation_clips(cfg)
+    stream = clip_stream(next_seed, ClipSpec(cfg.image_size, cfg.frames))
+    started = time.monotonic()
+    last_save = started
+    window: list[float] = []
+
+    def checkpoint() -> None:
+        history.wall_s += time.monotonic() - checkpoint.since
+        checkpoint.since = time.monotonic()
+        save_atomic({"config": asdict(cfg), "model": model.state_dict(),
+                     "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                     "step": step, "next_seed": next_seed, "history": asdict(history)},
+                    state_path)
+        save_atomic({"model": model.state_dict()}, out / "sam2.pt")
+        write_json_atomic(out / "record.json", record())
+        write_curve(out / "curve.png", history.steps, history.losses, history.validation)
+
+    def record() -> dict[str, object]:
+        return training_record("sam2", command, asdict(cfg), step, next_seed, history.wall_s,
+                               history.validation, history.losses[-1] if history.losses else None)
+
+    checkpoint.since = started
+    try:
+        while step < cfg.steps:
+            if minutes is not None and time.monotonic() - started > minutes * 60:
+                break
+            clip, seed_after = next(stream)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, step)
+            loss, terms = clip_loss(model, clip)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+            optimizer.step()
+            step, next_seed = step + 1, seed_after
+            value = loss.item()
+            window.append(value)
+            if step % 50 == 0 or step == cfg.steps:
+                history.steps.append(step)
+                history.losses.append(float(np.mean(window)))
+                window.clear()
+            if step % cfg.validate_every == 0 or step == cfg.steps:
+                history.validation.append({"step": step, **evaluate(model, clips)})
+            if progress is not None:
+                progress(step, {"loss": value, **terms,
+                                **(history.validation[-1] if history.validation else {})})
+            if time.monotonic() - last_save > cfg.checkpoint_minutes * 60:
+                checkpoint()
+                last_save = time.monotonic()
+    except KeyboardInterrupt:  # Ctrl-C keeps the steps done so far (continue with --resume)
+        checkpoint()
+        raise
+    checkpoint()
+    return record()
