@@ -163,16 +163,18 @@ def _describe(keys: list[str], limit: int = 8) -> str:
     return shown + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
-def load_checkpoint(path: str | Path, config: str, image_size: int) -> nn.Module:
-    """Load Meta's `{"model": state_dict}` checkpoint into the model `config` builds.
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict of Meta's `{"model": state_dict}` .pt or of a .safetensors file (the
+    project's shipped demo weights: fp16, read back as fp32)."""
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
 
-    Raises:
-        CheckpointError: the file is not such a checkpoint, or its keys/shapes do not fit the
-            config (the message names the mismatching keys and the config tried).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path}: no such file")
+        try:
+            return {k: v.float() for k, v in load_file(path).items()}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint {path} is not a readable safetensors file "
+                                  f"({exc})") from exc
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for truncated or foreign files
@@ -183,7 +185,21 @@ def load_checkpoint(path: str | Path, config: str, image_size: int) -> nn.Module
         keys = sorted(data) if isinstance(data, dict) else type(data).__name__
         raise CheckpointError(f"checkpoint {path}: expected a dict with a 'model' state_dict "
                               f"(Meta's format), got {keys}")
-    state = data["model"]
+    return data["model"]
+
+
+def load_checkpoint(path: str | Path, config: str, image_size: int) -> nn.Module:
+    """Load Meta's `{"model": state_dict}` checkpoint (or a `.safetensors` state dict) into the
+    model `config` builds.
+
+    Raises:
+        CheckpointError: the file is not such a checkpoint, or its keys/shapes do not fit the
+            config (the message names the mismatching keys and the config tried).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    state = _read_state(path)
     model = build(config, image_size)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))

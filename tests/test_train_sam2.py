@@ -69,7 +69,7 @@ def test_jittered_boxes_stay_near_the_truth():
 
 def test_three_steps_on_a_fixed_clip_lower_the_loss():
     torch.manual_seed(0)
-    cfg = TrainConfig(frames=3)
+    cfg = TrainConfig(stages=((3, 3),))
     model = new_model(cfg).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     clip = _clip("box")
@@ -86,7 +86,7 @@ def test_three_steps_on_a_fixed_clip_lower_the_loss():
 def test_training_resumes_where_it_stopped_and_sam2_loads_the_checkpoint(tmp_path):
     from rau_rt.export.sam2_model import load_checkpoint
 
-    cfg = TrainConfig(steps=2, frames=2, validate_every=2, validation_clips=1, warmup=1)
+    cfg = TrainConfig(stages=((1, 1), (1, 2)), validate_every=2, validation_clips=1, warmup=1)
     straight = train(cfg, tmp_path / "a")
 
     def stop_after_one(step, values):
@@ -115,10 +115,10 @@ def test_training_resumes_where_it_stopped_and_sam2_loads_the_checkpoint(tmp_pat
 def test_a_run_folder_is_not_overwritten(tmp_path):
     from rau_rt.errors import InputError
 
-    cfg = TrainConfig(steps=1, frames=2, validate_every=1, validation_clips=1, warmup=1)
+    cfg = TrainConfig(stages=((1, 2),), validate_every=1, validation_clips=1, warmup=1)
     train(cfg, tmp_path)
     with pytest.raises(InputError, match="--resume"):
         train(cfg, tmp_path)
     with pytest.raises(InputError, match="same arguments"):
-        train(TrainConfig(steps=3, frames=2, validate_every=1, validation_clips=1, warmup=1),
+        train(TrainConfig(stages=((3, 2),), validate_every=1, validation_clips=1, warmup=1),
               tmp_path, resume=True)

@@ -25,6 +25,20 @@ def save_atomic(obj: object, path: Path) -> None:
     os.replace(partial, path)
 
 
+def save_fp16_safetensors(state: dict, path: Path, metadata: dict[str, str]) -> str:
+    """A state dict as fp16 safetensors (floating tensors halved), atomically; its sha256."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    half = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    partial = path.with_name(path.name + ".partial")
+    save_file(half, partial, metadata=metadata)
+    partial.chmod(0o644)  # safetensors writes 0600; the file ships and installs world-readable
+    os.replace(partial, path)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def write_json_atomic(path: Path, data: object) -> None:
     partial = path.with_name(path.name + ".partial")
     partial.write_text(json.dumps(data, indent=2) + "\n")

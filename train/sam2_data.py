@@ -122,7 +122,11 @@ def draw_clip(seed: int, spec: ClipSpec, regime: str | None = None) -> Clip | No
     """The clip of generator seed `seed`; None when the draw shows no usable region (the
     caller draws the next seed). `regime` None picks one with REGIME_WEIGHTS."""
     rng = np.random.default_rng([seed, 15])
-    regime = regime or str(rng.choice(REGIMES, p=REGIME_WEIGHTS))
+    if regime is None:  # a one-frame clip has nothing to track after a mask prompt
+        weights = np.array(REGIME_WEIGHTS) * [spec.frames > 1 or r != "mask" for r in REGIMES]
+        regime = str(rng.choice(REGIMES, p=weights / weights.sum()))
+    elif regime == "mask" and spec.frames < 2:
+        raise ValueError("a mask clip needs frames >= 2 (the masked frame is not scored)")
     artery = str(rng.choice(("left", "right")))
     dominance = str(rng.choice(("right", "left"), p=(0.85, 0.15)))
     look = "clinical" if rng.uniform() < 0.8 else "classic"

@@ -1,14 +1,19 @@
 """`rau-rt train sam2`: the training loop, resumable checkpoints, validation and the record.
 
 One clip per step (its 1-4 regions are the batch, as the tracker batches them), AdamW with a
-linear warm-up and a cosine decay over `steps`, gradients clipped at 0.1 (sam2's value). The
-clip stream is a pure function of the step's generator seed, and the checkpoint holds the
-model, the optimizer, the next seed and torch's RNG state, so a run stopped by `--minutes` and
-resumed with `--resume` continues the same run.
+linear warm-up and a cosine decay over all steps, gradients clipped at norm 1. A curriculum of
+stages grows the clips: from scratch, the all-background answer is a deep basin for thin
+vessels (0.2 % of a frame), and single box-prompted frames (0.2 s a step) are where the model
+first learns to find the segment in its box; longer clips then teach memory, presence and the
+reference. The clip stream is a pure function of the step's generator seed, and the checkpoint
+holds the model, the optimizer, the next seed and torch's RNG state, so a run stopped by
+`--minutes` and resumed with `--resume` continues the same run.
 
 Files in `--out`:
     train_state.pt  the resumable state (written atomically every `checkpoint_minutes`)
     sam2.pt         sam2's `{"model": state_dict}` of the latest checkpoint
+    sam2.fp16.safetensors  the same weights in fp16, as the repository ships them
+                    (rau_rt/weights/, with record.json beside them)
     record.json     command, seeds, steps, wall time, losses, validation Dice, versions, commit
     curve.png       loss and validation Dice over steps
 """
@@ -25,10 +30,19 @@ import numpy as np
 
 from rau_rt.errors import InputError
 from rau_rt.train import TRAIN_SEEDS, VALIDATION_SEEDS
-from rau_rt.train.record import save_atomic, training_record, write_curve, write_json_atomic
+from rau_rt.train.record import (
+    save_atomic,
+    save_fp16_safetensors,
+    training_record,
+    write_curve,
+    write_json_atomic,
+)
 from rau_rt.train.sam2_data import REGIMES, ClipSpec, clip_stream, draw_clip
 
 CONFIGS = ("micro", "tiny")  # micro: 2.6 M parameters; tiny: sam2.1 hiera-t (39 M)
+WEIGHTS_FILE = "sam2.fp16.safetensors"
+LICENCE = ("Apache-2.0, as rau-rt: trained by the project from random initialisation on its own "
+           "synthetic angiography; no third-party weights or data")
 
 
 @dataclass(frozen=True)
@@ -37,11 +51,11 @@ class TrainConfig:
 
     config: str = "micro"
     image_size: int = 256
-    steps: int = 6000
-    frames: int = 8
-    lr: float = 8e-4
+    stages: tuple[tuple[int, int], ...] = ((6000, 1), (2000, 3), (1500, 8))  # (steps, frames)
+    lr: float = 4e-4
     weight_decay: float = 0.05
     warmup: int = 200
+    grad_clip: float = 1.0
     seed: int = 0  # model init and torch's RNG
     first_clip_seed: int = TRAIN_SEEDS.start
     checkpoint_minutes: float = 5.0
@@ -56,13 +70,44 @@ class TrainConfig:
             raise InputError(f"image_size {self.image_size}: expected 256 or 512")
         if self.config != "micro" and self.image_size == 256:
             raise InputError("image_size 256 is for the micro config; tiny trains at 512")
-        if self.steps < 1 or self.frames < 2 or self.validate_every < 1:
-            raise InputError("steps >= 1, frames >= 2 and validate_every >= 1 expected, got "
-                             f"{self.steps}, {self.frames}, {self.validate_every}")
+        if not self.stages or any(n < 1 or f < 1 for n, f in self.stages) \
+                or self.validate_every < 1:
+            raise InputError("stages of (steps >= 1, frames >= 1) and validate_every >= 1 "
+                             f"expected, got {self.stages}, {self.validate_every}")
         if self.first_clip_seed not in TRAIN_SEEDS:
             raise InputError(f"first_clip_seed {self.first_clip_seed}: training seeds are "
                              f"{TRAIN_SEEDS.start}..{TRAIN_SEEDS.stop - 1} (disjoint from the "
                              "validation and held-out seeds)")
+
+
+    @property
+    def steps(self) -> int:
+        return sum(n for n, _ in self.stages)
+
+    @property
+    def frames(self) -> int:
+        """The last stage's clip length (validation clips have it)."""
+        return self.stages[-1][1]
+
+    def frames_at(self, step: int) -> int:
+        """Clip length of step `step` (0-based)."""
+        for n, frames in self.stages:
+            if step < n:
+                return frames
+            step -= n
+        return self.stages[-1][1]
+
+
+def parse_stages(text: str) -> tuple[tuple[int, int], ...]:
+    """"6000x1,2000x3,1500x8" -> ((6000, 1), (2000, 3), (1500, 8))."""
+    try:
+        stages = tuple(tuple(int(v) for v in part.split("x")) for part in text.split(","))
+    except ValueError:
+        stages = ()
+    if not stages or any(len(s) != 2 for s in stages):
+        raise InputError(f"stages {text!r}: expected STEPSxFRAMES[,STEPSxFRAMES...], e.g. "
+                         "6000x1,2000x3,1500x8")
+    return stages
 
 
 @dataclass
@@ -188,7 +233,8 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None, resume: 
         history = History(**state["history"])
     model.train()
     clips = validation_clips(cfg)
-    stream = clip_stream(next_seed, ClipSpec(cfg.image_size, cfg.frames))
+    spec = ClipSpec(cfg.image_size, cfg.frames_at(step))
+    stream = clip_stream(next_seed, spec)
     started = time.monotonic()
     last_save = started
     window: list[float] = []
@@ -201,25 +247,34 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None, resume: 
                      "step": step, "next_seed": next_seed, "history": asdict(history)},
                     state_path)
         save_atomic({"model": model.state_dict()}, out / "sam2.pt")
+        checkpoint.sha256 = save_fp16_safetensors(
+            model.state_dict(), out / WEIGHTS_FILE,
+            {"model": "sam2", "config": cfg.config, "image_size": str(cfg.image_size)})
         write_json_atomic(out / "record.json", record())
         write_curve(out / "curve.png", history.steps, history.losses, history.validation)
 
     def record() -> dict[str, object]:
-        return training_record("sam2", command, asdict(cfg), step, next_seed, history.wall_s,
-                               history.validation, history.losses[-1] if history.losses else None)
+        return {**training_record("sam2", command, asdict(cfg), step, next_seed,
+                                  history.wall_s, history.validation,
+                                  history.losses[-1] if history.losses else None),
+                "weights": {"file": WEIGHTS_FILE, "sha256": checkpoint.sha256, "dtype": "fp16",
+                            "licence": LICENCE}}
 
-    checkpoint.since = started
+    checkpoint.since, checkpoint.sha256 = started, None
     try:
         while step < cfg.steps:
             if minutes is not None and time.monotonic() - started > minutes * 60:
                 break
+            if cfg.frames_at(step) != spec.frames:  # the next stage of the curriculum
+                spec = ClipSpec(cfg.image_size, cfg.frames_at(step))
+                stream = clip_stream(next_seed, spec)
             clip, seed_after = next(stream)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, step)
             loss, terms = clip_loss(model, clip)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             step, next_seed = step + 1, seed_after
             value = loss.item()

@@ -22,10 +22,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                       help="run folder: train_state.pt, sam2.pt, record.json, curve.png")
     sam2.add_argument("--config", choices=CONFIGS, default=defaults.config)
     sam2.add_argument("--image-size", type=int, choices=(256, 512), default=defaults.image_size)
-    sam2.add_argument("--steps", type=int, default=defaults.steps,
-                      help="clips to train on (one clip of 1-4 regions per step); the "
-                           "learning-rate schedule spans them")
-    sam2.add_argument("--frames", type=int, default=defaults.frames, help="frames per clip")
+    stages = ",".join(f"{n}x{f}" for n, f in defaults.stages)
+    sam2.add_argument("--stages", default=stages,
+                      help=f"curriculum: STEPSxFRAMES per stage (one clip of 1-4 regions per "
+                           f"step); the learning-rate schedule spans all (default {stages})")
     sam2.add_argument("--lr", type=float, default=defaults.lr)
     sam2.add_argument("--seed", type=int, default=defaults.seed, help="model init seed")
     sam2.add_argument("--validate-every", type=int, default=defaults.validate_every)
@@ -39,10 +39,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from rau_rt.train.sam2_trainer import TrainConfig, train
+    from rau_rt.train.sam2_trainer import TrainConfig, parse_stages, train
 
-    cfg = TrainConfig(config=args.config, image_size=args.image_size, steps=args.steps,
-                      frames=args.frames, lr=args.lr, seed=args.seed,
+    cfg = TrainConfig(config=args.config, image_size=args.image_size,
+                      stages=parse_stages(args.stages), lr=args.lr, seed=args.seed,
                       validate_every=args.validate_every)
     command = shlex.join(["rau-rt", *args.argv])
     with tqdm(total=cfg.steps, desc="train sam2", unit="clip", disable=args.quiet) as bar:
