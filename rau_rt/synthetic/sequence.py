@@ -28,6 +28,7 @@ from rau_rt.synthetic.dynamics import (
     Bolus,
     Motion,
     MotionField,
+    cardiac_phase_weight,
     make_bolus,
     make_motion_field,
     respiratory_weight,
@@ -121,6 +122,7 @@ class FrameTruth:
     time_s: float
     segments: dict[str, SegmentTruth]
     labels: np.ndarray  # uint8: ARCADE category id (SEGMENTS index + 1) nearest the detector
+    contraction: float = 0.0  # cardiac phase: 0 end-diastole .. 1 end-systole
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,7 @@ class SequenceMeta:
     window: tuple[float, float]  # (centre, width) for the 8-bit view
     contrast_start_frame: int  # first frame with any iodine in the tree
     stenoses: tuple[Stenosis, ...]
+    diameters_mm: dict[str, float]  # per chosen segment: mean lumen diameter (calibre)
 
 
 @dataclass(frozen=True)
@@ -282,7 +285,9 @@ def _render(scene: _Scene, cfg: SequenceConfig, segments: tuple[str, ...], index
             h, w = raster.attenuation.shape
             attenuation[y0:y0 + h, x0:x0 + w] += raster.attenuation
     frame = scene.detector.expose(noise, attenuation, scene.background.gain)
-    return frame, FrameTruth(index, t, truths, labels)
+    contraction = float(cardiac_phase_weight(np.array([t]), cfg.motion.heart_rate_bpm,
+                                             motion.cardiac_phase0)[0])
+    return frame, FrameTruth(index, t, truths, labels, contraction)
 
 
 def _in_field(open_field: np.ndarray, xy: np.ndarray) -> np.ndarray:
@@ -349,7 +354,9 @@ def render_frames(cfg: SequenceConfig, indices: Iterable[int],
             progress(1)
     meta = SequenceMeta(cfg, view, chosen, scene.projector.spacing_mm,
                         scene.projector.pixel_spacing_detector_mm, _window(images[0], cfg.look),
-                        min(cfg.delay_frames, cfg.frames), scene.tree.stenoses)
+                        min(cfg.delay_frames, cfg.frames), scene.tree.stenoses,
+                        {v.name: float(2 * np.mean(v.radii)) for v in scene.tree.vessels
+                         if v.name in chosen})
     return Sequence(images, tuple(truths), meta)
 
 
