@@ -69,7 +69,8 @@ def open_pipeline(bundle: str | Path, reference: Reference | Sequence[Reference]
                   vlm_engine: EngineConfig | None = None,
                   tracker: TrackerConfig | None = None,
                   localizer: LocalizerConfig | None = None,
-                  bank: BankConfig | None = None) -> Pipeline:
+                  bank: BankConfig | None = None,
+                  localize: bool = True) -> Pipeline:
     """Load the bundle's engines, encode the reference(s), and return the stream's Pipeline.
 
     Args:
@@ -86,6 +87,8 @@ def open_pipeline(bundle: str | Path, reference: Reference | Sequence[Reference]
         vlm_engine: VLM engine settings (default: `engine` without its precision, since the
             VLM bundle's precisions differ from SAM2's).
         tracker, localizer, bank: their settings.
+        localize: False runs without keyframes even when the bundle has a VLM (it is not
+            loaded; e.g. an untrained one): regions are tracked from the reference memory.
 
     Raises:
         BundleError: the folder is not a pipeline bundle; EngineMismatchError / BundleError
@@ -109,15 +112,17 @@ def open_pipeline(bundle: str | Path, reference: Reference | Sequence[Reference]
     by_name = {r.name: r for r in primary.regions}
     masks = {n: m for n in names if n in by_name
              and (m := primary.mask(by_name[n])) is not None}
-    if paths.vlm is None:
+    vlm_path = paths.vlm if localize else None
+    if vlm_path is None:
+        why = (f"{paths.directory} has no VLM ({VLM_PART}/)" if paths.vlm is None
+               else "localization is off (localize=False)")
         if len(references) > 1:
-            raise InputError(f"{paths.directory} has no VLM ({VLM_PART}/): several references "
-                             "choose the VLM's reference per view and need one")
+            raise InputError(f"{why}: several references choose the VLM's reference per view "
+                             "and need one")
         boxes_only = [n for n in names if n not in masks]
         if boxes_only:
-            raise InputError(f"{paths.directory} has no VLM ({VLM_PART}/), so regions "
-                             f"{boxes_only} marked by box only cannot be found; give them a "
-                             "polygon or mask, or add a VLM bundle")
+            raise InputError(f"{why}, so regions {boxes_only} marked by box only cannot be "
+                             "found; give them a polygon or mask, or add a VLM bundle")
     opened, workers = {}, []
     try:
         sam2 = opened[SAM2_PART] = load_bundle(paths.sam2, backend, engine)
@@ -128,8 +133,8 @@ def open_pipeline(bundle: str | Path, reference: Reference | Sequence[Reference]
         if len(references) > 1:
             views = ReferenceBank(references, [stream_tracker.describe(_frame(r))
                                                for r in references], bank or BankConfig())
-        if paths.vlm is not None:
-            vlm = opened[VLM_PART] = load_bundle(paths.vlm, backend,
+        if vlm_path is not None:
+            vlm = opened[VLM_PART] = load_bundle(vlm_path, backend,
                                                  vlm_engine or replace(engine, precision=None))
             for ref in references:
                 workers.append(LocalizerWorker(

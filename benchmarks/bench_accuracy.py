@@ -1,0 +1,356 @@
+"""Task accuracy of the trained demo SAM2 against exact synthetic truth.
+
+    python -m benchmarks.bench_accuracy [--quick] [--weights FILE] [--json PATH]
+
+Held-out cines (generator seeds in `rau_rt.train.HELD_OUT_SEEDS`, never trained on; both
+arteries and dominances, random views, 0-2 stenoses, the clinical and classic looks; 60 frames
+at 15 fps, 512²), four segments each (the two widest, a middle and the narrowest calibre), scored
+per segment and frame with `rau_rt.synthetic.scoring` (Dice, boundary F at 2 px, presence; by
+calibre and cardiac phase). Three prompt regimes:
+
+- `mask`: the truth masks on the first frame where all four segments show (the tracker's
+  `add_reference` on that frame), tracking only after it;
+- `box`: jittered truth boxes on that frame and again every 15 frames (what the VLM's keyframes
+  do; a segment not visible on a keyframe gets no box, as the VLM answers null);
+- `reference`: another patient's annotated reference in another view as pinned memory from the
+  first frame (before any contrast), plus one jittered box where the segments first show.
+
+Rows: the Tracker on the exported bundle, fp32 and int8 (the exporter's per-graph choice), and
+sam2's `SAM2VideoPredictor` on the same weights, frames (JPEG, as it reads them) and prompts (the
+baseline of `speedup`; a re-prompt is added before propagation reaches its frame, so it too is
+decoded without memory). Hole filling is off on both sides (a pip-installed sam2 has no
+`sam2._C`). Each tracker row's `fidelity` holds its per-frame mask IoU against the predictor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from benchmarks.harness import stats, write_record
+from rau_rt.bundle import load_bundle
+from rau_rt.config import EngineConfig
+from rau_rt.synthetic import generate_sequence, make_reference
+from rau_rt.synthetic.scoring import Scorecard
+from rau_rt.tracking import Tracker, TrackerConfig
+from rau_rt.train import HELD_OUT_SEEDS
+
+SUITE = "accuracy"
+BASELINE = "sam2-predictor"
+REGIMES = ("mask", "box", "reference")
+KEYFRAME_EVERY = 15  # the demo's VLM schedule: one keyframe a second at 15 fps
+REFERENCE_SEED_OFFSET = 5000  # the reference patient of cine `seed` is seed + 5000 (held out)
+DEMO_WEIGHTS = Path(__file__).resolve().parents[1] / "rau_rt" / "weights" / \
+    "sam2_micro256.safetensors"
+
+
+@dataclass(frozen=True)
+class Cine:
+    seed: int
+    artery: str
+    dominance: str
+    look: str
+    stenoses: int
+
+
+HELD_OUT = (
+    Cine(101, "left", "right", "clinical", 0), Cine(102, "right", "right", "clinical", 1),
+    Cine(103, "left", "left", "clinical", 2), Cine(104, "left", "right", "classic", 1),
+    Cine(105, "right", "left", "clinical", 0), Cine(106, "left", "right", "clinical", 2),
+    Cine(107, "right", "right", "classic", 0), Cine(108, "left", "right", "clinical", 1),
+)
+assert all(c.seed in HELD_OUT_SEEDS and c.seed + REFERENCE_SEED_OFFSET in HELD_OUT_SEEDS
+           for c in HELD_OUT)
+
+
+@dataclass
+class Prepared:
+    """One cine made ready for every row: frames as both sides read them, regions, prompts."""
+
+    cine: Cine
+    sequence: object
+    regions: tuple[str, ...]
+    first: int  # the first frame where every region shows
+    rgb: list[np.ndarray]  # decoded JPEG frames (what the predictor reads)
+    video: Path
+    reference_rgb: np.ndarray
+    reference_masks: np.ndarray  # (regions, H, W) bool, from the reference's polygons
+    boxes: dict[int, list[np.ndarray | None]]  # frame -> per region jittered box or None
+
+
+def _choose_regions(sequence) -> tuple[tuple[str, ...], int]:
+    counts = [sum(s.present for s in t.segments.values()) for t in sequence.truth]
+    plateau = int(np.argmax(counts))
+    shown = [n for n, s in sequence.truth[plateau].segments.items() if s.present and s.box]
+    by_calibre = sorted(shown, key=lambda n: -sequence.meta.diameters_mm[n])
+    picks = [by_calibre[i] for i in sorted({0, 1, len(by_calibre) // 2, len(by_calibre) - 1})
+             if i < len(by_calibre)]
+    regions = tuple(n for n in sequence.meta.segments if n in picks)
+    first = next(k for k, t in enumerate(sequence.truth)
+                 if all(t.segments[n].present and t.segments[n].box for n in regions))
+    return regions, first
+
+
+def _write_jpegs(directory: Path, frames: list[np.ndarray]) -> list[np.ndarray]:
+    directory.mkdir(parents=True, exist_ok=True)
+    for i, frame in enumerate(frames):
+        Image.fromarray(frame).convert("RGB").save(directory / f"{i:05d}.jpg", quality=95)
+    return [np.array(Image.open(directory / f"{i:05d}.jpg").convert("RGB"))
+            for i in range(len(frames))]
+
+
+def prepare(cine: Cine, frames: int, workdir: Path) -> Prepared:
+    from rau_rt.train.sam2_data import jitter_box
+
+    sequence = generate_sequence(seed=cine.seed, frames=frames, size=512, fps=15.0,
+                                 artery=cine.artery, dominance=cine.dominance,
+                                 stenoses=cine.stenoses, look=cine.look)
+    regions, first = _choose_regions(sequence)
+    reference = make_reference(cine.seed + REFERENCE_SEED_OFFSET, 512, artery=cine.artery,
+                               dominance=cine.dominance, segments=regions,
+                               avoid_view=sequence.meta.view, look=cine.look)
+    import cv2
+
+    masks = []
+    for region in reference.regions:
+        canvas = np.zeros((512, 512), np.uint8)
+        points = np.round(np.asarray(region.polygon) * 16).astype(np.int32)
+        cv2.fillPoly(canvas, [points], 1, cv2.LINE_8, shift=4)
+        masks.append(canvas.astype(bool))
+    video = workdir / f"cine{cine.seed}"
+    rgb = _write_jpegs(video, list(sequence.frames_8bit()))
+    (reference_rgb,) = _write_jpegs(workdir / f"reference{cine.seed}", [reference.image_8bit()])
+    rng = np.random.default_rng([cine.seed, 20])
+    boxes = {}
+    for k in range(first, frames, KEYFRAME_EVERY):
+        truth = sequence.truth[k].segments
+        boxes[k] = [jitter_box(np.asarray(truth[n].box, np.float32), 512, rng)
+                    if truth[n].present and truth[n].box else None for n in regions]
+    return Prepared(cine, sequence, regions, first, rgb, video, reference_rgb, np.stack(masks),
+                    boxes)
+
+
+def schedule(p: Prepared, regime: str) -> tuple[list[int], dict[int, tuple[str, list]]]:
+    """Scored frame indices and prompt events {frame: ("mask"|"box", per-region values)}; frame
+    -1 is the reference (regime `reference`) or the masked first frame (regime `mask`)."""
+    n = len(p.rgb)
+    if regime == "mask":
+        masks = [p.sequence.truth[p.first].segments[r].mask(512) for r in p.regions]
+        return list(range(p.first + 1, n)), {-1: ("mask", masks)}
+    if regime == "box":
+        return list(range(p.first, n)), {k: ("box", v) for k, v in p.boxes.items()}
+    return list(range(n)), {-1: ("mask", list(p.reference_masks)),
+                            p.first: ("box", p.boxes[p.first])}
+
+
+def tracker_run(bundle, p: Prepared, regime: str) -> tuple[dict[int, np.ndarray], list[float]]:
+    frames, events = schedule(p, regime)
+    tracker = Tracker(bundle, TrackerConfig(fill_hole_area=0))
+    names = list(p.regions)
+    if -1 in events:
+        image = p.rgb[p.first] if regime == "mask" else p.reference_rgb
+        tracker.add_reference(image, dict(zip(names, events[-1][1], strict=True)))
+    out, ms = {}, []
+    for k in frames:
+        if k in events:
+            tracker.prompt(k - frames[0], {n: b for n, b in zip(names, events[k][1], strict=True)
+                                           if b is not None})
+        started = time.perf_counter()
+        step = tracker.step(p.rgb[k])
+        ms.append((time.perf_counter() - started) * 1e3)
+        out[k] = np.stack([step.regions[n].mask if n in step.regions and step.regions[n].present
+                           else np.zeros((512, 512), bool) for n in names])
+    return out, ms
+
+
+def predictor_run(model, p: Prepared, regime: str, workdir: Path,
+                  ) -> tuple[dict[int, np.ndarray], list[float]]:
+    """sam2's predictor over the same frames; its video starts with the masked frame or the
+    reference where the regime has one, so frame indices shift by `offset`."""
+    import torch
+
+    frames, events = schedule(p, regime)
+    # the very JPEG files the tracker decoded, renumbered from 0
+    files = sorted(p.video.glob("*.jpg"))
+    if regime == "reference":
+        offset = 1  # predictor frame = cine frame + 1; the reference is predictor frame 0
+        files = [p.video.parent / f"reference{p.cine.seed}" / "00000.jpg", *files]
+    else:  # the video starts at the first frame where every region shows
+        offset = -p.first
+        files = files[p.first:]
+    video = workdir / f"predictor{p.cine.seed}_{regime}"
+    video.mkdir()
+    for i, file in enumerate(files):
+        shutil.copyfile(file, video / f"{i:05d}.jpg")
+    first_predictor = 0 if -1 in events else frames[0] + offset
+    starts = sorted({0 if k == -1 else k + offset for k in events})
+    values = {0 if k == -1 else k + offset: v for k, v in events.items()}
+    last = frames[-1] + offset
+    out, ms = {}, []
+    with torch.inference_mode(), warnings.catch_warnings(), \
+            contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        state = model.init_state(str(video))
+        for i, start in enumerate(starts):
+            kind, per_region = values[start]
+            for obj, value in enumerate(per_region):
+                if value is None:
+                    continue
+                if kind == "mask":
+                    model.add_new_mask(state, frame_idx=start, obj_id=obj, mask=value)
+                else:
+                    model.add_new_points_or_box(state, frame_idx=start, obj_id=obj, box=value)
+            end = starts[i + 1] - 1 if i + 1 < len(starts) else last
+            frames_iter = model.propagate_in_video(state, start_frame_idx=start,
+                                                   max_frame_num_to_track=end - start)
+            while True:
+                started = time.perf_counter()
+                try:
+                    index, ids, masks = next(frames_iter)
+                except StopIteration:
+                    break
+                ms.append((time.perf_counter() - started) * 1e3)
+                if index < first_predictor or index - offset not in frames:
+                    continue
+                got = np.zeros((len(p.regions), 512, 512), bool)
+                for obj, mask in zip(ids, (masks[:, 0] > 0).cpu().numpy(), strict=True):
+                    got[obj] = mask
+                out[index - offset] = got
+    return out, ms
+
+
+def score(p: Prepared, masks: dict[int, np.ndarray], card: Scorecard) -> None:
+    diameters = p.sequence.meta.diameters_mm
+    for k, got in masks.items():
+        truth = p.sequence.truth[k]
+        for i, name in enumerate(p.regions):
+            card.add(f"{p.cine.seed}/{name}", got[i], truth.segments[name], truth, (512, 512),
+                     diameters[name])
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = (a | b).sum()
+    return 1.0 if union == 0 else float((a & b).sum() / union)
+
+
+def export_bundle(weights: Path, out: Path) -> dict[str, str]:
+    """The weights exported at micro@256 with int8 where the exporter accepts it."""
+    from rau_rt.export.sam2 import Sam2ExportConfig, export_sam2
+    from rau_rt.export.sam2_inputs import CheckFrames
+    from rau_rt.export.sam2_model import ModelSource
+
+    source = ModelSource(image_size=256, checkpoint=weights, config="micro")
+    with contextlib.redirect_stderr(io.StringIO()):
+        manifest, _ = export_sam2(Sam2ExportConfig(source, out, precision="int8"),
+                                  CheckFrames.synthetic(generate_sequence, regions=2))
+    return {g: manifest.entries(g)[0].precision for g in manifest.graph_names}
+
+
+def run(weights: Path, cines: tuple[Cine, ...], frames: int, workdir: Path,
+        ) -> tuple[list[dict], dict]:
+    from rau_rt.export.sam2_model import load_checkpoint
+
+    int8_graphs = export_bundle(weights, workdir / "bundle")
+    bundles = {"fp32": load_bundle(workdir / "bundle", config=EngineConfig(precision="fp32",
+                                                                          spin_wait=False)),
+               "int8": load_bundle(workdir / "bundle", config=EngineConfig(spin_wait=False))}
+    predictor = load_checkpoint(weights, "micro", 256)
+    predictor.fill_hole_area = 0
+    prepared = [prepare(c, frames, workdir) for c in cines]
+    cases = []
+    for regime in REGIMES:
+        cards = {name: Scorecard() for name in ("predictor", *bundles)}
+        times: dict[str, list[float]] = {name: [] for name in cards}
+        ious: dict[str, list[float]] = {name: [] for name in bundles}
+        for p in prepared:
+            theirs, ms = predictor_run(predictor, p, regime, workdir)
+            score(p, theirs, cards["predictor"])
+            times["predictor"].extend(ms[2:])
+            for precision, bundle in bundles.items():
+                ours, ms = tracker_run(bundle, p, regime)
+                score(p, ours, cards[precision])
+                times[precision].extend(ms[2:])
+                ious[precision].extend(_iou(ours[k][i], theirs[k][i]) for k in ours
+                                       for i in range(len(p.regions))
+                                       if ours[k][i].any() or theirs[k][i].any())
+        base = stats(np.asarray(times["predictor"]))
+        for name, card in cards.items():
+            mine = stats(np.asarray(times[name]))
+            row = "predictor" if name == "predictor" else "tracker"
+            precision = "fp32" if name == "predictor" else name
+            case = {"case": f"{row}/micro@256/{precision}/{regime}",
+                    "backend": "torch-cpu" if row == "predictor" else "onnxruntime-cpu",
+                    "precision": precision, **mine, "baseline": BASELINE,
+                    "baseline_median_ms": base["median_ms"], "baseline_p90_ms": base["p90_ms"],
+                    "speedup": base["median_ms"] / mine["median_ms"],
+                    "task": card.summary(), "fidelity": {}}
+            if ious.get(name):
+                case["fidelity"] = {"iou_vs_predictor_mean": float(np.mean(ious[name])),
+                                    "iou_vs_predictor_min": float(np.min(ious[name])),
+                                    "iou_vs_predictor_p01": float(np.percentile(ious[name], 1))}
+            cases.append(case)
+            print(json.dumps({k: case[k] for k in ("case", "median_ms", "task", "fidelity")}),
+                  flush=True)
+    for bundle in bundles.values():
+        bundle.close()
+    facts = {"weights": str(weights), "int8_graphs": int8_graphs,
+             "cines": [c.__dict__ | {"regions": p.regions, "first_frame": p.first}
+                       for c, p in zip(cines, prepared, strict=True)],
+             "frames": frames, "keyframe_every": KEYFRAME_EVERY}
+    return cases, facts
+
+
+def summary(record: dict) -> str:
+    """The README table: accuracy per row and regime."""
+    lines = ["| case | Dice (≥ 2 mm) | Dice all | boundary F | presence (changing) | "
+             "IoU vs predictor | ms/frame |", "|---|---|---|---|---|---|---|"]
+
+    def f(v):
+        return "-" if v is None else f"{v:.3f}"
+
+    for c in record["cases"]:
+        t = c["task"]
+        lines.append(f"| {c['case']} | {f(t['dice_ge2mm'])} | {f(t['dice_mean'])} | "
+                     f"{f(t['boundary_f'])} | {f(t['presence_acc'])} "
+                     f"({f(t['presence_acc_changing'])}) | "
+                     f"{f(c['fidelity'].get('iou_vs_predictor_mean'))} | "
+                     f"{c['median_ms']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="2 cines of 40 frames (about 3 minutes)")
+    parser.add_argument("--weights", type=Path, default=DEMO_WEIGHTS,
+                        help="SAM2 micro@256 weights (.safetensors or sam2 .pt); default the "
+                             "shipped demo weights")
+    parser.add_argument("--json", default=None, help="where to write the JSON record")
+    args = parser.parse_args(argv)
+    cines, frames = (HELD_OUT[:2], 40) if args.quick else (HELD_OUT, 60)
+    path = args.json or ("benchmarks/results/accuracy_quick_cpu.json" if args.quick
+                         else "benchmarks/results/accuracy_cpu.json")
+    with tempfile.TemporaryDirectory(prefix="bench_accuracy_") as tmp:
+        cases, facts = run(args.weights, cines, frames, Path(tmp))
+    command = "python -m benchmarks.bench_accuracy" + (" --quick" if args.quick else "")
+    record = write_record(SUITE, cases, path, command, **{})
+    record.update(facts)
+    record["summary_md"] = summary(record)
+    Path(path).write_text(json.dumps(record, indent=2) + "\n")
+    print(record["summary_md"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
