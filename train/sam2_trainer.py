@@ -221,6 +221,7 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None, resume: 
     model = new_model(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, next_seed, history = 0, cfg.first_clip_seed, History()
+    window: list[float] = []  # losses since the last logged mean
     if resume:
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         if state["config"] != asdict(cfg):
@@ -231,20 +232,21 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None, resume: 
         torch.set_rng_state(state["torch_rng"])
         step, next_seed = state["step"], state["next_seed"]
         history = History(**state["history"])
+        window = state["window"]
     model.train()
     clips = validation_clips(cfg)
     spec = ClipSpec(cfg.image_size, cfg.frames_at(step))
     stream = clip_stream(next_seed, spec)
     started = time.monotonic()
     last_save = started
-    window: list[float] = []
 
     def checkpoint() -> None:
         history.wall_s += time.monotonic() - checkpoint.since
         checkpoint.since = time.monotonic()
         save_atomic({"config": asdict(cfg), "model": model.state_dict(),
                      "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                     "step": step, "next_seed": next_seed, "history": asdict(history)},
+                     "step": step, "next_seed": next_seed, "history": asdict(history),
+                     "window": window},
                     state_path)
         save_atomic({"model": model.state_dict()}, out / "sam2.pt")
         checkpoint.sha256 = save_fp16_safetensors(
