@@ -12,7 +12,6 @@ import cv2
 import numpy as np
 
 from rau_rt.synthetic.anatomy import SEGMENTS
-from rau_rt.synthetic.dynamics import Motion
 from rau_rt.synthetic.projection import View
 from rau_rt.synthetic.sequence import Sequence, generate_sequence
 
@@ -56,8 +55,7 @@ def render_gallery(frames: int = 48) -> np.ndarray:
     """Rows: sequences; columns: empty frame, filling, filled, filled with truth outlines."""
     rows = []
     for seed, artery, dominance, view in SHOWN:
-        seq = generate_sequence(seed, frames, 512, 15.0, view, dominance, Motion(15.0, 6.0),
-                                artery=artery)
+        seq = generate_sequence(seed, frames, 512, 15.0, view, dominance, artery=artery)
         start = seq.meta.contrast_start_frame
         filling = next((t.index for t in seq.truth if t.index > start and not all(
             s.present for s in t.segments.values())), start)
