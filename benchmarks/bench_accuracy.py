@@ -15,11 +15,14 @@ calibre and cardiac phase). Three prompt regimes:
 - `reference`: another patient's annotated reference in another view as pinned memory from the
   first frame (before any contrast), plus one jittered box where the segments first show.
 
-Rows: the Tracker on the exported bundle, fp32 and int8 (the exporter's per-graph choice), and
-sam2's `SAM2VideoPredictor` on the same weights, frames (JPEG, as it reads them) and prompts (the
-baseline of `speedup`; a re-prompt is added before propagation reaches its frame, so it too is
-decoded without memory). Hole filling is off on both sides (a pip-installed sam2 has no
-`sam2._C`). Each tracker row's `fidelity` holds its per-frame mask IoU against the predictor.
+Rows: the Tracker on the exported bundle in fp32, with every graph int8 (`int8`, exported with
+`--no-precision-gate`) and with the exporter's per-graph choice (`int8-gated`: graphs whose
+drift is over `export/verify.py`'s tolerance stay fp32; the row is left out when it is every
+graph int8 anyway, and the record says so), and sam2's `SAM2VideoPredictor` on the same
+weights, frames (JPEG, as it reads them) and prompts (the baseline of `speedup`; a re-prompt is
+added before propagation reaches its frame, so it too is decoded without memory). Hole filling
+is off on both sides (a pip-installed sam2 has no `sam2._C`). Each tracker row's `fidelity`
+holds its per-frame mask IoU against the predictor.
 """
 
 from __future__ import annotations
@@ -244,15 +247,17 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if union == 0 else float((a & b).sum() / union)
 
 
-def export_bundle(weights: Path, out: Path) -> dict[str, str]:
-    """The weights exported at micro@256 with int8 where the exporter accepts it."""
+def export_bundle(weights: Path, out: Path, gate: bool) -> dict[str, str]:
+    """The weights exported at micro@256 in int8 (where the exporter accepts it, or every
+    graph with `gate` off); returns each graph's first (default) precision."""
     from rau_rt.export.sam2 import Sam2ExportConfig, export_sam2
     from rau_rt.export.sam2_inputs import CheckFrames
     from rau_rt.export.sam2_model import ModelSource
 
     source = ModelSource(image_size=256, checkpoint=weights, config="micro")
     with contextlib.redirect_stderr(io.StringIO()):
-        manifest, _ = export_sam2(Sam2ExportConfig(source, out, precision="int8"),
+        manifest, _ = export_sam2(Sam2ExportConfig(source, out, precision="int8",
+                                                   precision_gate=gate),
                                   CheckFrames.synthetic(generate_sequence, regions=2))
     return {g: manifest.entries(g)[0].precision for g in manifest.graph_names}
 
@@ -261,10 +266,14 @@ def run(weights: Path, cines: tuple[Cine, ...], frames: int, workdir: Path,
         ) -> tuple[list[dict], dict]:
     from rau_rt.export.sam2_model import load_checkpoint
 
-    int8_graphs = export_bundle(weights, workdir / "bundle")
-    bundles = {"fp32": load_bundle(workdir / "bundle", config=EngineConfig(precision="fp32",
-                                                                          spin_wait=False)),
-               "int8": load_bundle(workdir / "bundle", config=EngineConfig(spin_wait=False))}
+    gated = export_bundle(weights, workdir / "gated", gate=True)
+    export_bundle(weights, workdir / "all", gate=False)
+    engine = EngineConfig(spin_wait=False)
+    bundles = {"fp32": load_bundle(workdir / "all", config=EngineConfig(precision="fp32",
+                                                                       spin_wait=False)),
+               "int8": load_bundle(workdir / "all", config=engine)}
+    if set(gated.values()) != {"int8"}:
+        bundles["int8-gated"] = load_bundle(workdir / "gated", config=engine)
     predictor = load_checkpoint(weights, "micro", 256)
     predictor.fill_hole_area = 0
     prepared = [prepare(c, frames, workdir) for c in cines]
@@ -304,7 +313,8 @@ def run(weights: Path, cines: tuple[Cine, ...], frames: int, workdir: Path,
                   flush=True)
     for bundle in bundles.values():
         bundle.close()
-    facts = {"weights": str(weights), "int8_graphs": int8_graphs,
+    facts = {"weights": str(weights), "exporter_int8_choice": gated,
+             "int8_gated_row": "int8-gated" in bundles,
              "cines": [c.__dict__ | {"regions": p.regions, "first_frame": p.first}
                        for c, p in zip(cines, prepared, strict=True)],
              "frames": frames, "keyframe_every": KEYFRAME_EVERY}

@@ -130,6 +130,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     sam2.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
                       help="int8: quantize per graph; fp16: for GPUs, LayerNorm/Softmax kept "
                       "fp32; a graph whose drift is over tolerance stays fp32 (recorded)")
+    sam2.add_argument("--no-precision-gate", action="store_true",
+                      help="keep every int8/fp16 graph even where its drift is over tolerance "
+                      "(to measure its accuracy cost; the manifest records it)")
     sam2.add_argument("--int8-method", choices=("dynamic", "qdq"), default="dynamic",
                       help="dynamic (ONNX Runtime CPU) or qdq (MatMul/Conv, calibrated on "
                       "synthetic frames; TensorRT's int8 input)")

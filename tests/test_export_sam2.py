@@ -213,6 +213,18 @@ def test_int8_over_tolerance_stays_fp32(micro256, micro256_eager, monkeypatch, t
     assert quantized is None and parity["passed"] is False
     assert not (tmp_path / "memory_attention.int8.onnx").exists()
     assert "conditioned_features cosine" in sam2._drift(parity)
+    # with the gate off (to measure what int8 costs in accuracy) the graph stays int8, and its
+    # entry says why it was kept
+    ungated = sam2.Sam2ExportConfig(ModelSource(image_size=256, random_init="micro"), tmp_path,
+                                    precision="int8", precision_gate=False)
+    assert ungated.command.endswith(f"--precision int8 --int8-method dynamic "
+                                    f"--no-precision-gate --out {tmp_path}")
+    kept, parity = sam2._lower_graph("memory_attention", entry, tmp_path, ungated,
+                                     _reference(modules, "memory_attention", example),
+                                     to_numpy(example), [], {})
+    assert kept is not None and kept.precision == "int8" and parity["passed"] is False
+    assert kept.exporter["precision_gate"].startswith("off: kept although")
+    assert (tmp_path / "memory_attention.int8.onnx").exists()
 
 
 def test_one_check_region_is_refused_before_export(tmp_path):
