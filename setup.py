@@ -1,9 +1,9 @@
-"""Build script: one installed namespace (`rau_rt`) from three folders, plus the native extension.
+"""Build script: one installed namespace (`rau_rt`) from four folders, plus the native extension.
 
-`rau_rt/` is the runtime, `engines/` installs as `rau_rt.engines` and `export/` as
-`rau_rt.export` (ARCHITECTURE.md, "Layout"). The pybind11 extension `rau_rt._native` is optional
-so that a host without a C++ toolchain still gets the NumPy path; `RAU_RT_STRICT_NATIVE=1` (set by
-CI) turns a failed native build into a failed install.
+`rau_rt/` is the runtime, `engines/` installs as `rau_rt.engines`, `export/` as `rau_rt.export`
+and `train/` as `rau_rt.train` (ARCHITECTURE.md, "Layout"). The pybind11 extension
+`rau_rt._native` is optional so that a host without a C++ toolchain still gets the NumPy path;
+`RAU_RT_STRICT_NATIVE=1` (set by CI) turns a failed native build into a failed install.
 """
 
 import os
@@ -59,7 +59,7 @@ def native_extension() -> Pybind11Extension:
 
 
 def package_layout() -> tuple[dict[str, str], list[str]]:
-    """Every folder with an `__init__.py` under the three source roots, named in `rau_rt`."""
+    """Every folder with an `__init__.py` under the source roots, named in `rau_rt`."""
     package_dir: dict[str, str] = {}
     packages: list[str] = []
     for name, folder in PACKAGE_ROOTS.items():
@@ -76,6 +76,8 @@ setup(
     version=read_version(),
     package_dir=PACKAGE_DIR,
     packages=PACKAGES,
+    # the demo models' weights and training records (rau-rt train; README "Demo models")
+    package_data={"rau_rt": ["weights/*.safetensors", "weights/*.json"]},
     ext_modules=[native_extension()],
     cmdclass={"build_ext": build_ext},
     zip_safe=False,

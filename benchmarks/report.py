@@ -33,6 +33,9 @@ SUITES = {
     "pipeline_tiny512_cpu.json": "Pipeline end to end (`rau-rt bench`): SAM2 tiny 512 px int8 + "
                                  "Qwen2.5-VL tiny 224 px, back to back",
     "synthetic_cpu.json": "Synthetic angiography generator",
+    "accuracy_cpu.json": "Task accuracy of the demo SAM2 against exact synthetic truth: Tracker "
+                         "fp32 / int8 vs sam2's SAM2VideoPredictor on the same weights, "
+                         "held-out cines",
 }
 BEGIN, END = "<!-- perf:begin -->", "<!-- perf:end -->"
 
@@ -48,6 +51,7 @@ def render() -> str:
         versions = ", ".join(f"{k} {v}" for k, v in record["versions"].items()
                              if isinstance(v, str))
         table = (pipeline_markdown(record) if record.get("suite") == "rau-rt bench"
+                 else accuracy_markdown(record) if record.get("suite") == "accuracy"
                  else markdown(record))
         parts.append(f"**{heading}** ({versions})\n\n{table}")
     return "\n\n".join(parts)
@@ -75,6 +79,17 @@ def pipeline_markdown(record: dict[str, object]) -> str:
         f"`{record['command']}`",
     ]
     return "\n".join(lines)
+
+
+def accuracy_markdown(record: dict[str, object]) -> str:
+    """An accuracy record: its per-case task table, what ran, and the command."""
+    device = record["device"]
+    cines = ", ".join(f"seed {c['seed']} ({c['artery']}, {c['look']}: {'/'.join(c['regions'])})"
+                      for c in record["cines"])
+    return (f"{record['summary_md']}\n\n{len(record['cines'])} held-out cines of "
+            f"{record['frames']} frames at 512² ({cines}); box keyframes every "
+            f"{record['keyframe_every']} frames; ms/frame for 4 regions on {device['cpu']}, "
+            f"{device['physical_cores']} cores. Reproduce: `{record['command']}`")
 
 
 def rewrite_readme(readme: Path = ROOT / "README.md") -> None:

@@ -1,7 +1,9 @@
-"""`rau-rt demo`, `run` and `bench` end to end: real bundles (random-init SAM2 micro + Qwen2.5-VL
-tiny, exported and verified by the demo), the real localizer in its worker, real files.
+"""`rau-rt demo`, `run` and `bench` end to end: real bundles (the shipped demo SAM2 micro +
+random-init Qwen2.5-VL tiny, exported and verified by the demo), the real localizer in its
+worker, real files.
 
-The demo runs once at a reduced size (it builds the bundle the other tests use); `run` goes
+The demo runs twice at a reduced size (it builds the bundle the other tests use; the second run
+reuses it with the random VLM's keyframes on); `run` goes
 over a synthetic MKV, a 16-bit PNG folder, a 12-bit XA DICOM and pydicom's RGB ultrasound
 cine; bad inputs end in a one-line typed error and exit code 1.
 """
@@ -41,10 +43,10 @@ def demo(tmp_path_factory):
         assert main(args) == 0
         first = stdout.getvalue()
         stdout.truncate(0)
-        assert main(args) == 0  # the second run reuses the cached bundle
+        assert main([*args, "--localize", "on", "--out", str(root / "on")]) == 0  # cached
         second = stdout.getvalue()
     (bundle,) = [p for p in cache.iterdir() if p.name.startswith("demo-")]
-    return {"out": out, "bundle": bundle, "first": first, "second": second}
+    return {"out": out, "on": root / "on", "bundle": bundle, "first": first, "second": second}
 
 
 @pytest.fixture(scope="module")
@@ -73,17 +75,28 @@ def records(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_demo_writes_every_output_and_says_the_weights_are_untrained(demo):
+def test_demo_writes_every_output_and_says_what_its_weights_are(demo):
     out = demo["out"]
-    assert "random (untrained) weights" in demo["first"]
+    assert "trained on synthetic angiography only" in demo["first"]
+    assert "VLM: random weights" in demo["first"]  # so its keyframes are off by default
     assert "built now" in demo["first"] and "reused from the cache" in demo["second"]
     summary = json.loads((out / "summary.json").read_text())
     processed, dropped = summary["frames_processed"], summary["pipeline"]["frames_dropped"]
     assert processed + dropped == 8 and processed >= 2  # live replay: late frames drop
-    assert summary["untrained_weights"] is True and summary["config"]["realtime"] is True
+    assert summary["localize"] is False and summary["config"]["realtime"] is True
+    assert len(summary["notes"]) == 2
     assert summary["regions"] == ["5", "6", "7", "11"]
-    assert summary["pipeline"]["keyframes"][0] == {"frame": 0, "reason": "first"}
-    engines = summary["engines"]
+    assert summary["pipeline"]["keyframes"] == []
+    assert set(summary["engines"]) == {"sam2"}
+    # scored against the cine's truth: every processed frame, four segments each
+    assert summary["accuracy"]["frames"] == 4 * processed
+    assert "accuracy against the cine's exact truth" in demo["first"]
+    picture = cv2.imread(str(out / "truth_vs_prediction.png"))
+    assert picture is not None and picture.shape == (256, 2 * 256 + 6, 3)
+    on = json.loads((demo["on"] / "summary.json").read_text())
+    assert on["localize"] is True and "VLM: random weights" not in demo["second"]
+    assert on["pipeline"]["keyframes"][0] == {"frame": 0, "reason": "first"}
+    engines = on["engines"]
     assert set(engines) == {"sam2", "vlm"}
     assert set(engines["sam2"]["graphs"]) == {"image_encoder", "mask_decoder",
                                               "memory_attention", "memory_encoder"}

@@ -1,4 +1,5 @@
-"""The wheel installs one `rau_rt` namespace from three folders, with the native extension."""
+"""The wheel installs one `rau_rt` namespace from four folders, with the native extension and
+the demo weights."""
 
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ def test_wheel_maps_engines_and_export_into_rau_rt(tmp_path):
     (wheel,) = wheels.glob("rau_rt-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for expected in ("rau_rt/__init__.py", "rau_rt/ops/__init__.py", "rau_rt/engines/__init__.py",
-                     "rau_rt/export/__init__.py"):
+                     "rau_rt/export/__init__.py", "rau_rt/train/__init__.py",
+                     "rau_rt/weights/sam2_micro256.safetensors",
+                     "rau_rt/weights/sam2_micro256.json"):
         assert expected in names
     assert any(n.startswith("rau_rt/_native.") and n.endswith((".so", ".pyd")) for n in names)
     tops = {n.split("/")[0] for n in names if not n.startswith("rau_rt-")}

@@ -1,16 +1,20 @@
 """`rau-rt demo`: the whole job on built-in defaults, on this machine, in about a minute.
 
-1. A pipeline bundle: random-init SAM2 (micro, 256 px) and Qwen2.5-VL (tiny, 224 px) exported
+1. A pipeline bundle: the shipped demo SAM2 (micro, 256 px, trained by `rau-rt train sam2` on
+   synthetic cines; `rau_rt/weights/`) and a random-init Qwen2.5-VL (tiny, 224 px) exported
    and verified like any bundle, built once into the user cache dir and reused (or exported
    from `--sam2-checkpoint` / `--vlm`, or taken from `--bundle`).
 2. A synthetic coronary angiography cine (12-bit multi-frame XA DICOM) and an annotated
    reference still of another patient in another view (reference.png + reference.json).
 3. The full pipeline over the DICOM file replayed as a live feed at its frame rate: the VLM on
    keyframes in its worker, SAM2 tracking every frame, late frames dropped and counted.
-4. results.jsonl, overlay.mp4, summary.json/.md, latency.png, stages.png and a latency table.
+4. results.jsonl, overlay.mp4, summary.json/.md, latency.png, stages.png, a latency table, and
+   the accuracy against the cine's exact truth (Dice, presence) with truth_vs_prediction.png.
 
-Random weights localize and segment nothing meaningful: the demo shows the machinery and its
-latency, and says so.
+The demo VLM is not trained yet (random weights answer noise), so by default (`--localize
+auto`) keyframe localization is off unless the VLM has real weights: SAM2 follows the segments
+from the annotated reference's memory alone. `--localize on` runs the random VLM anyway (its
+latency is real; its boxes re-prompt SAM2 with noise).
 """
 
 from __future__ import annotations
@@ -30,9 +34,14 @@ from rau_rt.pipeline import KeyframeConfig, PipelineConfig, open_pipeline
 from rau_rt.pipeline.factory import SAM2_PART, VLM_PART, PipelineBundle
 
 DEMO_REGIONS = ("5", "6", "7", "11")  # left main, LAD proximal and mid, proximal circumflex
-UNTRAINED = ("NOTE: the demo bundle has random (untrained) weights: its masks and boxes are "
-             "meaningless; the latency is what this machine does with these model sizes. Pass "
-             "--sam2-checkpoint/--vlm (or --bundle) for real weights.")
+SHIPPED_SAM2 = Path(__file__).resolve().parents[1] / "weights" / "sam2_micro256.safetensors"
+SAM2_NOTE = ("SAM2: the project's demo weights (micro, 256 px), trained on synthetic angiography "
+             "only (rau_rt/weights/sam2_micro256.json): not for clinical use.")
+UNTRAINED_SAM2 = ("NOTE: SAM2 has random (untrained) weights (--random-init): its masks are "
+                  "meaningless; the latency is what this machine does with this model size.")
+UNTRAINED_VLM = ("VLM: random weights (not trained yet): keyframe localization is off; SAM2 "
+                 "follows the regions from the reference's memory. --localize on runs it anyway "
+                 "(latency only: its boxes are noise), --vlm DIR exports real weights.")
 
 
 def cache_root() -> Path:
@@ -64,8 +73,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="export SAM2 from this sam2.1_hiera_*.pt (with --sam2-config)")
     parser.add_argument("--sam2-config", default=None,
                         help="the checkpoint's config: tiny, small, base_plus, large")
+    parser.add_argument("--random-init", action="store_true",
+                        help="SAM2 with random weights instead of the shipped demo weights")
+    parser.add_argument("--localize", choices=("auto", "on", "off"), default="auto",
+                        help="VLM keyframes: auto = on when the VLM has real weights (--vlm or "
+                             "--bundle), off for the random-init demo VLM")
     parser.add_argument("--image-size", type=int, default=None,
-                        help="SAM2 input side (default 256 random-init micro, 512 checkpoint)")
+                        help="SAM2 input side (default 256 for micro, 512 --sam2-checkpoint)")
     parser.add_argument("--vlm", type=Path, default=None,
                         help="export the VLM from this Hugging Face Qwen2.5-VL folder")
     parser.add_argument("--vlm-input-size", type=int, default=None,
@@ -81,11 +95,21 @@ def _bundle_spec(args: argparse.Namespace) -> dict[str, object]:
     """What the demo bundle is built from: its cache key."""
     if (args.sam2_checkpoint is None) != (args.sam2_config is None):
         raise InputError("--sam2-checkpoint and --sam2-config go together")
-    sam2 = ({"checkpoint": str(args.sam2_checkpoint.resolve()), "config": args.sam2_config,
-             "checkpoint_bytes": _size(args.sam2_checkpoint),
-             "image_size": args.image_size or 512}
-            if args.sam2_checkpoint else {"random_init": "micro",
-                                          "image_size": args.image_size or 256})
+    if args.sam2_checkpoint is not None and args.random_init:
+        raise InputError("--random-init and --sam2-checkpoint exclude each other")
+    if args.sam2_checkpoint is not None:
+        sam2 = {"checkpoint": str(args.sam2_checkpoint.resolve()), "config": args.sam2_config,
+                "checkpoint_bytes": _size(args.sam2_checkpoint),
+                "image_size": args.image_size or 512}
+    elif args.random_init:
+        sam2 = {"random_init": "micro", "image_size": args.image_size or 256}
+    else:
+        if not SHIPPED_SAM2.is_file():
+            raise InputError(f"the shipped demo weights {SHIPPED_SAM2} are missing from this "
+                             "install; reinstall rau-rt, or pass --random-init")
+        sam2 = {"checkpoint": str(SHIPPED_SAM2), "config": "micro",
+                "checkpoint_sha256": hashlib.sha256(SHIPPED_SAM2.read_bytes()).hexdigest(),
+                "image_size": args.image_size or 256}
     vlm = ({"model": str(args.vlm.resolve()), "input_size": args.vlm_input_size or 448}
            if args.vlm else {"random_init": "tiny", "input_size": args.vlm_input_size or 224})
     return {"rau_rt": __version__, "sam2": sam2, "vlm": vlm}
@@ -142,8 +166,9 @@ def cached_bundle(spec: dict[str, object], cache: Path, rebuild: bool,
 
 
 def write_inputs(out: Path, frames: int, size: int, fps: float, seed: int,
-                 regions: tuple[str, ...]) -> tuple[Path, Path]:
-    """The synthetic cine (XA DICOM) and reference (PNG + JSON) in `out`."""
+                 regions: tuple[str, ...]):
+    """The synthetic cine (XA DICOM) and reference (PNG + JSON) in `out`; returns their paths
+    and the cine's `Sequence` (its truth scores the run)."""
     import cv2
 
     from rau_rt.io.annotations import write_reference_annotation
@@ -157,7 +182,7 @@ def write_inputs(out: Path, frames: int, size: int, fps: float, seed: int,
     cv2.imwrite(str(out / "reference.png"), reference.image_8bit())
     annotation = out / "reference.json"
     write_reference_annotation(annotation, "reference.png", (size, size), reference.regions)
-    return cine, annotation
+    return cine, annotation, sequence
 
 
 def run(args: argparse.Namespace) -> int:
@@ -165,10 +190,20 @@ def run(args: argparse.Namespace) -> int:
 
     if args.frames < 2:
         raise InputError(f"--frames must be >= 2, got {args.frames}")
+    from rau_rt.io.truth import TruthSink
+
     regions = tuple(r.strip() for r in args.regions.split(",") if r.strip())
-    untrained = args.bundle is None and (args.sam2_checkpoint is None or args.vlm is None)
-    if untrained:
-        print(UNTRAINED)
+    random_vlm = args.bundle is None and args.vlm is None
+    localize = args.localize == "on" or (args.localize == "auto" and not random_vlm)
+    notes = []
+    if args.random_init:
+        notes.append(UNTRAINED_SAM2)
+    elif args.bundle is None and args.sam2_checkpoint is None:
+        notes.append(SAM2_NOTE)
+    if random_vlm and not localize:
+        notes.append(UNTRAINED_VLM)
+    for note in notes:
+        print(note)
     if args.bundle is not None:
         bundle = args.bundle
         PipelineBundle.find(bundle)
@@ -177,8 +212,8 @@ def run(args: argparse.Namespace) -> int:
                                       args.rebuild, not args.quiet)
         print(f"bundle: {bundle} ({'built now' if built else 'reused from the cache'})")
     args.out.mkdir(parents=True, exist_ok=True)
-    cine, annotation = write_inputs(args.out, args.frames, args.size, args.fps, args.seed,
-                                    regions)
+    cine, annotation, sequence = write_inputs(args.out, args.frames, args.size, args.fps,
+                                              args.seed, regions)
     print(f"inputs: {cine} ({args.frames} frames {args.size}x{args.size}, 12-bit XA, "
           f"{args.fps:g} fps), reference {annotation}")
     reference = load_reference(annotation)
@@ -186,19 +221,32 @@ def run(args: argparse.Namespace) -> int:
                             wait_for_localizer=args.offline, realtime=not args.offline)
     sam2_engine, vlm_engine = run_command.engine_configs(args)
     source = open_source(cine)
+    truth = TruthSink(args.out / "truth_vs_prediction.png", sequence, regions)
     with source, open_pipeline(bundle, reference, regions, config, backend=args.backend,
-                               engine=sam2_engine, vlm_engine=vlm_engine) as pipeline:
-        sinks = run_command.open_sinks(args.out, overlay=True, masks="none", dicom_seg=False)
+                               engine=sam2_engine, vlm_engine=vlm_engine,
+                               localize=localize) as pipeline:
+        sinks = [*run_command.open_sinks(args.out, overlay=True, masks="none",
+                                         dicom_seg=False), truth]
         profile, wall, interrupted = run_command.stream(pipeline, source, sinks,
                                                         progress=not args.quiet, desc="demo")
         record = run_command.summarize(
             pipeline, profile, wall, command=run_command.command_line(args), source=source,
             fps=source.fps, interrupted=interrupted,
-            extra={"untrained_weights": untrained, "bundle": str(bundle),
+            extra={"notes": notes, "localize": localize, "bundle": str(bundle),
+                   "accuracy": truth.summary(),
                    "outputs": {type(s).__name__: str(s.path) for s in sinks}})
     paths = run_command.write_report(args.out, record, profile, "rau-rt demo")
     run_command.print_summary(record, paths)
     print(f"overlay: {args.out / 'overlay.mp4'}, results: {args.out / 'results.jsonl'}")
-    if untrained:
-        print(UNTRAINED)
+    accuracy = truth.summary()
+    print(f"accuracy against the cine's exact truth ({accuracy['frames']} segment-frames): "
+          f"Dice {_num(accuracy['dice_mean'])} (segments >= 2 mm: "
+          f"{_num(accuracy['dice_ge2mm'])}), presence {_num(accuracy['presence_acc'])}; "
+          f"picture: {truth.path}")
+    for note in notes:
+        print(note)
     return 0
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"

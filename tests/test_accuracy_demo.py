@@ -1,0 +1,56 @@
+"""The shipped demo SAM2 finds the right anatomy: exported through the user's path, run by the
+Tracker on a held-out cine, scored against exact truth (issue 15: an accuracy regression test,
+not a timing test). The shipped weights are a first run, below the goals (Dice 0.85 from a mask,
+0.75 from boxes): the floors here are what they reach on this cine (benchmarks/bench_accuracy.py
+--quick: box 0.51, reference 0.39 on segments >= 2 mm over two cines) less a margin, so a
+regression fails; raise them with better weights. Tracking from a mask alone is not held to a
+floor yet (Dice 0.02: the first run does not carry a mask forward)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("sam2")
+
+from benchmarks.bench_accuracy import HELD_OUT, prepare, score, tracker_run
+from rau_rt.bundle import load_bundle
+from rau_rt.commands.demo import SHIPPED_SAM2
+from rau_rt.config import EngineConfig
+from rau_rt.synthetic import generate_sequence
+from rau_rt.synthetic.scoring import Scorecard
+
+FLOORS = {"box": 0.35, "reference": 0.25}  # random weights score about 0.005
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    from rau_rt.export.sam2 import Sam2ExportConfig, export_sam2
+    from rau_rt.export.sam2_inputs import CheckFrames
+    from rau_rt.export.sam2_model import ModelSource
+
+    out = tmp_path_factory.mktemp("demo_sam2")
+    source = ModelSource(image_size=256, checkpoint=SHIPPED_SAM2, config="micro")
+    with contextlib.redirect_stderr(io.StringIO()):
+        export_sam2(Sam2ExportConfig(source, out),
+                    CheckFrames.synthetic(generate_sequence, regions=2))
+    with load_bundle(out, config=EngineConfig(spin_wait=False)) as loaded:
+        yield loaded
+
+
+@pytest.fixture(scope="module")
+def cine(tmp_path_factory):
+    return prepare(HELD_OUT[0], 40, tmp_path_factory.mktemp("cine"))
+
+
+@pytest.mark.parametrize("regime", sorted(FLOORS))
+def test_shipped_weights_segment_the_requested_segments(bundle, cine, regime):
+    masks, _ = tracker_run(bundle, cine, regime)
+    card = Scorecard()
+    score(cine, masks, card)
+    result = card.summary()
+    assert result["dice_ge2mm"] >= FLOORS[regime], result
+    assert result["presence_acc"] >= 0.8, result
