@@ -53,6 +53,25 @@ def _dashed(image: np.ndarray, y: int, x0: int, x1: int, colour) -> None:
         cv2.line(image, (x, y), (min(x + 6, x1), y), colour, 1, cv2.LINE_AA)
 
 
+def _axes(image: np.ndarray, px, y_range: tuple[float, float], x_max: float) -> None:
+    """Grid lines and labels at round y values, x ticks from 0, and the plot frame; `px` maps
+    (x, y) data arrays to pixel points."""
+    left, right = MARGIN["left"], WIDTH - MARGIN["right"]
+    top, bottom = MARGIN["top"], HEIGHT - MARGIN["bottom"]
+    lo, hi = y_range
+    step = _nice_step(hi - lo)
+    for k in range(int((hi - lo) / step) + 1):
+        yy = int(px(np.zeros(1), np.array([lo + k * step]))[0, 1])
+        cv2.line(image, (left, yy), (right, yy), GRID, 1)
+        _text(image, f"{lo + k * step:g}", left - 6, yy, align="right")
+    step = _nice_step(x_max)
+    for k in range(int(x_max / step) + 1):
+        xx = int(px(np.array([k * step]), np.zeros(1))[0, 0])
+        cv2.line(image, (xx, bottom), (xx, bottom + 4), INK, 1)
+        _text(image, f"{k * step:g}", xx, bottom + 14, align="center")
+    cv2.rectangle(image, (left, top), (right, bottom), INK, 1)
+
+
 def latency_plot(path: str | Path, times_s: Sequence[float], latency_ms: Sequence[float], *,
                  deadline_ms: float | None = None, title: str = "end-to-end latency") -> Path:
     """Latency (ms) against time (s since the first frame) as a PNG at `path`."""
@@ -73,17 +92,7 @@ def latency_plot(path: str | Path, times_s: Sequence[float], latency_ms: Sequenc
         ys = bottom - yy / y_max * (bottom - top)
         return np.stack([xs, ys], axis=-1).round().astype(np.int32)
 
-    step = _nice_step(y_max)
-    for k in range(int(y_max / step) + 1):
-        yy = int(px(np.zeros(1), np.array([k * step]))[0, 1])
-        cv2.line(image, (left, yy), (right, yy), GRID, 1)
-        _text(image, f"{k * step:g}", left - 6, yy, align="right")
-    step = _nice_step(t_max)
-    for k in range(int(t_max / step) + 1):
-        xx = int(px(np.array([k * step]), np.zeros(1))[0, 0])
-        cv2.line(image, (xx, bottom), (xx, bottom + 4), INK, 1)
-        _text(image, f"{k * step:g}", xx, bottom + 14, align="center")
-    cv2.rectangle(image, (left, top), (right, bottom), INK, 1)
+    _axes(image, px, (0.0, y_max), t_max)
     cv2.polylines(image, [px(t, y)], False, LINE, 1, cv2.LINE_AA)
     legend = []
     p50, p99 = np.percentile(y, (50, 99))
@@ -157,17 +166,7 @@ def _panel(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], title:
                          bottom - (yy - lo) / (hi - lo) * (bottom - top)],
                         axis=-1).round().astype(np.int32)
 
-    step = _nice_step(hi - lo)
-    for k in range(int((hi - lo) / step) + 1):
-        yy = int(px(np.zeros(1), np.array([lo + k * step]))[0, 1])
-        cv2.line(image, (left, yy), (right, yy), GRID, 1)
-        _text(image, f"{lo + k * step:g}", left - 6, yy, align="right")
-    step = _nice_step(x_max)
-    for k in range(int(x_max / step) + 1):
-        xx = int(px(np.array([k * step]), np.zeros(1))[0, 0])
-        cv2.line(image, (xx, bottom), (xx, bottom + 4), INK, 1)
-        _text(image, f"{k * step:g}", xx, bottom + 14, align="center")
-    cv2.rectangle(image, (left, top), (right, bottom), INK, 1)
+    _axes(image, px, (lo, hi), x_max)
     x = left
     for (name, (sx, sy)), colour in zip(series.items(), SERIES * 4, strict=False):
         sx, sy = np.asarray(sx, np.float64), np.asarray(sy, np.float64)
