@@ -127,3 +127,37 @@ def test_a_run_folder_is_not_overwritten(tmp_path):
     with pytest.raises(InputError, match="same arguments"):
         train(TrainConfig(stages=((3, 2),), validate_every=1, validation_clips=1, warmup=1),
               tmp_path, resume=True)
+
+
+def test_a_fine_tune_starts_from_the_given_weights_and_records_them(tmp_path):
+    cfg = TrainConfig(stages=((1, 1),), validate_every=1, validation_clips=1, warmup=1)
+    parent = train(cfg, tmp_path / "parent")
+    weights = tmp_path / "parent" / "sam2.fp16.safetensors"
+    tuned_cfg = TrainConfig(stages=((1, 2),), validate_every=1, validation_clips=1, warmup=1,
+                            init=str(weights), first_clip_seed=TRAIN_SEEDS.start + 1000,
+                            regime_weights=(0.0, 1.0, 0.0))
+    # before a step, the model holds the parent's weights (fp16, as they ship), not new ones
+    start = new_model(tuned_cfg).state_dict()
+    trained = torch.load(tmp_path / "parent" / "sam2.pt", weights_only=True)["model"]
+    key = "sam_mask_decoder.iou_token.weight"
+    assert torch.equal(start[key], trained[key].half().float())
+    assert not torch.equal(start[key], new_model(cfg).state_dict()[key])
+    tuned = train(tuned_cfg, tmp_path / "tuned")
+    assert tuned["init"]["file"] == str(weights)
+    assert tuned["init"]["record"]["steps_done"] == parent["steps_done"]
+    assert tuned["clip_seeds"][0] == TRAIN_SEEDS.start + 1000
+
+
+@pytest.mark.parametrize("weights, stages", [((0.5, 0.5), ((1, 2),)), ((0, 0, 0), ((1, 2),)),
+                                              ((-1, 1, 1), ((1, 2),)), ((0, 1, 0), ((1, 1),))])
+def test_regime_weights_that_cannot_draw_a_clip_are_refused(weights, stages):
+    from rau_rt.errors import InputError
+
+    with pytest.raises(InputError, match="regime_weights"):
+        TrainConfig(stages=stages, regime_weights=weights)
+
+
+def test_mask_only_weights_draw_only_mask_clips():
+    spec = ClipSpec(image_size=256, frames=2, regime_weights=(0.0, 1.0, 0.0))
+    drawn = [draw_clip(seed, spec) for seed in range(TRAIN_SEEDS.start, TRAIN_SEEDS.start + 6)]
+    assert {c.regime for c in drawn if c is not None} == {"mask"}

@@ -40,6 +40,7 @@ class ClipSpec:
     image_size: int = 256  # the model's input side
     frames: int = 8  # tracked frames (the reference, when there is one, comes on top)
     augment: bool = True
+    regime_weights: tuple[float, float, float] = REGIME_WEIGHTS  # box, mask, reference
 
 
 @dataclass(frozen=True)
@@ -120,10 +121,11 @@ def _reference_masks(seed: int, frame_size: int, artery: str, dominance: str,
 
 def draw_clip(seed: int, spec: ClipSpec, regime: str | None = None) -> Clip | None:
     """The clip of generator seed `seed`; None when the draw shows no usable region (the
-    caller draws the next seed). `regime` None picks one with REGIME_WEIGHTS."""
+    caller draws the next seed). `regime` None picks one with `spec.regime_weights`."""
     rng = np.random.default_rng([seed, 15])
     if regime is None:  # a one-frame clip has nothing to track after a mask prompt
-        weights = np.array(REGIME_WEIGHTS) * [spec.frames > 1 or r != "mask" for r in REGIMES]
+        weights = np.array(spec.regime_weights) * [spec.frames > 1 or r != "mask"
+                                                   for r in REGIMES]
         regime = str(rng.choice(REGIMES, p=weights / weights.sum()))
     elif regime == "mask" and spec.frames < 2:
         raise ValueError("a mask clip needs frames >= 2 (the masked frame is not scored)")

@@ -37,7 +37,7 @@ from rau_rt.train.record import (
     write_curve,
     write_json_atomic,
 )
-from rau_rt.train.sam2_data import REGIMES, ClipSpec, clip_stream, draw_clip
+from rau_rt.train.sam2_data import REGIME_WEIGHTS, REGIMES, ClipSpec, clip_stream, draw_clip
 
 CONFIGS = ("micro", "tiny")  # micro: 2.6 M parameters; tiny: sam2.1 hiera-t (39 M)
 WEIGHTS_FILE = "sam2.fp16.safetensors"
@@ -62,6 +62,8 @@ class TrainConfig:
     validate_every: int = 500
     validation_clips: int = 8  # per regime
     threads: int = 2
+    regime_weights: tuple[float, float, float] = REGIME_WEIGHTS  # box, mask, reference
+    init: str | None = None  # weights to start from (sam2 .pt or .safetensors); None: random
 
     def __post_init__(self) -> None:
         if self.config not in CONFIGS:
@@ -74,6 +76,14 @@ class TrainConfig:
                 or self.validate_every < 1:
             raise InputError("stages of (steps >= 1, frames >= 1) and validate_every >= 1 "
                              f"expected, got {self.stages}, {self.validate_every}")
+        weights = self.regime_weights
+        if len(weights) != len(REGIMES) or min(weights) < 0 or sum(weights) <= 0 \
+                or (any(f == 1 for _, f in self.stages) and weights[0] + weights[2] <= 0):
+            raise InputError(f"regime_weights {weights}: expected {len(REGIMES)} weights >= 0 "
+                             f"for {', '.join(REGIMES)}, not all zero (and not only mask "
+                             "when a stage has one-frame clips: a mask clip needs 2 frames)")
+        if self.init is not None and not Path(self.init).is_file():
+            raise InputError(f"init {self.init}: no such file")
         if self.first_clip_seed not in TRAIN_SEEDS:
             raise InputError(f"first_clip_seed {self.first_clip_seed}: training seeds are "
                              f"{TRAIN_SEEDS.start}..{TRAIN_SEEDS.stop - 1} (disjoint from the "
@@ -128,13 +138,32 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
 
 
 def new_model(cfg: TrainConfig):
-    """A randomly initialised plain sam2 model of `cfg.config` at `cfg.image_size`."""
+    """The plain sam2 model of `cfg.config` at `cfg.image_size`: randomly initialised, or
+    holding the weights of `cfg.init` (a fine-tune of an earlier run)."""
     import torch
 
-    from rau_rt.export.sam2_model import build
+    from rau_rt.export.sam2_model import build, load_checkpoint
 
     torch.manual_seed(cfg.seed)
+    if cfg.init is not None:
+        return load_checkpoint(cfg.init, cfg.config, cfg.image_size).float()
     return build(cfg.config, cfg.image_size)
+
+
+def init_record(path: str | None) -> dict[str, object] | None:
+    """What a fine-tune started from: the file, its sha256 and, where the run folder or the
+    shipped weights keep one beside it, that run's record (so shipped weights carry their
+    whole lineage)."""
+    if path is None:
+        return None
+    import hashlib
+    import json
+
+    file = Path(path)
+    parent = next((p for p in (file.parent / "record.json", file.with_suffix(".json"))
+                   if p.is_file()), None)
+    return {"file": str(file), "sha256": hashlib.sha256(file.read_bytes()).hexdigest(),
+            "record": json.loads(parent.read_text()) if parent else None}
 
 
 def clip_loss(model, clip) -> tuple[object, dict[str, float]]:
@@ -159,8 +188,9 @@ def clip_loss(model, clip) -> tuple[object, dict[str, float]]:
 
 
 def validation_clips(cfg: TrainConfig) -> dict[str, list]:
-    """Fixed, unaugmented clips per regime from VALIDATION_SEEDS."""
-    spec = ClipSpec(cfg.image_size, cfg.frames, augment=False)
+    """Fixed, unaugmented clips per regime from VALIDATION_SEEDS, as long as the last stage's
+    (at least 2 frames: a mask clip tracks after its masked frame)."""
+    spec = ClipSpec(cfg.image_size, max(2, cfg.frames), augment=False)
     clips: dict[str, list] = {}
     for regime in REGIMES:
         chosen = []
@@ -224,7 +254,8 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None, resume: 
     window: list[float] = []  # losses since the last logged mean
     if resume:
         state = torch.load(state_path, map_location="cpu", weights_only=False)
-        if state["config"] != asdict(cfg):
+        saved = asdict(TrainConfig()) | state["config"]  # runs from before a field existed
+        if saved != asdict(cfg):
             raise InputError(f"--resume: {state_path} was trained with {state['config']}, "
                              f"not {asdict(cfg)}; resume with the same arguments")
         model.load_state_dict(state["model"])
@@ -235,7 +266,7 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None, resume: 
         window = state["window"]
     model.train()
     clips = validation_clips(cfg)
-    spec = ClipSpec(cfg.image_size, cfg.frames_at(step))
+    spec = ClipSpec(cfg.image_size, cfg.frames_at(step), regime_weights=cfg.regime_weights)
     stream = clip_stream(next_seed, spec)
     started = time.monotonic()
     last_save = started
@@ -259,16 +290,19 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None, resume: 
         return {**training_record("sam2", command, asdict(cfg), step, next_seed,
                                   history.wall_s, history.validation,
                                   history.losses[-1] if history.losses else None),
+                "init": lineage,
                 "weights": {"file": WEIGHTS_FILE, "sha256": checkpoint.sha256, "dtype": "fp16",
                             "licence": LICENCE}}
 
+    lineage = init_record(cfg.init)
     checkpoint.since, checkpoint.sha256 = started, None
     try:
         while step < cfg.steps:
             if minutes is not None and time.monotonic() - started > minutes * 60:
                 break
             if cfg.frames_at(step) != spec.frames:  # the next stage of the curriculum
-                spec = ClipSpec(cfg.image_size, cfg.frames_at(step))
+                spec = ClipSpec(cfg.image_size, cfg.frames_at(step),
+                                regime_weights=cfg.regime_weights)
                 stream = clip_stream(next_seed, spec)
             clip, seed_after = next(stream)
             for group in optimizer.param_groups:

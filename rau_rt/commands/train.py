@@ -28,6 +28,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
                            f"step); the learning-rate schedule spans all (default {stages})")
     sam2.add_argument("--lr", type=float, default=defaults.lr)
     sam2.add_argument("--seed", type=int, default=defaults.seed, help="model init seed")
+    sam2.add_argument("--init", default=None, metavar="WEIGHTS",
+                      help="start from these weights (a run's sam2.pt or .safetensors, e.g. the "
+                           "shipped ones) instead of random ones; the record keeps their record")
+    sam2.add_argument("--first-clip-seed", type=int, default=defaults.first_clip_seed,
+                      help="generator seed of the first training clip (a fine-tune draws new "
+                           f"clips from a later one; default {defaults.first_clip_seed})")
+    weights = ",".join(f"{w:g}" for w in defaults.regime_weights)
+    sam2.add_argument("--regime-weights", default=weights, metavar="BOX,MASK,REFERENCE",
+                      help=f"how often each prompt regime is drawn (default {weights})")
     sam2.add_argument("--validate-every", type=int, default=defaults.validate_every)
     sam2.add_argument("--minutes", type=float, default=None,
                       help="stop after this long (checkpointed; continue with --resume)")
@@ -39,11 +48,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from rau_rt.errors import InputError
     from rau_rt.train.sam2_trainer import TrainConfig, parse_stages, train
 
+    try:
+        weights = tuple(float(w) for w in args.regime_weights.split(","))
+    except ValueError:
+        raise InputError(f"--regime-weights {args.regime_weights!r}: expected three numbers "
+                         "BOX,MASK,REFERENCE, e.g. 0.45,0.25,0.3") from None
     cfg = TrainConfig(config=args.config, image_size=args.image_size,
                       stages=parse_stages(args.stages), lr=args.lr, seed=args.seed,
-                      validate_every=args.validate_every)
+                      validate_every=args.validate_every, regime_weights=weights,
+                      init=args.init, first_clip_seed=args.first_clip_seed)
     command = shlex.join(["rau-rt", *args.argv])
     with tqdm(total=cfg.steps, desc="train sam2", unit="clip", disable=args.quiet) as bar:
 
