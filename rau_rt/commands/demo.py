@@ -30,6 +30,7 @@ from rau_rt import load_reference
 from rau_rt._version import __version__
 from rau_rt.commands import run as run_command
 from rau_rt.errors import InputError
+from rau_rt.io.outdir import claim_output
 from rau_rt.pipeline import KeyframeConfig, PipelineConfig, open_pipeline
 from rau_rt.pipeline.factory import SAM2_PART, VLM_PART, PipelineBundle
 
@@ -211,31 +212,31 @@ def run(args: argparse.Namespace) -> int:
         bundle, built = cached_bundle(_bundle_spec(args), args.cache or cache_root(),
                                       args.rebuild, not args.quiet)
         print(f"bundle: {bundle} ({'built now' if built else 'reused from the cache'})")
-    args.out.mkdir(parents=True, exist_ok=True)
-    cine, annotation, sequence = write_inputs(args.out, args.frames, args.size, args.fps,
-                                              args.seed, regions)
-    print(f"inputs: {cine} ({args.frames} frames {args.size}x{args.size}, 12-bit XA, "
-          f"{args.fps:g} fps), reference {annotation}")
-    reference = load_reference(annotation)
-    config = PipelineConfig(KeyframeConfig(every=args.keyframe_every),
-                            wait_for_localizer=args.offline, realtime=not args.offline)
-    sam2_engine, vlm_engine = run_command.engine_configs(args)
-    source = open_source(cine)
-    truth = TruthSink(args.out / "truth_vs_prediction.png", sequence, regions)
-    with source, open_pipeline(bundle, reference, regions, config, backend=args.backend,
-                               engine=sam2_engine, vlm_engine=vlm_engine,
-                               localize=localize) as pipeline:
-        sinks = [*run_command.open_sinks(args.out, overlay=True, masks="none",
-                                         dicom_seg=False), truth]
-        profile, wall, interrupted = run_command.stream(pipeline, source, sinks,
-                                                        progress=not args.quiet, desc="demo")
-        record = run_command.summarize(
-            pipeline, profile, wall, command=run_command.command_line(args), source=source,
-            fps=source.fps, interrupted=interrupted,
-            extra={"notes": notes, "localize": localize, "bundle": str(bundle),
-                   "accuracy": truth.summary(),
-                   "outputs": {type(s).__name__: str(s.path) for s in sinks}})
-    paths = run_command.write_report(args.out, record, profile, "rau-rt demo")
+    with claim_output(args.out):  # one run per --out at a time
+        cine, annotation, sequence = write_inputs(args.out, args.frames, args.size, args.fps,
+                                                  args.seed, regions)
+        print(f"inputs: {cine} ({args.frames} frames {args.size}x{args.size}, 12-bit XA, "
+              f"{args.fps:g} fps), reference {annotation}")
+        reference = load_reference(annotation)
+        config = PipelineConfig(KeyframeConfig(every=args.keyframe_every),
+                                wait_for_localizer=args.offline, realtime=not args.offline)
+        sam2_engine, vlm_engine = run_command.engine_configs(args)
+        source = open_source(cine)
+        truth = TruthSink(args.out / "truth_vs_prediction.png", sequence, regions)
+        with source, open_pipeline(bundle, reference, regions, config, backend=args.backend,
+                                   engine=sam2_engine, vlm_engine=vlm_engine,
+                                   localize=localize) as pipeline:
+            sinks = [*run_command.open_sinks(args.out, overlay=True, masks="none",
+                                             dicom_seg=False), truth]
+            profile, wall, interrupted = run_command.stream(pipeline, source, sinks,
+                                                            progress=not args.quiet, desc="demo")
+            record = run_command.summarize(
+                pipeline, profile, wall, command=run_command.command_line(args), source=source,
+                fps=source.fps, interrupted=interrupted,
+                extra={"notes": notes, "localize": localize, "bundle": str(bundle),
+                       "accuracy": truth.summary(),
+                       "outputs": {type(s).__name__: str(s.path) for s in sinks}})
+        paths = run_command.write_report(args.out, record, profile, "rau-rt demo")
     run_command.print_summary(record, paths)
     print(f"overlay: {args.out / 'overlay.mp4'}, results: {args.out / 'results.jsonl'}")
     accuracy = truth.summary()
