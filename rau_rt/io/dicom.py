@@ -15,7 +15,7 @@ import numpy as np
 
 from rau_rt.errors import InputError
 from rau_rt.io.sources import Source
-from rau_rt.types import Frame
+from rau_rt.types import Frame, check_frame_size, window_ok
 
 
 class DicomSource(Source):
@@ -25,8 +25,8 @@ class DicomSource(Source):
         import pydicom
         from pydicom.errors import InvalidDicomError
 
-        try:
-            header = pydicom.dcmread(path, stop_before_pixels=True)
+        try:  # everything but large values (the pixel data: its length, not its bytes)
+            header = pydicom.dcmread(path, defer_size="64 KB")
         except InvalidDicomError as exc:
             raise InputError(f"{path}: not a DICOM file ({exc})") from exc
         except (OSError, EOFError, ValueError) as exc:
@@ -35,14 +35,14 @@ class DicomSource(Source):
             if keyword not in header:
                 raise InputError(f"{path}: a DICOM file without pixel data attributes "
                                  f"({keyword} missing): not an image")
-        frames = int(header.get("NumberOfFrames", 1) or 1)
-        if frames < 1:
-            raise InputError(f"{path}: NumberOfFrames is {frames}: zero frames")
+        frames = _number_of_frames(header, path)
+        _check_pixel_module(header, path, frames)
         self._times = _frame_times(header, frames)
         fps = None if self._times is None or frames < 2 else (frames - 1) / (
             self._times[-1] - self._times[0]) if self._times[-1] > self._times[0] else None
         super().__init__(str(path), fps, frames)
         self.path = path
+        self.header = header  # what derived objects copy (patient, study); pixel data unread
         self.photometric = str(header.PhotometricInterpretation)
         self.bits_stored = int(header.get("BitsStored", header.BitsAllocated))
         if int(header.BitsAllocated) > 16:
@@ -75,6 +75,47 @@ class DicomSource(Source):
         return Frame(index, time_s, image, "gray", self.bits_stored, self.window)
 
 
+def _number_of_frames(header, path: Path) -> int:
+    """NumberOfFrames (1 when the attribute is absent, as for a single-frame image)."""
+    if "NumberOfFrames" not in header or header.NumberOfFrames in (None, ""):
+        return 1
+    try:
+        frames = int(header.NumberOfFrames)
+    except (TypeError, ValueError):
+        raise InputError(f"{path}: NumberOfFrames {header.NumberOfFrames!r} is not a "
+                         "number") from None
+    if frames < 1:
+        raise InputError(f"{path}: NumberOfFrames is {frames}: the file says it holds no "
+                         "frames (a damaged or hand-edited header)")
+    return frames
+
+
+def _check_pixel_module(header, path: Path, frames: int) -> None:
+    """Refuse, at open, what would fail or mislead mid-stream: no pixel data, a frame too
+    large, samples that contradict the photometric interpretation, a palette without its
+    lookup table, and uncompressed pixel data shorter than its frames."""
+    if "PixelData" not in header:
+        raise InputError(f"{path}: no PixelData (a DICOM object without an image, e.g. a "
+                         "report or a presentation state)")
+    rows, columns = int(header.Rows), int(header.Columns)
+    check_frame_size(rows, columns, str(path))
+    samples = int(header.get("SamplesPerPixel", 1) or 1)
+    photometric = str(header.PhotometricInterpretation)
+    expected_samples = 3 if photometric.startswith(("RGB", "YBR")) else 1
+    if samples != expected_samples:
+        raise InputError(f"{path}: SamplesPerPixel {samples} contradicts "
+                         f"PhotometricInterpretation {photometric}")
+    if photometric == "PALETTE COLOR" and "RedPaletteColorLookupTableDescriptor" not in header:
+        raise InputError(f"{path}: PALETTE COLOR without its colour lookup tables")
+    if not header.file_meta.TransferSyntaxUID.is_compressed:
+        expected = rows * columns * samples * (int(header.BitsAllocated) // 8) * frames
+        raw = header.get_item("PixelData")  # deferred when large: its length, unread
+        held = len(raw.value) if raw.value is not None else raw.length
+        if held < expected:
+            raise InputError(f"{path}: truncated: the pixel data holds {held} bytes, "
+                             f"{frames} frames of {columns}x{rows}x{samples} need {expected}")
+
+
 def _voi_window(header, path: Path, bits: int, inverted: bool) -> tuple[float, float] | None:
     """The first VOI window (WindowCenter, WindowWidth) of a grayscale image, in the raw values
     the frames carry (MONOCHROME1 frames are inverted, so is the center); None without one."""
@@ -87,8 +128,9 @@ def _voi_window(header, path: Path, bits: int, inverted: bool) -> tuple[float, f
                          for v in (header.WindowCenter, header.WindowWidth))
     except (TypeError, ValueError, IndexError) as exc:
         raise InputError(f"{path}: unreadable WindowCenter/WindowWidth ({exc})") from exc
-    if not width > 0:
-        raise InputError(f"{path}: WindowWidth {width} is not positive")
+    if not window_ok((center, width)):
+        raise InputError(f"{path}: WindowCenter/WindowWidth ({center}, {width}) is not a "
+                         "finite window with a positive width")
     if inverted:
         center = (1 << bits) - 1 - center
     return center, width

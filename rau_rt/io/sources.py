@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 
 from rau_rt.errors import InputError
-from rau_rt.types import Frame
+from rau_rt.types import MAX_FRAME_SIDE, Frame, check_frame_size
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 STREAM_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "rtmp://", "udp://", "tcp://")
@@ -77,12 +77,35 @@ class ImageFolderSource(Source):
         self.bits_stored = bits_stored
 
     def __iter__(self) -> Iterator[Frame]:
+        first: tuple[tuple[int, ...], Path] | None = None
         for index, path in enumerate(self.files):
+            _check_image_header(path, index, self.uri)
             image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
             if image is None:
                 raise InputError(f"{path}: not a readable image (frame {index} of {self.uri})")
+            if first is None:
+                first = image.shape, path
+            elif image.shape != first[0]:  # a cine has one frame size
+                raise InputError(f"{path}: a {image.shape} image in a folder whose first frame "
+                                 f"({first[1].name}) is {first[0]}; a frame source needs one "
+                                 "size and channel count (move or resize the odd files)")
             yield _frame_from_opencv(image, index, index / self.fps if self.fps else float(index),
                                      self.bits_stored, path)
+
+
+def _check_image_header(path: Path, index: int, uri: str) -> None:
+    """Refuse a too-large image from its header, before decoding allocates it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as probe:
+            width, height = probe.size
+    except Image.DecompressionBombError as exc:  # far over any frame size
+        raise InputError(f"{path} (frame {index} of {uri}): {exc}; rau-rt takes frames of 1 "
+                         f"to {MAX_FRAME_SIDE} pixels a side") from None
+    except (UnidentifiedImageError, OSError):
+        return  # OpenCV decides (it reads formats PIL does not); an unreadable file fails there
+    check_frame_size(height, width, f"{path} (frame {index} of {uri})")
 
 
 def _frame_from_opencv(image: np.ndarray, index: int, timestamp: float, bits: int | None,
@@ -116,6 +139,13 @@ class VideoSource(Source):
         if stream.codec_context is None or stream.codec_context.name is None:
             self._container.close()
             raise InputError(f"{uri}: no decoder for its video codec in this PyAV build")
+        context = stream.codec_context
+        if context.width and context.height:
+            try:
+                check_frame_size(context.height, context.width, uri)
+            except InputError:
+                self._container.close()
+                raise
         rate = stream.average_rate or stream.guessed_rate
         frames = int(stream.frames) or None
         super().__init__(uri, float(rate) if rate else None, None if live else frames)
@@ -195,13 +225,14 @@ class CameraSource(Source):
 
 
 class SyntheticSource(Source):
-    """The synthetic angiography generator as a source (12-bit gray frames)."""
+    """The synthetic angiography generator as a source (12-bit gray frames), rendered frame by
+    frame as the stream is read (`rau_rt.synthetic.SequenceStream`)."""
 
     def __init__(self, uri: str, params: dict[str, str]) -> None:
-        from rau_rt.synthetic import generate_sequence
+        from rau_rt.synthetic import SequenceStream, sequence_config
 
         known = {"seed": int, "frames": int, "size": int, "fps": float, "dominance": str,
-                 "artery": str, "stenoses": int}
+                 "artery": str, "stenoses": int, "look": str}
         unknown = sorted(set(params) - set(known))
         if unknown:
             raise InputError(f"{uri}: unknown parameters {unknown}; known: {sorted(known)}")
@@ -209,13 +240,13 @@ class SyntheticSource(Source):
             kwargs = {key: known[key](value) for key, value in params.items()}
         except ValueError as exc:
             raise InputError(f"{uri}: {exc}") from exc
-        self.sequence = generate_sequence(**kwargs)
-        config = self.sequence.meta.config
-        super().__init__(uri, config.fps, config.frames)
+        self._stream = SequenceStream(sequence_config(**kwargs))
+        self.meta = self._stream.meta
+        super().__init__(uri, self.meta.config.fps, self.meta.config.frames)
 
     def __iter__(self) -> Iterator[Frame]:
-        window = tuple(float(v) for v in self.sequence.meta.window)
-        for index, image in enumerate(self.sequence.frames):
+        window = tuple(float(v) for v in self.meta.window)
+        for index, (image, _) in enumerate(self._stream):
             yield Frame(index, index / self.fps, image, "gray", 12, window)
 
 

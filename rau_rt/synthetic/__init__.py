@@ -17,9 +17,11 @@ from rau_rt.synthetic.sequence import (
     Sequence,
     SequenceConfig,
     SequenceMeta,
+    SequenceStream,
     generate_sequence,
     make_reference,
     render_frames,
+    sequence_config,
 )
 
 __all__ = [
@@ -35,9 +37,11 @@ __all__ = [
     "Sequence",
     "SequenceConfig",
     "SequenceMeta",
+    "SequenceStream",
     "View",
     "generate_sequence",
     "make_reference",
     "render_frames",
     "segments_of",
+    "sequence_config",
 ]

@@ -320,10 +320,68 @@ def generate_sequence(seed: int = 0, frames: int = 64, size: int = 512, fps: flo
     `progress` is called with 1 after every frame.
     Raises InputError (a ValueError) naming the valid range of a bad argument.
     """
-    cfg = SequenceConfig(seed, frames, size, fps, view, artery, dominance,
-                         motion if motion is not None else look_named(look).motion, segments,
-                         stenoses, contrast_delay_frames, catheter, look)
+    cfg = sequence_config(seed, frames, size, fps, view, dominance, motion, artery=artery,
+                          segments=segments, stenoses=stenoses,
+                          contrast_delay_frames=contrast_delay_frames, catheter=catheter,
+                          look=look)
     return render_frames(cfg, range(frames), progress)
+
+
+def sequence_config(seed: int = 0, frames: int = 64, size: int = 512, fps: float = 15.0,
+                    view: View | None = None, dominance: str = "right",
+                    motion: Motion | None = None, *, artery: str = "left",
+                    segments: tuple[str, ...] | None = None, stenoses: int = 0,
+                    contrast_delay_frames: int | None = None, catheter: bool = True,
+                    look: str = "clinical") -> SequenceConfig:
+    """The config `generate_sequence` renders for these arguments (for `SequenceStream`)."""
+    return SequenceConfig(seed, frames, size, fps, view, artery, dominance,
+                          motion if motion is not None else look_named(look).motion, segments,
+                          stenoses, contrast_delay_frames, catheter, look)
+
+
+class SequenceStream:
+    """Frames `indices` of the run `cfg` describes, rendered one at a time as they are iterated
+    (a `synthetic:` source's first frame is ready after one frame's work, not the whole run's).
+
+    `meta` is known on construction (its window comes from the first frame, rendered then).
+    Iterating yields (image, truth) pairs equal to `render_frames(cfg, indices)`'s; the noise is
+    drawn frame by frame, so a stream can be iterated once.
+    """
+
+    def __init__(self, cfg: SequenceConfig, indices: Iterable[int] | None = None) -> None:
+        indices = list(range(cfg.frames) if indices is None else indices)
+        if not indices or indices != sorted(set(indices)) or not 0 <= indices[0] \
+                <= indices[-1] < cfg.frames:
+            raise InputError(f"indices: expected ascending distinct frames in "
+                             f"0..{cfg.frames - 1}, got {indices[:8]}")
+        rng = np.random.default_rng([cfg.seed, _SEQUENCE])
+        self._noise = np.random.default_rng([cfg.seed, _SEQUENCE, 1])
+        self._chosen = cfg.chosen_segments
+        view = cfg.view if cfg.view is not None else random_view(rng)
+        self._scene = scene = _scene(rng, cfg, view, cfg.delay_frames / cfg.fps)
+        self._cfg, self._indices = cfg, indices
+        self._first: tuple[np.ndarray, FrameTruth] | None = self._render(indices[0])
+        self.meta = SequenceMeta(cfg, view, self._chosen, scene.projector.spacing_mm,
+                                 scene.projector.pixel_spacing_detector_mm,
+                                 _window(self._first[0], cfg.look),
+                                 min(cfg.delay_frames, cfg.frames), scene.tree.stenoses,
+                                 {v.name: float(2 * np.mean(v.radii))
+                                  for v in scene.tree.vessels if v.name in self._chosen})
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def _render(self, k: int) -> tuple[np.ndarray, FrameTruth]:
+        return _render(self._scene, self._cfg, self._chosen, k, k / self._cfg.fps, self._noise)
+
+    def __iter__(self):
+        if self._first is None:
+            raise RuntimeError("a SequenceStream is iterated once (its noise is drawn as it "
+                               "goes); make another for a second pass")
+        first, self._first = self._first, None
+        yield first
+        for k in self._indices[1:]:
+            yield self._render(k)
 
 
 def render_frames(cfg: SequenceConfig, indices: Iterable[int],
@@ -335,29 +393,15 @@ def render_frames(cfg: SequenceConfig, indices: Iterable[int],
     stream is drawn frame by frame). `Sequence.truth[i].index` is the frame index; the window
     is taken from the first frame rendered. Training draws short clips this way.
     """
-    indices = list(indices)
-    if not indices or indices != sorted(set(indices)) or not 0 <= indices[0] <= indices[-1] \
-            < cfg.frames:
-        raise InputError(f"indices: expected ascending distinct frames in 0..{cfg.frames - 1}, "
-                         f"got {indices[:8]}")
-    rng = np.random.default_rng([cfg.seed, _SEQUENCE])
-    noise = np.random.default_rng([cfg.seed, _SEQUENCE, 1])
-    chosen = cfg.chosen_segments
-    view = cfg.view if cfg.view is not None else random_view(rng)
-    scene = _scene(rng, cfg, view, cfg.delay_frames / cfg.fps)
-    images = np.empty((len(indices), cfg.size, cfg.size), np.uint16)
+    stream = SequenceStream(cfg, indices)
+    images = np.empty((len(stream), cfg.size, cfg.size), np.uint16)
     truths = []
-    for i, k in enumerate(indices):
-        images[i], truth = _render(scene, cfg, chosen, k, k / cfg.fps, noise)
+    for i, (image, truth) in enumerate(stream):
+        images[i] = image
         truths.append(truth)
         if progress is not None:
             progress(1)
-    meta = SequenceMeta(cfg, view, chosen, scene.projector.spacing_mm,
-                        scene.projector.pixel_spacing_detector_mm, _window(images[0], cfg.look),
-                        min(cfg.delay_frames, cfg.frames), scene.tree.stenoses,
-                        {v.name: float(2 * np.mean(v.radii)) for v in scene.tree.vessels
-                         if v.name in chosen})
-    return Sequence(images, tuple(truths), meta)
+    return Sequence(images, tuple(truths), stream.meta)
 
 
 def polygon_of(mask: np.ndarray) -> tuple[tuple[float, float], ...] | None:
