@@ -69,43 +69,154 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-class RunProfile:
-    """Collects every result's timings (a sink: pass it to `Pipeline.run`)."""
+# Histogram of a long run's latencies: 0.001 ms to 1000 s in bins 0.35 % wide (about 6,000
+# int64 counts, 47 KiB per series, however long the run).
+HISTOGRAM_EDGES = np.geomspace(1e-3, 1e6, 6001)
+HISTOGRAM_RELATIVE_ERROR = float(HISTOGRAM_EDGES[1] / HISTOGRAM_EDGES[0] - 1)
+HEAD_FRAMES = 1000  # kept exactly from the start, so warm-up frames can be left out later
 
-    def __init__(self) -> None:
-        self.indices: list[int] = []
-        self.timestamps_s: list[float] = []
-        self.latency_ms: list[float] = []
-        self.stage_ms: dict[str, list[float]] = {}
+
+class LatencySeries:
+    """One latency series in bounded memory.
+
+    Keeps the first `HEAD_FRAMES` values, the last `keep` values (a ring) and a log-spaced
+    histogram of all of them. While the run fits the ring, `stats` are exact (`latency_stats`
+    over every value); beyond, they come from the histogram: percentiles within
+    `HISTOGRAM_RELATIVE_ERROR`, count, mean and max exact.
+    """
+
+    def __init__(self, keep: int) -> None:
+        if keep < HEAD_FRAMES:
+            raise ValueError(f"keep: expected >= {HEAD_FRAMES}, got {keep}")
+        self._ring = np.empty(keep, np.float64)
+        self._head: list[float] = []
+        self._hist = np.zeros(HISTOGRAM_EDGES.size + 1, np.int64)
+        self._count, self._sum, self._max_after_head = 0, 0.0, -np.inf
+
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def exact(self) -> bool:
+        return self._count <= self._ring.size
+
+    def add(self, value: float) -> None:
+        self._ring[self._count % self._ring.size] = value
+        if len(self._head) < HEAD_FRAMES:
+            self._head.append(value)
+        else:
+            self._max_after_head = max(self._max_after_head, value)
+        self._hist[np.searchsorted(HISTOGRAM_EDGES, value)] += 1
+        self._count += 1
+        self._sum += value
+
+    def last(self, n: int | None = None) -> np.ndarray:
+        """The last `n` values (at most `keep`; all kept when None), oldest first."""
+        kept = min(self._count, self._ring.size)
+        n = kept if n is None else min(n, kept)
+        end = self._count % self._ring.size
+        return np.roll(self._ring, -end)[self._ring.size - n:] if self._count > self._ring.size \
+            else self._ring[self._count - n:self._count].copy()
+
+    def stats(self, deadline_ms: float | None = None,
+              skip_first: int = 0) -> dict[str, float | int | None]:
+        """`latency_stats` of every value after the first `skip_first` (<= HEAD_FRAMES)."""
+        skip = min(skip_first, self._count)
+        if self.exact:
+            return latency_stats(self._ring[skip:self._count], deadline_ms)
+        skipped = np.asarray(self._head[:skip], np.float64)
+        hist = self._hist.copy()
+        np.subtract.at(hist, np.searchsorted(HISTOGRAM_EDGES, skipped), 1)
+        count = self._count - skip
+        peak = max(self._max_after_head, max(self._head[skip:], default=-np.inf))
+        cumulative = np.cumsum(hist)
+
+        def quantile(q: float) -> float:
+            rank = q * (count - 1)
+            k = int(np.searchsorted(cumulative, rank, side="right"))
+            low = HISTOGRAM_EDGES[k - 1] if k > 0 else 0.0
+            high = HISTOGRAM_EDGES[k] if k < HISTOGRAM_EDGES.size else peak
+            before = cumulative[k - 1] if k > 0 else 0
+            within = (rank - before + 0.5) / max(hist[k], 1)
+            return float(min(low + (high - low) * within, peak))
+
+        p10, p50, p90, p95, p99 = (quantile(q) for q in (0.10, 0.50, 0.90, 0.95, 0.99))
+        missed = None
+        if deadline_ms is not None:
+            k = int(np.searchsorted(HISTOGRAM_EDGES, deadline_ms))
+            missed = float(hist[k + 1:].sum() / count)  # bins wholly above the deadline
+        return {"count": int(count), "p50": p50, "p90": p90, "p99": p99, "max": float(peak),
+                "mean": (self._sum - float(skipped.sum())) / count, "jitter": p90 - p10,
+                "tail": float(peak - p95), "deadline_miss_rate": missed}
+
+
+class RunProfile:
+    """Collects every result's timings (a sink: pass it to `Pipeline.run`), in memory that stays
+    flat however long the stream: the last `keep` frames (one hour at 30 fps by default) are kept
+    exactly for the latency plot and, while the run fits, exact statistics; a longer run's
+    statistics come from histograms (`LatencySeries`; the summary says which)."""
+
+    def __init__(self, keep: int = 108_000) -> None:
+        self.keep = keep
+        self._indices = LatencySeries(keep)
+        self._timestamps = LatencySeries(keep)
+        self._latency = LatencySeries(keep)
+        self._stages: dict[str, LatencySeries] = {}
 
     def write(self, frame: Frame, result: FrameResult) -> None:
-        self.indices.append(result.index)
-        self.timestamps_s.append(result.timestamp_s)
-        self.latency_ms.append(result.latency_ms)
+        self._indices.add(result.index)
+        self._timestamps.add(result.timestamp_s)
+        self._latency.add(result.latency_ms)
         for stage, ms in result.stage_ms.items():
-            self.stage_ms.setdefault(stage, []).append(ms)
+            if stage not in self._stages:
+                self._stages[stage] = LatencySeries(self.keep)
+            self._stages[stage].add(ms)
 
     def close(self) -> None:  # the sink interface; nothing to publish
         pass
 
     def __len__(self) -> int:
-        return len(self.latency_ms)
+        return len(self._latency)
+
+    @property
+    def indices(self) -> list[int]:
+        """Frame indices of the kept (last `keep`) frames."""
+        return [int(v) for v in self._indices.last()]
+
+    @property
+    def timestamps_s(self) -> list[float]:
+        return self._timestamps.last().tolist()
+
+    @property
+    def latency_ms(self) -> list[float]:
+        return self._latency.last().tolist()
+
+    @property
+    def stage_ms(self) -> dict[str, list[float]]:
+        return {stage: series.last().tolist() for stage, series in self._stages.items()}
 
     def recent(self, frames: int = 100) -> dict[str, float | int | None]:
         """Statistics of the last `frames` results (progress bars)."""
-        return latency_stats(self.latency_ms[-frames:])
+        return latency_stats(self._latency.last(frames))
 
     def summary(self, deadline_ms: float | None = None,
                 skip_first: int = 0) -> dict[str, object]:
-        """End-to-end and per-stage statistics; `skip_first` leaves out warm-up frames."""
-        stages = {stage: latency_stats(values[skip_first:])
-                  for stage, values in self.stage_ms.items()}
-        return {
-            "frames": len(self.latency_ms), "warmup_frames": min(skip_first, len(self)),
+        """End-to-end and per-stage statistics; `skip_first` (at most HEAD_FRAMES) leaves out
+        warm-up frames."""
+        skip_first = min(skip_first, HEAD_FRAMES)
+        stages = {stage: series.stats(skip_first=skip_first)
+                  for stage, series in self._stages.items()}
+        summary = {
+            "frames": len(self), "warmup_frames": min(skip_first, len(self)),
             "deadline_ms": deadline_ms,
-            "end_to_end": latency_stats(self.latency_ms[skip_first:], deadline_ms),
+            "end_to_end": self._latency.stats(deadline_ms, skip_first),
             "stages": stages, "peak_rss_mib": peak_rss_mib(),
         }
+        if not self._latency.exact:
+            summary["statistics"] = (f"histogram over all {len(self)} frames (percentiles "
+                                     f"within {100 * HISTOGRAM_RELATIVE_ERROR:.2f} %); the "
+                                     f"plot shows the last {self.keep}")
+        return summary
 
 
 def markdown_table(summary: Mapping[str, object]) -> str:

@@ -96,3 +96,37 @@ def test_reference_mask_prefers_the_mask_and_skips_box_only_regions():
                                   Region("b", (1, 1, 5, 5))))
     assert reference.mask(reference.regions[0]).sum() == 4
     assert reference.mask(reference.regions[1]) is None
+
+
+def test_a_long_run_keeps_flat_memory_and_close_statistics():
+    from rau_rt.profiling import HISTOGRAM_RELATIVE_ERROR, LatencySeries
+
+    rng = np.random.default_rng(1)
+    values = np.concatenate([[900.0, 800.0], rng.lognormal(3.0, 0.4, 20_000)])
+    series = LatencySeries(keep=1000)
+    for v in values:
+        series.add(float(v))
+    assert not series.exact and series._ring.size == 1000  # bounded, whatever the length
+    np.testing.assert_array_equal(series.last(), values[-1000:])
+    np.testing.assert_array_equal(series.last(3), values[-3:])
+    got = series.stats(deadline_ms=30.0, skip_first=2)  # warm-up left out, as on the exact path
+    want = latency_stats(values[2:], deadline_ms=30.0)
+    assert got["count"] == want["count"] == 20_000
+    assert got["max"] == want["max"] and got["mean"] == pytest.approx(want["mean"], rel=1e-9)
+    for key in ("p50", "p90", "p99"):
+        assert got[key] == pytest.approx(want[key], rel=2 * HISTOGRAM_RELATIVE_ERROR)
+    assert got["deadline_miss_rate"] == pytest.approx(want["deadline_miss_rate"], abs=0.01)
+    assert latency_stats(values[:2])["max"] == 900.0 and got["max"] < 800.0
+
+
+def test_run_profile_says_when_its_statistics_come_from_histograms():
+    profile = RunProfile(keep=1000)
+    for i in range(1500):
+        profile.write(None, result(i, 10.0 + i % 7, {"encoder": 5.0}))
+    summary = profile.summary(deadline_ms=15.0)
+    assert summary["frames"] == 1500 and "histogram over all 1500 frames" in summary["statistics"]
+    assert len(profile.latency_ms) == 1000 and profile.indices[0] == 500
+    assert summary["stages"]["encoder"]["p50"] == pytest.approx(5.0, rel=0.01)
+    short = RunProfile()
+    short.write(None, result(0, 10.0, {}))
+    assert "statistics" not in short.summary()
