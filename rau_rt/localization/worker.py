@@ -4,8 +4,9 @@ The caller submits keyframes and polls for results every frame. One request wait
 newer keyframe replaces a waiting one (latest keyframe wins; the dropped count says how many).
 A query that outlives `timeout_s` is reported as timed out on the next poll; the thread cannot
 interrupt an engine call, so the query runs on, its late answer is discarded, and the next
-request starts when it returns. A query that raises is reported with the error; the worker
-keeps serving.
+request starts when it returns. A query that raises (anything, `SystemExit` included) is
+reported with the error; the worker keeps serving, and a thread that died anyway is started
+again on the next `submit` (`restarts` counts it).
 """
 
 from __future__ import annotations
@@ -75,15 +76,25 @@ class LocalizerWorker:
             raise InputError(f"timeout_s must be > 0, got {timeout_s}")
         self.localizer = localizer
         self.timeout_s = timeout_s
-        self.dropped = 0
+        self.dropped = 0  # keyframes replaced by a newer one before they started
+        self.restarts = 0  # worker threads started again after dying
         self._cond = threading.Condition()
         self._pending: _Job | None = None
         self._running: _Job | None = None
         self._results: deque[WorkerResult] = deque()
         self._closed = False
-        self._thread = threading.Thread(target=self._serve, name="rau-rt-localizer",
-                                        daemon=True)
-        self._thread.start()
+        self._thread = self._start()
+
+    def _start(self) -> threading.Thread:
+        thread = threading.Thread(target=self._serve, name="rau-rt-localizer", daemon=True)
+        thread.start()
+        return thread
+
+    @property
+    def stuck(self) -> bool:
+        """Whether the running query outlived its timeout (nothing starts until it returns)."""
+        with self._cond:
+            return self._running is not None and self._running.abandoned
 
     @property
     def busy(self) -> bool:
@@ -100,6 +111,10 @@ class LocalizerWorker:
             if self._pending is not None:
                 self.dropped += 1
             self._pending = _Job(frame_index, frame, None if regions is None else tuple(regions))
+            if not self._thread.is_alive():  # a bug in the worker itself; serve on regardless
+                self._running = None
+                self.restarts += 1
+                self._thread = self._start()
             self._cond.notify_all()
 
     def poll(self) -> WorkerResult | None:
@@ -169,7 +184,7 @@ class LocalizerWorker:
             result, error = None, None
             try:
                 result = self.localizer.locate_result(job.frame, job.regions)
-            except Exception as exc:  # reported on the result; the worker keeps serving
+            except BaseException as exc:
                 error = f"{type(exc).__name__}: {exc}"
             with self._cond:
                 elapsed = (time.monotonic() - job.started) * 1e3
