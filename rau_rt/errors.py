@@ -51,3 +51,8 @@ class AnnotationError(InputError):
 class DecodingError(RauRtError, RuntimeError):
     """The VLM decode loop cannot go on: a constraint rejected the token it allowed, or left
     no token to choose. A bug or a mismatched tokenizer, never a model answer."""
+
+
+class NumericsError(RauRtError, RuntimeError):
+    """A graph produced NaN or infinity where state would keep it (e.g. a memory the tracker
+    would attend to on every later frame). Nothing was stored; the message names the graph."""

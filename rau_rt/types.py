@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -71,6 +72,49 @@ def format_shape(shape: Sequence[Dim]) -> str:
                            for d in shape) + ")"
 
 
+# Largest frame side the runtime takes (8K UHD is 7680 x 4320): a larger source is refused when
+# it is opened, before any frame is decoded (a 20000-pixel square would need 4-6 GB on the way).
+MAX_FRAME_SIDE = 8192
+
+
+def check_frame_size(height: int, width: int, what: str) -> None:
+    """InputError unless a (height, width) frame fits 1..MAX_FRAME_SIDE on both sides."""
+    if not (1 <= height <= MAX_FRAME_SIDE and 1 <= width <= MAX_FRAME_SIDE):
+        raise InputError(f"{what}: {width}x{height} frames; rau-rt takes frames of 1 to "
+                         f"{MAX_FRAME_SIDE} pixels a side (downscale the source first)")
+
+
+def window_ok(window: object) -> bool:
+    """Whether `window` is a finite VOI window (center, width > 0)."""
+    try:
+        center, width = (float(v) for v in window)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(center) and math.isfinite(width) and width > 0
+
+
+# Longest region name: a DICOM SEG SegmentLabel is an LO value (64 characters).
+MAX_REGION_NAME = 64
+
+
+def check_region_name(name: object) -> str:
+    """`name` if it can label a region everywhere it goes (the VLM prompt, a DICOM SEG segment
+    label, file names through `io.sinks.region_file_name`), else InputError saying why."""
+    if not isinstance(name, str):
+        raise InputError(f"region name {name!r}: expected a string, got {type(name).__name__}")
+    if not name.strip():
+        raise InputError(f"region name {name!r}: empty")
+    if len(name) > MAX_REGION_NAME:
+        raise InputError(f"region name {name[:20]!r}... ({len(name)} characters): at most "
+                         f"{MAX_REGION_NAME} (a DICOM SEG segment label is 64)")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise InputError(f"region name {name!r}: holds a control character (NUL, newline, ...)")
+    if "\\" in name:
+        raise InputError(f"region name {name!r}: a backslash separates DICOM values; use "
+                         "another character")
+    return name
+
+
 # Channel orders a frame can have; ops.preprocess takes "bgr"/"rgb" and ignores it for gray.
 CHANNEL_ORDERS = ("gray", "bgr", "rgb")
 
@@ -100,6 +144,9 @@ class Frame:
     window: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.image, np.ndarray):
+            raise InputError(f"frame {self.index}: image must be a numpy.ndarray, got "
+                             f"{type(self.image).__name__}")
         if self.channel_order not in CHANNEL_ORDERS:
             raise InputError(f"frame {self.index}: channel_order must be one of "
                              f"{CHANNEL_ORDERS}, got {self.channel_order!r}")
@@ -111,12 +158,18 @@ class Frame:
         if self.image.dtype not in (np.uint8, np.uint16):
             raise InputError(f"frame {self.index}: expected uint8 or uint16, got "
                              f"{self.image.dtype}")
+        check_frame_size(*self.image.shape[:2], f"frame {self.index}")
         if not 1 <= self.bits_stored <= 8 * self.image.dtype.itemsize:
             raise InputError(f"frame {self.index}: bits_stored {self.bits_stored} does not fit "
                              f"{self.image.dtype}")
-        if self.window is not None and (len(self.window) != 2 or not self.window[1] > 0):
-            raise InputError(f"frame {self.index}: window must be (center, width > 0), got "
-                             f"{self.window}")
+        if self.window is not None and not window_ok(self.window):
+            raise InputError(f"frame {self.index}: window must be finite (center, width > 0), "
+                             f"got {self.window}")
+        # sinks, the overlay and the localizer's worker share this frame: a read-only view
+        # (no copy) makes any in-place drawing fail loudly instead of reaching the others
+        view = self.image.view()
+        view.flags.writeable = False
+        object.__setattr__(self, "image", view)
 
 
 Box = tuple[int, int, int, int]  # x1, y1, x2, y2 in frame pixels, x2/y2 exclusive (geometry.py)
@@ -139,6 +192,7 @@ class Region:
     mask: np.ndarray | None = None
 
     def __post_init__(self) -> None:
+        check_region_name(self.name)
         if self.box is None and self.polygon is None and self.mask is None:
             raise InputError(f"region {self.name!r}: needs a box, a polygon or a mask")
 

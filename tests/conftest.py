@@ -32,3 +32,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.unit)
         if item.get_closest_marker("gpu") and not cuda_gpu_present():
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; its CPU twin runs here"))
+
+
+@pytest.fixture(scope="module")
+def micro_bundle(tmp_path_factory):
+    """A random-init micro SAM2 bundle at 256 px, exported and loaded once per module."""
+    import contextlib
+    import io
+
+    from rau_rt.bundle import load_bundle
+    from rau_rt.export import sam2
+    from rau_rt.export.sam2_inputs import CheckFrames
+    from rau_rt.export.sam2_model import ModelSource
+    from rau_rt.synthetic import generate_sequence
+
+    out = tmp_path_factory.mktemp("micro_bundle") / "bundle"
+    with contextlib.redirect_stderr(io.StringIO()):
+        sam2.export_sam2(sam2.Sam2ExportConfig(ModelSource(image_size=256, random_init="micro"),
+                                               out),
+                         CheckFrames.synthetic(generate_sequence, regions=2))
+    with load_bundle(out) as loaded:
+        yield loaded

@@ -8,8 +8,6 @@ prompt which frame, what the results say, and that streams on threads do not int
 
 from __future__ import annotations
 
-import contextlib
-import io
 import threading
 import time
 from types import SimpleNamespace
@@ -17,11 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from rau_rt.bundle import load_bundle
 from rau_rt.errors import InputError
-from rau_rt.export import sam2
-from rau_rt.export.sam2_inputs import CheckFrames
-from rau_rt.export.sam2_model import ModelSource
 from rau_rt.localization import LocalizerWorker
 from rau_rt.pipeline import KeyframeConfig, Pipeline, PipelineConfig
 from rau_rt.synthetic import generate_sequence
@@ -33,14 +27,8 @@ REGIONS = ("6", "7")
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pipeline_bundle") / "bundle"
-    with contextlib.redirect_stderr(io.StringIO()):
-        sam2.export_sam2(sam2.Sam2ExportConfig(ModelSource(image_size=SIZE, random_init="micro"),
-                                               out),
-                         CheckFrames.synthetic(generate_sequence, regions=2))
-    with load_bundle(out) as loaded:
-        yield loaded
+def bundle(micro_bundle):
+    return micro_bundle
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from rau_rt import load_reference, ops
 from rau_rt._version import __version__
 from rau_rt.errors import InputError
 from rau_rt.io import plots
+from rau_rt.io.outdir import claim_output
 from rau_rt.io.sinks import DicomSegSink, JsonlSink, MaskArchiveSink, OverlayVideoSink, Sink
 from rau_rt.io.sources import Source, SyntheticSource, open_source
 from rau_rt.pipeline import KeyframeConfig, Pipeline, PipelineConfig, open_pipeline
@@ -44,10 +45,10 @@ def synthetic_reference(source: SyntheticSource) -> Reference:
     another view, with every segment the source shows (what `rau-rt synth` writes)."""
     from rau_rt.synthetic import make_reference
 
-    config = source.sequence.meta.config
+    config = source.meta.config
     still = make_reference(config.seed, config.size, artery=config.artery,
                            dominance=config.dominance, segments=config.chosen_segments,
-                           avoid_view=source.sequence.meta.view)
+                           avoid_view=source.meta.view)
     return Reference(still.image_8bit(), still.regions, name=f"synthetic reference "
                      f"({still.view.name})")
 
@@ -271,6 +272,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "low-score/lost frames)")
     parser.add_argument("--min-score", type=float, default=KeyframeConfig().min_score,
                         help="a region below this score triggers a keyframe")
+    parser.add_argument("--localizer-timeout", type=float,
+                        default=PipelineConfig().localizer_timeout_s, metavar="SECONDS",
+                        help="a VLM query running longer counts as timed out (its keyframe "
+                        "fate in the summary); offline runs wait at most this long for an "
+                        "answer (default %(default)s)")
     parser.add_argument("--max-frames", type=int, default=None, help="stop after N frames")
     parser.add_argument("--fps", type=float, default=None,
                         help="frame rate of an image folder (default: timestamps are frame "
@@ -284,7 +290,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
 
 
-def open_sinks(out: Path, overlay: bool, masks: str, dicom_seg: bool) -> list[Sink]:
+def open_sinks(out: Path, overlay: bool, masks: str, dicom_seg: bool,
+               source: Source | None = None) -> list[Sink]:
+    """The run's sinks in `out`; a DICOM `source` gives the SEGs its patient and study."""
     out.mkdir(parents=True, exist_ok=True)
     sinks: list[Sink] = [JsonlSink(out / "results.jsonl")]
     try:
@@ -293,7 +301,8 @@ def open_sinks(out: Path, overlay: bool, masks: str, dicom_seg: bool) -> list[Si
         if masks != "none":
             sinks.append(MaskArchiveSink(out / ("masks.npz" if masks == "npz" else "masks")))
         if dicom_seg:
-            sinks.append(DicomSegSink(out / "seg"))
+            sinks.append(DicomSegSink(out / "seg",
+                                      source_dataset=getattr(source, "header", None)))
     except BaseException:
         for sink in sinks:
             sink.abort()
@@ -305,7 +314,7 @@ def pipeline_config(args: argparse.Namespace) -> PipelineConfig:
     keyframes = KeyframeConfig(every=args.keyframe_every, min_score=args.min_score,
                                view_similarity=args.view_similarity)
     return PipelineConfig(keyframes, wait_for_localizer=not args.realtime,
-                          realtime=args.realtime)
+                          localizer_timeout_s=args.localizer_timeout, realtime=args.realtime)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -317,16 +326,16 @@ def run(args: argparse.Namespace) -> int:
     regions = [r.strip() for r in args.regions.split(",")] if args.regions else None
     sam2_engine, vlm_engine = engine_configs(args)
     source = open_source(args.source, fps=args.fps)
-    with source, open_pipeline(args.bundle, references, regions, pipeline_config(args),
-                               backend=args.backend, engine=sam2_engine,
-                               vlm_engine=vlm_engine) as pipeline:
-        sinks = open_sinks(args.out, not args.no_overlay, args.masks, args.dicom_seg)
+    with claim_output(args.out), source, open_pipeline(
+            args.bundle, references, regions, pipeline_config(args), backend=args.backend,
+            engine=sam2_engine, vlm_engine=vlm_engine) as pipeline:
+        sinks = open_sinks(args.out, not args.no_overlay, args.masks, args.dicom_seg, source)
         profile, wall, interrupted = stream(pipeline, source, sinks,
                                             max_frames=args.max_frames, progress=not args.quiet)
         record = summarize(pipeline, profile, wall, command=command_line(args), source=source,
                            fps=source.fps, interrupted=interrupted,
                            extra={"outputs": {type(s).__name__: str(s.path) for s in sinks}})
-    paths = write_report(args.out, record, profile, f"rau-rt run: {Path(source.uri).name}")
+        paths = write_report(args.out, record, profile, f"rau-rt run: {Path(source.uri).name}")
     print_summary(record, paths)
     return 0
 

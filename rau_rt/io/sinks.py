@@ -7,8 +7,10 @@ looks complete; on an exception (`with` block) the `.partial` stays for inspecti
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import zipfile
 from abc import ABC, abstractmethod
@@ -100,9 +102,25 @@ class JsonlSink(Sink):
         self._file.close()
 
 
+_FILE_SAFE = re.compile(r"[^A-Za-z0-9 ._-]")
+
+
+def region_file_name(name: str) -> str:
+    """A file or folder name for region `name` that stays inside its folder on any OS: the name
+    itself when it is plain (letters, digits, space, `._-`, not leading with a dot or space);
+    otherwise the other characters as `_`, plus a digest of the name, so distinct names never
+    share a file."""
+    safe = _FILE_SAFE.sub("_", name).strip(" ")
+    if safe == name and not name.startswith("."):
+        return name
+    digest = hashlib.sha1(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{safe.lstrip('.')[:48]}-{digest}"
+
+
 class MaskArchiveSink(Sink):
     """Per-region masks of every frame: `.npz` (members `<region>/<index>`, uint8 0/1,
-    deflated; `numpy.load` reads it) or a folder of `<region>/<index>.png` (0/255)."""
+    deflated; `numpy.load` reads it) or a folder of `<region>/<index>.png` (0/255); `<region>`
+    is `region_file_name` of the region's name."""
 
     def __init__(self, path: str | Path) -> None:
         super().__init__(path)
@@ -120,10 +138,11 @@ class MaskArchiveSink(Sink):
                 continue
             mask = region.mask.astype(np.uint8)
             if self._npz:
-                with self._zip.open(f"{name}/{result.index:06d}.npy", "w") as member:
+                member_name = f"{region_file_name(name)}/{result.index:06d}.npy"
+                with self._zip.open(member_name, "w") as member:
                     np.lib.format.write_array(member, mask, allow_pickle=False)
             else:
-                folder = self.partial / name
+                folder = self.partial / region_file_name(name)
                 folder.mkdir(exist_ok=True)
                 cv2.imwrite(str(folder / f"{result.index:06d}.png"), mask * 255)
 
@@ -147,7 +166,7 @@ def to_bgr8(frame: Frame) -> np.ndarray:
         return cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
     if frame.channel_order == "rgb":
         return cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-    return np.ascontiguousarray(image)
+    return np.array(image, order="C")  # a new array: callers draw on it
 
 
 class OverlayVideoSink(Sink):
@@ -224,23 +243,43 @@ def _container_format(path: Path) -> str:
 class DicomSegSink(Sink):
     """DICOM SEG objects for chosen keyframes, in a folder.
 
-    highdicom cannot reference one frame of a multi-frame XA instance as a SEG source today, so
-    each keyframe is first written as a single-frame Secondary Capture (`<index>_sc.dcm`, 8-bit
-    monochrome or RGB) and the SEG (`<index>_seg.dcm`, one binary segment per present region)
-    references that. Keyframes: the given indices, or by default every frame whose result holds
-    a VLM box.
+    highdicom cannot reference one frame of a multi-frame XA instance as a SEG source (an XA
+    cine has no Frame of Reference), so each keyframe is first written as a single-frame
+    Secondary Capture (`<index>_sc.dcm`, 8-bit monochrome or RGB, the frame as displayed) and
+    the SEG (`<index>_seg.dcm`, one binary segment per present region) references that.
+
+    With `source_dataset` (the header of a DICOM source), both join the source's study: the
+    Secondary Capture copies its patient and study modules and names the source frame it shows
+    in its Source Image Sequence (the source instance, ReferencedFrameNumber = index + 1), and
+    the SEG inherits them from it, so a PACS files the SEG with the images it segments. Without
+    one (a video, a folder), they form a new study for `patient_id`. Keyframes: the given
+    indices, or by default every frame whose result holds a VLM box.
     """
 
     def __init__(self, path: str | Path, keyframes: set[int] | None = None,
-                 patient_id: str = "ANONYMOUS") -> None:
+                 patient_id: str = "ANONYMOUS", source_dataset: object | None = None) -> None:
         super().__init__(path)
         self.keyframes = keyframes
         self.patient_id = patient_id
+        self.source = source_dataset
         if self.partial.exists():
             shutil.rmtree(self.partial)
         self.partial.mkdir(parents=True)
+        from pydicom.uid import generate_uid
+
         self._study_uid: str | None = None
+        # one series for this run's Secondary Captures and one for its SEGs
+        self._series = {"sc": generate_uid(), "seg": generate_uid()}
         self.written: list[int] = []
+
+    def _source_frame(self, index: int):
+        from pydicom.dataset import Dataset
+
+        item = Dataset()
+        item.ReferencedSOPClassUID = self.source.SOPClassUID
+        item.ReferencedSOPInstanceUID = self.source.SOPInstanceUID
+        item.ReferencedFrameNumber = index + 1  # DICOM frames count from 1
+        return item
 
     def _is_keyframe(self, result: FrameResult) -> bool:
         if self.keyframes is not None:
@@ -254,16 +293,26 @@ class DicomSegSink(Sink):
         import highdicom as hd
         from pydicom.sr.codedict import codes
 
-        self._study_uid = self._study_uid or hd.UID()
         image = to_bgr8(frame)
         gray = frame.channel_order == "gray"
         pixels = image[:, :, 0] if gray else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-        sc = hd.sc.SCImage(
-            pixel_array=pixels, photometric_interpretation="MONOCHROME2" if gray else "RGB",
-            bits_allocated=8, coordinate_system="PATIENT", study_instance_uid=self._study_uid,
-            series_instance_uid=hd.UID(), series_number=1, sop_instance_uid=hd.UID(),
-            instance_number=result.index + 1, manufacturer="rau-rt", patient_id=self.patient_id,
-            patient_orientation=("L", "F"))
+        common = {"pixel_array": pixels,
+                  "photometric_interpretation": "MONOCHROME2" if gray else "RGB",
+                  "bits_allocated": 8, "coordinate_system": "PATIENT",
+                  # series numbers high above a modality's, so they never read as the source's
+                  "series_instance_uid": self._series["sc"], "series_number": 9901,
+                  "sop_instance_uid": hd.UID(), "instance_number": result.index + 1,
+                  "manufacturer": "rau-rt", "patient_orientation": ("L", "F")}
+        if self.source is not None:
+            sc = hd.sc.SCImage.from_ref_dataset(self.source, **common)
+            sc.SpecificCharacterSet = "ISO_IR 192"
+            sc.SourceImageSequence = [self._source_frame(result.index)]
+            sc.DerivationDescription = (f"frame {result.index + 1} of the source instance, as "
+                                        "displayed (VOI window applied, 8 bits)")
+        else:
+            self._study_uid = self._study_uid or hd.UID()
+            sc = hd.sc.SCImage(study_instance_uid=self._study_uid, patient_id=self.patient_id,
+                               **common)
         algorithm = hd.AlgorithmIdentificationSequence(
             name="rau-rt", version=__version__, family=codes.cid7162.ArtificialIntelligence)
         descriptions = [
@@ -278,10 +327,12 @@ class DicomSegSink(Sink):
         seg = hd.seg.Segmentation(
             source_images=[sc], pixel_array=masks.astype(bool),
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-            segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=2,
+            segment_descriptions=descriptions, series_instance_uid=self._series["seg"],
+            series_number=9902,
             sop_instance_uid=hd.UID(), instance_number=result.index + 1, manufacturer="rau-rt",
             manufacturer_model_name="rau-rt", software_versions=__version__,
             device_serial_number="0", omit_empty_frames=False)
+        seg.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: region names as typed
         sc.save_as(self.partial / f"{result.index:06d}_sc.dcm")
         seg.save_as(self.partial / f"{result.index:06d}_seg.dcm")
         self.written.append(result.index)

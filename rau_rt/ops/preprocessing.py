@@ -12,6 +12,7 @@ from rau_rt.errors import InputError
 from rau_rt.ops._bilinear import resize_plane
 from rau_rt.ops._checks import check_size, output_buffer
 from rau_rt.ops.runtime import load_native, num_threads
+from rau_rt.types import window_ok
 
 # SAM2's normalization (sam2/utils/misc.py: img_mean, img_std), the ImageNet statistics.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -83,9 +84,10 @@ def _plan(
 
     if window is not None:
         # (center, width) as in DICOM WindowCenter/WindowWidth: [c - w/2, c + w/2] -> [0, 1]
+        if not window_ok(window):
+            raise InputError(f"window: expected finite (center, width) with width > 0, got "
+                             f"{window}")
         center, width = (float(v) for v in window)
-        if width <= 0:
-            raise InputError(f"window: expected (center, width) with width > 0, got {window}")
         value_scale, value_offset, clamp = 1.0 / width, 0.5 - center / width, True
     else:
         if bits_stored is None:

@@ -55,28 +55,56 @@ class PipelineConfig:
             raise InputError(f"localizer_timeout_s: expected > 0, got {self.localizer_timeout_s}")
 
 
+class EventLog(list):
+    """A list of events that keeps the most recent `limit` (a day of keyframes at 1 Hz is
+    86,400): memory stays flat on a stream that never ends; `total` counts every event."""
+
+    def __init__(self, limit: int = 100_000) -> None:
+        super().__init__()
+        self.limit, self.total = limit, 0
+
+    def append(self, event: object) -> None:
+        super().append(event)
+        self.total += 1
+        if len(self) > self.limit + self.limit // 10:  # trim in chunks, not on every append
+            del self[:len(self) - self.limit]
+
+
 @dataclass
 class PipelineStats:
-    """What happened on the way (not per frame)."""
+    """What happened on the way (not per frame); each log keeps its latest `EventLog.limit`
+    events and counts all."""
 
-    keyframes: list[tuple[int, str]] = field(default_factory=list)  # (frame index, reason)
-    prompts: list[tuple[int, int]] = field(default_factory=list)  # (prompted at, computed on)
-    localizer_errors: list[tuple[int, str]] = field(default_factory=list)  # (frame, error)
+    keyframes: EventLog = field(default_factory=EventLog)  # (frame index, reason)
+    prompts: EventLog = field(default_factory=EventLog)  # (prompted at, computed on)
+    localizer_errors: EventLog = field(default_factory=EventLog)  # (frame, error)
     # every answer that arrived: (frame computed on, query ms, boxes found)
-    answers: list[tuple[int, float, int]] = field(default_factory=list)
+    answers: EventLog = field(default_factory=EventLog)
     frames_dropped: int = 0  # realtime: frames a newer one replaced before they were processed
-    views: list[tuple[int, str]] = field(default_factory=list)  # (frame, reference) per switch
+    views: EventLog = field(default_factory=EventLog)  # (frame, reference) per switch
     localizer_wait_ms: float = 0.0  # wait_for_localizer: time spent waiting for answers
+    # what became of every keyframe sent to the localizer: answered, failed (raised or a box
+    # the tracker refused), timed_out, dropped (a newer keyframe replaced it before it
+    # started); the rest were still running or waiting when the stream ended
+    fates: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        ("sent", "answered", "failed", "timed_out", "dropped"), 0))
 
     def to_dict(self) -> dict[str, object]:
-        return {"keyframes": [{"frame": f, "reason": r} for f, r in self.keyframes],
+        logs = {"keyframes": self.keyframes, "prompts": self.prompts,
+                "localizer_errors": self.localizer_errors, "answers": self.answers,
+                "views": self.views}
+        trimmed = {name: log.total for name, log in logs.items() if log.total > len(log)}
+        return {**({"events_total": trimmed} if trimmed else {}),
+                "keyframes": [{"frame": f, "reason": r} for f, r in self.keyframes],
                 "prompts": [{"frame": at, "computed_on": on} for at, on in self.prompts],
                 "localizer_errors": [{"frame": f, "error": e} for f, e in self.localizer_errors],
                 "answers": [{"frame": f, "query_ms": ms, "boxes": n}
                             for f, ms, n in self.answers],
                 "frames_dropped": self.frames_dropped,
                 "views": [{"frame": f, "reference": r} for f, r in self.views],
-                "localizer_wait_ms": self.localizer_wait_ms}
+                "localizer_wait_ms": self.localizer_wait_ms,
+                "keyframe_fates": {**self.fates, "unfinished": self.fates["sent"] - sum(
+                    v for k, v in self.fates.items() if k != "sent")}}
 
 
 class Pipeline:
@@ -119,6 +147,7 @@ class Pipeline:
         self._vlm_frame: int | None = None
         self._ready: WorkerResult | None = None
         self._keyframe_descriptor: np.ndarray | None = None
+        self._last_index: int | None = None  # of the last frame processed
         # the bundles `from_bundle` opened ("sam2", "vlm"), closed by `close`
         self.bundles: dict[str, object] = {}
 
@@ -155,6 +184,13 @@ class Pipeline:
         """Track one frame (and maybe send it to the localizer); never waits for the VLM
         unless `wait_for_localizer`."""
         arrived = time.perf_counter()
+        if not isinstance(frame, Frame):
+            raise InputError(f"process: expected a rau_rt.Frame (index, timestamp, image, "
+                             f"channel order, bits), got {type(frame).__name__}; wrap an array "
+                             "as Frame(index, timestamp_s, image, 'bgr' | 'rgb' | 'gray', bits)")
+        if self._last_index is not None and frame.index <= self._last_index:
+            raise InputError(f"frame {frame.index}: frames must come in increasing index order "
+                             f"(the last one was {self._last_index}); nothing was changed")
         finished = [self._ready] if self._ready is not None else []
         self._ready = None
         for worker in self.workers:
@@ -167,6 +203,7 @@ class Pipeline:
                 self._apply(done, frame.index)
             prompt_ms = (time.perf_counter() - started) * 1e3
         step = self.tracker.step(frame)
+        self._last_index = frame.index
         confidence = {name: (1 / (1 + math.exp(-step.object_scores[name]))
                              if step.regions[name].present else None)
                       for name in step.regions}
@@ -185,6 +222,8 @@ class Pipeline:
                 marked = self.bank.references[self._view].region_names
                 names = tuple(n for n in self.regions if n in marked)
             self.worker.submit(frame.index, frame, names)
+            self.stats.fates["sent"] += 1
+            self.stats.fates["dropped"] = sum(w.dropped for w in self.workers)
         absent = RegionResult(False, None, None, 0.0, "track")
         result = FrameResult(
             index=frame.index, timestamp_s=frame.timestamp_s, frame_size=step.frame_size,
@@ -192,9 +231,10 @@ class Pipeline:
             stage_ms={**step.stage_ms, "prompt": prompt_ms},
             latency_ms=(time.perf_counter() - arrived) * 1e3,
             vlm_staleness=None if self._vlm_frame is None else frame.index - self._vlm_frame)
-        if reason is not None and self.config.wait_for_localizer:
+        if reason is not None and self.config.wait_for_localizer and not self.worker.stuck:
             # after the result is complete: the wait is for the next frame's prompt, not part
-            # of this frame's latency (it is counted in stats.localizer_wait_ms)
+            # of this frame's latency (it is counted in stats.localizer_wait_ms). Behind a query
+            # that already timed out, nothing can arrive before it returns: no wait then.
             started = time.perf_counter()
             self._ready = self.worker.wait(self.config.localizer_timeout_s)
             self.stats.localizer_wait_ms += (time.perf_counter() - started) * 1e3
@@ -228,6 +268,7 @@ class Pipeline:
         if not done.ok:
             why = "timed out" if done.timed_out else done.error
             self.stats.localizer_errors.append((done.frame_index, str(why)))
+            self.stats.fates["timed_out" if done.timed_out else "failed"] += 1
             return
         boxes = {n: b for n, b in done.result.boxes.items()
                  if b is not None and n in self.regions}
@@ -237,8 +278,10 @@ class Pipeline:
                 self.tracker.prompt(self.tracker.frame_index, boxes, source="vlm")
             except InputError as exc:  # a box the tracker refuses: reported, tracking goes on
                 self.stats.localizer_errors.append((done.frame_index, f"prompt: {exc}"))
+                self.stats.fates["failed"] += 1
                 return
             self.stats.prompts.append((index, done.frame_index))
+        self.stats.fates["answered"] += 1
         self._vlm_frame = done.frame_index
 
     def run(self, frames: Iterable[Frame], sinks: Sequence[object] = (), *,

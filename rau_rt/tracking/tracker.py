@@ -39,7 +39,7 @@ from typing import Protocol
 import numpy as np
 
 from rau_rt import ops
-from rau_rt.errors import InputError
+from rau_rt.errors import InputError, NumericsError
 from rau_rt.ops._bilinear import resize_antialias
 from rau_rt.reference import pool_features
 from rau_rt.sam2_layout import MAX_REGIONS, Sam2Layout, read_layout
@@ -363,6 +363,8 @@ class Tracker:
 
         Raises:
             InputError: a bad frame (dtype, shape, channels, NaN); the state is unchanged.
+            NumericsError: a graph answered NaN or infinity for the memory this frame would
+                store; the state is unchanged.
         """
         times = dict.fromkeys(STAGES, 0.0)
         started = time.perf_counter()
@@ -422,6 +424,13 @@ class Tracker:
                 box=post.boxes[i] if present else None,
                 score=float(post.scores[i]) if present else 0.0, source=source)
         _lap(times, "postprocess", clock)
+        for graph, values in (("memory_encoder", memory["memory"]),
+                              ("memory_encoder", memory["memory_pos"]),
+                              ("mask_decoder", pointers)):
+            if not np.isfinite(values).all():  # it would be attended to on every later frame
+                raise NumericsError(f"frame {t}: {graph} produced NaN or infinity; nothing was "
+                                    "stored and the frame can be stepped again (a faulty "
+                                    "engine or graph: re-export or rebuild the bundle)")
         # commit: nothing above changed the tracker
         for i, name in enumerate(names):
             bank = self._banks[name]

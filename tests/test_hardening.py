@@ -1,0 +1,437 @@
+"""Defects a new user, a PACS and a GPU host hit first (issue 17), each pinned by a test that
+failed before its fix: frames shared between sinks are never drawn on, region names never
+leave `--out`, a non-finite window or memory never reaches the tracker's state, and a bad
+frame is refused before anything changes."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+from rau_rt import ops
+from rau_rt.errors import InputError, NumericsError
+from rau_rt.io.sinks import MaskArchiveSink, OverlayVideoSink, region_file_name
+from rau_rt.pipeline import Pipeline
+from rau_rt.synthetic import generate_sequence
+from rau_rt.tracking import Tracker
+from rau_rt.types import Frame, FrameResult, Region, RegionResult
+
+SIZE = 256
+
+
+@pytest.fixture(scope="module")
+def bundle(micro_bundle):
+    return micro_bundle
+
+
+@pytest.fixture(scope="module")
+def sequence():
+    return generate_sequence(seed=3, frames=8, size=SIZE, contrast_delay_frames=1,
+                             segments=("6",), look="classic")
+
+
+def _opacified(sequence):
+    """8-bit frames from the first one where segment 6 shows, and its box there."""
+    first = next(k for k, t in enumerate(sequence.truth) if t.segments["6"].box)
+    return sequence.frames_8bit()[first:], sequence.truth[first].segments["6"].box
+
+
+def _result(index: int, shape: tuple[int, int], name: str = "6") -> FrameResult:
+    mask = np.zeros(shape, bool)
+    mask[20:60, 30:90] = True
+    region = RegionResult(True, mask, (30, 20, 90, 60), 0.9, "track")
+    return FrameResult(index, index / 15, shape, {name: region}, {}, 1.0)
+
+
+# outputs and data integrity
+
+
+def test_frames_are_read_only_views_so_no_sink_can_draw_into_a_shared_frame(tmp_path):
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (120, 160, 3), np.uint8)
+    frame = Frame(0, 0.0, pixels, "bgr", 8)
+    before = pixels.copy()
+    assert not frame.image.flags.writeable
+    assert pixels.flags.writeable  # the caller's own array stays theirs
+    sink = OverlayVideoSink(tmp_path / "overlay.mp4")
+    sink.write(frame, _result(0, (120, 160)))
+    sink.close()
+    np.testing.assert_array_equal(frame.image, before)
+    with pytest.raises(ValueError, match="read-only"):
+        frame.image[0, 0] = 0
+
+
+@pytest.mark.parametrize("name", ["../escape", "..", "a/../../b", "/etc/passwd", "C:\\x",
+                                  "LAD proximal", "6"])
+def test_region_names_never_name_a_file_outside_the_output(tmp_path, name):
+    out = tmp_path / "out"
+    out.mkdir()
+    sink = MaskArchiveSink(out / "masks")
+    sink.write(Frame(0, 0.0, np.zeros((120, 160), np.uint8), "gray", 8),
+               _result(0, (120, 160), name))
+    sink.close()
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert written and all(out / "masks" in p.parents for p in written)
+    folder = region_file_name(name)
+    assert (out / "masks" / folder / "000000.png").is_file()
+    assert "/" not in folder and "\\" not in folder and folder not in ("", ".", "..")
+
+
+def test_distinct_region_names_get_distinct_file_names():
+    names = ["LAD/D1", "LAD_D1", "LAD D1", "lad d1", "../x", "_x"]
+    assert len({region_file_name(n) for n in names}) == len(names)
+    assert region_file_name("LAD proximal") == "LAD proximal"  # plain names stay readable
+
+
+@pytest.mark.parametrize("name, why", [("a\x00b", "control"), ("seg\\1", "backslash"),
+                                       ("x" * 65, "64"), ("", "empty"), ("   ", "empty"),
+                                       (7, "string")])
+def test_region_names_a_seg_or_a_prompt_cannot_carry_are_refused(name, why):
+    with pytest.raises(InputError, match=why):
+        Region(name, box=(0, 0, 4, 4))
+
+
+# bad input that ended in a traceback, a hang or a wrong answer
+
+
+@pytest.mark.parametrize("window", [(math.nan, 100.0), (100.0, math.inf), (math.inf, 10.0),
+                                    (100.0, math.nan), (100.0, 0.0)])
+def test_a_non_finite_window_is_refused_where_it_enters(window):
+    image = np.full((32, 32), 1000, np.uint16)
+    with pytest.raises(InputError, match="window"):
+        Frame(0, 0.0, image, "gray", 12, window)
+    with pytest.raises(InputError, match="window"):
+        ops.preprocess(image, (16, 16), window=window, bits_stored=12)
+
+
+@pytest.mark.parametrize("image", [None, [[0, 1], [2, 3]], np.zeros((4, 4), np.float64)])
+def test_a_frame_without_an_image_array_is_a_typed_error(image):
+    with pytest.raises(InputError, match="frame 0"):
+        Frame(0, 0.0, image, "gray", 8)
+
+
+class PoisonedMemory:
+    """The bundle, with the memory encoder answering NaN when `poison` is set (a fault in an
+    engine or a bad graph): the tracker must refuse to store it."""
+
+    def __init__(self, bundle):
+        self._bundle, self.poison = bundle, False
+
+    def __getattr__(self, name):
+        return getattr(self._bundle, name)
+
+    def run(self, graph, feeds):
+        out = self._bundle.run(graph, feeds)
+        if graph == "memory_encoder" and self.poison:
+            out = {k: np.full_like(v, np.nan) if v.dtype.kind == "f" else v
+                   for k, v in out.items()}
+        return out
+
+
+def test_the_tracker_refuses_a_non_finite_memory_and_its_state_stays_usable(bundle, sequence):
+    graphs = PoisonedMemory(bundle)
+    tracker = Tracker(graphs)
+    frames, box = _opacified(sequence)
+    tracker.prompt(0, {"6": box})
+    tracker.step(frames[0])
+    memory_bytes = tracker.memory_nbytes
+    graphs.poison = True
+    with pytest.raises(NumericsError, match="memory_encoder"):
+        tracker.step(frames[1])
+    assert tracker.frame_index == 1 and tracker.memory_nbytes == memory_bytes
+    graphs.poison = False
+    later = tracker.step(frames[1])  # the same frame goes through now
+    assert later.index == 1 and "6" in later.regions
+    clean = Tracker(bundle)
+    clean.prompt(0, {"6": box})
+    clean.step(frames[0])
+    again = clean.step(frames[1])
+    assert again.regions["6"].present == later.regions["6"].present
+    if later.regions["6"].present:  # random weights: the region may or may not show
+        np.testing.assert_array_equal(again.regions["6"].mask, later.regions["6"].mask)
+    assert again.object_scores == later.object_scores
+
+
+def test_a_repeated_or_past_frame_is_refused_before_the_tracker_steps(bundle, sequence):
+    tracker = Tracker(bundle)
+    frames, box = _opacified(sequence)
+    tracker.prompt(0, {"6": box})
+    pipeline = Pipeline(tracker, None, ("6",))
+    gray = frames
+    pipeline.process(Frame(5, 0.3, gray[0], "gray", 8))
+    assert tracker.frame_index == 1
+    for index in (5, 4):
+        with pytest.raises(InputError, match=f"frame {index}"):
+            pipeline.process(Frame(index, 0.4, gray[1], "gray", 8))
+        assert tracker.frame_index == 1
+    assert pipeline.process(Frame(6, 0.4, gray[1], "gray", 8)).index == 6
+
+
+def test_a_bare_array_given_to_the_pipeline_is_a_typed_error(bundle, sequence):
+    tracker = Tracker(bundle)
+    pipeline = Pipeline(tracker, None, ("6",))
+    with pytest.raises(InputError, match="Frame"):
+        pipeline.process(sequence.frames[0])
+    assert tracker.frame_index == 0
+
+
+def test_one_run_at_a_time_holds_an_output_folder(tmp_path):
+    from rau_rt.io.outdir import claim_output
+
+    with claim_output(tmp_path / "out") as out:
+        assert out.is_dir()
+        with pytest.raises(InputError, match="another rau-rt run"):
+            with claim_output(tmp_path / "out"):
+                pass
+    with claim_output(tmp_path / "out"):  # released when the first run ends
+        pass
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="is a file"):
+        with claim_output(tmp_path / "file"):
+            pass
+
+
+def test_a_second_process_cannot_take_a_held_output_folder(tmp_path):
+    import subprocess
+    import sys
+
+    from rau_rt.io.outdir import claim_output
+
+    code = ("import sys\nfrom rau_rt.io.outdir import claim_output\n"
+            "try:\n    with claim_output(sys.argv[1]): pass\n"
+            "except Exception as e:\n    print(type(e).__name__, e); sys.exit(3)\n")
+    with claim_output(tmp_path / "out"):
+        other = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out")],
+                               capture_output=True, text=True, timeout=60)
+    assert other.returncode == 3 and "InputError" in other.stdout
+    assert "another rau-rt run" in other.stdout
+
+
+# DICOM and folders: refused when opened, with the actual cause, not mid-stream
+
+
+@pytest.fixture(scope="module")
+def cine_dicom(tmp_path_factory):
+    from rau_rt.synthetic import formats
+
+    path = tmp_path_factory.mktemp("dicom") / "cine.dcm"
+    formats.write_dicom(path, generate_sequence(seed=4, frames=4, size=64, fps=15.0))
+    return path
+
+
+def _edited(cine_dicom, tmp_path, edit):
+    import pydicom
+
+    ds = pydicom.dcmread(cine_dicom)
+    with warnings.catch_warnings():  # pydicom warns about the invalid values we write
+        warnings.simplefilter("ignore")
+        edit(ds)
+        path = tmp_path / "edited.dcm"
+        ds.save_as(path)
+    return path
+
+
+def _set(**values):
+    def edit(ds):
+        for keyword, value in values.items():
+            setattr(ds, keyword, value)
+    return edit
+
+
+def _truncate(ds):
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
+
+
+def _drop_pixels(ds):
+    del ds.PixelData
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_set(NumberOfFrames=0), "NumberOfFrames is 0"),
+    (_drop_pixels, "no PixelData"),
+    (_set(SamplesPerPixel=3), "SamplesPerPixel 3 contradicts"),
+    (_set(PhotometricInterpretation="PALETTE COLOR"), "without its colour lookup"),
+    (_truncate, "truncated: the pixel data holds"),
+    (_set(WindowCenter="NaN"), "finite window"),
+    (_set(WindowWidth="inf"), "finite window"),
+    (_set(Rows=20000, Columns=20000), "20000x20000 frames"),
+])
+def test_a_damaged_dicom_is_refused_at_open_with_its_cause(cine_dicom, tmp_path, edit, message):
+    from rau_rt.io.sources import open_source
+
+    path = _edited(cine_dicom, tmp_path, edit)
+    with pytest.raises(InputError, match=message):
+        open_source(path)
+
+
+def test_an_image_folder_with_mixed_frame_sizes_names_the_odd_file(tmp_path):
+    import cv2
+
+    from rau_rt.io.sources import open_source
+
+    for i, shape in enumerate([(48, 64), (48, 64), (64, 64), (48, 64)]):
+        cv2.imwrite(str(tmp_path / f"f{i}.png"), np.zeros(shape, np.uint8))
+    with open_source(tmp_path) as source:
+        frames = iter(source)
+        next(frames), next(frames)
+        with pytest.raises(InputError, match=r"f2\.png.*first frame \(f0\.png\)"):
+            next(frames)
+
+
+def test_a_huge_image_is_refused_from_its_header_before_decoding(tmp_path):
+    from PIL import Image
+
+    from rau_rt.io.sources import open_source
+
+    Image.new("L", (9000, 10)).save(tmp_path / "wide.png")  # small file, too wide a frame
+    with open_source(tmp_path) as source, pytest.raises(InputError, match="9000x10 frames"):
+        next(iter(source))
+    with pytest.raises(InputError, match="9000x8 frames"):
+        Frame(0, 0.0, np.zeros((8, 9000), np.uint8), "gray", 8)
+
+
+def test_a_synthetic_source_renders_frames_as_they_are_read(monkeypatch):
+    from rau_rt.io.sources import open_source
+    from rau_rt.synthetic import sequence as module
+
+    rendered = []
+    real = module._render
+
+    def counting(scene, cfg, segments, index, *args):
+        rendered.append(index)
+        return real(scene, cfg, segments, index, *args)
+
+    monkeypatch.setattr(module, "_render", counting)
+    with open_source("synthetic:frames=3000&size=64&look=classic") as source:
+        assert source.frame_count == 3000
+        frames = iter(source)
+        first, second = next(frames), next(frames)
+    assert rendered == [0, 1]  # not 3000 frames up front (67 s and 2.8 GB at 512 px)
+    expected = generate_sequence(frames=2, size=64, look="classic").frames
+    np.testing.assert_array_equal(np.stack([first.image, second.image]), expected)
+
+
+def test_pipeline_event_logs_stay_bounded_and_count_everything():
+    from rau_rt.pipeline.pipeline import EventLog, PipelineStats
+
+    log = EventLog(limit=100)
+    for i in range(1000):
+        log.append((i, "scheduled"))
+    assert len(log) <= 110 and log.total == 1000 and log[-1] == (999, "scheduled")
+    stats = PipelineStats(keyframes=log)
+    assert stats.to_dict()["events_total"] == {"keyframes": 1000}
+    assert "events_total" not in PipelineStats().to_dict()
+
+
+# the VLM worker: every keyframe's fate is counted, a hung or dying query never disables it
+
+
+class Gate:
+    """A localizer whose first query hangs until `release`, later ones answer at once (no
+    boxes) or raise `error` when set."""
+
+    def __init__(self, hang_first=True, error=None):
+        import threading
+
+        self.release, self.hang_first, self.error = threading.Event(), hang_first, error
+        self.asked = []
+
+    def locate_result(self, frame, regions=None):
+        from types import SimpleNamespace
+
+        self.asked.append(frame.index if hasattr(frame, "index") else None)
+        if self.hang_first and len(self.asked) == 1:
+            self.release.wait(60)
+        if self.error is not None:
+            raise self.error
+        return SimpleNamespace(boxes={})
+
+
+def test_a_query_raising_system_exit_is_reported_and_the_worker_serves_on():
+    from rau_rt.localization import LocalizerWorker
+
+    gate = Gate(hang_first=False, error=SystemExit(3))
+    with LocalizerWorker(gate, timeout_s=30) as worker:
+        worker.submit(0, np.zeros((4, 4), np.uint8))
+        first = worker.wait(30)
+        assert first is not None and first.error == "SystemExit: 3"
+        gate.error = None
+        worker.submit(1, np.zeros((4, 4), np.uint8))
+        second = worker.wait(30)
+        assert second is not None and second.ok and second.frame_index == 1
+        assert worker.restarts == 0
+
+
+def test_a_dead_worker_thread_is_started_again_on_submit():
+    from rau_rt.localization import LocalizerWorker
+
+    gate = Gate(hang_first=False)
+    worker = LocalizerWorker(gate, timeout_s=30)
+    with worker._cond:  # end the thread as a bug in the worker itself would
+        worker._closed = True
+        worker._cond.notify_all()
+    worker._thread.join(10)
+    worker._closed = False
+    worker.submit(7, np.zeros((4, 4), np.uint8))
+    done = worker.wait(30)
+    assert done is not None and done.ok and worker.restarts == 1
+    worker.close()
+
+
+def test_a_hung_vlm_query_is_counted_and_never_stalls_an_offline_run(bundle, sequence):
+    from rau_rt.localization import LocalizerWorker
+    from rau_rt.pipeline import KeyframeConfig, PipelineConfig
+
+    frames, box = _opacified(sequence)
+    gray = [Frame(i, i / 15, frames[i % len(frames)], "gray", 8) for i in range(10)]
+    gate = Gate(hang_first=True)
+    timeout = 2.0
+    config = PipelineConfig(KeyframeConfig(every=2), wait_for_localizer=True,
+                            localizer_timeout_s=timeout)
+    worker = LocalizerWorker(gate, timeout_s=timeout)
+    try:
+        tracker = Tracker(bundle)
+        tracker.prompt(0, {"6": box})
+        pipeline = Pipeline(tracker, worker, ("6",), config)
+        pipeline.run(gray)
+        fates = pipeline.stats.to_dict()["keyframe_fates"]
+    finally:
+        gate.release.set()
+        worker.close()
+    # the first keyframe hangs: it times out once; the later ones wait behind it, each
+    # replacing the one before (dropped), the last still waiting when the stream ends
+    assert fates["sent"] == 5 and fates["timed_out"] == 1 and fates["answered"] == 0
+    assert fates["dropped"] == 3 and fates["unfinished"] == 1
+    # one timeout's wait, not one per keyframe (before: 5 x the timeout)
+    assert pipeline.stats.localizer_wait_ms < 2 * timeout * 1e3
+
+
+def test_a_seg_from_a_dicom_source_joins_its_study_and_names_the_source_frame(cine_dicom,
+                                                                              tmp_path):
+    import pydicom
+
+    from rau_rt.io.sinks import DicomSegSink
+    from rau_rt.io.sources import open_source
+
+    source_ds = pydicom.dcmread(cine_dicom, stop_before_pixels=True)
+    name = "Ramus intermédius ✓"
+    with open_source(cine_dicom) as source:
+        frames = list(source)
+        sink = DicomSegSink(tmp_path / "seg", keyframes={2}, source_dataset=source.header)
+        for frame in frames:
+            sink.write(frame, _result(frame.index, frame.image.shape, name))
+        sink.close()
+    sc = pydicom.dcmread(tmp_path / "seg" / "000002_sc.dcm")
+    seg = pydicom.dcmread(tmp_path / "seg" / "000002_seg.dcm")
+    for derived in (sc, seg):  # filed with the images they describe, for the same patient
+        assert derived.StudyInstanceUID == source_ds.StudyInstanceUID
+        assert derived.PatientID == source_ds.PatientID
+        assert derived.PatientName == source_ds.PatientName
+    reference = sc.SourceImageSequence[0]
+    assert reference.ReferencedSOPInstanceUID == source_ds.SOPInstanceUID
+    assert reference.ReferencedFrameNumber == 3  # frame index 2, counted from 1
+    assert seg.SegmentSequence[0].SegmentLabel == name  # UTF-8 survives the round trip
+    assert sink.written == [2]
