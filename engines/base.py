@@ -8,6 +8,7 @@ inside `load`, so `available()` and everything else work on a host without it.
 from __future__ import annotations
 
 import importlib.util
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
@@ -78,7 +79,11 @@ class Engine(ABC):
     """One loaded graph on one device.
 
     Subclasses set `name` (the registry key) and `suffixes`, implement `available`, `load`,
-    `_run` and `_release`, and fill `_inputs`/`_outputs` when loading.
+    `_run` and `_release`, and fill `_inputs`/`_outputs` when loading. A backend whose `_run`
+    works through per-engine mutable state (a TensorRT execution context and its buffers, an
+    ONNX Runtime IO binding) sets `_serialize`: `run` and `close` then take the engine's lock,
+    so one engine shared by threads (the reference bank gives every reference's localizer
+    worker the same VLM bundle) runs one call at a time instead of mixing their buffers.
     """
 
     name: ClassVar[str]
@@ -91,6 +96,8 @@ class Engine(ABC):
         self.precision = precision
         self.config = config
         self._closed = False
+        self._serialize = False
+        self._lock = threading.Lock()
 
     @classmethod
     @abstractmethod
@@ -142,10 +149,17 @@ class Engine(ABC):
             ShapeError: a feed is missing, extra, or of the wrong shape or dtype.
             EngineClosedError: the engine was closed.
         """
+        self._check_open()
+        validate_feeds(self._inputs, feeds)
+        if not self._serialize:
+            return self._run(feeds)
+        with self._lock:
+            self._check_open()  # closed by another thread while this call waited
+            return self._run(feeds)
+
+    def _check_open(self) -> None:
         if self._closed:
             raise EngineClosedError(f"{self.name} engine is closed; load it again to run")
-        validate_feeds(self._inputs, feeds)
-        return self._run(feeds)
 
     @abstractmethod
     def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -157,9 +171,10 @@ class Engine(ABC):
 
     def close(self) -> None:
         """Release sessions, device memory and streams. Calling it again does nothing."""
-        if not self._closed:
-            self._closed = True
-            self._release()
+        with self._lock:  # a serialized engine's running call finishes first
+            if not self._closed:
+                self._closed = True
+                self._release()
 
     def __enter__(self) -> Engine:
         return self

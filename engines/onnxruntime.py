@@ -76,6 +76,7 @@ class OrtEngine(Engine):
         self._device_inputs: dict[str, object] = {}
         if config.is_cuda and config.io_binding:
             self._prepare_binding()
+            self._serialize = True  # one binding: concurrent calls would swap each other's feeds
 
     @classmethod
     def available(cls) -> bool:

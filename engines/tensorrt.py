@@ -77,6 +77,18 @@ def host_info(device_index: int = 0) -> dict[str, str]:
             "gpu": name.rstrip("\x00")}
 
 
+def _numpy_dtype(trt, dtype, name: str) -> str:
+    """The numpy dtype name of a TensorRT tensor type; EngineMismatchError for types numpy
+    cannot hold (bf16, fp8, int4: rau-rt feeds and reads numpy arrays)."""
+    try:
+        return np.dtype(trt.nptype(dtype)).name
+    except TypeError:
+        raise EngineMismatchError(
+            f"tensor {name!r} is {dtype} in the engine, which numpy arrays cannot hold; rau-rt "
+            "engines take and return fp32/fp16/int input and output tensors (keep reduced "
+            "types inside the graph: cast at its boundary)") from None
+
+
 class TrtEngine(Engine):
     """A deserialized TensorRT engine with one execution context and one CUDA stream."""
 
@@ -125,7 +137,7 @@ class TrtEngine(Engine):
             name = engine.get_tensor_name(i)
             dims = tuple(engine.get_tensor_shape(name))
             spec = TensorSpec(name, tuple(d if d >= 0 else None for d in dims),
-                              np.dtype(trt.nptype(engine.get_tensor_dtype(name))).name)
+                              _numpy_dtype(trt, engine.get_tensor_dtype(name), name))
             if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
                 inputs.append(spec)
                 if spec.is_static:
@@ -137,6 +149,7 @@ class TrtEngine(Engine):
             else:
                 outputs.append(spec)
         super().__init__(tuple(inputs), tuple(outputs), precision, config)
+        self._serialize = True  # one execution context, stream and set of buffers
         self._stream = _check(cudart.cudaStreamCreate())
         self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
         self._graph_exec = None
@@ -198,11 +211,17 @@ class TrtEngine(Engine):
         if self._graph_exec is None:
             # One plain launch first: TensorRT finishes its shape-dependent setup outside the
             # capture, as its documentation on CUDA graphs asks.
-            self._context.execute_async_v3(int(self._stream))
+            if not self._context.execute_async_v3(int(self._stream)):
+                raise RuntimeError("TensorRT execute_async_v3 failed before CUDA graph capture "
+                                   "(see the TensorRT log)")
             mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal
             _check(cudart.cudaStreamBeginCapture(self._stream, mode))
-            self._context.execute_async_v3(int(self._stream))
-            graph = _check(cudart.cudaStreamEndCapture(self._stream))
+            captured = self._context.execute_async_v3(int(self._stream))
+            graph = _check(cudart.cudaStreamEndCapture(self._stream))  # end it either way
+            if not captured:
+                _check(cudart.cudaGraphDestroy(graph))
+                raise RuntimeError("TensorRT execute_async_v3 failed while capturing a CUDA "
+                                   "graph; run with cuda_graph off (see the TensorRT log)")
             self._graph_exec = _check(cudart.cudaGraphInstantiate(graph, 0))
             _check(cudart.cudaGraphDestroy(graph))
         _check(cudart.cudaGraphLaunch(self._graph_exec, self._stream))

@@ -253,6 +253,17 @@ def has_qdq(onnx_path: str | Path) -> bool:
     return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in _nodes(model.graph))
 
 
+def holds_fp32(onnx_path: str | Path) -> bool:
+    """Whether any float input, output or weight of the graph is fp32: an fp16 build converts
+    it first. (Judging by the first input alone built `vlm_embed`, whose input is token ids and
+    whose table is fp32, in fp32 while the manifest said fp16.)"""
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    graph = model.graph
+    typed = [v.type.tensor_type.elem_type for v in (*graph.input, *graph.output)]
+    weights = [t.data_type for t in graph.initializer]
+    return onnx.TensorProto.FLOAT in typed + weights
+
+
 def convert_fp16(onnx_path: str | Path, out: str | Path,
                  keep_fp32: Sequence[str] = FP32_SENSITIVE_OPS,
                  keep_fp32_nodes: Sequence[str] = (),
@@ -310,8 +321,7 @@ def build(onnx_path: str | Path, out: str | Path, precision: str = "fp16",
         raise InputError(f"{onnx_path}: int8 engines are built from Q/DQ graphs (explicit "
                          "quantization); quantize the bundle first (rau_rt.export.quantize)")
     source = onnx_path
-    if precision == "fp16" and onnx.load(str(onnx_path), load_external_data=False).graph \
-            .input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
+    if precision == "fp16" and holds_fp32(onnx_path):
         # Kept beside the engine: the graph TensorRT actually parsed, for inspection.
         source = convert_fp16(onnx_path, out.with_name(out.stem + ".trt-input.onnx"), keep_fp32)
     require_ready(lint(source))

@@ -295,8 +295,15 @@ def _choose(directory: Path, graph: str, candidates: list[GraphEntry], backend: 
                               f"{have}){hint}")
         return matching[0], backend
     trt = [e for e in candidates if e.backend == "tensorrt"]
+    host = None
     if trt and registry.backend_class("tensorrt").available():
-        host = host_info(config.device_index)
+        try:
+            host = host_info(config.device_index)
+        except Exception as exc:  # a driver or CUDA library failing to answer
+            log.warning("backend auto: %s: probing this host for TensorRT failed (%s: %s); "
+                        "TensorRT skipped, trying the ONNX graph", graph, type(exc).__name__,
+                        exc)
+    if host is not None:
         fitting = [e for e in trt if _version_key(e.tools.get("tensorrt"))
                    == _version_key(host.get("tensorrt"))
                    and e.tools.get("compute_capability") == host.get("compute_capability")]

@@ -187,6 +187,22 @@ def test_auto_skips_an_engine_for_another_host(relu_bundle, monkeypatch, caplog)
     assert "backend auto: onnxruntime on cpu" in caplog.text
 
 
+def test_auto_falls_back_when_probing_the_host_fails(relu_bundle, monkeypatch, caplog):
+    add_engine(relu_bundle)
+    monkeypatch.setattr(registry.backend_class("tensorrt"), "available", classmethod(
+        lambda cls: True))
+
+    def broken_driver(index):
+        raise RuntimeError("cudaErrorInsufficientDriver")
+
+    caplog.set_level(logging.INFO)
+    with load_bundle(relu_bundle, backend="auto", host_info=broken_driver) as bundle:
+        assert bundle.entry("relu").backend == "onnxruntime"
+    assert "probing this host for TensorRT failed (RuntimeError: cudaErrorInsufficientDriver)" \
+        in caplog.text
+    assert "backend auto: onnxruntime on cpu" in caplog.text
+
+
 def test_auto_without_tensorrt_takes_onnxruntime_cpu(relu_bundle, caplog):
     add_engine(relu_bundle)
     caplog.set_level(logging.INFO)

@@ -435,3 +435,71 @@ def test_a_seg_from_a_dicom_source_joins_its_study_and_names_the_source_frame(ci
     assert reference.ReferencedFrameNumber == 3  # frame index 2, counted from 1
     assert seg.SegmentSequence[0].SegmentLabel == name  # UTF-8 survives the round trip
     assert sink.written == [2]
+
+
+# shared engines under threads (the CPU twin of a TensorRT context or a CUDA IO binding)
+
+
+def _one_buffer_engine(serialize: bool):
+    """An Engine whose `_run` goes through one staging buffer, as a TensorRT context or an
+    ONNX Runtime IO binding does."""
+    import threading
+    import time
+
+    from rau_rt.config import EngineConfig
+    from rau_rt.engines.base import Engine
+    from rau_rt.types import TensorSpec
+
+    class Staged(Engine):
+        name = "staged-test"
+
+        @classmethod
+        def available(cls):
+            return True
+
+        @classmethod
+        def load(cls, path, config=None, *, precision=None):
+            raise NotImplementedError
+
+        def __init__(self):
+            spec = TensorSpec("x", (1,), "float32")
+            super().__init__((spec,), (TensorSpec("y", (1,), "float32"),), "fp32",
+                             EngineConfig())
+            self._serialize = serialize
+            self._buffer = np.zeros(1, np.float32)
+            self.overlaps = 0
+            self._inside = threading.Semaphore(1)
+
+        def _run(self, feeds):
+            if not self._inside.acquire(blocking=False):
+                self.overlaps += 1  # another call is between its copy in and copy out
+            else:
+                self._inside.release()
+            self._buffer[:] = feeds["x"]  # copy in ...
+            time.sleep(0.002)  # ... the device runs ...
+            return {"y": self._buffer * 2}  # ... copy out
+
+        def _release(self):
+            pass
+
+    return Staged()
+
+
+def _hammer(engine, threads=4, calls=25):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def worker(k):
+        wrong = 0
+        for i in range(calls):
+            value = np.array([k * 1000 + i], np.float32)
+            wrong += int(engine.run({"x": value})["y"][0] != 2 * value[0])
+        return wrong
+
+    with ThreadPoolExecutor(threads) as pool:
+        return sum(pool.map(worker, range(threads)))
+
+
+def test_a_shared_stateful_engine_serves_threads_one_call_at_a_time():
+    assert _hammer(_one_buffer_engine(serialize=True)) == 0
+    # the same engine without the lock mixes the threads' feeds: what the lock prevents
+    assert _hammer(_one_buffer_engine(serialize=False)) > 0

@@ -289,6 +289,24 @@ def test_engine_runs_dynamic_shapes_and_checks_the_profile(fakes, tmp_path):
     assert len(fakes.cudart.freed) == 2
 
 
+def test_a_shared_engine_runs_threads_one_call_at_a_time(fakes, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    (tmp_path / "double.engine").write_bytes(PLAN)
+    engine = trt_engine.TrtEngine.load(tmp_path / "double.engine", EngineConfig(device="cuda"),
+                                       precision="fp16")
+
+    def calls(k):  # one context and one set of device buffers for every thread
+        for i in range(20):
+            x = np.full((1 + (k + i) % 8, 4), k * 100 + i, np.float32)
+            np.testing.assert_array_equal(engine.run({"x": x})["y"], 2 * x)
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(calls, range(4)))
+    assert engine._serialize
+    engine.close()
+
+
 def test_engine_refuses_a_plan_it_cannot_deserialize(fakes, tmp_path):
     (tmp_path / "other.engine").write_bytes(b"built elsewhere")
     with pytest.raises(EngineMismatchError, match="rebuild it on this host: rau-rt export trt"):
@@ -303,6 +321,36 @@ def test_cuda_graph_is_captured_once_and_replayed_for_static_shapes(fakes, tmp_p
             x = np.full((2, 4), value, np.float32)
             np.testing.assert_array_equal(engine.run({"x": x})["y"], 2 * x)
     assert fakes.cudart.launches == 3 and len(fakes.cudart.captured) == 1
+
+
+def test_a_failed_launch_under_capture_is_an_error_not_an_empty_graph(fakes, tmp_path,
+                                                                     monkeypatch):
+    (tmp_path / "static.engine").write_bytes(STATIC_PLAN)
+    config = EngineConfig(device="cuda", cuda_graph=True)
+    launches = []
+
+    def fails_while_capturing(self, stream):
+        launches.append(self.cudart.capturing)
+        return not self.cudart.capturing  # the warm-up launch works, the captured one fails
+
+    monkeypatch.setattr(FakeContext, "execute_async_v3", fails_while_capturing)
+    with trt_engine.TrtEngine.load(tmp_path / "static.engine", config) as engine:
+        with pytest.raises(RuntimeError, match="while capturing a CUDA graph"):
+            engine.run({"x": np.ones((2, 4), np.float32)})
+    assert launches == [False, True] and not fakes.cudart.capturing  # the capture was ended
+
+
+def test_a_tensor_type_numpy_cannot_hold_is_a_typed_mismatch(fakes, tmp_path, monkeypatch):
+    import rau_rt.engines.tensorrt as module
+
+    def bf16(dtype):
+        raise TypeError("Could not resolve TensorRT datatype to an equivalent numpy datatype.")
+
+    trt = module.import_tensorrt()
+    monkeypatch.setattr(trt, "nptype", bf16)
+    (tmp_path / "double.engine").write_bytes(PLAN)
+    with pytest.raises(EngineMismatchError, match="'x' is .* numpy arrays cannot hold"):
+        trt_engine.TrtEngine.load(tmp_path / "double.engine", EngineConfig(device="cuda"))
 
 
 def test_cuda_graph_is_not_used_for_dynamic_shapes(fakes, tmp_path):

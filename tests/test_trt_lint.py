@@ -151,3 +151,23 @@ def test_fp16_conversion_keeps_layernorm_and_softmax_fp32(tmp_path):
     with registry.open_engine(source) as fp32, registry.open_engine(out) as fp16:
         assert fp16.precision == "fp16" and fp16.inputs == fp32.inputs
         np.testing.assert_allclose(fp16.run({"x": x})["y"], fp32.run({"x": x})["y"], atol=2e-3)
+
+
+def test_an_fp16_build_converts_any_graph_that_holds_fp32(tmp_path):
+    """`vlm_embed` takes int64 token ids and holds an fp32 table: the first input's type said
+    nothing about it, so it was built fp32 and recorded fp16."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from rau_rt.export.tensorrt import convert_fp16, holds_fp32
+
+    table = numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(6, 2), "table")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["embeds"])], "embed",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [3])],
+        [helper.make_tensor_value_info("embeds", TensorProto.FLOAT, [3, 2])], [table])
+    path = tmp_path / "embed.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    assert holds_fp32(path)
+    half = convert_fp16(path, tmp_path / "embed.fp16.onnx", keep_io_types=False)
+    assert not holds_fp32(half)
