@@ -349,7 +349,7 @@ def test_a_tensor_type_numpy_cannot_hold_is_a_typed_mismatch(fakes, tmp_path, mo
     trt = module.import_tensorrt()
     monkeypatch.setattr(trt, "nptype", bf16)
     (tmp_path / "double.engine").write_bytes(PLAN)
-    with pytest.raises(EngineMismatchError, match="'x' is .* numpy arrays cannot hold"):
+    with pytest.raises(EngineMismatchError, match=r"'x' is .* numpy arrays cannot hold"):
         trt_engine.TrtEngine.load(tmp_path / "double.engine", EngineConfig(device="cuda"))
 
 
