@@ -10,6 +10,8 @@ import warnings
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from rau_rt import ops
 from rau_rt.errors import InputError, NumericsError
@@ -503,3 +505,80 @@ def test_a_shared_stateful_engine_serves_threads_one_call_at_a_time():
     assert _hammer(_one_buffer_engine(serialize=True)) == 0
     # the same engine without the lock mixes the threads' feeds: what the lock prevents
     assert _hammer(_one_buffer_engine(serialize=False)) > 0
+
+
+# annotation files: any JSON reads as a reference or fails with an AnnotationError naming the
+# item, never a traceback from deep inside (hypothesis fuzzing over JSON-shaped documents)
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.text(max_size=8)
+    | st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from([1e400, -1e400]),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=6), inner,
+                                                               max_size=5),
+    max_leaves=20)
+_numbers = st.floats(allow_nan=True, allow_infinity=True) | st.integers(-5, 600)
+_region = st.fixed_dictionaries({"name": _json_values | st.text(max_size=70)}, optional={
+    "box": st.lists(_numbers, min_size=0, max_size=5) | _json_values,
+    "polygon": st.lists(st.lists(_numbers, min_size=1, max_size=3), max_size=6) | _json_values,
+})
+_reference = st.fixed_dictionaries({
+    "format": st.just("rau-rt.reference-annotation"), "version": st.just(1),
+    "image": st.just("ref.png") | _json_values,
+    "image_size": st.lists(_numbers, min_size=0, max_size=3) | _json_values,
+    "regions": st.lists(_region, max_size=4) | _json_values,
+})
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(doc=_reference)
+def test_fuzzed_reference_annotations_read_or_fail_typed(tmp_path, doc):
+    import json
+
+    from rau_rt.errors import AnnotationError
+    from rau_rt.io.annotations import read_reference_annotation
+
+    path = tmp_path / "ref.json"
+    path.write_text(json.dumps(doc))  # NaN and Infinity as Python's json writes them
+    try:
+        annotation = read_reference_annotation(path)
+    except AnnotationError as exc:
+        assert str(exc).startswith(f"{path}")
+        return
+    width, height = annotation.image_size
+    for region in annotation.regions:
+        assert region.box is None or (0 <= region.box[0] < region.box[2] <= width
+                                      and 0 <= region.box[1] < region.box[3] <= height)
+
+
+_coco = st.fixed_dictionaries({
+    "images": st.lists(st.fixed_dictionaries({"id": st.integers(0, 3),
+                                              "file_name": st.text(max_size=5)}), max_size=3)
+    | _json_values,
+    "categories": st.lists(st.fixed_dictionaries({"id": st.integers(0, 3),
+                                                  "name": _json_values}), max_size=3)
+    | _json_values,
+    "annotations": st.lists(st.fixed_dictionaries({
+        "image_id": st.integers(0, 3), "category_id": st.integers(0, 3),
+        "bbox": st.lists(_numbers, max_size=5) | _json_values}), max_size=4) | _json_values,
+})
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(doc=_coco)
+def test_fuzzed_coco_files_read_or_fail_typed(tmp_path, doc):
+    import json
+
+    from rau_rt.errors import AnnotationError
+    from rau_rt.io.annotations import read_coco
+
+    path = tmp_path / "coco.json"
+    path.write_text(json.dumps(doc))
+    try:
+        boxes = read_coco(path)
+    except AnnotationError:
+        return
+    for by_category in boxes.values():
+        for found in by_category.values():
+            assert all(x1 < x2 and y1 < y2 for x1, y1, x2, y2 in found)

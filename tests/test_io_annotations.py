@@ -64,7 +64,7 @@ def _doc(*regions, **top):
          "list of numbers"),
         (_doc(), r"\$\.regions", "non-empty list"),
         (_doc("6"), r"\$\.regions\[0\]", "expected an object"),
-        (_doc({"box": [1, 1, 5, 5]}), r"\$\.regions\[0\]\.name", "non-empty string"),
+        (_doc({"box": [1, 1, 5, 5]}), r"\$\.regions\[0\]\.name", "expected a string"),
         (_doc({"name": "6"}), r"\$\.regions\[0\]", "needs a box, a polygon or a mask"),
         (_doc({"name": "6", "box": [1, 1, 5, 5]}, ), None, None),  # valid: control
         (_doc({"name": "6", "box": [1, 1, 5, 5]}, {"name": "99", "box": [1, 1, 5, 5]}),

@@ -15,6 +15,7 @@ item (`$.regions[2].box`) and what was expected.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from rau_rt.errors import AnnotationError
-from rau_rt.types import Box, Region
+from rau_rt.errors import AnnotationError, InputError
+from rau_rt.types import MAX_FRAME_SIDE, Box, Region, check_region_name
 
 REFERENCE_FORMAT = "rau-rt.reference-annotation"
 REFERENCE_VERSION = 1
@@ -126,10 +127,11 @@ def read_reference_annotation(
                                       f"{doc.get('version')!r}")
     if not isinstance(doc.get("image"), str):
         raise _fail(path, "$.image", "expected the reference image's path (a string)")
-    width, height = (int(v) for v in _number_list(path, "$.image_size", doc.get("image_size"), 2))
-    if width < 1 or height < 1:
-        raise _fail(path, "$.image_size", f"expected a positive [width, height], got "
-                                          f"{[width, height]}")
+    size = _number_list(path, "$.image_size", doc.get("image_size"), 2)
+    if not all(math.isfinite(v) and v == int(v) and 1 <= v <= MAX_FRAME_SIDE for v in size):
+        raise _fail(path, "$.image_size", f"expected whole [width, height] of 1 to "
+                                          f"{MAX_FRAME_SIDE} pixels, got {size}")
+    width, height = (int(v) for v in size)
     entries = doc.get("regions")
     if not isinstance(entries, list) or not entries:
         raise _fail(path, "$.regions", "expected a non-empty list of regions")
@@ -140,8 +142,10 @@ def read_reference_annotation(
         if not isinstance(entry, dict):
             raise _fail(path, where, f"expected an object, got {type(entry).__name__}")
         name = entry.get("name")
-        if not isinstance(name, str) or not name:
-            raise _fail(path, f"{where}.name", "expected a non-empty string")
+        try:
+            check_region_name(name)
+        except InputError as exc:
+            raise _fail(path, f"{where}.name", str(exc)) from None
         if known is not None and name not in known:
             raise _fail(path, f"{where}.name", f"unknown region {name!r}; expected one of "
                                                f"{sorted(known)}")
@@ -243,10 +247,12 @@ def read_coco(path: str | Path) -> dict[str, dict[str, list[Box]]]:
             raise _fail(path, f"{where}.category_id",
                         f"no category with id {ann.get('category_id')!r}")
         x, y, w, h = _number_list(path, f"{where}.bbox", ann.get("bbox"), 4)
-        if w <= 0 or h <= 0:
-            raise _fail(path, f"{where}.bbox", f"expected a positive width and height, got "
+        if not (all(math.isfinite(v) for v in (x, y, w, h)) and w > 0 and h > 0):
+            raise _fail(path, f"{where}.bbox", f"expected finite numbers with a positive width "
+                                               f"and height, got "
                                                f"{[x, y, w, h]}")
-        box = (round(x), round(y), round(x + w), round(y + h))
+        # outward to whole pixels: a sub-pixel box stays non-empty (integer boxes are unchanged)
+        box = (math.floor(x), math.floor(y), math.ceil(x + w), math.ceil(y + h))
         out[files[ann["image_id"]]].setdefault(names[ann["category_id"]], []).append(box)
     return out
 
@@ -268,5 +274,8 @@ def read_mask_pngs(folder: str | Path) -> tuple[Region, ...]:
         box = box_from_mask(mask)
         if box is None:
             raise AnnotationError(f"{file}: the mask of region {file.stem!r} is empty")
-        regions.append(Region(file.stem, box, None, mask))
+        try:
+            regions.append(Region(file.stem, box, None, mask))
+        except InputError as exc:
+            raise AnnotationError(f"{file}: {exc}") from None
     return tuple(regions)
