@@ -19,7 +19,7 @@ import numpy as np
 
 from rau_rt.config import DEFAULT_ENGINE_CONFIG, EngineConfig
 from rau_rt.engines.base import Engine, check_precision, check_recorded, module_present
-from rau_rt.errors import BackendUnavailableError, EngineMismatchError, InputError
+from rau_rt.errors import BackendUnavailableError, BundleError, EngineMismatchError, InputError
 from rau_rt.types import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,14 @@ class OrtEngine(Engine):
                 ort.GraphOptimizationLevel, _OPT_LEVELS[config.graph_optimization])
             if config.optimized_model_path is not None:
                 options.optimized_model_filepath = str(config.optimized_model_path)
-        session = ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
+        try:
+            session = ort.InferenceSession(str(model_path), sess_options=options,
+                                           providers=providers)
+        except (ort.capi.onnxruntime_pybind11_state.InvalidProtobuf,
+                ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+                ort.capi.onnxruntime_pybind11_state.NoSuchFile) as exc:
+            raise BundleError(f"{path}: ONNX Runtime cannot load this graph ({exc}); the file "
+                              "is damaged or not an ONNX model: re-export it") from None
         if cached is None and config.optimized_model_path is not None:
             cls._record_cache_source(ort, path, config)
         # ORT falls back to CPU when CUDA's libraries are missing (it only logs): refuse instead.

@@ -134,12 +134,24 @@ def read_manifest(directory: str | Path) -> Manifest:
     if not path.is_file():
         raise BundleError(f"{directory}: no {MANIFEST}; a bundle is a directory written by "
                           "`rau-rt export ...` (graph files + manifest.json)")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path}: not JSON ({exc}); re-export the bundle") from None
+    if not isinstance(data, dict):
+        raise BundleError(f"{path}: expected a JSON object, got {type(data).__name__}; "
+                          "re-export the bundle")
     if data.get("format_version") != FORMAT_VERSION:
         raise BundleError(f"{path}: format_version {data.get('format_version')!r}, this rau-rt "
                           f"{__version__} reads {FORMAT_VERSION}; re-export the bundle")
-    return Manifest(str(data["name"]), tuple(GraphEntry.from_dict(g) for g in data["graphs"]),
-                    files=dict(data.get("files", {})))
+    graphs, files = data.get("graphs"), data.get("files", {})
+    if not isinstance(graphs, list) or not graphs or not all(isinstance(g, dict) for g in graphs):
+        raise BundleError(f"{path}: 'graphs' must list at least one graph entry, got "
+                          f"{json.dumps(graphs)[:80]}; re-export the bundle")
+    if not isinstance(files, dict):
+        raise BundleError(f"{path}: 'files' must map file names to sha256; re-export the bundle")
+    return Manifest(str(data.get("name", "")), tuple(GraphEntry.from_dict(g) for g in graphs),
+                    files=dict(files))
 
 
 def side_files(directory: str | Path, names: Sequence[str]) -> dict[str, str]:

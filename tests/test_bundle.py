@@ -227,3 +227,30 @@ def test_malformed_entry(relu_bundle):
     path.write_text(json.dumps(data))
     with pytest.raises(BundleError, match="malformed"):
         read_manifest(relu_bundle)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda text: "{not json", "not JSON"),
+    (lambda text: "[1, 2]", "expected a JSON object"),
+    (lambda text: text.replace('"graphs": [', '"graphs": [], "x": ['), "at least one graph"),
+    (lambda text: text.replace('"graphs"', '"grafs"'), "at least one graph"),
+])
+def test_a_damaged_manifest_is_a_bundle_error(relu_bundle, edit, message):
+    path = relu_bundle / "manifest.json"
+    path.write_text(edit(path.read_text()))
+    with pytest.raises(BundleError, match=message):
+        load_bundle(relu_bundle)
+
+
+@pytest.mark.parametrize("damage", [lambda data: b"garbage" * 10,
+                                    lambda data: data[:len(data) // 2]])
+def test_a_damaged_graph_whose_checksum_was_updated_is_a_bundle_error(relu_bundle, damage):
+    graph = relu_bundle / "relu.onnx"
+    graph.write_bytes(damage(graph.read_bytes()))
+    path = relu_bundle / "manifest.json"
+    data = json.loads(path.read_text())
+    for entry in data["graphs"]:
+        entry["sha256"] = file_sha256(graph)
+    path.write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="ONNX Runtime cannot load this graph"):
+        load_bundle(relu_bundle)

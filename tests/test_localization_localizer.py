@@ -219,6 +219,14 @@ def test_unknown_region_and_token_bound(bundle, reference, cached):
     assert all(reason.startswith("no JSON list") for reason in result.reasons.values())
 
 
+@pytest.mark.parametrize("text", ["{not json", '{"model": {"type": "Nonsense"}}', ""])
+def test_a_garbage_tokenizer_is_a_bundle_error(bundle, reference, text):
+    from rau_rt.errors import BundleError
+
+    with pytest.raises(BundleError, match=r"tokenizer\.json: not a tokenizer"):
+        Localizer(bundle, reference, tokenizer_json=text)
+
+
 def test_free_decoding_never_crashes_the_parser(bundle, reference):
     free = Localizer(bundle, reference, LocalizerConfig(constrained=False, max_new_tokens=24))
     rng = np.random.default_rng(11)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from rau_rt import ops
-from rau_rt.errors import InputError
+from rau_rt.errors import BundleError, InputError
 from rau_rt.localization import prompts
 from rau_rt.localization.constrained import Guidance, box_grammar, max_answer_bytes
 from rau_rt.localization.decoding import Decoder, GraphRunner, ImageFeatures, KvCache
@@ -134,11 +134,16 @@ class Localizer:
         # the system turn the prompts carry (config.system resolved against the family)
         self.system = (self.layout.family_constants.default_system
                        if isinstance(config.system, _FamilySystem) else config.system)
-        self._tokenizer = Tokenizer.from_str(tokenizer_json)
+        try:
+            self._tokenizer = Tokenizer.from_str(tokenizer_json)
+            self._guidance = (Guidance(tokenizer_json, self.layout.vocab_size,
+                                       self.layout.eos_token_ids) if config.constrained else None)
+        except Exception as exc:  # tokenizers and llguidance raise their own (Rust) errors
+            raise BundleError(f"{directory / 'tokenizer.json'}: not a tokenizer the VLM's "
+                              f"tokenizers/llguidance can read ({type(exc).__name__}: "
+                              f"{str(exc)[:200]}); re-export the VLM bundle") from None
         self._decoder = Decoder(bundle, self.layout)
         self._family = self.layout.family_constants
-        self._guidance = (Guidance(tokenizer_json, self.layout.vocab_size,
-                                   self.layout.eos_token_ids) if config.constrained else None)
         self._grammars: dict[tuple[str, ...], tuple[str, int]] = {}
         self._prefix_parts = prompts.reference_parts(reference, self.layout)
         prefix = prompts.PromptParts(self._prefix_parts, (), self.system)
