@@ -56,3 +56,8 @@ class DecodingError(RauRtError, RuntimeError):
 class NumericsError(RauRtError, RuntimeError):
     """A graph produced NaN or infinity where state would keep it (e.g. a memory the tracker
     would attend to on every later frame). Nothing was stored; the message names the graph."""
+
+
+class OutputError(RauRtError, OSError):
+    """A run's outputs could not be written (disk full, a quota, a read-only or unwritable
+    folder). Nothing was published: every output stays under its `.partial` name."""

@@ -582,3 +582,98 @@ def test_fuzzed_coco_files_read_or_fail_typed(tmp_path, doc):
     for by_category in boxes.values():
         for found in by_category.values():
             assert all(x1 < x2 and y1 < y2 for x1, y1, x2, y2 in found)
+
+
+# ending a run: SIGTERM publishes like Ctrl-C, a second signal never leaves .partial files,
+# a full disk leaves every output partial with one typed error
+
+
+class StubPipeline:
+    """Feeds `frames` results to the sinks; `during(k)` runs before frame k."""
+
+    def __init__(self, frames=6, during=None):
+        from types import SimpleNamespace
+
+        self.frames, self.during = frames, during or (lambda k: None)
+        self.stats = SimpleNamespace(frames_dropped=0)
+
+    def run(self, frames, sinks, collect=False):
+        for k, frame in enumerate(frames):
+            if k >= self.frames:
+                break
+            self.during(k)
+            result = _result(frame.index, frame.image.shape)
+            for sink in sinks:
+                sink.write(frame, result)
+
+
+class StubSource:
+    frame_count, fps, uri = 6, 15.0, "stub"
+
+    def __iter__(self):
+        for i in range(6):
+            yield Frame(i, i / 15, np.zeros((120, 160), np.uint8), "gray", 8)
+
+
+def _sinks(out):
+    from rau_rt.io.sinks import JsonlSink
+
+    out.mkdir(exist_ok=True)
+    return [JsonlSink(out / "results.jsonl"), MaskArchiveSink(out / "masks")]
+
+
+def test_sigterm_ends_a_run_and_publishes_its_outputs(tmp_path):
+    import os
+    import signal
+
+    from rau_rt.commands.run import stream
+
+    def terminate(k):
+        if k == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    sinks = _sinks(tmp_path)
+    profile, _, interrupted = stream(StubPipeline(during=terminate), StubSource(), sinks,
+                                     progress=False)
+    assert interrupted and len(profile) == 3
+    assert (tmp_path / "results.jsonl").is_file() and (tmp_path / "masks").is_dir()
+    assert not list(tmp_path.glob("*.partial"))
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored after the run
+
+
+def test_a_second_signal_while_publishing_is_held_until_all_are_published(tmp_path):
+    import os
+    import signal
+
+    from rau_rt.commands.run import stream
+
+    class ImpatientSink:
+        def write(self, frame, result):
+            pass
+
+        def close(self):  # a second Ctrl-C arrives while the outputs are published
+            os.kill(os.getpid(), signal.SIGINT)
+
+    sinks = [ImpatientSink(), *_sinks(tmp_path)]
+    with pytest.raises(KeyboardInterrupt, match="SIGINT while publishing"):
+        stream(StubPipeline(), StubSource(), sinks, progress=False)
+    assert (tmp_path / "results.jsonl").is_file() and (tmp_path / "masks").is_dir()
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_full_disk_leaves_every_output_partial_with_one_typed_error(tmp_path):
+    import errno
+
+    from rau_rt.commands.run import stream
+    from rau_rt.errors import OutputError
+
+    sinks = _sinks(tmp_path)
+
+    def disk_full():
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "masks.partial"))
+
+    sinks[1]._finish = disk_full  # the second output fails as it is flushed
+    with pytest.raises(OutputError, match=r"No space left on device.*nothing was published"):
+        stream(StubPipeline(), StubSource(), sinks, progress=False)
+    assert not (tmp_path / "results.jsonl").exists() and not (tmp_path / "masks").exists()
+    assert (tmp_path / "results.jsonl.partial").is_file()  # all left partial, named so

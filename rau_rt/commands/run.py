@@ -8,10 +8,14 @@ latency plot, per-stage chart).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import os
 import platform
 import shlex
+import signal
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
@@ -20,7 +24,7 @@ from pathlib import Path
 
 from rau_rt import load_reference, ops
 from rau_rt._version import __version__
-from rau_rt.errors import InputError
+from rau_rt.errors import InputError, OutputError
 from rau_rt.io import plots
 from rau_rt.io.outdir import claim_output
 from rau_rt.io.sinks import DicomSegSink, JsonlSink, MaskArchiveSink, OverlayVideoSink, Sink
@@ -86,14 +90,47 @@ def paced(frames: Iterable[Frame], fps: float) -> Iterator[Frame]:
         yield replace(frame, timestamp_s=frame.index / fps)
 
 
+@contextlib.contextmanager
+def _signals(handler) -> Iterator[None]:
+    """`handler` for SIGINT and SIGTERM while the block runs (main thread only: elsewhere Python
+    delivers no signals, and the block runs as it is)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
+
+
+# what a full disk, a quota, a read-only or unwritable folder raise when a sink writes
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _raise_output_error(exc: BaseException, sinks: Sequence[object]) -> None:
+    """An OutputError for a failed write (the sinks are already aborted), else nothing."""
+    if isinstance(exc, OSError) and exc.errno in _OUTPUT_ERRNOS:
+        left = [str(s.partial) for s in sinks if isinstance(s, Sink) and s.partial.exists()]
+        raise OutputError(f"writing the outputs failed ({exc.strerror}: {exc.filename or '?'});"
+                          f" nothing was published, partial files: {left or 'none'}") from exc
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def stream(pipeline: Pipeline, source: Source, sinks: Sequence[object], *,
            max_frames: int | None = None, fps: float | None = None, progress: bool = True,
            desc: str = "run") -> tuple[RunProfile, float, bool]:
     """Run `source` (at most `max_frames`, re-stamped at `fps` if given) through `pipeline`.
 
-    The sinks are closed (published) after a clean run, and after Ctrl-C, which is how a live
-    source (camera, stream) ends; they are aborted on an error. Returns the profile, the wall
-    time in seconds and whether Ctrl-C stopped the run.
+    The sinks are closed (published) after a clean run, and after Ctrl-C or SIGTERM (how a
+    live source ends, or a service manager stops the run); they are aborted on an error. A
+    second Ctrl-C or SIGTERM while they publish is held until every sink is published, then
+    raised, so the outputs are all published or (on an error) all left as `.partial`. Returns
+    the profile, the wall time in seconds and whether a signal stopped the run.
     """
     frames: Iterable[Frame] = source if max_frames is None else islice(source, max_frames)
     if fps is not None:
@@ -105,19 +142,39 @@ def stream(pipeline: Pipeline, source: Source, sinks: Sequence[object], *,
     bar = ProgressSink(pipeline, profile, total, desc, progress)
     started, interrupted = time.perf_counter(), False
     try:
-        pipeline.run(frames, [profile, *sinks, bar], collect=False)
+        with _signals(_interrupt):
+            pipeline.run(frames, [profile, *sinks, bar], collect=False)
     except KeyboardInterrupt:
         interrupted = True
-    except BaseException:
+    except BaseException as exc:
         for sink in sinks:
             if isinstance(sink, Sink):
                 sink.abort()
+        _raise_output_error(exc, sinks)
         raise
     finally:
         bar.close()
     wall = time.perf_counter() - started
-    for sink in sinks:
-        sink.close()
+    held: list[int] = []
+    with _signals(lambda signum, frame: held.append(signum)):
+        try:  # every file written out first, then all renamed: all published or none
+            for sink in sinks:
+                if isinstance(sink, Sink):
+                    sink.finish()
+                else:
+                    sink.close()
+        except BaseException as exc:
+            for sink in sinks:
+                if isinstance(sink, Sink):
+                    sink.abort()
+            _raise_output_error(exc, sinks)
+            raise
+        for sink in sinks:
+            if isinstance(sink, Sink):
+                sink.publish()
+    if held:
+        raise KeyboardInterrupt(f"{signal.Signals(held[0]).name} while publishing (held until "
+                                "every output was published)")
     return profile, wall, interrupted
 
 

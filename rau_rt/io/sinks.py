@@ -41,22 +41,28 @@ class Sink(ABC):
     def _finish(self) -> None:  # noqa: B027 (a folder of finished files holds nothing open)
         """Flush and close what the sink holds open (before the rename)."""
 
-    def close(self) -> None:
-        """Finish and publish under the final name (idempotent)."""
-        if self.closed:
-            return
-        self.closed = True
-        self._finish()
+    def finish(self) -> None:
+        """Flush and close what the sink holds, under the `.partial` name (idempotent)."""
+        if not self.closed:
+            self.closed = True
+            self._finish()
+
+    def publish(self) -> None:
+        """Finish, then rename the `.partial` to the final name (idempotent). Publishing
+        several sinks all-or-nothing: `finish` every one first, then `publish` them."""
+        self.finish()
         if self.partial.exists():
             if self.path.is_dir():
                 shutil.rmtree(self.path)
             os.replace(self.partial, self.path)
 
+    def close(self) -> None:
+        """Finish and publish under the final name (idempotent)."""
+        self.publish()
+
     def abort(self) -> None:
         """Stop without publishing; the `.partial` stays."""
-        if not self.closed:
-            self.closed = True
-            self._finish()
+        self.finish()
 
     def __enter__(self) -> Sink:
         return self
