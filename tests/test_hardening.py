@@ -602,7 +602,7 @@ class StubPipeline:
             if k >= self.frames:
                 break
             self.during(k)
-            result = _result(frame.index, frame.image.shape)
+            result = _result(frame.index, frame.image.shape[:2])
             for sink in sinks:
                 sink.write(frame, result)
 
@@ -677,3 +677,90 @@ def test_a_full_disk_leaves_every_output_partial_with_one_typed_error(tmp_path):
         stream(StubPipeline(), StubSource(), sinks, progress=False)
     assert not (tmp_path / "results.jsonl").exists() and not (tmp_path / "masks").exists()
     assert (tmp_path / "results.jsonl.partial").is_file()  # all left partial, named so
+
+
+# a live network source that stalls ends the run with a typed error, outputs published
+
+
+def _mpegts_bytes(frames=60) -> bytes:
+    import io as bytes_io
+
+    import av
+
+    buffer = bytes_io.BytesIO()
+    with av.open(buffer, "w", format="mpegts") as container:
+        stream = container.add_stream("mpeg4", rate=15)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(frames):
+            image = np.full((48, 64, 3), (i * 4) % 256, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def stalling_server():
+    """An HTTP server that sends the head of an MPEG-TS stream, then nothing."""
+    import socket
+    import threading
+
+    data = _mpegts_bytes()
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    stop = threading.Event()
+    held = []
+
+    def serve():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            conn.recv(4096)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: video/mp2t\r\n\r\n"
+                         + data[:len(data) // 2])
+            held.append(conn)  # open, silent: a stalled camera or encoder
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}/live.ts"
+    stop.set()
+    thread.join(5)
+    for conn in held:
+        conn.close()
+    server.close()
+
+
+def test_a_stalled_stream_ends_with_a_typed_error_and_publishes_what_came(stalling_server,
+                                                                           tmp_path):
+    from rau_rt.commands.run import stream
+    from rau_rt.io.sinks import JsonlSink
+    from rau_rt.io.sources import SourceStalledError, VideoSource
+
+    source = VideoSource(stalling_server, live=True, timeout_s=1.0)
+    sink = JsonlSink(tmp_path / "results.jsonl")
+    with source, pytest.raises(SourceStalledError, match="stalled: no data for 1 s") as caught:
+        stream(StubPipeline(frames=10_000), source, [sink], progress=False)
+    profile, _ = caught.value.run
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert len(lines) == len(profile) > 0  # every frame before the stall, published
+
+
+def test_a_stream_that_never_answers_is_a_typed_error(tmp_path):
+    import socket
+
+    from rau_rt.io.sources import SourceStalledError, VideoSource
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)  # accepts the connection (the kernel does), never answers
+    try:
+        with pytest.raises(SourceStalledError, match="no answer within 1 s"):
+            VideoSource(f"http://127.0.0.1:{silent.getsockname()[1]}/x.ts", live=True,
+                        timeout_s=1.0)
+    finally:
+        silent.close()

@@ -28,7 +28,7 @@ from rau_rt.errors import InputError, OutputError
 from rau_rt.io import plots
 from rau_rt.io.outdir import claim_output
 from rau_rt.io.sinks import DicomSegSink, JsonlSink, MaskArchiveSink, OverlayVideoSink, Sink
-from rau_rt.io.sources import Source, SyntheticSource, open_source
+from rau_rt.io.sources import Source, SourceStalledError, SyntheticSource, open_source
 from rau_rt.pipeline import KeyframeConfig, Pipeline, PipelineConfig, open_pipeline
 from rau_rt.profiling import (
     RunProfile,
@@ -141,11 +141,14 @@ def stream(pipeline: Pipeline, source: Source, sinks: Sequence[object], *,
     profile = RunProfile()
     bar = ProgressSink(pipeline, profile, total, desc, progress)
     started, interrupted = time.perf_counter(), False
+    stalled: SourceStalledError | None = None
     try:
         with _signals(_interrupt):
             pipeline.run(frames, [profile, *sinks, bar], collect=False)
     except KeyboardInterrupt:
         interrupted = True
+    except SourceStalledError as exc:  # a live feed that stopped: keep what came before it
+        stalled = exc
     except BaseException as exc:
         for sink in sinks:
             if isinstance(sink, Sink):
@@ -175,6 +178,9 @@ def stream(pipeline: Pipeline, source: Source, sinks: Sequence[object], *,
     if held:
         raise KeyboardInterrupt(f"{signal.Signals(held[0]).name} while publishing (held until "
                                 "every output was published)")
+    if stalled is not None:
+        stalled.run = (profile, wall)  # what the caller reports before the error
+        raise stalled
     return profile, wall, interrupted
 
 
@@ -387,13 +393,22 @@ def run(args: argparse.Namespace) -> int:
             args.bundle, references, regions, pipeline_config(args), backend=args.backend,
             engine=sam2_engine, vlm_engine=vlm_engine) as pipeline:
         sinks = open_sinks(args.out, not args.no_overlay, args.masks, args.dicom_seg, source)
-        profile, wall, interrupted = stream(pipeline, source, sinks,
-                                            max_frames=args.max_frames, progress=not args.quiet)
+        stalled = None
+        try:
+            profile, wall, interrupted = stream(pipeline, source, sinks,
+                                                max_frames=args.max_frames,
+                                                progress=not args.quiet)
+        except SourceStalledError as exc:  # published; report it, then say it failed
+            (profile, wall), interrupted, stalled = exc.run, True, exc
+        extra = {"outputs": {type(s).__name__: str(s.path) for s in sinks}}
+        if stalled is not None:
+            extra["ended"] = str(stalled)
         record = summarize(pipeline, profile, wall, command=command_line(args), source=source,
-                           fps=source.fps, interrupted=interrupted,
-                           extra={"outputs": {type(s).__name__: str(s.path) for s in sinks}})
+                           fps=source.fps, interrupted=interrupted, extra=extra)
         paths = write_report(args.out, record, profile, f"rau-rt run: {Path(source.uri).name}")
     print_summary(record, paths)
+    if stalled is not None:
+        raise stalled
     return 0
 
 

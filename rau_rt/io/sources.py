@@ -60,6 +60,15 @@ class Source(ABC):
         return f"{type(self).__name__}({self.uri!r}, fps={self.fps}, frames={self.frame_count})"
 
 
+# A network source that neither opens nor delivers data for this long is stalled: the run
+# ends with SourceStalledError and publishes what it has (Ctrl-C is seen within this long too).
+NETWORK_TIMEOUT_S = 10.0
+
+
+class SourceStalledError(InputError):
+    """A live source stopped delivering (no data within its timeout)."""
+
+
 def _natural_key(path: Path) -> list[object]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
 
@@ -123,11 +132,18 @@ def _frame_from_opencv(image: np.ndarray, index: int, timestamp: float, bits: in
 class VideoSource(Source):
     """A video file or network stream decoded by PyAV, with its presentation timestamps."""
 
-    def __init__(self, uri: str, live: bool = False, options: dict[str, str] | None = None):
+    def __init__(self, uri: str, live: bool = False, options: dict[str, str] | None = None,
+                 timeout_s: float | None = None):
         import av
 
+        self._timeout_s = timeout_s
         try:
-            self._container = av.open(uri, options=options or {})
+            self._container = av.open(uri, options=options or {},
+                                      timeout=None if timeout_s is None else (timeout_s,
+                                                                              timeout_s))
+        except av.error.ExitError as exc:  # the timeout's interrupt
+            raise SourceStalledError(f"{uri}: no answer within {timeout_s:g} s when opening "
+                                     "(server down, wrong address, or a firewall)") from exc
         except av.error.FFmpegError as exc:
             raise InputError(f"{uri}: cannot open as video ({exc.strerror or exc})") from exc
         except OSError as exc:
@@ -175,6 +191,9 @@ class VideoSource(Source):
                 last_time = timestamp
                 yield Frame(index, timestamp, image, order, self._bits or bits)
                 index += 1
+        except av.error.ExitError as exc:  # a network read outlived the timeout
+            raise SourceStalledError(f"{self.uri}: the stream stalled: no data for "
+                                     f"{self._timeout_s:g} s after {index} frames") from exc
         except av.error.FFmpegError as exc:
             raise InputError(f"{self.uri}: decoding failed after {index} frames "
                              f"({exc.strerror or exc}); the file is corrupt or truncated") from exc
@@ -270,7 +289,7 @@ def open_source(uri: str | Path, *, fps: float | None = None) -> Source:
             raise InputError(f"{text}: expected camera:N with a device number N")
         return CameraSource(int(index))
     if text.startswith(STREAM_SCHEMES):
-        return VideoSource(text, live=True)
+        return VideoSource(text, live=True, timeout_s=NETWORK_TIMEOUT_S)
     path = Path(text)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
