@@ -764,3 +764,35 @@ def test_a_stream_that_never_answers_is_a_typed_error(tmp_path):
                         timeout_s=1.0)
     finally:
         silent.close()
+
+
+def test_a_timed_out_query_is_cancelled_so_the_worker_serves_the_next(tmp_path):
+    import threading
+
+    from rau_rt.localization import LocalizerWorker
+
+    class Cancellable:
+        """Answers at once, except a query that runs until cancelled (a decode loop)."""
+
+        def __init__(self):
+            self.cancelled, self.answered = threading.Event(), []
+
+        def cancel(self):
+            self.cancelled.set()
+
+        def locate_result(self, frame, regions=None):
+            from types import SimpleNamespace
+
+            if not self.answered:
+                assert self.cancelled.wait(30), "the worker never cancelled the overdue query"
+            self.answered.append(frame.shape)
+            return SimpleNamespace(boxes={})
+
+    localizer = Cancellable()
+    with LocalizerWorker(localizer, timeout_s=0.2) as worker:
+        worker.submit(0, np.zeros((4, 4), np.uint8))
+        first = worker.wait(30)
+        assert first.timed_out and localizer.cancelled.is_set()
+        worker.submit(1, np.zeros((5, 5), np.uint8))
+        second = worker.wait(30)  # served once the cancelled query returned
+        assert second is not None and second.ok and second.frame_index == 1

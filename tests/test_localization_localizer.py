@@ -219,6 +219,23 @@ def test_unknown_region_and_token_bound(bundle, reference, cached):
     assert all(reason.startswith("no JSON list") for reason in result.reasons.values())
 
 
+def test_cancel_ends_the_running_query_at_its_next_step(bundle, reference, monkeypatch):
+    localizer = Localizer(bundle, reference)
+    frame = np.zeros((64, 64, 3), np.uint8)
+    real, steps = localizer._decoder.step, []
+
+    def step(tokens, cache):  # the worker's timeout fires during the first decoder step
+        steps.append(len(tokens))
+        localizer.cancel()
+        return real(tokens, cache)
+
+    monkeypatch.setattr(localizer._decoder, "step", step)
+    cut = localizer.locate_result(frame, ["lad", "rca"])
+    assert cut.stop_reason == "cancelled" and len(steps) == 1
+    monkeypatch.undo()
+    assert localizer.locate_result(frame, ["lad", "rca"]).stop_reason != "cancelled"
+
+
 @pytest.mark.parametrize("text", ["{not json", '{"model": {"type": "Nonsense"}}', ""])
 def test_a_garbage_tokenizer_is_a_bundle_error(bundle, reference, text):
     from rau_rt.errors import BundleError

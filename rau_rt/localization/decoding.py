@@ -16,6 +16,7 @@ different purpose; tests check that both loops give the same tokens.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from rau_rt.vlm_layout import (
     rope_positions,
 )
 
-STOP_REASONS = ("eos", "grammar", "max_tokens")
+STOP_REASONS = ("eos", "grammar", "max_tokens", "cancelled")
 
 
 class GraphRunner(Protocol):
@@ -119,7 +120,8 @@ class Generation:
 
     Attributes:
         tokens: generated ids, the stop token excluded.
-        stop_reason: "eos" (a stop id), "grammar" (the constraint completed) or "max_tokens".
+        stop_reason: "eos" (a stop id), "grammar" (the constraint completed), "max_tokens", or
+            "cancelled" (the caller's `cancel` event was set: a query past its timeout).
         prompt_tokens: tokens prefilled for this answer (the tail only, on a cached prefix).
         prefill_ms: embedding + decoder over the prompt tokens.
         decode_ms: the token-by-token loop after it.
@@ -196,7 +198,8 @@ class Decoder:
 
     def generate(self, ids: np.ndarray, features: ImageFeatures, cache: KvCache | None = None, *,
                  max_new_tokens: int, stop_ids: Sequence[int] | None = None,
-                 constraint: Constraint | None = None) -> Generation:
+                 constraint: Constraint | None = None,
+                 cancel: threading.Event | None = None) -> Generation:
         """Greedy tokens after a prompt.
 
         Args:
@@ -207,6 +210,8 @@ class Decoder:
                 the chosen token; tokens it forces (JSON keys, separators) are appended and fed
                 to the decoder together in one call instead of one call each; the answer ends
                 as soon as it reports stopped.
+            cancel: checked before every decoder call; once set, the answer ends as it stands
+                ("cancelled"), so a timed-out query frees its thread within one step.
         """
         if max_new_tokens < 1:
             raise InputError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -234,6 +239,9 @@ class Decoder:
                 reason = "grammar"
                 break
             if len(tokens) >= max_new_tokens:
+                break
+            if cancel is not None and cancel.is_set():
+                reason = "cancelled"
                 break
             logits, cache = self.step(feed, cache)
         done = time.perf_counter()

@@ -9,6 +9,7 @@ the cached prefix, and decodes greedily under the answer grammar.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -150,6 +151,7 @@ class Localizer:
         self._prefix_ids = self._ids(prefix.prefix_text())
         self._annotated = prompts.annotated_image(reference)
         self._prefix_cache: KvCache | None = None
+        self._cancel = threading.Event()
         if config.prefix_cache:
             self._prefix_cache = self._decoder.prefill(
                 self._prefix_ids, self._reference_features())[1]
@@ -175,6 +177,7 @@ class Localizer:
         """`locate` with the reasons, the answer text, token counts and timings."""
         names = tuple(regions) if regions is not None else self.reference.region_names
         started = time.perf_counter()
+        self._cancel = threading.Event()  # this query's: `cancel` stops it, not the next one
         parts = prompts.locate_parts(self.reference, self.layout, names, self.system)
         constraint, bound = None, self.config.max_new_tokens or FREE_MAX_TOKENS
         if self._guidance is not None:
@@ -195,6 +198,12 @@ class Localizer:
             text=text, frame_size=frame_size, prompt_tokens=generation.prompt_tokens,
             generated_tokens=len(generation.tokens), stop_reason=generation.stop_reason,
             cached=self._prefix_cache is not None, timings_ms=times)
+
+    def cancel(self) -> None:
+        """Stop the running query at its next decoder step (from another thread: the worker
+        calls it when the query outlives its timeout); its answer is cut (`stop_reason`
+        "cancelled")."""
+        self._cancel.set()
 
     def ask(self, frame: Frame | np.ndarray, question: str) -> str:
         """A free answer to a question about the frame (which region is this, where is X
@@ -268,7 +277,7 @@ class Localizer:
             cache = None
         times["vision"] = (time.perf_counter() - start) * 1e3
         generation = self._decoder.generate(ids, features, cache, max_new_tokens=bound,
-                                            constraint=constraint)
+                                            constraint=constraint, cancel=self._cancel)
         times["prefill"] = generation.prefill_ms
         times["decode"] = generation.decode_ms
         return generation, times

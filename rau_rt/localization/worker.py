@@ -2,11 +2,12 @@
 
 The caller submits keyframes and polls for results every frame. One request waits at most: a
 newer keyframe replaces a waiting one (latest keyframe wins; the dropped count says how many).
-A query that outlives `timeout_s` is reported as timed out on the next poll; the thread cannot
-interrupt an engine call, so the query runs on, its late answer is discarded, and the next
-request starts when it returns. A query that raises (anything, `SystemExit` included) is
-reported with the error; the worker keeps serving, and a thread that died anyway is started
-again on the next `submit` (`restarts` counts it).
+A query that outlives `timeout_s` is reported as timed out on the next poll and cancelled
+(`Localizer.cancel`: the decode loop stops at its next step; an engine call already running
+finishes first); its late answer is discarded, and the next request starts when it returns.
+A query that raises (anything, `SystemExit` included) is reported with the error; the worker
+keeps serving, and a thread that died anyway is started again on the next `submit` (`restarts`
+counts it).
 """
 
 from __future__ import annotations
@@ -169,6 +170,9 @@ class LocalizerWorker:
             job.abandoned = True
             self._results.append(WorkerResult(job.frame_index, None, None, True,
                                               elapsed * 1e3))
+            cancel = getattr(self.localizer, "cancel", None)
+            if cancel is not None:  # a Localizer ends the query at its next decoder step
+                cancel()
 
     def _serve(self) -> None:
         while True:
