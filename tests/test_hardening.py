@@ -260,6 +260,8 @@ def _drop_pixels(ds):
     (_set(WindowCenter="NaN"), "finite window"),
     (_set(WindowWidth="inf"), "finite window"),
     (_set(Rows=20000, Columns=20000), "20000x20000 frames"),
+    (_set(FrameTime="1e9"), "not a cine's"),  # a --realtime replay waited 11 days per frame
+    (_set(FrameTime="-66.7"), "not a cine's"),
 ])
 def test_a_damaged_dicom_is_refused_at_open_with_its_cause(cine_dicom, tmp_path, edit, message):
     from rau_rt.io.sources import open_source

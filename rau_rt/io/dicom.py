@@ -17,6 +17,10 @@ from rau_rt.errors import InputError
 from rau_rt.io.sources import Source
 from rau_rt.types import Frame, check_frame_size, window_ok
 
+# Longest gap between two frames of a cine this source accepts (fluoroscopy runs at 0.5 fps
+# at the slowest); a larger one is a broken header, and a --realtime replay would wait it out.
+MAX_FRAME_INTERVAL_S = 10.0
+
 
 class DicomSource(Source):
     """A single- or multi-frame DICOM image file."""
@@ -37,7 +41,16 @@ class DicomSource(Source):
                                  f"({keyword} missing): not an image")
         frames = _number_of_frames(header, path)
         _check_pixel_module(header, path, frames)
-        self._times = _frame_times(header, frames)
+        try:
+            self._times = _frame_times(header, frames)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"{path}: unreadable frame timing ({exc})") from None
+        if self._times is not None and (
+                not all(np.isfinite(self._times)) or np.any(np.diff(self._times) < 0)
+                or (frames > 1 and np.max(np.diff(self._times)) > MAX_FRAME_INTERVAL_S)):
+            raise InputError(f"{path}: frame timing (FrameTimeVector / FrameTime / CineRate) "
+                             f"is not a cine's: intervals must be finite, increasing and at "
+                             f"most {MAX_FRAME_INTERVAL_S:g} s (a --realtime replay waits them)")
         fps = None if self._times is None or frames < 2 else (frames - 1) / (
             self._times[-1] - self._times[0]) if self._times[-1] > self._times[0] else None
         super().__init__(str(path), fps, frames)
