@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -798,3 +799,42 @@ def test_a_timed_out_query_is_cancelled_so_the_worker_serves_the_next(tmp_path):
         worker.submit(1, np.zeros((5, 5), np.uint8))
         second = worker.wait(30)  # served once the cancelled query returned
         assert second is not None and second.ok and second.frame_index == 1
+
+
+def test_a_slow_sink_in_the_background_never_blocks_the_frame_path(tmp_path):
+    import threading
+
+    from rau_rt.io.sinks import BackgroundSink, JsonlSink
+
+    writing, release = threading.Event(), threading.Event()
+
+    class Slow(JsonlSink):  # a DICOM SEG writer taking longer than frames arrive
+        def write(self, frame, result):
+            writing.set()
+            release.wait(30)
+            super().write(frame, result)
+
+    sink = BackgroundSink(Slow(tmp_path / "slow.jsonl"), capacity=2)
+    frame = Frame(0, 0.0, np.zeros((120, 160), np.uint8), "gray", 8)
+    sink.write(frame, _result(0, (120, 160)))
+    assert writing.wait(30)
+    for i in range(1, 20):  # returns at once: frame 0 in the writer, two queued, 17 dropped
+        sink.write(replace(frame, index=i), _result(i, (120, 160)))
+    assert sink.dropped == 17
+    release.set()
+    sink.close()
+    assert len((tmp_path / "slow.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_background_sink_error_reaches_the_run(tmp_path):
+    from rau_rt.io.sinks import BackgroundSink, JsonlSink
+
+    class Broken(JsonlSink):
+        def write(self, frame, result):
+            raise OSError(28, "No space left on device")
+
+    sink = BackgroundSink(Broken(tmp_path / "broken.jsonl"))
+    sink.write(Frame(0, 0.0, np.zeros((8, 8), np.uint8), "gray", 8), _result(0, (8, 8)))
+    with pytest.raises(OSError, match="No space left"):
+        sink.close()
+    assert (tmp_path / "broken.jsonl.partial").exists() and not (tmp_path / "broken.jsonl").exists()

@@ -27,7 +27,14 @@ from rau_rt._version import __version__
 from rau_rt.errors import InputError, OutputError
 from rau_rt.io import plots
 from rau_rt.io.outdir import claim_output
-from rau_rt.io.sinks import DicomSegSink, JsonlSink, MaskArchiveSink, OverlayVideoSink, Sink
+from rau_rt.io.sinks import (
+    BackgroundSink,
+    DicomSegSink,
+    JsonlSink,
+    MaskArchiveSink,
+    OverlayVideoSink,
+    Sink,
+)
 from rau_rt.io.sources import Source, SourceStalledError, SyntheticSource, open_source
 from rau_rt.pipeline import KeyframeConfig, Pipeline, PipelineConfig, open_pipeline
 from rau_rt.profiling import (
@@ -354,8 +361,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def open_sinks(out: Path, overlay: bool, masks: str, dicom_seg: bool,
-               source: Source | None = None) -> list[Sink]:
-    """The run's sinks in `out`; a DICOM `source` gives the SEGs its patient and study."""
+               source: Source | None = None, realtime: bool = False) -> list[Sink]:
+    """The run's sinks in `out`; a DICOM `source` gives the SEGs its patient and study. In
+    `realtime`, the DICOM SEG sink (hundreds of ms a keyframe) writes on its own thread."""
     out.mkdir(parents=True, exist_ok=True)
     sinks: list[Sink] = [JsonlSink(out / "results.jsonl")]
     try:
@@ -364,8 +372,8 @@ def open_sinks(out: Path, overlay: bool, masks: str, dicom_seg: bool,
         if masks != "none":
             sinks.append(MaskArchiveSink(out / ("masks.npz" if masks == "npz" else "masks")))
         if dicom_seg:
-            sinks.append(DicomSegSink(out / "seg",
-                                      source_dataset=getattr(source, "header", None)))
+            seg = DicomSegSink(out / "seg", source_dataset=getattr(source, "header", None))
+            sinks.append(BackgroundSink(seg) if realtime else seg)
     except BaseException:
         for sink in sinks:
             sink.abort()
@@ -392,7 +400,8 @@ def run(args: argparse.Namespace) -> int:
     with claim_output(args.out), source, open_pipeline(
             args.bundle, references, regions, pipeline_config(args), backend=args.backend,
             engine=sam2_engine, vlm_engine=vlm_engine) as pipeline:
-        sinks = open_sinks(args.out, not args.no_overlay, args.masks, args.dicom_seg, source)
+        sinks = open_sinks(args.out, not args.no_overlay, args.masks, args.dicom_seg, source,
+                           args.realtime)
         stalled = None
         try:
             profile, wall, interrupted = stream(pipeline, source, sinks,
@@ -400,7 +409,12 @@ def run(args: argparse.Namespace) -> int:
                                                 progress=not args.quiet)
         except SourceStalledError as exc:  # published; report it, then say it failed
             (profile, wall), interrupted, stalled = exc.run, True, exc
-        extra = {"outputs": {type(s).__name__: str(s.path) for s in sinks}}
+        extra = {"outputs": {type(getattr(s, "inner", s)).__name__: str(s.path)
+                             for s in sinks}}
+        dropped = {type(s.inner).__name__: s.dropped for s in sinks
+                   if isinstance(s, BackgroundSink) and s.dropped}
+        if dropped:  # frames a slow background sink had no room for
+            extra["sink_frames_dropped"] = dropped
         if stalled is not None:
             extra["ended"] = str(stalled)
         record = summarize(pipeline, profile, wall, command=command_line(args), source=source,

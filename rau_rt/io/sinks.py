@@ -342,3 +342,68 @@ class DicomSegSink(Sink):
         sc.save_as(self.partial / f"{result.index:06d}_sc.dcm")
         seg.save_as(self.partial / f"{result.index:06d}_seg.dcm")
         self.written.append(result.index)
+
+
+class BackgroundSink(Sink):
+    """Another sink, written on its own thread: a live run's frame path only queues.
+
+    For sinks that can take longer than a frame interval (a DICOM SEG keyframe is hundreds of
+    milliseconds of highdicom work). The queue holds `capacity` frames; a frame that finds it
+    full is not written and is counted in `dropped` (the summary reports it), so a slow sink
+    never delays the frames or grows memory. `finish` waits until the queue is written; an
+    error in the writer is raised there (or by the next `write`).
+    """
+
+    def __init__(self, inner: Sink, capacity: int = 64) -> None:
+        import queue
+        import threading
+
+        super().__init__(inner.path)
+        self.inner, self.partial = inner, inner.partial
+        self.dropped = 0
+        self._queue: queue.Queue = queue.Queue(capacity)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name=f"rau-rt-sink-{inner.path.name}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self.inner.write(*item)
+                except BaseException as exc:  # raised on the caller's thread
+                    self._error = exc
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def write(self, frame: Frame, result: FrameResult) -> None:
+        import queue
+
+        self._raise()
+        try:
+            self._queue.put_nowait((frame, result))
+        except queue.Full:
+            self.dropped += 1
+
+    def _finish(self) -> None:
+        self._queue.put(None)  # after every queued frame
+        self._thread.join()
+        if self._error is not None:
+            self.inner.abort()  # closes what it holds; its .partial stays
+            self._raise()
+        self.inner.finish()
+
+    def publish(self) -> None:
+        self.finish()
+        self.inner.publish()
+
+    def abort(self) -> None:
+        try:
+            self.finish()
+        except BaseException:  # aborting: the inner sink stays partial either way
+            pass
+        self.inner.abort()
