@@ -838,3 +838,50 @@ def test_a_background_sink_error_reaches_the_run(tmp_path):
     with pytest.raises(OSError, match="No space left"):
         sink.close()
     assert (tmp_path / "broken.jsonl.partial").exists() and not (tmp_path / "broken.jsonl").exists()
+
+
+# frames: every malformed array is a typed error where it enters; odd but valid memory
+# layouts (flipped, sliced, Fortran-ordered) give exactly the contiguous frame's result
+
+_BAD_FRAMES = [
+    ("float32 pixels", np.zeros((8, 8), np.float32), "gray", 8, "uint8 or uint16"),
+    ("int16 pixels", np.zeros((8, 8), np.int16), "gray", 8, "uint8 or uint16"),
+    ("bool pixels", np.zeros((8, 8), bool), "gray", 8, "uint8 or uint16"),
+    ("4-D array", np.zeros((1, 8, 8, 3), np.uint8), "bgr", 8, r"\(H, W, 3\)"),
+    ("four channels", np.zeros((8, 8, 4), np.uint8), "bgr", 8, r"\(H, W, 3\)"),
+    ("one channel as rgb", np.zeros((8, 8, 1), np.uint8), "rgb", 8, r"\(H, W, 3\)"),
+    ("colour as gray", np.zeros((8, 8, 3), np.uint8), "gray", 8, r"\(H, W\)"),
+    ("empty frame", np.zeros((0, 8), np.uint8), "gray", 8, "0 frames|8x0|1 to"),
+    ("unknown order", np.zeros((8, 8, 3), np.uint8), "bgra", 8, "channel_order"),
+    ("12 bits in uint8", np.zeros((8, 8), np.uint8), "gray", 12, "bits_stored 12"),
+    ("0 bits", np.zeros((8, 8), np.uint16), "gray", 0, "bits_stored 0"),
+]
+
+
+@pytest.mark.parametrize("image, order, bits, message",
+                         [case[1:] for case in _BAD_FRAMES], ids=[c[0] for c in _BAD_FRAMES])
+def test_malformed_frames_are_typed_errors(image, order, bits, message):
+    with pytest.raises(InputError, match=message):
+        Frame(0, 0.0, image, order, bits)
+
+
+@pytest.mark.parametrize("layout", ["flipped", "sliced", "fortran", "read-only"])
+def test_odd_memory_layouts_track_exactly_like_contiguous_frames(bundle, sequence, layout):
+    frames, box = _opacified(sequence)
+    base = np.stack([frames[0]] * 3, axis=-1)  # (H, W, 3) uint8
+    odd = {"flipped": base[::-1, ::-1][::-1, ::-1],
+           "sliced": np.pad(base, ((0, 0), (0, 7), (0, 0)))[:, :base.shape[1]],
+           "fortran": np.asfortranarray(base),
+           "read-only": Frame(0, 0.0, base, "rgb", 8).image}[layout]
+    assert np.array_equal(odd, base)
+    steps = []
+    for image in (base, odd):
+        tracker = Tracker(bundle)
+        tracker.prompt(0, {"6": box})
+        steps.append(tracker.step(image))
+    assert steps[0].object_scores == steps[1].object_scores
+    for name, region in steps[0].regions.items():
+        other = steps[1].regions[name]
+        assert region.present == other.present
+        if region.present:
+            np.testing.assert_array_equal(region.mask, other.mask)
