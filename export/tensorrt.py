@@ -231,11 +231,6 @@ def _check_node(model: onnx.ModelProto, node: onnx.NodeProto,
     return issues
 
 
-def lint_all(paths: Sequence[str | Path]) -> list[LintReport]:
-    """`lint` over several graphs (one report per graph)."""
-    return [lint(p) for p in paths]
-
-
 def require_ready(report: LintReport) -> None:
     """Raise `InputError` with the report when the graph would not build."""
     if not report.ok:

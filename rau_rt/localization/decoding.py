@@ -36,8 +36,6 @@ from rau_rt.vlm_layout import (
     rope_positions,
 )
 
-STOP_REASONS = ("eos", "grammar", "max_tokens", "cancelled")
-
 
 class GraphRunner(Protocol):
     """What decoding needs of a loaded bundle (`rau_rt.bundle.Bundle` is one)."""

@@ -19,14 +19,13 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from rau_rt.errors import InputError
 from rau_rt.localization.worker import LocalizerWorker, WorkerResult
 from rau_rt.pipeline.keyframes import KeyframeConfig, KeyframePolicy
-from rau_rt.reference import Reference, ReferenceBank
+from rau_rt.reference import ReferenceBank
 from rau_rt.tracking.tracker import Tracker, TrackStep
 from rau_rt.types import Frame, FrameResult, RegionResult
 
@@ -148,18 +147,8 @@ class Pipeline:
         self._ready: WorkerResult | None = None
         self._keyframe_descriptor: np.ndarray | None = None
         self._last_index: int | None = None  # of the last frame processed
-        # the bundles `from_bundle` opened ("sam2", "vlm"), closed by `close`
+        # the bundles `open_pipeline` opened ("sam2", "vlm"), closed by `close`
         self.bundles: dict[str, object] = {}
-
-    @classmethod
-    def from_bundle(cls, bundle: str | Path, reference: Reference,
-                    regions: Sequence[str] | None = None, config: PipelineConfig | None = None,
-                    **options: object) -> Pipeline:
-        """A pipeline over a pipeline bundle (`sam2/` + optional `vlm/`) and one reference;
-        see `rau_rt.pipeline.factory.open_pipeline` for the options."""
-        from rau_rt.pipeline.factory import open_pipeline
-
-        return open_pipeline(bundle, reference, regions, config, **options)
 
     @property
     def worker(self) -> LocalizerWorker | None:
