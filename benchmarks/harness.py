@@ -18,7 +18,7 @@ import numpy as np
 
 from rau_rt import ops
 from rau_rt._version import __version__
-from rau_rt.profiling import cpu_model, package_version, peak_rss_mib
+from rau_rt.profiling import cpu_model, latency_stats, package_version, peak_rss_mib
 
 
 def parse_args(description: str, default_json: str,
@@ -65,16 +65,11 @@ def time_interleaved(
 
 
 def stats(samples_ms: np.ndarray) -> dict[str, float]:
-    """Percentiles, mean, std and tail (max - p95) of one entry's samples."""
-    return {
-        "median_ms": float(np.median(samples_ms)),
-        "p90_ms": float(np.percentile(samples_ms, 90)),
-        "p99_ms": float(np.percentile(samples_ms, 99)),
-        "mean_ms": float(np.mean(samples_ms)),
-        "std_ms": float(np.std(samples_ms)),
-        "tail_ms": float(np.max(samples_ms) - np.percentile(samples_ms, 95)),
-        "runs": int(samples_ms.size),
-    }
+    """Percentiles, mean, std and tail (max - p95) of one entry's samples: the runtime's
+    `latency_stats`, under the record's key names."""
+    s = latency_stats(samples_ms)
+    return {"median_ms": s["p50"], "p90_ms": s["p90"], "p99_ms": s["p99"],
+            "mean_ms": s["mean"], "std_ms": s["std"], "tail_ms": s["tail"], "runs": s["count"]}
 
 
 def case_record(case: str, backend: str, precision: str, ours: np.ndarray, baseline: str,

@@ -6,7 +6,7 @@ Definitions (all in milliseconds over the processed frames):
 
 | key | meaning |
 |---|---|
-| p50, p90, p99, max, mean | percentiles (linear interpolation), maximum, mean |
+| p50, p90, p99, max, mean, std | percentiles (linear interpolation), maximum, mean, std. dev. |
 | jitter | p90 - p10: how much a typical frame's latency varies |
 | tail | max - p95: how far the worst frames stand out |
 | deadline_miss_rate | fraction of frames slower than the deadline (one source frame interval) |
@@ -25,7 +25,7 @@ import numpy as np
 
 from rau_rt.types import Frame, FrameResult
 
-STAT_KEYS = ("p50", "p90", "p99", "max", "mean", "jitter", "tail")
+STAT_KEYS = ("p50", "p90", "p99", "max", "mean", "std", "jitter", "tail")
 
 
 def latency_stats(samples_ms: Sequence[float] | np.ndarray,
@@ -38,7 +38,8 @@ def latency_stats(samples_ms: Sequence[float] | np.ndarray,
     peak = float(values.max())
     return {
         "count": int(values.size), "p50": float(p50), "p90": float(p90), "p99": float(p99),
-        "max": peak, "mean": float(values.mean()), "jitter": float(p90 - p10),
+        "max": peak, "mean": float(values.mean()), "std": float(values.std()),
+        "jitter": float(p90 - p10),
         "tail": float(peak - p95),
         "deadline_miss_rate": (None if deadline_ms is None
                                else float(np.mean(values > deadline_ms))),
@@ -145,9 +146,13 @@ class LatencySeries:
         if deadline_ms is not None:
             k = int(np.searchsorted(HISTOGRAM_EDGES, deadline_ms))
             missed = float(hist[k + 1:].sum() / count)  # bins wholly above the deadline
+        mean = (self._sum - float(skipped.sum())) / count
+        centres = np.concatenate([[HISTOGRAM_EDGES[0]], np.sqrt(HISTOGRAM_EDGES[:-1]
+                                                                * HISTOGRAM_EDGES[1:]), [peak]])
+        std = float(np.sqrt(max(0.0, (hist * (centres - mean) ** 2).sum() / count)))
         return {"count": int(count), "p50": p50, "p90": p90, "p99": p99, "max": float(peak),
-                "mean": (self._sum - float(skipped.sum())) / count, "jitter": p90 - p10,
-                "tail": float(peak - p95), "deadline_miss_rate": missed}
+                "mean": mean, "std": std, "jitter": p90 - p10, "tail": float(peak - p95),
+                "deadline_miss_rate": missed}
 
 
 class RunProfile:

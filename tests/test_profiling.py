@@ -113,6 +113,7 @@ def test_a_long_run_keeps_flat_memory_and_close_statistics():
     want = latency_stats(values[2:], deadline_ms=30.0)
     assert got["count"] == want["count"] == 20_000
     assert got["max"] == want["max"] and got["mean"] == pytest.approx(want["mean"], rel=1e-9)
+    assert got["std"] == pytest.approx(want["std"], rel=0.01)
     for key in ("p50", "p90", "p99"):
         assert got[key] == pytest.approx(want[key], rel=2 * HISTOGRAM_RELATIVE_ERROR)
     assert got["deadline_miss_rate"] == pytest.approx(want["deadline_miss_rate"], abs=0.01)
