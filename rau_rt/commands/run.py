@@ -35,7 +35,8 @@ from rau_rt.io.sinks import (
     OverlayVideoSink,
     Sink,
 )
-from rau_rt.io.sources import Source, SourceStalledError, SyntheticSource, open_source
+from rau_rt.io.source import Source
+from rau_rt.io.sources import SourceStalledError, SyntheticSource, open_source
 from rau_rt.pipeline import KeyframeConfig, Pipeline, PipelineConfig, open_pipeline
 from rau_rt.profiling import (
     RunProfile,

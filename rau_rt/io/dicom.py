@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from rau_rt.errors import InputError
-from rau_rt.io.sources import Source
+from rau_rt.io.source import Source
 from rau_rt.types import Frame, check_frame_size, window_ok
 
 # Longest gap between two frames of a cine this source accepts (fluoroscopy runs at 0.5 fps

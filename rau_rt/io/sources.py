@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import re
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qsl
@@ -26,6 +25,7 @@ import cv2
 import numpy as np
 
 from rau_rt.errors import InputError
+from rau_rt.io.source import Source
 from rau_rt.types import MAX_FRAME_SIDE, Frame, check_frame_size
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -33,31 +33,6 @@ STREAM_SCHEMES = ("rtsp://", "rtsps://", "http://", "https://", "rtmp://", "udp:
 # A decoded video may end this many frame intervals before the container's declared duration
 # before we call it truncated (last-frame duration and rounding of the declared duration).
 TRUNCATION_SLACK_FRAMES = 1.5
-
-
-class Source(ABC):
-    """An iterable of `Frame`s; a context manager that releases the file or device."""
-
-    def __init__(self, uri: str, fps: float | None, frame_count: int | None) -> None:
-        self.uri = uri
-        self.fps = fps  # nominal frame rate, None when the source does not say
-        self.frame_count = frame_count  # None for live or unknown-length sources
-
-    @abstractmethod
-    def __iter__(self) -> Iterator[Frame]:
-        """Frames in order; a live source runs until closed."""
-
-    def close(self) -> None:  # noqa: B027 (sources without resources need nothing)
-        """Release the file, device or connection (idempotent)."""
-
-    def __enter__(self) -> Source:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.uri!r}, fps={self.fps}, frames={self.frame_count})"
 
 
 # A network source that neither opens nor delivers data for this long is stalled: the run
