@@ -36,18 +36,6 @@ def _run_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
-def _configure_synth(parser: argparse.ArgumentParser) -> None:
-    from rau_rt.synthetic import command
-
-    command.configure(parser)
-
-
-def _run_synth(args: argparse.Namespace) -> int:
-    from rau_rt.synthetic import command
-
-    return command.run(args)
-
-
 def _configure_export(parser: argparse.ArgumentParser) -> None:
     from rau_rt.export import command
 
@@ -81,7 +69,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("doctor", "report what this host can run (versions, providers, GPU, native ops)",
             _configure_doctor, _run_doctor),
     Command("synth", "write a synthetic coronary angiography cine with exact ground truth",
-            _configure_synth, _run_synth),
+            _configure("synth"), _run("synth")),
     Command("export", "export stages: SAM2 and VLM bundles (sam2, vlm), TensorRT engines for a "
             "bundle (trt), ONNX graphs checked for TensorRT (lint)", _configure_export,
             _run_export),

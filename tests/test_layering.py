@@ -39,7 +39,6 @@ LAYER_OF = {
     "rau_rt.pipeline": "pipeline",
     "rau_rt.io": "io",
     "rau_rt.synthetic": "synthetic",
-    "rau_rt.synthetic.command": "cli",  # `rau-rt synth`: wires the generator to rau_rt.io
     "rau_rt.export": "export",
     # training of the demo models: torch side, beside export; it builds sam2 models through
     # export and draws its data from synthetic

@@ -1,7 +1,6 @@
 """`rau-rt synth`: write a synthetic cine, its ground truth and an annotated reference.
 
-CLI glue (classified with rau_rt.cli in the layering test): it wires the generator to the
-project's annotation format in rau_rt.io.
+CLI glue: it wires the generator to the project's annotation format in rau_rt.io.
 """
 
 from __future__ import annotations
