@@ -5,6 +5,7 @@ Every op `f` has `f_reference`, the NumPy/OpenCV implementation used when the ex
 importer.
 """
 
+from rau_rt.ops._bilinear import resize_antialias
 from rau_rt.ops.postprocessing import (
     PALETTE,
     MaskSet,
@@ -54,6 +55,7 @@ __all__ = [
     "postprocess_masks_reference",
     "preprocess",
     "preprocess_reference",
+    "resize_antialias",
     "resize_for_vlm",
     "set_num_threads",
     "smart_resize",

@@ -40,7 +40,6 @@ import numpy as np
 
 from rau_rt import ops
 from rau_rt.errors import InputError, NumericsError
-from rau_rt.ops._bilinear import resize_antialias
 from rau_rt.reference import pool_features
 from rau_rt.sam2_layout import MAX_REGIONS, Sam2Layout, read_layout
 from rau_rt.tracking.memory import MemoryBank, MemoryConfig
@@ -299,7 +298,7 @@ class Tracker:
             planes.append(mask.astype(np.float32))
         masks = np.stack(planes)
         if (height, width) != (size, size):  # sam2's add_new_mask: antialiased, then >= 0.5
-            masks = (resize_antialias(masks, (size, size)) >= 0.5).astype(np.float32)
+            masks = (ops.resize_antialias(masks, (size, size)) >= 0.5).astype(np.float32)
         n = len(names)
         encoded = self._run("image_encoder", {"image": x[None]})
         features = np.broadcast_to(encoded["vision_features"], (n, *encoded["vision_features"]
@@ -307,7 +306,7 @@ class Tracker:
         decoded = self._decode(features, encoded, np.zeros((n, 1, 2), np.float32),
                                np.full((n, 1), -1, np.int32), multimask=False,
                                mask_input=self.layout.mask_downsample(masks))
-        low = resize_antialias(masks * (2 * MASK_LOGIT) - MASK_LOGIT,
+        low = ops.resize_antialias(masks * (2 * MASK_LOGIT) - MASK_LOGIT,
                                (self.layout.low_res,) * 2)
         memory = self._run("memory_encoder", {
             "vision_features": encoded["vision_features"],
