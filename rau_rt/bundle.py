@@ -24,6 +24,7 @@ from rau_rt.config import DEFAULT_ENGINE_CONFIG, EngineConfig
 from rau_rt.engines import registry
 from rau_rt.engines.base import Engine
 from rau_rt.errors import BundleError, EngineMismatchError, InputError, ShapeError
+from rau_rt.sidecar import read_json, write_json
 from rau_rt.types import TensorSpec, format_shape
 
 log = logging.getLogger(__name__)
@@ -121,26 +122,16 @@ class Manifest:
 
 def write_manifest(directory: str | Path, manifest: Manifest) -> Path:
     """Write `manifest.json` into `directory` (sorted keys, so diffs stay readable)."""
-    path = Path(directory) / MANIFEST
-    data = {"format_version": manifest.format_version, "name": manifest.name,
-            "graphs": [e.to_dict() for e in manifest.graphs], "files": dict(manifest.files)}
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    return path
+    return write_json(Path(directory) / MANIFEST, {
+        "format_version": manifest.format_version, "name": manifest.name,
+        "graphs": [e.to_dict() for e in manifest.graphs], "files": dict(manifest.files)})
 
 
 def read_manifest(directory: str | Path) -> Manifest:
     """Parse `manifest.json` (no file checks; `load_bundle` does those)."""
     path = Path(directory) / MANIFEST
-    if not path.is_file():
-        raise BundleError(f"{directory}: no {MANIFEST}; a bundle is a directory written by "
-                          "`rau-rt export ...` (graph files + manifest.json)")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{path}: not JSON ({exc}); re-export the bundle") from None
-    if not isinstance(data, dict):
-        raise BundleError(f"{path}: expected a JSON object, got {type(data).__name__}; "
-                          "re-export the bundle")
+    data = read_json(path, "a bundle is a directory written by `rau-rt export ...` (graph files "
+                           "+ manifest.json)")
     if data.get("format_version") != FORMAT_VERSION:
         raise BundleError(f"{path}: format_version {data.get('format_version')!r}, this rau-rt "
                           f"{__version__} reads {FORMAT_VERSION}; re-export the bundle")

@@ -9,13 +9,13 @@ mask prompt (an annotated reference) before its prompt encoder: too small for a 
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from rau_rt.errors import BundleError
+from rau_rt.sidecar import read_json, write_json
 
 LAYOUT_FILE = "sam2.json"
 LAYOUT_VERSION = 2
@@ -78,14 +78,9 @@ class Sam2Layout:
         out = blocks @ kernel + np.float32(self.mask_downsample_bias)
         return out.astype(np.float32, copy=False)[:, None]
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1)
-
-
 def write_layout(directory: str | Path, layout: Sam2Layout) -> Path:
-    path = Path(directory) / LAYOUT_FILE
-    path.write_text(layout.to_json())
-    return path
+    """Write `sam2.json` into a bundle directory."""
+    return write_json(Path(directory) / LAYOUT_FILE, asdict(layout))
 
 
 def read_layout(directory: str | Path) -> Sam2Layout:
@@ -96,11 +91,9 @@ def read_layout(directory: str | Path) -> Sam2Layout:
             another layout version.
     """
     path = Path(directory) / LAYOUT_FILE
-    if not path.is_file():
-        raise BundleError(f"{path}: missing; the tracker needs it (the mask-token settings and "
-                          "mask_downsample weights): re-export the bundle with rau-rt export sam2")
+    data = read_json(path, "the tracker needs it (the mask-token settings and mask_downsample "
+                           "weights): re-export the bundle with rau-rt export sam2")
     try:
-        data = json.loads(path.read_text())
         if data.get("version") != LAYOUT_VERSION:
             raise BundleError(f"{path}: layout version {data.get('version')}, this rau-rt reads "
                               f"{LAYOUT_VERSION}; re-export the bundle")

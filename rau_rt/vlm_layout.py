@@ -11,7 +11,6 @@ transformers by the exporter (and tests/test_export_vlm*.py).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from rau_rt.errors import BundleError, InputError
+from rau_rt.sidecar import read_json, write_json
 
 LAYOUT_FILE = "vlm.json"
 LAYOUT_VERSION = 1
@@ -198,18 +198,17 @@ def family(name: str) -> VlmFamily:
 
 def write_layout(directory: str | Path, layout: VlmLayout) -> Path:
     """Write `vlm.json` into a bundle directory."""
-    path = Path(directory) / LAYOUT_FILE
-    path.write_text(json.dumps(layout.to_dict(), indent=2, sort_keys=True) + "\n")
-    return path
+    return write_json(Path(directory) / LAYOUT_FILE, layout.to_dict())
 
 
 def read_layout(directory: str | Path) -> VlmLayout:
     """Read a bundle's `vlm.json`."""
     path = Path(directory) / LAYOUT_FILE
-    if not path.is_file():
-        raise BundleError(f"{directory}: no {LAYOUT_FILE}; export the VLM with "
-                          "`rau-rt export vlm --model DIR --out BUNDLE`")
-    return VlmLayout.from_dict(json.loads(path.read_text()))
+    data = read_json(path, "export the VLM with `rau-rt export vlm --model DIR --out BUNDLE`")
+    try:
+        return VlmLayout.from_dict(data)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"{path}: malformed ({exc!r}); re-export the VLM bundle") from None
 
 
 def patchify(pixels: np.ndarray, fam: VlmFamily) -> tuple[np.ndarray, tuple[int, int, int]]:

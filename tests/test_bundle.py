@@ -96,7 +96,7 @@ def test_load_runs_and_checks_ranges(relu_bundle):
 
 
 def test_no_manifest(tmp_path):
-    with pytest.raises(BundleError, match=r"no manifest\.json"):
+    with pytest.raises(BundleError, match=r"manifest\.json: missing; a bundle is a directory"):
         load_bundle(tmp_path)
 
 

@@ -31,6 +31,7 @@ LAYER_OF = {
     "rau_rt.vlm_layout": "core",
     # the exported SAM2's token-selection settings (sam2.json): written by export, read by tracking
     "rau_rt.sam2_layout": "core",
+    "rau_rt.sidecar": "core",  # the JSON files beside a bundle's graphs
     "rau_rt.engines": "engines",
     "rau_rt.bundle": "bundle",
     "rau_rt.tracking": "domain",

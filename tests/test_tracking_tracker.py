@@ -392,7 +392,10 @@ def test_layout_and_specs_describe_the_bundle(bundle, model, tmp_path):
         expected = model.mask_downsample(torch.from_numpy(masks)[:, None]).numpy()
     np.testing.assert_allclose(layout.mask_downsample(masks), expected, atol=1e-5)
     (tmp_path / LAYOUT_FILE).write_text("{")
-    with pytest.raises(BundleError, match="malformed"):
+    with pytest.raises(BundleError, match="not JSON"):
+        read_layout(tmp_path)
+    (tmp_path / LAYOUT_FILE).write_text('{"version": 1}')
+    with pytest.raises(BundleError, match="layout version 1, this rau-rt reads 2"):
         read_layout(tmp_path)
     with pytest.raises(BundleError, match="re-export"):
         read_layout(tmp_path / "missing")
