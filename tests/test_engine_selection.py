@@ -150,13 +150,17 @@ def test_available_imports_nothing():
     assert heavy == []
 
 
-def test_export_trt_without_tensorrt_fails_with_an_install_message(tmp_path, capsys):
+def test_export_trt_without_tensorrt_fails_with_an_install_message(relu_onnx, capsys):
     if registry.backend_class("tensorrt").available():
         pytest.skip("tensorrt imports here; this checks hosts without it")
-    from rau_rt.bundle import Manifest, write_manifest
+    from rau_rt.bundle import GraphEntry, Manifest, file_sha256, write_manifest
+    from rau_rt.types import TensorSpec
 
-    write_manifest(tmp_path, Manifest("empty", ()))
-    assert cli.main(["export", "trt", "--bundle", str(tmp_path)]) == 1
+    x, y = TensorSpec("x", (2, 4), "float32"), TensorSpec("y", (2, 4), "float32")
+    entry = GraphEntry(graph="relu", file=relu_onnx.name, backend="onnxruntime",
+                       precision="fp32", inputs=(x,), outputs=(y,), sha256=file_sha256(relu_onnx))
+    write_manifest(relu_onnx.parent, Manifest("relu", (entry,)))
+    assert cli.main(["export", "trt", "--bundle", str(relu_onnx.parent)]) == 1
     err = capsys.readouterr().err
     assert "rau-rt export: error: tensorrt does not import" in err
     assert "pip install 'tensorrt-cu12>=10,<11' cuda-python" in err

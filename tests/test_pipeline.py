@@ -165,7 +165,9 @@ def test_realtime_mode_processes_the_newest_frame_and_counts_drops(bundle, seque
         pipeline = Pipeline(Tracker(bundle), worker, REGIONS, config)
         results = pipeline.run(fast)
     processed = [r.index for r in results]
-    assert processed == sorted(set(processed)) and processed[0] == 0
+    # (not "frame 0 is processed": on a loaded machine frame 1 can replace it before the
+    # processing thread wakes; that is the rule working, not a fault)
+    assert processed == sorted(set(processed))
     assert pipeline.stats.frames_dropped > 0
     assert len(processed) + pipeline.stats.frames_dropped == len(fast)
     assert processed[-1] == len(fast) - 1  # the newest frame is never the one dropped
