@@ -272,17 +272,19 @@ class Tracker:
 
     # -- reference and prompts ------------------------------------------------------------
     def add_reference(self, image: Frame | np.ndarray,
-                      masks_by_region: Mapping[str, np.ndarray]) -> None:
+                      masks_by_region: Mapping[str, np.ndarray], *,
+                      frame_size: tuple[int, int] | None = None) -> None:
         """Encode an annotated reference image into pinned conditioning memory per region.
 
         Args:
-            image: the reference image (any size; a `Frame` or an array as `step` takes).
+            image: the reference image (any size; a `Frame` or an array as `step` takes,
+                a prepared float32 model input with `frame_size` included).
             masks_by_region: name -> (H, W) bool/uint8 mask on `image`, not empty. A region
                 already tracked gets its reference replaced; a new one starts tracking from it.
         """
         if not masks_by_region:
             raise InputError("masks_by_region: no regions given")
-        x, (height, width) = self._input(image, None)
+        x, (height, width) = self._input(image, frame_size)
         names = list(masks_by_region)
         self._room(names)
         size = self.layout.image_size
