@@ -14,6 +14,7 @@ import contextlib
 import io
 import json
 import threading
+from pathlib import Path
 
 import av
 import cv2
@@ -145,20 +146,28 @@ def test_run_on_an_mkv_with_the_real_localizer(demo, cine, reference_json, tmp_p
 
 @pytest.mark.parametrize("kind", ["png-folder", "xa-dicom"])
 def test_run_on_a_folder_and_a_12_bit_dicom(demo, cine, reference_json, tmp_path, capsys, kind):
+    # named as PACS exports often are: after the patient (--redact-paths must hide it)
     if kind == "png-folder":
-        source = tmp_path / "frames"
+        source = tmp_path / "Doe_Jane_LAD"
         formats.write_png_sequence(source, cine.frames)
         extra = ["--fps", "15"]
     else:
-        source = tmp_path / "cine.dcm"
+        source = tmp_path / "Doe_Jane_LAD.dcm"
         formats.write_dicom(source, cine)
         extra = []
     out = tmp_path / "out"
     code, _, _ = run_cli(capsys, "run", "--bundle", str(demo["bundle"]), "--reference",
                          str(reference_json), "--source", str(source), "--out", str(out),
-                         "--no-overlay", "--quiet", *extra)
+                         "--no-overlay", "--quiet", "--redact-paths", *extra)
     assert code == 0
+    # file names may carry patient names: --redact-paths keeps every given path out
+    for written in ("summary.json", "summary.md"):
+        text = (out / written).read_text()
+        assert "Doe_Jane" not in text and Path(reference_json).name not in text, written
+        for given in (source, reference_json, demo["bundle"], out):
+            assert str(given) not in text, (written, given)
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["source"]["uri"] == "<source>" and "<reference 1>" in summary["command"]
     assert summary["frames_processed"] == 6
     assert summary["source"]["fps"] == pytest.approx(15.0, rel=1e-3)
     assert summary["regions"] == ["5", "6", "7"]  # all annotated regions by default

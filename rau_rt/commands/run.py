@@ -252,13 +252,16 @@ def summarize(pipeline: Pipeline, profile: RunProfile, wall_s: float, *, command
 
 
 def write_report(out: Path, record: dict[str, object], profile: RunProfile, title: str,
-                 stem: str = "summary") -> dict[str, Path]:
-    """<stem>.json, <stem>.md, latency.png and stages.png in `out` (each written atomically)."""
+                 stem: str = "summary", redactions: dict[str, str] | None = None,
+                 ) -> dict[str, Path]:
+    """<stem>.json, <stem>.md, latency.png and stages.png in `out` (each written atomically);
+    `redactions` (see `redact`) apply to the paths recorded for them too."""
     paths = {"json": out / f"{stem}.json", "markdown": out / f"{stem}.md",
              "latency_plot": out / "latency.png", "stage_chart": out / "stages.png"}
     latency = record["latency_ms"]
+    written = {k: str(p) for k, p in paths.items()}
     record = {**record, "outputs": {**record.get("outputs", {}),
-                                    **{k: str(p) for k, p in paths.items()}}}
+                                    **(redact(written, redactions) if redactions else written)}}
     _atomic_text(paths["json"], json.dumps(record, indent=2) + "\n")
     _atomic_text(paths["markdown"], f"# {title}\n\n{record['command']}\n\n"
                  f"{markdown_table(latency)}\n")
@@ -357,6 +360,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="also write every mask: masks.npz or masks/<region>/<frame>.png")
     parser.add_argument("--dicom-seg", action="store_true",
                         help="write DICOM SEG (+ Secondary Capture) for VLM keyframes in seg/")
+    parser.add_argument("--redact-paths", action="store_true",
+                        help="write <source>, <reference N>, <bundle> and <out> in the summary, "
+                        "report and plots instead of the paths and file names given (they may "
+                        "carry patient names)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_engine_arguments(parser)
 
@@ -420,11 +427,50 @@ def run(args: argparse.Namespace) -> int:
             extra["ended"] = str(stalled)
         record = summarize(pipeline, profile, wall, command=command_line(args), source=source,
                            fps=source.fps, interrupted=interrupted, extra=extra)
-        paths = write_report(args.out, record, profile, f"rau-rt run: {Path(source.uri).name}")
+        title, table = f"rau-rt run: {Path(source.uri).name}", None
+        if args.redact_paths:
+            table = redactions(args)
+            record, title = redact(record, table), redact(title, table)
+            if record.get("references"):  # the reference names are their file names' stems
+                record["references"] = [f"<reference {i + 1}>"
+                                        for i in range(len(record["references"]))]
+            record["redacted"] = sorted(set(table.values()))
+        paths = write_report(args.out, record, profile, title, redactions=table)
     print_summary(record, paths)
     if stalled is not None:
         raise stalled
     return 0
+
+
+def redactions(args: argparse.Namespace) -> dict[str, str]:
+    """Each path the user gave -> a placeholder, and the file or folder name of the source and
+    the references (where patient names hide: `Doe_Jane_LAD.dcm`); longest first, so a path is
+    replaced whole before its name is."""
+    inputs = [(args.source, "<source>"),
+              *((path, f"<reference {i + 1}>") for i, path in enumerate(args.reference))]
+    table: dict[str, str] = {}
+    for value, token in [*inputs, (args.bundle, "<bundle>"), (args.out, "<out>")]:
+        table.setdefault(str(Path(str(value)).resolve()), token)
+        table.setdefault(str(value), token)
+    for value, token in inputs:
+        name = Path(str(value)).name
+        if len(name) >= 3:
+            table.setdefault(name, token)
+    return dict(sorted(table.items(), key=lambda item: -len(item[0])))
+
+
+def redact(value: object, table: dict[str, str]) -> object:
+    """`value` (JSON-like) with every occurrence of a `table` key replaced in its string
+    values (keys stay: they are the record's own names)."""
+    if isinstance(value, str):
+        for text, token in table.items():
+            value = value.replace(text, token)
+        return value
+    if isinstance(value, dict):
+        return {k: redact(v, table) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact(v, table) for v in value]
+    return value
 
 
 def command_line(args: argparse.Namespace) -> str:
