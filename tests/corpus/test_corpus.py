@@ -1,7 +1,14 @@
-"""Defects a new user, a PACS and a GPU host hit first (issue 17), each pinned by a test that
-failed before its fix: frames shared between sinks are never drawn on, region names never
-leave `--out`, a non-finite window or memory never reaches the tracker's state, and a bad
-frame is refused before anything changes."""
+"""The bad-input and fault corpus (issue 17): what a new user, a PACS and a GPU host hit first.
+
+Every case is generated here, in code (nothing is stored): malformed frames and odd memory
+layouts, damaged DICOM (edited from a synthetic XA cine), image folders, annotation JSON and
+COCO (hypothesis fuzzing), bundles and tokenizers, region names that would leave `--out`,
+non-finite windows and memories, a VLM query that hangs, dies or outlives its timeout, a stream that
+stalls, a full disk, SIGTERM and a second Ctrl-C, stateful engines under threads. Each asserts
+its typed error or documented fallback, that nothing is written outside the output folder, and
+that no partial output looks complete; each was a traceback, a hang or a wrong answer before
+its fix. Cases that belong with one module's tests live there (bundles in test_bundle.py,
+the tokenizer in test_localization_localizer.py, TensorRT in test_tensorrt_plumbing.py)."""
 
 from __future__ import annotations
 
