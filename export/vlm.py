@@ -143,17 +143,32 @@ def make_layout(model, family: str, input_size: int, hidden_state: bool) -> VlmL
         past_names=past, present_names=present)
 
 
-def _ranges(layout: VlmLayout, prompt: int, max_context: int) -> dict[str, dict]:
-    """Dynamic ranges of the decoder (a TensorRT profile; Bundle.run checks feeds against them)."""
+def _ranges(layout: VlmLayout, graph: str, prompt: int, max_context: int) -> dict[str, dict]:
+    """Dynamic ranges of `graph`'s inputs: the TensorRT optimisation profile, and what
+    `Bundle.run` checks feeds against.
+
+    `min` and `opt` are each one call the runtime makes, so their shapes agree with each other
+    (a decoder's attention mask is as long as its past plus its new tokens): `min` the first
+    token with no past, `opt` a decode step right after a `prompt`-token prefill (the call the
+    loop makes most). `max` bounds every dimension on its own (TensorRT's profile semantics):
+    a prefill of up to `max_context` tokens, or a decode step at `max_context - 1` past tokens.
+    """
     h, kv, d = layout.hidden_size, layout.num_kv_heads, layout.head_dim
-    ranges = {"inputs_embeds": {"min": [1, 1, h], "opt": [1, prompt, h],
-                                "max": [1, max_context, h]},
-              "attention_mask": {"min": [1, 1], "opt": [1, prompt], "max": [1, max_context]},
-              "position_ids": {"min": [3, 1, 1], "opt": [3, 1, prompt],
-                               "max": [3, 1, max_context]}}
-    if layout.deepstack_layers:
-        deep = layout.deepstack_layers
-        ranges["deepstack_embeds"] = {"min": [deep, 1, 1, h], "opt": [deep, 1, prompt, h],
+    deep = layout.deepstack_layers
+    if graph == EMBED:
+        ranges = {"input_ids": {"min": [1, 1], "opt": [1, 1], "max": [1, max_context]},
+                  "image_features": {"min": [0, h], "opt": [0, h], "max": [max_context, h]}}
+        if deep:
+            ranges["deepstack_features"] = {"min": [deep, 0, h], "opt": [deep, 0, h],
+                                            "max": [deep, max_context, h]}
+        return ranges
+    if graph != DECODER:
+        return {}
+    ranges = {"inputs_embeds": {"min": [1, 1, h], "opt": [1, 1, h], "max": [1, max_context, h]},
+              "attention_mask": {"min": [1, 1], "opt": [1, prompt + 1], "max": [1, max_context]},
+              "position_ids": {"min": [3, 1, 1], "opt": [3, 1, 1], "max": [3, 1, max_context]}}
+    if deep:
+        ranges["deepstack_embeds"] = {"min": [deep, 1, 1, h], "opt": [deep, 1, 1, h],
                                       "max": [deep, 1, max_context, h]}
     for name in layout.past_names:
         ranges[name] = {"min": [1, kv, 0, d], "opt": [1, kv, prompt, d],
@@ -211,7 +226,7 @@ def _write(out: Path, layout: VlmLayout, config: VlmExportConfig,
                       "layout": "vlm.json"}}
     entries = []
     for graph in (VISION, EMBED, DECODER):
-        ranges = _ranges(layout, max(prompt, 1), config.max_context) if graph == DECODER else None
+        ranges = _ranges(layout, graph, max(prompt, 1), config.max_context) or None
         if graph in made:
             target, parity = made[graph]
             precision = target.name.split(".")[1]

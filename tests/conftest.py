@@ -53,3 +53,37 @@ def micro_bundle(tmp_path_factory):
                          CheckFrames.synthetic(generate_sequence, regions=2))
     with load_bundle(out) as loaded:
         yield loaded
+
+
+def assert_profiles_are_consistent(directory) -> int:
+    """Every manifest entry's dynamic ranges (the TensorRT profile): each dynamic input has
+    one, min <= opt <= max per dimension, and the graph runs on ONNX Runtime at its `min` and
+    at its `opt` shapes, so neither is a shape the graph cannot take (a decoder whose mask is
+    shorter than its past plus its tokens). Returns how many entries were checked."""
+    import numpy as np
+
+    from rau_rt.bundle import read_manifest
+    from rau_rt.engines import registry
+
+    checked = 0
+    for entry in read_manifest(directory).graphs:
+        if entry.backend != "onnxruntime":
+            continue
+        ranges = entry.dynamic_ranges
+        for spec in entry.inputs:
+            if not spec.is_static:
+                assert spec.name in ranges, f"{entry.file}: {spec.name} has no dynamic range"
+        for name, bounds in ranges.items():
+            low, opt, high = (np.asarray(bounds[k]) for k in ("min", "opt", "max"))
+            assert (low <= opt).all() and (opt <= high).all(), (entry.file, name, bounds)
+        with registry.open_engine(directory / entry.file, "onnxruntime",
+                                  precision=entry.precision) as engine:
+            for level in ("min", "opt"):
+                feeds = {}
+                for spec in engine.inputs:
+                    shape = ranges[spec.name][level] if spec.name in ranges else spec.shape
+                    fill = 1 if spec.name == "attention_mask" else 0
+                    feeds[spec.name] = np.full(shape, fill, np.dtype(spec.dtype))
+                engine.run(feeds)  # raises if the shapes contradict each other
+        checked += 1
+    return checked

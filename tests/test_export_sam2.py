@@ -313,3 +313,9 @@ def test_micro_aoti_packages_verify(tmp_path):
     aoti = [e for e in entries if e["backend"] == "aotinductor"]
     assert {e["graph"] for e in aoti} == GRAPHS
     assert all(e["parity"]["passed"] for e in aoti)
+
+
+def test_every_sam2_graphs_profile_is_consistent_and_runs(micro_bundle):
+    from conftest import assert_profiles_are_consistent
+
+    assert assert_profiles_are_consistent(micro_bundle.directory) >= 4  # the four graphs

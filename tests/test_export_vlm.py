@@ -125,6 +125,13 @@ def test_bundle_records_contract_tokenizer_and_parity(fp32_bundle):
         assert (fp32_bundle / name).is_file()
 
 
+def test_every_graphs_profile_is_consistent_and_runs(fp32_bundle, quantized):
+    from conftest import assert_profiles_are_consistent
+
+    assert assert_profiles_are_consistent(fp32_bundle) == 3  # vision, embed, decoder
+    assert assert_profiles_are_consistent(Path(quantized["int4"]["bundle"])) >= 3
+
+
 def test_quantized_bundles_record_drift(quantized):
     for precision, summary in quantized.items():
         bundle = Path(summary["bundle"])
