@@ -64,8 +64,13 @@ class DicomSource(Source):
         if int(header.get("PixelRepresentation", 0)) != 0:
             raise InputError(f"{path}: signed pixels (PixelRepresentation 1) are not a "
                              "supported cine format")
-        self.window = _voi_window(header, path, self.bits_stored,
-                                  self.photometric == "MONOCHROME1")
+        # How a frame is displayed. A linear window (the usual XA case) rides on each Frame in
+        # raw units, so the models and overlays apply it exactly; what is not a linear window
+        # (a VOI LUT table, a SIGMOID or LINEAR_EXACT function, a Modality LUT table) is applied
+        # here by pydicom, and those frames carry the displayed values with no window.
+        self.display_lut = _needs_display_lut(header, self.photometric)
+        self.window = None if self.display_lut else _voi_window(
+            header, path, self.bits_stored, self.photometric == "MONOCHROME1")
 
     def __iter__(self) -> Iterator[Frame]:
         from pydicom.pixels import iter_pixels
@@ -82,6 +87,8 @@ class DicomSource(Source):
         if pixels.ndim == 3:
             image = np.ascontiguousarray(pixels.astype(_dtype(self.bits_stored), copy=False))
             return Frame(index, time_s, image, "rgb", min(self.bits_stored, 16))
+        if self.display_lut:
+            pixels = _displayed(pixels, self.header, self.bits_stored)
         image = pixels.astype(_dtype(self.bits_stored), copy=False)
         if self.photometric == "MONOCHROME1":  # 0 is white: invert so higher is brighter
             image = (np.uint32((1 << self.bits_stored) - 1) - image).astype(image.dtype)
@@ -129,9 +136,29 @@ def _check_pixel_module(header, path: Path, frames: int) -> None:
                              f"{frames} frames of {columns}x{rows}x{samples} need {expected}")
 
 
+def _needs_display_lut(header, photometric: str) -> bool:
+    """Whether the grayscale display is more than one linear window over the raw values."""
+    if not photometric.startswith("MONOCHROME"):
+        return False
+    function = str(header.get("VOILUTFunction", "LINEAR")).upper()
+    return ("VOILUTSequence" in header or "ModalityLUTSequence" in header
+            or function not in ("", "LINEAR"))
+
+
+def _displayed(pixels: np.ndarray, header, bits: int) -> np.ndarray:
+    """pydicom's Modality LUT, then its first VOI LUT or window, rounded into 0..2**bits - 1
+    (pydicom's output range for the window functions)."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    values = apply_voi_lut(apply_modality_lut(pixels, header), header, index=0)
+    return np.clip(np.rint(values), 0, (1 << bits) - 1)
+
+
 def _voi_window(header, path: Path, bits: int, inverted: bool) -> tuple[float, float] | None:
     """The first VOI window (WindowCenter, WindowWidth) of a grayscale image, in the raw values
-    the frames carry (MONOCHROME1 frames are inverted, so is the center); None without one."""
+    the frames carry: a window is in modality units, so a Rescale Slope/Intercept is undone
+    (center_raw = (center - intercept) / slope), and MONOCHROME1 frames are inverted, so is the
+    center. None without one."""
     if "WindowCenter" not in header or "WindowWidth" not in header:
         return None
     from pydicom.multival import MultiValue
@@ -144,6 +171,15 @@ def _voi_window(header, path: Path, bits: int, inverted: bool) -> tuple[float, f
     if not window_ok((center, width)):
         raise InputError(f"{path}: WindowCenter/WindowWidth ({center}, {width}) is not a "
                          "finite window with a positive width")
+    try:
+        slope = float(header.get("RescaleSlope", 1) or 1)
+        intercept = float(header.get("RescaleIntercept", 0) or 0)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{path}: unreadable RescaleSlope/RescaleIntercept ({exc})") from None
+    if not (np.isfinite(slope) and np.isfinite(intercept) and slope > 0):
+        raise InputError(f"{path}: RescaleSlope {slope} / RescaleIntercept {intercept}: expected "
+                         "a finite positive slope")
+    center, width = (center - intercept) / slope, width / slope
     if inverted:
         center = (1 << bits) - 1 - center
     return center, width

@@ -892,3 +892,58 @@ def test_odd_memory_layouts_track_exactly_like_contiguous_frames(bundle, sequenc
         assert region.present == other.present
         if region.present:
             np.testing.assert_array_equal(region.mask, other.mask)
+
+
+# DICOM display: a linear window rides on the frame in raw units (a rescale undone); anything
+# else (a VOI LUT table, SIGMOID) is applied by pydicom and the frame carries displayed values
+
+
+def test_a_rescaled_dicoms_window_is_converted_to_raw_units(cine_dicom, tmp_path):
+    import pydicom
+    from pydicom.pixels import apply_modality_lut
+
+    from rau_rt.io.sinks import to_bgr8
+    from rau_rt.io.sources import open_source
+
+    plain = pydicom.dcmread(cine_dicom)
+    center, width = float(plain.WindowCenter), float(plain.WindowWidth)
+    path = _edited(cine_dicom, tmp_path, _set(RescaleSlope="2", RescaleIntercept="-100",
+                                             WindowCenter=f"{2 * center - 100:.1f}",
+                                             WindowWidth=f"{2 * width:.1f}"))
+    with open_source(path) as source:
+        frame = next(iter(source))
+    assert frame.window == pytest.approx((center, width), abs=0.05)
+    with open_source(cine_dicom) as source:  # the same display as the unscaled file
+        np.testing.assert_array_equal(to_bgr8(frame), to_bgr8(next(iter(source))))
+    modality = apply_modality_lut(frame.image, pydicom.dcmread(path))
+    assert modality.max() == 2 * frame.image.max() - 100  # what the window's units are
+
+
+@pytest.mark.parametrize("edit", ["sigmoid", "lut table"])
+def test_a_voi_function_or_table_is_applied_by_pydicom(cine_dicom, tmp_path, edit):
+    import pydicom
+    from pydicom.pixels import apply_voi_lut
+
+    from rau_rt.io.sources import open_source
+
+    def sigmoid(ds):
+        ds.VOILUTFunction = "SIGMOID"
+
+    def table(ds):
+        from pydicom.dataset import Dataset
+
+        item = Dataset()
+        item.LUTDescriptor = [4096, 0, 12]
+        item.add_new(0x00283006, "US", [int(4095 * (v / 4095) ** 0.5) for v in range(4096)])
+        ds.VOILUTSequence = [item]
+        del ds.WindowCenter, ds.WindowWidth
+
+    path = _edited(cine_dicom, tmp_path, {"sigmoid": sigmoid, "lut table": table}[edit])
+    ds = pydicom.dcmread(path)
+    raw = ds.pixel_array[1]
+    with open_source(path) as source:
+        frames = list(source)
+    assert frames[1].window is None  # already displayed: nothing left to window
+    expected = np.clip(np.rint(apply_voi_lut(raw, ds, index=0)), 0, 4095).astype(np.uint16)
+    np.testing.assert_array_equal(frames[1].image, expected)
+    assert not np.array_equal(frames[1].image, raw)
