@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from benchmarks.harness import case_record, markdown, parse_args, time_interleaved, write_record
+from benchmarks.harness import case_record, run_suite, time_interleaved
 from rau_rt.config import EngineConfig
 from rau_rt.engines import registry
 from rau_rt.export.torch import export_graph
@@ -117,16 +116,15 @@ def run(size: Size, workdir: Path) -> list[dict[str, object]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(__doc__.splitlines()[0], "benchmarks/results/engines_cpu.json", argv)
-    size = SIZES["quick" if args.quick else "full"]
-    if args.repeat:
-        size = dataclasses.replace(size, iterations=args.repeat)
-    with tempfile.TemporaryDirectory(prefix="bench_engines_") as workdir:
-        cases = run(size, Path(workdir))
-    command = "python -m benchmarks.bench_engines" + (" --quick" if args.quick else "")
-    record = write_record(SUITE, cases, args.json, command, torch_threads=torch.get_num_threads())
-    print(markdown(record))
-    return 0
+    def collect(args, workdir: Path) -> list:
+        size = SIZES["quick" if args.quick else "full"]
+        if args.repeat:
+            size = dataclasses.replace(size, iterations=args.repeat)
+        return run(size, workdir)
+
+    return run_suite("bench_engines", __doc__, "benchmarks/results/engines_cpu.json", collect,
+                     argv=argv, suite=SUITE,
+                     device_extra=lambda: {"torch_threads": torch.get_num_threads()})
 
 
 if __name__ == "__main__":

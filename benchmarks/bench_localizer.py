@@ -24,15 +24,13 @@ Qwen2.5 text model (hidden 896, 24 layers, vocab 151936) with a 1280-wide 8-bloc
 from __future__ import annotations
 
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import transformers
 
-from benchmarks.harness import case_record, markdown, parse_args, time_interleaved, write_record
+from benchmarks.harness import case_record, run_suite, time_interleaved
 from rau_rt.bundle import load_bundle
 from rau_rt.config import EngineConfig
 from rau_rt.export import vlm, vlm_model, vlm_verify
@@ -159,18 +157,15 @@ def _versus_generate(size, model_dir, bundle, layout, reference, warmup, repeat)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(__doc__.splitlines()[0], "benchmarks/results/localizer_cpu.json", argv)
-    mode = "quick" if args.quick else "full"
-    started = time.perf_counter()
-    cases = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for size, warmup, repeat in RUNS[mode]:
-            cases += _bench_size(size, warmup, args.repeat or repeat, Path(tmp))
-    command = "python -m benchmarks.bench_localizer" + (" --quick" if args.quick else "")
-    record = write_record(SUITE, cases, args.json, command, torch_threads=torch.get_num_threads())
-    print(f"{time.perf_counter() - started:.0f} s", file=sys.stderr)
-    print(markdown(record))
-    return 0
+    def collect(args, workdir: Path) -> list:
+        cases = []
+        for size, warmup, repeat in RUNS["quick" if args.quick else "full"]:
+            cases += _bench_size(size, warmup, args.repeat or repeat, workdir)
+        return cases
+
+    return run_suite("bench_localizer", __doc__, "benchmarks/results/localizer_cpu.json",
+                     collect, argv=argv, suite=SUITE,
+                     device_extra=lambda: {"torch_threads": torch.get_num_threads()})
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from benchmarks.harness import case_record, markdown, parse_args, time_interleaved, write_record
+from benchmarks.harness import case_record, run_suite, time_interleaved
 from rau_rt import ops
 
 MEAN = np.asarray(ops.IMAGENET_MEAN, dtype=np.float32)
@@ -155,13 +155,11 @@ def run(repeat: int, warmup: int) -> list[dict[str, object]]:
     return cases
 
 
-def main() -> None:
-    args = parse_args(__doc__.splitlines()[0], "benchmarks/results/ops_cpu.json")
-    repeat = args.repeat or (15 if args.quick else 60)
-    cases = run(repeat=repeat, warmup=3)
-    record = write_record("ops", cases, args.json, "python -m benchmarks.bench_ops")
-    print(markdown(record))
+def main(argv: list[str] | None = None) -> int:
+    return run_suite("bench_ops", __doc__, "benchmarks/results/ops_cpu.json",
+                     lambda args, workdir: run(repeat=args.repeat or (15 if args.quick else 60),
+                                               warmup=3), argv=argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -15,16 +15,14 @@ no int8 case (the export kept fp32).
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from benchmarks.harness import case_record, markdown, parse_args, time_interleaved, write_record
+from benchmarks.harness import case_record, run_suite, time_interleaved
 from rau_rt.config import EngineConfig
 from rau_rt.engines import registry
 from rau_rt.export import sam2_graphs
@@ -114,25 +112,23 @@ def bench(run: Run, workdir: Path, aoti: bool) -> tuple[list[dict[str, object]],
 
 
 def main(argv: list[str] | None = None) -> int:
-    aoti = "--aoti" in (argv if argv is not None else sys.argv[1:])
-    args = parse_args(__doc__.splitlines()[0], "benchmarks/results/sam2_graphs_cpu.json",
-                      [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--aoti"])
-    cases, exports = [], []
-    with tempfile.TemporaryDirectory(prefix="bench_sam2_") as workdir:
+    def collect(args, workdir: Path) -> tuple[list, dict]:
+        cases, exports = [], []
         for run in RUNS["quick" if args.quick else "full"]:
             if args.repeat:
                 run = dataclasses.replace(run, repeat_slow=args.repeat, repeat_fast=args.repeat)
-            run_cases, facts = bench(run, Path(workdir), aoti)
+            run_cases, facts = bench(run, workdir, args.aoti)
             cases += run_cases
             exports.append(facts)
-    command = ("python -m benchmarks.bench_sam2_graphs" + (" --quick" if args.quick else "")
-               + (" --aoti" if aoti else "") + (f" --repeat {args.repeat}" if args.repeat else ""))
-    record = write_record(SUITE, cases, args.json, command, torch_threads=torch.get_num_threads())
-    record["exports"] = exports
-    Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
-    print(markdown(record))
-    print("exports:", json.dumps(exports))
-    return 0
+        return cases, {"exports": exports}
+
+    def aoti_flag(parser) -> None:
+        parser.add_argument("--aoti", action="store_true",
+                            help="also time the AOTInductor packages (minutes of compiling)")
+
+    return run_suite("bench_sam2_graphs", __doc__, "benchmarks/results/sam2_graphs_cpu.json",
+                     collect, argv=argv, suite=SUITE, extra_args=aoti_flag,
+                     device_extra=lambda: {"torch_threads": torch.get_num_threads()})
 
 
 if __name__ == "__main__":

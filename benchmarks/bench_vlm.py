@@ -20,14 +20,13 @@ Sizes: tiny (the unit tests' model) and, in full mode, small: a 0.5B-class Qwen2
 from __future__ import annotations
 
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchmarks.harness import case_record, markdown, parse_args, time_interleaved, write_record
+from benchmarks.harness import case_record, run_suite, time_interleaved
 from rau_rt.bundle import load_bundle
 from rau_rt.config import EngineConfig
 from rau_rt.engines import registry
@@ -164,16 +163,15 @@ def _bench_size(size: str, warmup: int, repeat: int, root: Path) -> list[dict[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(__doc__.splitlines()[0], "benchmarks/results/vlm_cpu.json", argv)
-    mode = "quick" if args.quick else "full"
-    cases = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for size, warmup, repeat in RUNS[mode]:
-            cases += _bench_size(size, warmup, args.repeat or repeat, Path(tmp))
-    command = "python -m benchmarks.bench_vlm" + (" --quick" if args.quick else "")
-    record = write_record(SUITE, cases, args.json, command, torch_threads=torch.get_num_threads())
-    print(markdown(record))
-    return 0
+    def collect(args, workdir: Path) -> list:
+        cases = []
+        for size, warmup, repeat in RUNS["quick" if args.quick else "full"]:
+            cases += _bench_size(size, warmup, args.repeat or repeat, workdir)
+        return cases
+
+    return run_suite("bench_vlm", __doc__, "benchmarks/results/vlm_cpu.json", collect,
+                     argv=argv, suite=SUITE,
+                     device_extra=lambda: {"torch_threads": torch.get_num_threads()})
 
 
 if __name__ == "__main__":

@@ -21,14 +21,49 @@ from rau_rt._version import __version__
 from rau_rt.profiling import cpu_model, latency_stats, package_version, peak_rss_mib
 
 
-def parse_args(description: str, default_json: str,
-               argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(description: str, default_json: str, argv: list[str] | None = None,
+               extra: Callable[[argparse.ArgumentParser], None] | None = None,
+               ) -> argparse.Namespace:
+    """--quick, --json, --repeat, and whatever `extra` adds."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true",
                         help="fewer repetitions (about a minute on 2 cores)")
     parser.add_argument("--json", default=default_json, help="where to write the JSON record")
     parser.add_argument("--repeat", type=int, default=None, help="timed repetitions per case")
+    if extra is not None:
+        extra(parser)
     return parser.parse_args(argv)
+
+
+def run_suite(module: str, doc: str, default_json: str,
+              collect: Callable[[argparse.Namespace, Path], list | tuple[list, dict]], *,
+              argv: list[str] | None = None, suite: str | None = None,
+              extra_args: Callable[[argparse.ArgumentParser], None] | None = None,
+              device_extra: Callable[[], dict[str, object]] | None = None) -> int:
+    """A benchmark's `main`: parse the common flags (plus `extra_args`), run `collect(args,
+    workdir)` in a temporary folder, write the record and print its README table.
+
+    `collect` returns the cases, or (cases, facts) with facts added to the record's top level.
+    The recorded command is `python -m benchmarks.<module>` with the flags that change it.
+    """
+    import tempfile
+
+    args = parse_args(doc.splitlines()[0], default_json, argv, extra_args)
+    with tempfile.TemporaryDirectory(prefix=f"{module}_") as workdir:
+        collected = collect(args, Path(workdir))
+    cases, facts = collected if isinstance(collected, tuple) else (collected, {})
+    flags = [f for f, on in (("--quick", args.quick),
+                             (f"--repeat {args.repeat}", args.repeat)) if on]
+    flags += [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
+              if k not in ("quick", "json", "repeat") and v is True]
+    command = " ".join([f"python -m benchmarks.{module}", *flags])
+    record = write_record(suite or module.removeprefix("bench_"), cases, args.json, command,
+                          **(device_extra() if device_extra else {}))
+    if facts:
+        record.update(facts)
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+    print(markdown(record))
+    return 0
 
 
 def time_interleaved(
