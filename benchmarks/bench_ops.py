@@ -8,6 +8,9 @@ Cases (issue "Native pre/post-processing extension"): 1080p BGR uint8 -> 1024² 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
 import cv2
 import numpy as np
 
@@ -84,75 +87,88 @@ def blob_logits(rng: np.random.Generator, regions: int, size: int) -> np.ndarray
     return np.stack(planes).astype(np.float32)
 
 
-def run(repeat: int, warmup: int) -> list[dict[str, object]]:
-    rng = np.random.default_rng(0)
-    cases = []
+@dataclass
+class OpCase:
+    """One benchmark case: the calls timed side by side (interleaved), which of them is ours,
+    which rows compare it with which baseline, and the fidelity of the outputs."""
 
-    # 1. 1080p BGR uint8 -> 1024² (SAM2 at 1024)
-    frame = rng.integers(0, 256, (1080, 1920, 3), dtype=np.uint8)
-    ours, best = (np.empty((3, 1024, 1024), np.float32) for _ in range(2))
-    def native_one_thread() -> None:
+    name: str
+    calls: dict[str, Callable[[], object]]
+    rows: list[tuple[str, str, str]]  # (our call, baseline call, baseline's description)
+    fidelity: Callable[[], dict[str, object]]
+    ours: dict[str, str] = field(default_factory=lambda: {"native": "native",
+                                                          "native-1": "native (1 thread)"})
+
+
+def _one_thread(call: Callable[[], object]) -> Callable[[], object]:
+    def run() -> object:
         ops.set_num_threads(1)
         try:
-            ops.preprocess(frame, (1024, 1024), out=ours)
+            return call()
         finally:
             ops.set_num_threads(None)
+    return run
 
-    times = time_interleaved({
-        "native": lambda: ops.preprocess(frame, (1024, 1024), out=ours),
-        "native-1": native_one_thread,
-        "best": lambda: preprocess_best_opencv(frame, 1024, 255.0, best),
-        "naive": lambda: preprocess_naive(frame, 1024, 255.0),
-    }, warmup=warmup, repeat=repeat)
-    reference = ops.preprocess_reference(frame, (1024, 1024))
-    fidelity = {"native_max_abs_vs_reference": float(np.abs(ours - reference).max()),
-                "opencv_max_abs_vs_reference": float(np.abs(best - reference).max())}
-    name = "preprocess 1080p BGR u8 -> 1024²"
-    cases.append(case_record(name, "native", "fp32", times["native"],
-                             "OpenCV resize+split+addWeighted", times["best"], fidelity))
-    cases.append(case_record(name, "native", "fp32", times["native"],
-                             "OpenCV resize + NumPy normalize/transpose", times["naive"], fidelity))
-    cases.append(case_record(name, "native (1 thread)", "fp32", times["native-1"],
-                             "OpenCV resize+split+addWeighted", times["best"], fidelity))
 
-    # 2. 512² uint16 (12-bit X-ray) -> 512² (SAM2/MedSAM2 at 512)
-    xray = rng.integers(0, 4096, (512, 512), dtype=np.uint16)
-    ours, best = (np.empty((3, 512, 512), np.float32) for _ in range(2))
-    times = time_interleaved({
-        "native": lambda: ops.preprocess(xray, (512, 512), bits_stored=12, out=ours),
-        "best": lambda: preprocess_best_opencv(xray, 512, 4095.0, best),
-        "naive": lambda: preprocess_naive(xray, 512, 4095.0),
-    }, warmup=warmup, repeat=repeat)
-    reference = ops.preprocess_reference(xray, (512, 512), bits_stored=12)
-    fidelity = {"native_max_abs_vs_reference": float(np.abs(ours - reference).max()),
-                "opencv_max_abs_vs_reference": float(np.abs(best - reference).max())}
-    name = "preprocess 512² u16 (12-bit) -> 512²"
-    cases.append(case_record(name, "native", "fp32", times["native"],
-                             "OpenCV resize+addWeighted", times["best"], fidelity))
-    cases.append(case_record(name, "native", "fp32", times["native"],
-                             "NumPy normalize + repeat", times["naive"], fidelity))
-
-    # 3. 3 regions x 256² logits -> 1080p masks + box/area/score
-    logits = blob_logits(rng, 3, 256)
+def cases(rng: np.random.Generator) -> list[OpCase]:
+    """The three cases, each with its inputs and output buffers made once."""
+    frame = rng.integers(0, 256, (1080, 1920, 3), dtype=np.uint8)  # SAM2 at 1024
+    hd_ours, hd_best = (np.empty((3, 1024, 1024), np.float32) for _ in range(2))
+    xray = rng.integers(0, 4096, (512, 512), dtype=np.uint16)  # 12-bit X-ray at 512
+    x_ours, x_best = (np.empty((3, 512, 512), np.float32) for _ in range(2))
+    logits = blob_logits(rng, 3, 256)  # 3 regions -> 1080p masks + box/area/score
     masks, best_masks = (np.empty((3, 1080, 1920), np.uint8) for _ in range(2))
-    times = time_interleaved({
-        "native": lambda: ops.postprocess_masks(logits, (1080, 1920), out=masks),
-        "best": lambda: postprocess_best_opencv(logits, (1080, 1920), best_masks),
-        "naive": lambda: postprocess_naive(logits, (1080, 1920)),
-    }, warmup=warmup, repeat=repeat)
-    ours_result = ops.postprocess_masks(logits, (1080, 1920), out=masks)
-    best_result = postprocess_best_opencv(logits, (1080, 1920), best_masks)
-    fidelity = {
-        "mask_pixels_differing_vs_opencv": int(np.count_nonzero(masks != best_masks)),
-        "boxes_equal_opencv": ours_result.boxes == [r[0] for r in best_result],
-    }
-    name = "postprocess 3 x 256² -> 1080p"
-    cases.append(case_record(name, "native", "fp32", times["native"],
-                             "OpenCV resize/countNonZero/boundingRect + NumPy", times["best"],
-                             fidelity))
-    cases.append(case_record(name, "native", "fp32", times["native"],
-                             "OpenCV resize + NumPy nonzero", times["naive"], fidelity))
-    return cases
+
+    def preprocess_fidelity(ours, best, reference) -> Callable[[], dict[str, object]]:
+        return lambda: {"native_max_abs_vs_reference": float(np.abs(ours - reference()).max()),
+                        "opencv_max_abs_vs_reference": float(np.abs(best - reference()).max())}
+
+    def postprocess_fidelity() -> dict[str, object]:
+        ours = ops.postprocess_masks(logits, (1080, 1920), out=masks)
+        best = postprocess_best_opencv(logits, (1080, 1920), best_masks)
+        return {"mask_pixels_differing_vs_opencv": int(np.count_nonzero(masks != best_masks)),
+                "boxes_equal_opencv": ours.boxes == [r[0] for r in best]}
+
+    def native_hd() -> np.ndarray:
+        return ops.preprocess(frame, (1024, 1024), out=hd_ours)
+
+    return [
+        OpCase("preprocess 1080p BGR u8 -> 1024²",
+               {"native": native_hd, "native-1": _one_thread(native_hd),
+                "best": lambda: preprocess_best_opencv(frame, 1024, 255.0, hd_best),
+                "naive": lambda: preprocess_naive(frame, 1024, 255.0)},
+               [("native", "best", "OpenCV resize+split+addWeighted"),
+                ("native", "naive", "OpenCV resize + NumPy normalize/transpose"),
+                ("native-1", "best", "OpenCV resize+split+addWeighted")],
+               preprocess_fidelity(hd_ours, hd_best,
+                                   lambda: ops.preprocess_reference(frame, (1024, 1024)))),
+        OpCase("preprocess 512² u16 (12-bit) -> 512²",
+               {"native": lambda: ops.preprocess(xray, (512, 512), bits_stored=12, out=x_ours),
+                "best": lambda: preprocess_best_opencv(xray, 512, 4095.0, x_best),
+                "naive": lambda: preprocess_naive(xray, 512, 4095.0)},
+               [("native", "best", "OpenCV resize+addWeighted"),
+                ("native", "naive", "NumPy normalize + repeat")],
+               preprocess_fidelity(x_ours, x_best, lambda: ops.preprocess_reference(
+                   xray, (512, 512), bits_stored=12))),
+        OpCase("postprocess 3 x 256² -> 1080p",
+               {"native": lambda: ops.postprocess_masks(logits, (1080, 1920), out=masks),
+                "best": lambda: postprocess_best_opencv(logits, (1080, 1920), best_masks),
+                "naive": lambda: postprocess_naive(logits, (1080, 1920))},
+               [("native", "best", "OpenCV resize/countNonZero/boundingRect + NumPy"),
+                ("native", "naive", "OpenCV resize + NumPy nonzero")],
+               postprocess_fidelity),
+    ]
+
+
+def run(repeat: int, warmup: int) -> list[dict[str, object]]:
+    records = []
+    for case in cases(np.random.default_rng(0)):
+        times = time_interleaved(case.calls, warmup=warmup, repeat=repeat)
+        fidelity = case.fidelity()
+        records += [case_record(case.name, case.ours[ours], "fp32", times[ours], description,
+                                times[baseline], fidelity)
+                    for ours, baseline, description in case.rows]
+    return records
 
 
 def main(argv: list[str] | None = None) -> int:
