@@ -16,11 +16,13 @@ FRAME = np.zeros((8, 8, 3), np.uint8)
 
 
 class Scripted:
-    """Answers frame k with {"k": k}; the frames in `slow` sleep, in `fail` raise; a gate can
-    hold the first call until the test releases it."""
+    """Answers frame k with {"k": k}; the frames in `slow` wait for `release` (a query as slow
+    as the test needs, without racing a sleep), those in `fail` raise; a gate can hold the
+    first call until the test releases it."""
 
-    def __init__(self, slow=(), fail=(), delay_s=0.5, gate: threading.Event | None = None):
-        self.slow, self.fail, self.delay_s, self.gate = set(slow), set(fail), delay_s, gate
+    def __init__(self, slow=(), fail=(), gate: threading.Event | None = None):
+        self.slow, self.fail, self.gate = set(slow), set(fail), gate
+        self.release = threading.Event()
         self.seen: list[int] = []
 
     def locate_result(self, frame, regions=None):
@@ -29,7 +31,7 @@ class Scripted:
         if self.gate is not None:
             self.gate.wait(5)
         if k in self.slow:
-            time.sleep(self.delay_s)
+            assert self.release.wait(30), "the test never released the slow query"
         if k in self.fail:
             raise RuntimeError(f"engine failed on {k}")
         return {"k": k, "regions": regions}
@@ -66,14 +68,16 @@ def test_latest_keyframe_wins():
 
 
 def test_timeout_is_reported_and_the_late_answer_dropped():
-    with LocalizerWorker(Scripted(slow={1}, delay_s=0.6), timeout_s=0.15) as worker:
+    localizer = Scripted(slow={1})
+    with LocalizerWorker(localizer, timeout_s=0.15) as worker:
         worker.submit(1, frame(1))
-        started = time.monotonic()
-        result = worker.wait(5)
-        assert time.monotonic() - started < 0.5  # reported at the deadline, not at the end
+        # frame 1 cannot answer before the test releases it: what comes is the timeout report,
+        # at the deadline, not at the query's end
+        result = worker.wait(30)
         assert result.frame_index == 1 and result.timed_out and result.result is None
         worker.submit(2, frame(2))  # starts once the overdue query returns
-        after = worker.wait(5)
+        localizer.release.set()
+        after = worker.wait(30)
         assert after.frame_index == 2 and after.ok
         assert worker.wait(0.2) is None  # frame 1's late answer never shows
 
@@ -90,10 +94,12 @@ def test_exception_is_reported_and_the_worker_keeps_serving():
 
 
 def test_poll_does_not_block_and_close_is_idempotent():
-    worker = LocalizerWorker(Scripted(slow={1}, delay_s=0.3), timeout_s=5)
+    localizer = Scripted(slow={1})
+    worker = LocalizerWorker(localizer, timeout_s=5)
     assert worker.poll() is None and not worker.busy
     worker.submit(1, frame(1))
-    assert worker.poll() is None and worker.busy
+    assert worker.poll() is None and worker.busy  # frame 1 is held: nothing to return yet
+    localizer.release.set()
     worker.close()
     worker.close()
     with pytest.raises(InputError, match="after close"):
