@@ -25,6 +25,10 @@ class EngineClosedError(RauRtError, RuntimeError):
     """`run` was called on an engine after `close()`."""
 
 
+class EngineTerminatedError(RauRtError, RuntimeError):
+    """A call in flight was stopped by `Engine.terminate` (a query past its timeout)."""
+
+
 def module_present(name: str) -> bool:
     """Whether `name` can be imported, found without importing it (no side effects)."""
     try:
@@ -156,6 +160,11 @@ class Engine(ABC):
         with self._lock:
             self._check_open()  # closed by another thread while this call waited
             return self._run(feeds)
+
+    def terminate(self, thread: int | None = None) -> None:  # noqa: B027 (optional)
+        """Stop the call in flight on `thread` (any, when None) where the backend can: its
+        `run` raises `EngineTerminatedError`. Backends that cannot stop a call let it finish
+        (the default); ONNX Runtime stops between nodes."""
 
     def _check_open(self) -> None:
         if self._closed:

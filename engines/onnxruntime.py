@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar
@@ -18,7 +19,13 @@ from typing import ClassVar
 import numpy as np
 
 from rau_rt.config import DEFAULT_ENGINE_CONFIG, EngineConfig
-from rau_rt.engines.base import Engine, check_precision, check_recorded, module_present
+from rau_rt.engines.base import (
+    Engine,
+    EngineTerminatedError,
+    check_precision,
+    check_recorded,
+    module_present,
+)
 from rau_rt.errors import BackendUnavailableError, BundleError, EngineMismatchError, InputError
 from rau_rt.types import TensorSpec
 
@@ -71,6 +78,7 @@ class OrtEngine(Engine):
     def __init__(self, session, inputs, outputs, precision: str, config: EngineConfig) -> None:
         super().__init__(inputs, outputs, precision, config)
         self._session = session
+        self._running: dict[int, object] = {}  # thread id -> RunOptions of its call in flight
         self._binding = None
         self._device_outputs: dict[str, object] = {}
         self._device_inputs: dict[str, object] = {}
@@ -207,8 +215,29 @@ class OrtEngine(Engine):
                 self._binding.bind_ortvalue_input(spec.name, value)
 
     def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ort = _import_ort()
+        options = ort.RunOptions()
+        thread = threading.get_ident()
+        self._running[thread] = options  # what `terminate` can stop
+        try:
+            return self._run_with(feeds, options)
+        except ort.capi.onnxruntime_pybind11_state.Fail as exc:
+            if options.terminate:
+                raise EngineTerminatedError(f"{self.name} run stopped by terminate()") from None
+            raise exc
+        finally:
+            self._running.pop(thread, None)
+
+    def terminate(self, thread: int | None = None) -> None:
+        """Stop the call running on `thread` (every running call when None): ONNX Runtime
+        checks the flag between nodes and the call raises `EngineTerminatedError`."""
+        for owner, options in list(self._running.items()):
+            if thread is None or owner == thread:
+                options.terminate = True
+
+    def _run_with(self, feeds: Mapping[str, np.ndarray], options) -> dict[str, np.ndarray]:
         if self._binding is None:
-            values = self._session.run(None, dict(feeds))
+            values = self._session.run(None, dict(feeds), options)
             return {spec.name: value for spec, value in zip(self._outputs, values, strict=True)}
         binding = self._binding
         if self._device_inputs:
@@ -224,7 +253,7 @@ class OrtEngine(Engine):
                 binding.bind_ortvalue_output(spec.name, self._device_outputs[spec.name])
             else:
                 binding.bind_output(spec.name, "cuda", self.config.device_index)
-        self._session.run_with_iobinding(binding)
+        self._session.run_with_iobinding(binding, options)
         values = binding.copy_outputs_to_cpu()
         return {spec.name: value for spec, value in zip(self._outputs, values, strict=True)}
 

@@ -266,6 +266,12 @@ class Bundle:
         check_ranges(self.directory, entry, feeds)
         return engine.run(feeds)
 
+    def terminate(self, thread: int | None = None) -> None:
+        """Stop the engine calls in flight on `thread` (all, when None) where the backend can
+        (`Engine.terminate`)."""
+        for _, engine in self._selected.values():
+            engine.terminate(thread)
+
     def close(self) -> None:
         """Close every engine (idempotent)."""
         for _, engine in self._selected.values():

@@ -152,6 +152,7 @@ class Localizer:
         self._annotated = prompts.annotated_image(reference)
         self._prefix_cache: KvCache | None = None
         self._cancel = threading.Event()
+        self._query_thread: int | None = None  # the thread of the latest query
         if config.prefix_cache:
             self._prefix_cache = self._decoder.prefill(
                 self._prefix_ids, self._reference_features())[1]
@@ -178,6 +179,7 @@ class Localizer:
         names = tuple(regions) if regions is not None else self.reference.region_names
         started = time.perf_counter()
         self._cancel = threading.Event()  # this query's: `cancel` stops it, not the next one
+        self._query_thread = threading.get_ident()
         parts = prompts.locate_parts(self.reference, self.layout, names, self.system)
         constraint, bound = None, self.config.max_new_tokens or FREE_MAX_TOKENS
         if self._guidance is not None:
@@ -200,10 +202,15 @@ class Localizer:
             cached=self._prefix_cache is not None, timings_ms=times)
 
     def cancel(self) -> None:
-        """Stop the running query at its next decoder step (from another thread: the worker
-        calls it when the query outlives its timeout); its answer is cut (`stop_reason`
-        "cancelled")."""
+        """Stop the running query (from another thread: the worker calls it when the query
+        outlives its timeout). The decode loop stops at its next step (`stop_reason`
+        "cancelled"), and an engine call in flight on the query's thread is terminated where
+        the backend can (ONNX Runtime, between nodes: the query raises EngineTerminatedError);
+        the caller discards the query's answer either way."""
         self._cancel.set()
+        terminate = getattr(self._decoder.graphs, "terminate", None)
+        if terminate is not None and self._query_thread is not None:
+            terminate(self._query_thread)
 
     def ask(self, frame: Frame | np.ndarray, question: str) -> str:
         """A free answer to a question about the frame (which region is this, where is X

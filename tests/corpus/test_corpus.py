@@ -947,3 +947,46 @@ def test_a_voi_function_or_table_is_applied_by_pydicom(cine_dicom, tmp_path, edi
     expected = np.clip(np.rint(apply_voi_lut(raw, ds, index=0)), 0, 4095).astype(np.uint16)
     np.testing.assert_array_equal(frames[1].image, expected)
     assert not np.array_equal(frames[1].image, raw)
+
+
+def test_a_running_onnx_runtime_call_can_be_terminated(tmp_path):
+    """What `Localizer.cancel` does to a query's call in flight (a long prefill): ONNX Runtime
+    stops between nodes and the call raises a typed error instead of running to its end."""
+    import threading
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from rau_rt.engines import registry
+    from rau_rt.engines.base import EngineTerminatedError
+
+    weight = numpy_helper.from_array(np.eye(512, dtype=np.float32), "w")
+    nodes = [helper.make_node("MatMul", [f"h{i}" if i else "x", "w"], [f"h{i + 1}"])
+             for i in range(400)]  # seconds of work on 2 cores
+    nodes.append(helper.make_node("Identity", ["h400"], ["y"]))
+    graph = helper.make_graph(nodes, "slow", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [512, 512])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, [512, 512])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    onnx.save(model, tmp_path / "slow.onnx")
+    engine = registry.open_engine(tmp_path / "slow.onnx", "onnxruntime")
+    outcome = []
+
+    def call():
+        try:
+            engine.run({"x": np.ones((512, 512), np.float32)})
+            outcome.append("finished")
+        except EngineTerminatedError:
+            outcome.append("terminated")
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    while thread.is_alive() and not engine._running:
+        threading.Event().wait(0.001)
+    engine.terminate(thread.ident)
+    thread.join(60)
+    assert outcome == ["terminated"]
+    # the engine serves the next call normally
+    np.testing.assert_allclose(engine.run({"x": np.ones((512, 512), np.float32)})["y"], 1.0)
+    engine.close()
