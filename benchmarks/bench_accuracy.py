@@ -370,6 +370,16 @@ def summary(record: dict) -> str:
         lines.append(f"| {c['case']} | {f(t['dice_ge2mm'])} | {f(t['dice_mean'])} | "
                      f"{f(t['boundary_f'])} | {f(t['presence_acc'])} "
                      f"({f(t['presence_acc_changing'])}) | {iou} | {c['median_ms']:.1f} |")
+    lines += ["", "Dice of the fp32 tracker by calibre (segment mean diameter) and by cardiac "
+              "phase (all calibres):", "",
+              "| regime | ≥ 3 mm | 2-3 mm | < 2 mm | diastole | mid | systole |",
+              "|---|---|---|---|---|---|---|"]
+    for c in record["cases"]:
+        if c["case"].startswith("tracker/") and c["precision"] == "fp32":
+            calibre, phase = c["task"]["dice_by_calibre"], c["task"]["dice_by_phase"]
+            cells = [calibre.get(k) for k in (">=3mm", "2-3mm", "<2mm")]
+            cells += [phase.get(k) for k in ("diastole", "mid", "systole")]
+            lines.append(f"| {c['case'].rsplit('/', 1)[1]} | " + " | ".join(map(f, cells)) + " |")
     return "\n".join(lines)
 
 
