@@ -364,8 +364,8 @@ class Tracker:
 
         Raises:
             InputError: a bad frame (dtype, shape, channels, NaN); the state is unchanged.
-            NumericsError: a graph answered NaN or infinity for the memory this frame would
-                store; the state is unchanged.
+            NumericsError: a graph answered NaN or infinity (mask logits, object scores, the
+                memory this frame would store); the state is unchanged.
         """
         times = dict.fromkeys(STAGES, 0.0)
         started = time.perf_counter()
@@ -425,9 +425,10 @@ class Tracker:
                 box=post.boxes[i] if present else None,
                 score=float(post.scores[i]) if present else 0.0, source=source)
         _lap(times, "postprocess", clock)
-        for graph, values in (("memory_encoder", memory["memory"]),
-                              ("memory_encoder", memory["memory_pos"]),
-                              ("mask_decoder", pointers)):
+        for graph, values in (("mask_decoder", logits), ("mask_decoder", scores),
+                              ("mask_decoder", pointers),
+                              ("memory_encoder", memory["memory"]),
+                              ("memory_encoder", memory["memory_pos"])):
             if not np.isfinite(values).all():  # it would be attended to on every later frame
                 raise NumericsError(f"frame {t}: {graph} produced NaN or infinity; nothing was "
                                     "stored and the frame can be stepped again (a faulty "

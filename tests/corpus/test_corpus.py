@@ -123,33 +123,36 @@ def test_a_frame_without_an_image_array_is_a_typed_error(image):
         Frame(0, 0.0, image, "gray", 8)
 
 
-class PoisonedMemory:
-    """The bundle, with the memory encoder answering NaN when `poison` is set (a fault in an
-    engine or a bad graph): the tracker must refuse to store it."""
+class Poisoned:
+    """The bundle, with `graph` answering `value` (NaN, +inf) in every float output when
+    `poison` is set (a fault in an engine or a bad graph): the tracker must refuse it."""
 
-    def __init__(self, bundle):
-        self._bundle, self.poison = bundle, False
+    def __init__(self, bundle, graph, value):
+        self._bundle, self.graph, self.value, self.poison = bundle, graph, value, False
 
     def __getattr__(self, name):
         return getattr(self._bundle, name)
 
     def run(self, graph, feeds):
         out = self._bundle.run(graph, feeds)
-        if graph == "memory_encoder" and self.poison:
-            out = {k: np.full_like(v, np.nan) if v.dtype.kind == "f" else v
+        if graph == self.graph and self.poison:
+            out = {k: np.full_like(v, self.value) if v.dtype.kind == "f" else v
                    for k, v in out.items()}
         return out
 
 
-def test_the_tracker_refuses_a_non_finite_memory_and_its_state_stays_usable(bundle, sequence):
-    graphs = PoisonedMemory(bundle)
+@pytest.mark.parametrize("graph, value", [("memory_encoder", np.nan), ("mask_decoder", np.inf),
+                                          ("mask_decoder", np.nan)])
+def test_the_tracker_refuses_non_finite_outputs_and_its_state_stays_usable(bundle, sequence,
+                                                                           graph, value):
+    graphs = Poisoned(bundle, graph, value)
     tracker = Tracker(graphs)
     frames, box = _opacified(sequence)
     tracker.prompt(0, {"6": box})
     tracker.step(frames[0])
     memory_bytes = tracker.memory_nbytes
     graphs.poison = True
-    with pytest.raises(NumericsError, match="memory_encoder"):
+    with pytest.raises(NumericsError, match=graph):
         tracker.step(frames[1])
     assert tracker.frame_index == 1 and tracker.memory_nbytes == memory_bytes
     graphs.poison = False
