@@ -117,8 +117,12 @@ def _signals(handler) -> Iterator[None]:
 _OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
-def _raise_output_error(exc: BaseException, sinks: Sequence[object]) -> None:
-    """An OutputError for a failed write (the sinks are already aborted), else nothing."""
+def _abort(sinks: Sequence[object], exc: BaseException) -> None:
+    """Leave every sink's output `.partial` after `exc`; raise an OutputError instead of `exc`
+    when it was a failed write (the caller re-raises anything else)."""
+    for sink in sinks:
+        if isinstance(sink, Sink):
+            sink.abort()
     if isinstance(exc, OSError) and exc.errno in _OUTPUT_ERRNOS:
         left = [str(s.partial) for s in sinks if isinstance(s, Sink) and s.partial.exists()]
         raise OutputError(f"writing the outputs failed ({exc.strerror}: {exc.filename or '?'});"
@@ -158,10 +162,7 @@ def stream(pipeline: Pipeline, source: Source, sinks: Sequence[object], *,
     except SourceStalledError as exc:  # a live feed that stopped: keep what came before it
         stalled = exc
     except BaseException as exc:
-        for sink in sinks:
-            if isinstance(sink, Sink):
-                sink.abort()
-        _raise_output_error(exc, sinks)
+        _abort(sinks, exc)
         raise
     finally:
         bar.close()
@@ -175,10 +176,7 @@ def stream(pipeline: Pipeline, source: Source, sinks: Sequence[object], *,
                 else:
                     sink.close()
         except BaseException as exc:
-            for sink in sinks:
-                if isinstance(sink, Sink):
-                    sink.abort()
-            _raise_output_error(exc, sinks)
+            _abort(sinks, exc)
             raise
         for sink in sinks:
             if isinstance(sink, Sink):
