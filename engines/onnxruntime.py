@@ -78,6 +78,7 @@ class OrtEngine(Engine):
     def __init__(self, session, inputs, outputs, precision: str, config: EngineConfig) -> None:
         super().__init__(inputs, outputs, precision, config)
         self._session = session
+        self._ort = _import_ort()  # imported already (it made the session): kept off the call path
         self._running: dict[int, object] = {}  # thread id -> RunOptions of its call in flight
         self._binding = None
         self._device_outputs: dict[str, object] = {}
@@ -215,7 +216,7 @@ class OrtEngine(Engine):
                 self._binding.bind_ortvalue_input(spec.name, value)
 
     def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ort = _import_ort()
+        ort = self._ort
         options = ort.RunOptions()
         thread = threading.get_ident()
         self._running[thread] = options  # what `terminate` can stop
