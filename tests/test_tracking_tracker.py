@@ -175,6 +175,52 @@ def test_bundle_tracker_matches_sam2_video_predictor(bundle, model, clip, region
     assert all(s.stage_ms["memory_attention"] > 0 for s in steps[1:])
 
 
+def test_keyframe_re_prompts_match_sam2_when_every_conditioning_frame_fits(bundle, model,
+                                                                            clip):
+    """The VLM's schedule: boxes again every 5 frames, each added before propagation reaches
+    its frame (so sam2 decodes it without memory, as a new conditioning frame). sam2 attends
+    every conditioning frame; a tracker with room for all four matches it frame for frame. The
+    default bound (2: the first and the newest) departs from sam2 from the third keyframe on."""
+    video, images, boxes = clip
+    keyframes = (0, 5, 10, 15)
+    shifted = {k: [b + np.float32(k / 5) for b in boxes[:2]] for k in keyframes}
+    masks = {}
+    with torch.inference_mode(), warnings.catch_warnings(), \
+            contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        state = model.init_state(str(video))
+        for start, end in zip(keyframes, (*keyframes[1:], FRAMES), strict=True):
+            for k, box in enumerate(shifted[start]):
+                model.add_new_points_or_box(state, frame_idx=start, obj_id=k, box=box)
+            for t, _, m in model.propagate_in_video(state, start_frame_idx=start,
+                                                    max_frame_num_to_track=end - 1 - start):
+                masks[t] = (m[:, 0] > 0).numpy()
+    scores, logits = [], []
+    for t in range(FRAMES):
+        stored = [out["cond_frame_outputs"].get(t) or out["non_cond_frame_outputs"][t]
+                  for out in (state["output_dict_per_obj"][k] for k in range(2))]
+        scores.append(np.array([float(o["object_score_logits"]) for o in stored]))
+        logits.append(np.stack([o["pred_masks"][0, 0].float().numpy() for o in stored]))
+
+    def track(max_conditioning: int) -> list:
+        with load_bundle(bundle) as graphs:
+            tracker = Tracker(graphs, TrackerConfig(fill_hole_area=0, clip_frames=FRAMES,
+                                                    max_conditioning=max_conditioning))
+            steps = []
+            for t, image in enumerate(images):
+                if t in shifted:
+                    tracker.prompt(t, {f"r{k}": b for k, b in enumerate(shifted[t])})
+                steps.append(tracker.step(image))
+        return steps
+
+    assert_parity(track(len(keyframes)), [masks[t] for t in range(FRAMES)], scores, logits)
+    bounded = track(2)
+    drift = [max(np.abs(s.low_res_logits[f"r{k}"] - logits[t][k]).max() for k in range(2))
+             for t, s in enumerate(bounded)]
+    assert max(drift[:11]) <= 1e-4  # two keyframes fit: the same memory
+    assert max(drift[11:]) > 1e-3  # frame 10's keyframe evicted frame 0's
+
+
 def test_region_disappears_and_comes_back_like_sam2(model, clip):
     """Object score forced negative on frames 7-10 (both sides share the model and its hook)."""
     video, images, boxes = clip
