@@ -282,8 +282,8 @@ def export_bundle(weights: Path, out: Path, gate: bool) -> dict[str, str]:
     """The weights exported at micro@256 in int8 (where the exporter accepts it, or every
     graph with `gate` off); returns each graph's first (default) precision."""
     from rau_rt.export.sam2 import Sam2ExportConfig, export_sam2
-    from rau_rt.export.sam2_inputs import CheckFrames
-    from rau_rt.export.sam2_model import ModelSource
+    from rau_rt.export.sam2.inputs import CheckFrames
+    from rau_rt.export.sam2.model import ModelSource
 
     source = ModelSource(image_size=256, checkpoint=weights, config="micro")
     with contextlib.redirect_stderr(io.StringIO()):
@@ -295,7 +295,7 @@ def export_bundle(weights: Path, out: Path, gate: bool) -> dict[str, str]:
 
 def run(weights: Path, cines: tuple[Cine, ...], frames: int, workdir: Path,
         ) -> tuple[list[dict], dict]:
-    from rau_rt.export.sam2_model import load_checkpoint
+    from rau_rt.export.sam2.model import load_checkpoint
 
     gated = export_bundle(weights, workdir / "gated", gate=True)
     export_bundle(weights, workdir / "all", gate=False)

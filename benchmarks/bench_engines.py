@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_engines [--quick] [--json PATH]
 
-The model is exported with `rau_rt.export.torch.export_graph` (which verifies parity) and every
+The model is exported with `rau_rt.export.graph.export_graph` (which verifies parity) and every
 backend runs through the same `Engine.run` API, NumPy in and out. Backends take turns of
 `TURN` timed calls so that the VM's drift (+-25 % between runs on the 2-core box,
 notes/feasibility.md) hits all of them alike; ratios are against eager from the same run. The
@@ -23,7 +23,7 @@ from torch import nn
 from benchmarks.harness import case_record, run_suite, time_interleaved
 from rau_rt.config import EngineConfig
 from rau_rt.engines import registry
-from rau_rt.export.torch import export_graph
+from rau_rt.export.graph import export_graph
 from rau_rt.export.verify import compare
 from rau_rt.types import TensorSpec
 

@@ -33,7 +33,9 @@ import transformers
 from benchmarks.harness import case_record, run_suite, time_interleaved
 from rau_rt.bundle import load_bundle
 from rau_rt.config import EngineConfig
-from rau_rt.export import vlm, vlm_model, vlm_verify
+from rau_rt.export import vlm
+from rau_rt.export.vlm import model as vlm_model
+from rau_rt.export.vlm import verify as vlm_verify
 from rau_rt.localization import Decoder, Localizer, LocalizerConfig, prompts
 from rau_rt.reference import Reference
 from rau_rt.synthetic import generate_sequence, make_reference

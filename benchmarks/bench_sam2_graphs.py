@@ -25,10 +25,10 @@ import torch
 from benchmarks.harness import case_record, run_suite, time_interleaved
 from rau_rt.config import EngineConfig
 from rau_rt.engines import registry
-from rau_rt.export import sam2_graphs
 from rau_rt.export.sam2 import Sam2ExportConfig, export_sam2
-from rau_rt.export.sam2_inputs import CheckFrames, build_inputs, to_numpy
-from rau_rt.export.sam2_model import ModelSource, load_model
+from rau_rt.export.sam2 import graphs as sam2_graphs
+from rau_rt.export.sam2.inputs import CheckFrames, build_inputs, to_numpy
+from rau_rt.export.sam2.model import ModelSource, load_model
 from rau_rt.export.verify import SAM2_MASK_TOLERANCES, compare, mask_agreement
 from rau_rt.synthetic import generate_sequence
 

@@ -45,9 +45,9 @@ from benchmarks.harness import case_record, markdown, write_record
 from rau_rt.bundle import load_bundle
 from rau_rt.config import EngineConfig
 from rau_rt.export.sam2 import Sam2ExportConfig, export_sam2
-from rau_rt.export.sam2_graphs import EagerGraphs
-from rau_rt.export.sam2_inputs import CheckFrames
-from rau_rt.export.sam2_model import ModelSource, load_model
+from rau_rt.export.sam2.graphs import EagerGraphs
+from rau_rt.export.sam2.inputs import CheckFrames
+from rau_rt.export.sam2.model import ModelSource, load_model
 from rau_rt.synthetic import generate_sequence
 from rau_rt.tracking import Tracker, TrackerConfig
 

@@ -5,7 +5,7 @@
 Each model size is built once as a random-init folder and exported with `rau-rt export vlm
 --model DIR --precision int4` (which verifies the fp32 graphs against `generate` and keeps them
 in the bundle); the int8 decoder is quantized from the same fp32 graph. Ours: the bundle's ONNX
-Runtime engines driven by the numpy loop (rau_rt.export.vlm_verify.greedy), the runtime's path.
+Runtime engines driven by the numpy loop (rau_rt.export.vlm.verify.greedy), the runtime's path.
 Baseline: the same weights in transformers, eager fp32, in the same process; the three decoder
 precisions and the baseline take interleaved turns (benchmarks.harness), so ratios hold on the
 shared machine.
@@ -30,9 +30,12 @@ from benchmarks.harness import case_record, run_suite, time_interleaved
 from rau_rt.bundle import load_bundle
 from rau_rt.config import EngineConfig
 from rau_rt.engines import registry
-from rau_rt.export import vlm, vlm_model, vlm_verify
-from rau_rt.export.quantize_vlm import QuantizeConfig, quantize
-from rau_rt.vlm_layout import DECODER, EMBED, read_layout
+from rau_rt.export import vlm
+from rau_rt.export.vlm import model as vlm_model
+from rau_rt.export.vlm import verify as vlm_verify
+from rau_rt.export.vlm.quantize import QuantizeConfig, quantize
+from rau_rt.vlm_decoding import Decoder
+from rau_rt.vlm_layout import DECODER, EMBED, decode_positions, read_layout, rope_positions
 
 SUITE = "vlm"
 BASELINE = "transformers-eager"
@@ -113,14 +116,14 @@ def _bench_size(size: str, warmup: int, repeat: int, root: Path) -> list[dict[st
                 "token_agreement_vs_generate": float(np.mean(
                     [a == b for a, b in zip(tokens, reference_tokens, strict=True)])),
                 "prompt_tokens": int(prompt), "export_s": round(export_s, 1)}
-            embeds = bundle.run(EMBED, {"input_ids": ids, "image_features":
-                                        vlm_verify.image_features(bundle, patches, layout)})
-            positions, delta = vlm_verify.rope_positions(ids, layout)
+            embeds = bundle.run(EMBED, {"input_ids": ids, **Decoder(bundle, layout)
+                                        .image_features(patches).feeds()})
+            positions, delta = rope_positions(ids, layout)
             past = engine.run({"inputs_embeds": embeds["inputs_embeds"],
                                "attention_mask": np.ones((1, prompt), np.int64),
                                "position_ids": positions, **layout.empty_past(1)})
             step_feeds = {"attention_mask": np.ones((1, prompt + 1), np.int64),
-                          "position_ids": vlm_verify.decode_positions(prompt, delta),
+                          "position_ids": decode_positions(prompt, delta),
                           **{p: past[q] for p, q in zip(layout.past_names,
                                                         layout.present_names, strict=True)}}
 

@@ -56,7 +56,7 @@ def _read_description(text: str, path: Path) -> tuple[tuple[TensorSpec, ...],
                                                       tuple[TensorSpec, ...], str, str]:
     if not text:
         raise BundleError(f"{path}: no {DESCRIPTION_KEY} description; export it with "
-                          "rau_rt.export.torch (it records specs, precision and device)")
+                          "rau_rt.export.graph (it records specs, precision and device)")
     data = json.loads(text)
     return (tuple(TensorSpec.from_dict(s) for s in data["inputs"]),
             tuple(TensorSpec.from_dict(s) for s in data["outputs"]),
@@ -142,7 +142,7 @@ class TorchEagerEngine(_TorchEngine):
     @classmethod
     def load(cls, path: str | Path, config: EngineConfig = DEFAULT_ENGINE_CONFIG, *,
              precision: str | None = None) -> TorchEagerEngine:
-        """Load a `torch.export.save` archive written by `rau_rt.export.torch.save_exported`."""
+        """Load a `torch.export.save` archive written by `rau_rt.export.graph.save_exported`."""
         torch = _import_torch()
         path = Path(path)
         extra = {DESCRIPTION_KEY: ""}

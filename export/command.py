@@ -57,12 +57,12 @@ def build_bundle(directory: str | Path, precision: str = "fp16", workspace_gb: f
     """
     from rau_rt.engines import registry
     from rau_rt.engines.tensorrt import host_info
-    from rau_rt.export import tensorrt as trt_export
+    from rau_rt.export import trt_build
     from rau_rt.export.verify import compare, require_parity
 
     directory = Path(directory)
     manifest = read_manifest(directory)
-    keep = trt_export.FP32_SENSITIVE_OPS if keep_fp32 is None else keep_fp32
+    keep = trt_build.FP32_SENSITIVE_OPS if keep_fp32 is None else keep_fp32
     host = host_info()
     command = (f"rau-rt export trt --bundle {directory} --precision {precision} "
                f"--workspace-gb {workspace_gb:g}"
@@ -73,7 +73,7 @@ def build_bundle(directory: str | Path, precision: str = "fp16", workspace_gb: f
         out = directory / f"{graph}.{precision}.engine"
         profiles = {name: (r["min"], r["opt"], r["max"])
                     for name, r in source.dynamic_ranges.items()}
-        trt_export.build(directory / source.file, out, precision, profiles,
+        trt_build.build(directory / source.file, out, precision, profiles,
                          int(workspace_gb * GIB), timing_cache, keep)
         rng = np.random.default_rng(0)
         feeds = {}
@@ -91,7 +91,7 @@ def build_bundle(directory: str | Path, precision: str = "fp16", workspace_gb: f
             graph=graph, file=out.name, backend="tensorrt", precision=precision,
             inputs=inputs, outputs=outputs, sha256=file_sha256(out), device="cuda",
             source_checkpoint_sha256=source.source_checkpoint_sha256,
-            exporter={"name": "rau_rt.export.tensorrt.build", "command": command},
+            exporter={"name": "rau_rt.export.trt_build.build", "command": command},
             tools=tool_versions(tensorrt=host["tensorrt"],
                                 compute_capability=host["compute_capability"], gpu=host["gpu"]),
             parity=parity, dynamic_ranges=source.dynamic_ranges))
@@ -206,13 +206,13 @@ def run(args: argparse.Namespace, generate_sequence=None) -> int:
             progress=not args.json))
         print(json.dumps(summary, indent=2) if args.json else vlm.format_summary(summary))
         return 0
-    from rau_rt.export import tensorrt as trt_export
+    from rau_rt.export import trt_build
 
     reports = []
     for path in args.onnx:
         if not path.is_file():
             raise InputError(f"{path}: no such ONNX file")
-        reports.append(trt_export.lint(path))
+        reports.append(trt_build.lint(path))
     if args.json:
         print(json.dumps({str(r.path): r.to_dict() for r in reports}, indent=2))
     else:

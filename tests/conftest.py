@@ -42,8 +42,8 @@ def micro_bundle(tmp_path_factory):
 
     from rau_rt.bundle import load_bundle
     from rau_rt.export import sam2
-    from rau_rt.export.sam2_inputs import CheckFrames
-    from rau_rt.export.sam2_model import ModelSource
+    from rau_rt.export.sam2.inputs import CheckFrames
+    from rau_rt.export.sam2.model import ModelSource
     from rau_rt.synthetic import generate_sequence
 
     out = tmp_path_factory.mktemp("micro_bundle") / "bundle"

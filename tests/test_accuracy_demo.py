@@ -28,8 +28,8 @@ FLOORS = {"mask": 0.58, "box": 0.57, "reference": 0.43}
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
     from rau_rt.export.sam2 import Sam2ExportConfig, export_sam2
-    from rau_rt.export.sam2_inputs import CheckFrames
-    from rau_rt.export.sam2_model import ModelSource
+    from rau_rt.export.sam2.inputs import CheckFrames
+    from rau_rt.export.sam2.model import ModelSource
 
     out = tmp_path_factory.mktemp("demo_sam2")
     source = ModelSource(image_size=256, checkpoint=SHIPPED_SAM2, config="micro")

@@ -1,6 +1,6 @@
 """One conformance suite over every registered engine (STYLE.md, Tests).
 
-A tiny conv + MLP model is built in code, exported by `rau_rt.export.torch.export_graph` into a
+A tiny conv + MLP model is built in code, exported by `rau_rt.export.graph.export_graph` into a
 bundle under a temporary directory once per module (AOTInductor's compile takes ~30 s on 2
 cores), and every backend is loaded through `load_bundle`, the path users take.
 """
@@ -22,7 +22,7 @@ from rau_rt.config import EngineConfig  # noqa: E402
 from rau_rt.engines import registry  # noqa: E402
 from rau_rt.engines.base import EngineClosedError, module_present  # noqa: E402
 from rau_rt.errors import BundleError, EngineMismatchError, ShapeError  # noqa: E402
-from rau_rt.export.torch import DynamicDim, export_graph  # noqa: E402
+from rau_rt.export.graph import DynamicDim, export_graph  # noqa: E402
 from rau_rt.export.verify import TOLERANCES, compare  # noqa: E402
 from rau_rt.types import TensorSpec  # noqa: E402
 

@@ -24,9 +24,11 @@ from rau_rt import cli
 from rau_rt.bundle import file_sha256, load_bundle
 from rau_rt.errors import InputError
 from rau_rt.export import quantize as int8
-from rau_rt.export import sam2, sam2_graphs
-from rau_rt.export.sam2_inputs import CheckFrames, build_inputs, to_numpy
-from rau_rt.export.sam2_model import ModelSource, load_model, random_model
+from rau_rt.export import sam2
+from rau_rt.export.sam2 import exporter
+from rau_rt.export.sam2 import graphs as sam2_graphs
+from rau_rt.export.sam2.inputs import CheckFrames, build_inputs, to_numpy
+from rau_rt.export.sam2.model import ModelSource, load_model, random_model
 from rau_rt.export.verify import Tolerance
 from rau_rt.synthetic import generate_sequence
 
@@ -146,7 +148,7 @@ def test_bundle_runs_tracking_frames_and_one_region_like_eager(micro256, micro25
     """The dynamic dims: 1 region, 1 point (a tracked frame), through load_bundle."""
     bundle = micro256[0]
     _, modules, inputs = micro256_eager
-    one = {graph: {name: (t[:1] if name in sam2.DYNAMIC[graph] else t)
+    one = {graph: {name: (t[:1] if name in exporter.DYNAMIC[graph] else t)
                    for name, t in inputs.calibration[graph][-1].items()}
            for graph in ("mask_decoder", "memory_attention", "memory_encoder")}
     assert one["mask_decoder"]["point_coords"].shape == (1, 1, 2)
@@ -170,7 +172,7 @@ def test_int8_bundle_records_each_graphs_precision(micro512_int8):
         # dynamic int8 is ONNX Runtime's: it comes from the fused graph where there is one
         source = fp32[0]
         assert (source["exporter"].get("variant") == "fused-attention") == (
-            graph in sam2.FUSED_ATTENTION_GRAPHS)
+            graph in exporter.FUSED_ATTENTION_GRAPHS)
         if first["precision"] == "int8":
             assert len(entries) == len(fp32) + 1
             assert first["parity"]["passed"] and first["exporter"]["int8_method"] == "dynamic"
@@ -207,19 +209,19 @@ def test_int8_over_tolerance_stays_fp32(micro256, micro256_eager, monkeypatch, t
     monkeypatch.setitem(sam2.SAM2_TOLERANCES, "int8", impossible)
     config = sam2.Sam2ExportConfig(ModelSource(image_size=256, random_init="micro"), tmp_path,
                                    precision="int8")
-    quantized, parity = sam2._lower_graph("memory_attention", entry, tmp_path, config,
+    quantized, parity = exporter._lower_graph("memory_attention", entry, tmp_path, config,
                                           _reference(modules, "memory_attention", example),
                                           to_numpy(example), [], {})
     assert quantized is None and parity["passed"] is False
     assert not (tmp_path / "memory_attention.int8.onnx").exists()
-    assert "conditioned_features cosine" in sam2._drift(parity)
+    assert "conditioned_features cosine" in exporter._drift(parity)
     # with the gate off (to measure what int8 costs in accuracy) the graph stays int8, and its
     # entry says why it was kept
     ungated = sam2.Sam2ExportConfig(ModelSource(image_size=256, random_init="micro"), tmp_path,
                                     precision="int8", precision_gate=False)
     assert ungated.command.endswith(f"--precision int8 --int8-method dynamic "
                                     f"--no-precision-gate --out {tmp_path}")
-    kept, parity = sam2._lower_graph("memory_attention", entry, tmp_path, ungated,
+    kept, parity = exporter._lower_graph("memory_attention", entry, tmp_path, ungated,
                                      _reference(modules, "memory_attention", example),
                                      to_numpy(example), [], {})
     assert kept is not None and kept.precision == "int8" and parity["passed"] is False
@@ -259,7 +261,7 @@ def test_fp16_graphs_keep_layernorm_softmax_fp32_and_verify(micro256, micro256_e
     entry = _copy_fp32(micro256[0], graph, tmp_path)
     config = sam2.Sam2ExportConfig(ModelSource(image_size=256, random_init="micro"), tmp_path,
                                    precision="fp16")
-    lowered, parity = sam2._lower_graph(graph, entry, tmp_path, config,
+    lowered, parity = exporter._lower_graph(graph, entry, tmp_path, config,
                                         _reference(modules, graph, example), to_numpy(example),
                                         [], {})
     assert lowered is not None and lowered.precision == "fp16" and parity["passed"]
@@ -272,9 +274,9 @@ def test_fp16_graphs_keep_layernorm_softmax_fp32_and_verify(micro256, micro256_e
 
 def test_config_rejects_unknown_choices(tmp_path):
     source = ModelSource(image_size=256, random_init="micro")
-    with pytest.raises(sam2.InputError, match="precision"):
+    with pytest.raises(InputError, match="precision"):
         sam2.Sam2ExportConfig(source, tmp_path, precision="int4")
-    with pytest.raises(sam2.InputError, match="backends"):
+    with pytest.raises(InputError, match="backends"):
         sam2.Sam2ExportConfig(source, tmp_path, backends=("aoti",))
     config = sam2.Sam2ExportConfig(source, tmp_path, precision="int8", int8_method="qdq",
                                    backends=("onnx", "aoti"))

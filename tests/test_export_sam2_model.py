@@ -1,6 +1,6 @@
 """SAM2 export wrappers against sam2's own code paths, eager, on a random-weight micro model.
 
-Each wrapper in `rau_rt.export.sam2_graphs` must compute what sam2 1.1.0 computes for the same
+Each wrapper in `rau_rt.export.sam2.graphs` must compute what sam2 1.1.0 computes for the same
 frame: the real-valued RoPE equals the complex one, the compacted memory equals sam2's own
 gathering (`_prepare_memory_conditioned_features`), and the decoder/memory encoder equal
 `_forward_sam_heads`/`_encode_new_memory`. Also: checkpoints in Meta's format load through
@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from rau_rt.errors import InputError
-from rau_rt.export import sam2_graphs, sam2_model
-from rau_rt.export.sam2_inputs import CheckFrames, build_inputs, select_output
+from rau_rt.export.sam2 import graphs as sam2_graphs
+from rau_rt.export.sam2 import model as sam2_model
+from rau_rt.export.sam2.inputs import CheckFrames, build_inputs, select_output
 from rau_rt.synthetic import generate_sequence
 
 SIZE = 256

@@ -22,7 +22,9 @@ from rau_rt import cli
 from rau_rt.bundle import load_bundle, read_manifest
 from rau_rt.config import EngineConfig
 from rau_rt.errors import InputError
-from rau_rt.export import vlm, vlm_model, vlm_verify
+from rau_rt.export import vlm
+from rau_rt.export.vlm import model as vlm_model
+from rau_rt.export.vlm import verify as vlm_verify
 from rau_rt.vlm_layout import DECODER, EMBED, VISION, read_layout
 
 torch = pytest.importorskip("torch")
@@ -160,8 +162,8 @@ def test_quantized_bundle_runs_and_keeps_lm_head_fp32(quantized):
     with load_bundle(bundle) as loaded:
         assert loaded.entry(DECODER).precision == "int4"
         ids = np.array([[1, 20, 30]], np.int64)
-        tokens, _ = vlm_verify.greedy(loaded, layout, ids, [], 3)
-    assert 1 <= len(tokens) <= 3
+        tokens, logits = vlm_verify.greedy(loaded, layout, ids, [], 3, min_new_tokens=3)
+    assert len(tokens) == len(logits) == 3
 
 
 def test_runtime_loop_needs_neither_torch_nor_transformers(fp32_bundle):
@@ -172,7 +174,7 @@ import numpy as np
 from PIL import Image
 from rau_rt.bundle import load_bundle
 from rau_rt.config import EngineConfig
-from rau_rt.export import vlm_verify
+from rau_rt.export.vlm import verify as vlm_verify
 from rau_rt.vlm_layout import read_layout
 bundle_dir = {str(fp32_bundle)!r}
 layout = read_layout(bundle_dir)

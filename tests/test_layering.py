@@ -32,6 +32,9 @@ LAYER_OF = {
     # the exported SAM2's token-selection settings (sam2.json): written by export, read by tracking
     "rau_rt.sam2_layout": "core",
     "rau_rt.sidecar": "core",  # the JSON files beside a bundle's graphs
+    # the one greedy decode loop over the VLM graphs: the localizer answers with it and the
+    # exporter verifies it, so it sits below both
+    "rau_rt.vlm_decoding": "core",
     "rau_rt.engines": "engines",
     "rau_rt.bundle": "bundle",
     "rau_rt.tracking": "domain",

@@ -17,7 +17,7 @@ from rau_rt import geometry
 from rau_rt.bundle import load_bundle
 from rau_rt.config import EngineConfig
 from rau_rt.errors import InputError
-from rau_rt.export import vlm_verify
+from rau_rt.export.vlm import verify as vlm_verify
 from rau_rt.localization import Decoder, Localizer, LocalizerConfig, prompts
 from rau_rt.localization.parse import NOT_IN_ANSWER, NOT_VISIBLE
 from rau_rt.reference import Reference
@@ -33,7 +33,7 @@ NAMES = ("lad", "lcx", "rca")
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from rau_rt.export import vlm_model
+    from rau_rt.export.vlm import model as vlm_model
 
     return vlm_model.build_random(tmp_path_factory.mktemp("loc") / "model", "tiny")
 
@@ -133,9 +133,11 @@ def test_cached_and_uncached_queries_give_identical_tokens(cached, uncached):
         assert cached.ask(frame, question) == uncached.ask(frame, question)
 
 
-def test_runtime_loop_matches_the_export_verifier(bundle, bundle_dir, cached, reference):
-    from rau_rt.export import vlm_verify
-
+def test_min_new_tokens_masks_the_stop_ids_until_reached(bundle, bundle_dir, cached,
+                                                        reference):
+    """`generate(min_new_tokens=...)`, what the exporter compares with transformers' `generate`:
+    a stop id the free answer picks at position k ends the answer there, unless k tokens are
+    required, then the next best token is taken instead."""
     layout = read_layout(bundle_dir)
     parts = prompts.ask_parts(reference, layout, "Describe the target.")
     ids = cached.prompt_ids(parts)
@@ -143,12 +145,22 @@ def test_runtime_loop_matches_the_export_verifier(bundle, bundle_dir, cached, re
     patches = [cached.patches(reference.image, "rgb"),
                cached.patches(prompts.annotated_image(reference), "rgb"),
                cached.patches(target, "rgb")]
-    expected, _ = vlm_verify.greedy(bundle, layout, ids, patches, 16, min_new_tokens=16)
     decoder = Decoder(bundle, layout)
-    ours = decoder.generate(ids, decoder.image_features(patches), max_new_tokens=16,
-                            stop_ids=())
-    assert list(ours.tokens) == expected and ours.stop_reason == "max_tokens"
-    assert len(set(expected)) > 3  # context-dependent, so a position error would show
+    features = decoder.image_features(patches)
+    free = decoder.generate(ids, features, max_new_tokens=16, stop_ids=(), keep_logits=True)
+    assert free.stop_reason == "max_tokens" and len(free.logits) == len(free.tokens) == 16
+    assert len(set(free.tokens)) > 3  # context-dependent, so a position error would show
+    assert [int(np.argmax(x)) for x in free.logits] == list(free.tokens)
+    stop = free.tokens[3]
+    k = free.tokens.index(stop)
+    early = decoder.generate(ids, features, max_new_tokens=16, stop_ids=[stop])
+    assert early.tokens == free.tokens[:k] and early.stop_reason == "eos"
+    late = decoder.generate(ids, features, max_new_tokens=16, min_new_tokens=k + 1,
+                            stop_ids=[stop])
+    runner_up = int(np.argsort(free.logits[k])[-2])
+    assert late.tokens[:k + 1] == (*free.tokens[:k], runner_up)
+    with pytest.raises(InputError, match="min_new_tokens"):
+        decoder.generate(ids, features, max_new_tokens=4, min_new_tokens=5)
 
 
 def test_every_constrained_answer_parses(cached):

@@ -23,9 +23,8 @@ from rau_rt.bundle import Manifest, load_bundle, read_manifest, write_manifest  
 from rau_rt.config import EngineConfig  # noqa: E402
 from rau_rt.engines import tensorrt as trt_engine  # noqa: E402
 from rau_rt.errors import BundleError, EngineMismatchError, InputError, ShapeError  # noqa: E402
-from rau_rt.export import command  # noqa: E402
-from rau_rt.export import tensorrt as trt_export  # noqa: E402
-from rau_rt.export.torch import DynamicDim  # noqa: E402
+from rau_rt.export import command, trt_build  # noqa: E402
+from rau_rt.export.graph import DynamicDim  # noqa: E402
 
 PLAN = b"FAKE-PLAN"
 STATIC_PLAN = b"FAKE-STATIC-PLAN"  # x and y fixed at (2, 4)
@@ -392,7 +391,7 @@ def test_export_trt_builds_verifies_and_records_engines(fakes, double_bundle, tm
 
 def test_int8_needs_a_qdq_graph(fakes, double_bundle):
     with pytest.raises(InputError, match="int8 engines are built from Q/DQ graphs"):
-        trt_export.build(double_bundle / "double.fp32.onnx", double_bundle / "d.engine", "int8")
+        trt_build.build(double_bundle / "double.fp32.onnx", double_bundle / "d.engine", "int8")
 
 
 def test_int8_build_without_a_qdq_entry_in_the_bundle(fakes, double_bundle):

@@ -34,9 +34,9 @@ from rau_rt.bundle import load_bundle, read_manifest
 from rau_rt.config import EngineConfig
 from rau_rt.errors import BundleError, InputError
 from rau_rt.export import sam2
-from rau_rt.export.sam2_graphs import EagerGraphs, graph_specs
-from rau_rt.export.sam2_inputs import CheckFrames
-from rau_rt.export.sam2_model import ModelSource, load_model, random_model
+from rau_rt.export.sam2.graphs import EagerGraphs, graph_specs
+from rau_rt.export.sam2.inputs import CheckFrames
+from rau_rt.export.sam2.model import ModelSource, load_model, random_model
 from rau_rt.sam2_layout import LAYOUT_FILE, read_layout
 from rau_rt.synthetic import generate_sequence, make_reference
 from rau_rt.tracking import STAGES, Tracker, TrackerConfig

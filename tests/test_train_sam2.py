@@ -84,7 +84,7 @@ def test_three_steps_on_a_fixed_clip_lower_the_loss():
 
 
 def test_training_resumes_where_it_stopped_and_sam2_loads_the_checkpoint(tmp_path):
-    from rau_rt.export.sam2_model import load_checkpoint
+    from rau_rt.export.sam2.model import load_checkpoint
 
     cfg = TrainConfig(stages=((1, 1), (1, 2)), validate_every=2, validation_clips=1, warmup=1)
     straight = train(cfg, tmp_path / "a")

@@ -1,4 +1,4 @@
-"""`rau_rt.export.tensorrt.lint` (TensorRT 10 readiness) and the fp16 graph conversion, no GPU."""
+"""`rau_rt.export.trt_build.lint` (TensorRT 10 readiness) and the fp16 graph conversion, no GPU."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ onnx = pytest.importorskip("onnx", reason="graphs are built with onnx (pip insta
 from rau_rt import cli  # noqa: E402
 from rau_rt.engines import registry  # noqa: E402
 from rau_rt.errors import InputError  # noqa: E402
-from rau_rt.export import tensorrt as trt_export  # noqa: E402
+from rau_rt.export import trt_build  # noqa: E402
 
 H = onnx.helper
 T = onnx.TensorProto
@@ -48,7 +48,7 @@ def layernorm_graph(tmp_path):
 
 
 def test_a_clean_graph_is_ready(tmp_path):
-    report = trt_export.lint(layernorm_graph(tmp_path))
+    report = trt_build.lint(layernorm_graph(tmp_path))
     assert report.ok and report.issues == ()
     assert report.opset == 18 and report.op_counts == {"MatMul": 1, "LayerNormalization": 1,
                                                        "Softmax": 1}
@@ -58,17 +58,17 @@ def test_a_clean_graph_is_ready(tmp_path):
 def test_unsupported_op_is_an_error(tmp_path):
     nodes = [H.make_node("Unique", ["x"], ["y"], sorted=1)]
     path = save(tmp_path, "unique", nodes, [value("x", shape=(8,))], [value("y", shape=("n",))])
-    report = trt_export.lint(path)
+    report = trt_build.lint(path)
     assert not report.ok
     assert messages(report, "error") == [("Unique", "not supported by TensorRT 10's ONNX parser")]
     with pytest.raises(InputError, match="not buildable with TensorRT 10"):
-        trt_export.require_ready(report)
+        trt_build.require_ready(report)
 
 
 def test_complex_tensors_are_an_error(tmp_path):
     nodes = [H.make_node("Identity", ["x"], ["y"])]
     path = save(tmp_path, "rope", nodes, [value("x", T.COMPLEX64)], [value("y", T.COMPLEX64)])
-    report = trt_export.lint(path)
+    report = trt_build.lint(path)
     assert not report.ok
     errors = messages(report, "error")
     assert ("tensor", "complex64 tensor; TensorRT has no such type (rewrite it real-valued, e.g. "
@@ -79,7 +79,7 @@ def test_complex_tensors_are_an_error(tmp_path):
 def test_int64_into_a_float_only_op_is_noted(tmp_path):
     nodes = [H.make_node("Clip", ["x"], ["y"])]
     path = save(tmp_path, "clip", nodes, [value("x", T.INT64)], [value("y", T.INT64)])
-    report = trt_export.lint(path)
+    report = trt_build.lint(path)
     assert report.ok
     assert any("INT64 but TensorRT lists Clip for float types only" in m
                for _, m in messages(report, "note"))
@@ -89,7 +89,7 @@ def test_custom_domain_needs_a_plugin(tmp_path):
     nodes = [H.make_node("FusedMatMul", ["x", "x"], ["y"], domain="com.microsoft")]
     path = save(tmp_path, "fused", nodes, [value("x", shape=(8, 8))], [value("y", shape=(8, 8))],
                 domains=["com.microsoft"])
-    assert "plugin" in messages(trt_export.lint(path), "error")[0][1]
+    assert "plugin" in messages(trt_build.lint(path), "error")[0][1]
 
 
 def test_decomposed_layernorm_below_opset_17_is_a_warning(tmp_path):
@@ -99,7 +99,7 @@ def test_decomposed_layernorm_below_opset_17_is_a_warning(tmp_path):
     two = onnx.numpy_helper.from_array(np.array(2.0, np.float32), "two")
     path = save(tmp_path, "ln16", nodes, [value("x")], [value("y")], opset=16,
                 initializers=[two])
-    report = trt_export.lint(path)
+    report = trt_build.lint(path)
     assert report.ok
     assert any("re-export with opset >= 17" in m for _, m in messages(report, "warning"))
 
@@ -110,16 +110,16 @@ def test_nonzero_zero_point_is_an_error(tmp_path):
     nodes = [H.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
              H.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
     path = save(tmp_path, "qdq", nodes, [value("x")], [value("y")], initializers=[scale, zero])
-    report = trt_export.lint(path)
+    report = trt_build.lint(path)
     assert [op for op, m in messages(report, "error") if "zero point" in m] == [
         "QuantizeLinear", "DequantizeLinear"]
-    assert trt_export.has_qdq(path)
+    assert trt_build.has_qdq(path)
 
 
 def test_opset_outside_the_parser_range(tmp_path):
     path = save(tmp_path, "old", [H.make_node("Relu", ["x"], ["y"])], [value("x")],
                 [value("y")], opset=8)
-    assert "outside TensorRT 10's 9..24" in messages(trt_export.lint(path), "error")[0][1]
+    assert "outside TensorRT 10's 9..24" in messages(trt_build.lint(path), "error")[0][1]
 
 
 def test_cli_lint_reports_per_graph(tmp_path, capsys):
@@ -136,7 +136,7 @@ def test_cli_lint_reports_per_graph(tmp_path, capsys):
 
 def test_fp16_conversion_keeps_layernorm_and_softmax_fp32(tmp_path):
     source = layernorm_graph(tmp_path)
-    out = trt_export.convert_fp16(source, tmp_path / "block.fp16.onnx")
+    out = trt_build.convert_fp16(source, tmp_path / "block.fp16.onnx")
     model = onnx.load(str(out))
     assert model.graph.input[0].type.tensor_type.elem_type == T.FLOAT  # I/O stays fp32
     matmul_weight = next(i for i in model.graph.initializer if i.name == "w")
@@ -146,7 +146,7 @@ def test_fp16_conversion_keeps_layernorm_and_softmax_fp32(tmp_path):
     types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
     types.update({v.name: v.type.tensor_type.elem_type for v in inferred.graph.output})
     assert all(types[n.output[0]] == T.FLOAT for n in kept)
-    assert trt_export.lint(out).ok
+    assert trt_build.lint(out).ok
     x = np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32)
     with registry.open_engine(source) as fp32, registry.open_engine(out) as fp16:
         assert fp16.precision == "fp16" and fp16.inputs == fp32.inputs
@@ -159,7 +159,7 @@ def test_an_fp16_build_converts_any_graph_that_holds_fp32(tmp_path):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from rau_rt.export.tensorrt import convert_fp16, holds_fp32
+    from rau_rt.export.trt_build import convert_fp16, holds_fp32
 
     table = numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(6, 2), "table")
     graph = helper.make_graph(

@@ -142,7 +142,7 @@ def new_model(cfg: TrainConfig):
     holding the weights of `cfg.init` (a fine-tune of an earlier run)."""
     import torch
 
-    from rau_rt.export.sam2_model import build, load_checkpoint
+    from rau_rt.export.sam2.model import build, load_checkpoint
 
     torch.manual_seed(cfg.seed)
     if cfg.init is not None:

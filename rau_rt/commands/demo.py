@@ -9,7 +9,8 @@
 3. The full pipeline over the DICOM file replayed as a live feed at its frame rate: the VLM on
    keyframes in its worker, SAM2 tracking every frame, late frames dropped and counted.
 4. results.jsonl, overlay.mp4, summary.json/.md, latency.png, stages.png, a latency table, and
-   the accuracy against the cine's exact truth (Dice, presence) with truth_vs_prediction.png.
+   the accuracy against the cine's exact truth (Dice, presence) with truth_vs_prediction.png;
+   `bundle` links to the bundle it ran, for the README's Python example.
 
 The demo VLM is not trained yet (random weights answer noise), so by default (`--localize
 auto`) keyframe localization is off unless the VLM has real weights: SAM2 follows the segments
@@ -126,8 +127,8 @@ def build_bundle(spec: dict[str, object], out: Path, progress: bool = True) -> N
     """Export and verify the pipeline bundle `spec` describes into `out` (needs [export])."""
     try:
         from rau_rt.export import sam2, vlm
-        from rau_rt.export.sam2_inputs import CheckFrames
-        from rau_rt.export.sam2_model import ModelSource
+        from rau_rt.export.sam2.inputs import CheckFrames
+        from rau_rt.export.sam2.model import ModelSource
     except ImportError as exc:
         raise InputError(f"building the demo bundle needs the export extra ({exc.name} is "
                          "missing): pip install 'rau-rt[export]', or pass --bundle DIR") from exc
@@ -164,6 +165,21 @@ def cached_bundle(spec: dict[str, object], cache: Path, rebuild: bool,
         shutil.rmtree(final)
     os.replace(partial, final)
     return final, True
+
+
+def link_bundle(out: Path, bundle: Path) -> Path | None:
+    """`out/bundle` -> the bundle the demo ran (a symbolic link, replaced on every run), so the
+    README's Python example works as printed after `rau-rt demo`. A real folder of that name
+    is left alone (None)."""
+    link = out / "bundle"
+    if link.exists() and not link.is_symlink():
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / f".bundle.link-{os.getpid()}"
+    partial.unlink(missing_ok=True)
+    partial.symlink_to(Path(bundle).resolve(), target_is_directory=True)
+    os.replace(partial, link)
+    return link
 
 
 def write_inputs(out: Path, frames: int, size: int, fps: float, seed: int,
@@ -213,6 +229,7 @@ def run(args: argparse.Namespace) -> int:
                                       args.rebuild, not args.quiet)
         print(f"bundle: {bundle} ({'built now' if built else 'reused from the cache'})")
     with claim_output(args.out):  # one run per --out at a time
+        link = link_bundle(args.out, bundle)
         cine, annotation, sequence = write_inputs(args.out, args.frames, args.size, args.fps,
                                                   args.seed, regions)
         print(f"inputs: {cine} ({args.frames} frames {args.size}x{args.size}, 12-bit XA, "
@@ -238,7 +255,8 @@ def run(args: argparse.Namespace) -> int:
                        "outputs": {type(s).__name__: str(s.path) for s in sinks}})
         paths = run_command.write_report(args.out, record, profile, "rau-rt demo")
     run_command.print_summary(record, paths)
-    print(f"overlay: {args.out / 'overlay.mp4'}, results: {args.out / 'results.jsonl'}")
+    print(f"overlay: {args.out / 'overlay.mp4'}, results: {args.out / 'results.jsonl'}"
+          + (f", bundle: {link}" if link else ""))
     accuracy = truth.summary()
     print(f"accuracy against the cine's exact truth ({accuracy['frames']} segment-frames): "
           f"Dice {_num(accuracy['dice_mean'])} (segments >= 2 mm: "

@@ -114,7 +114,7 @@ class Guidance:
 
 
 class BoxConstraint:
-    """`rau_rt.localization.decoding.Constraint` over an llguidance matcher."""
+    """`rau_rt.vlm_decoding.Constraint` over an llguidance matcher."""
 
     def __init__(self, matcher, vocab_size: int) -> None:
         import llguidance.numpy as llg_numpy

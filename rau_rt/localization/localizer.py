@@ -21,10 +21,10 @@ from rau_rt import ops
 from rau_rt.errors import BundleError, InputError
 from rau_rt.localization import prompts
 from rau_rt.localization.constrained import Guidance, box_grammar, max_answer_bytes
-from rau_rt.localization.decoding import Decoder, GraphRunner, ImageFeatures, KvCache
 from rau_rt.localization.parse import parse_answer
 from rau_rt.reference import Reference
 from rau_rt.types import Box, Frame
+from rau_rt.vlm_decoding import Decoder, GraphRunner, ImageFeatures, KvCache
 from rau_rt.vlm_layout import (
     VlmLayout,
     expand_image_tokens,

@@ -1,6 +1,6 @@
 """The bounded memory bank: what SAM2 remembers of each region, as fixed-size arrays.
 
-It feeds the exported `memory_attention` graph (export/sam2_graphs.py) with exactly the memories
+It feeds the exported `memory_attention` graph (export/sam2/graphs.py) with exactly the memories
 sam2 would attend to, compacted (sam2's own layout: the graph takes 1..MAX_SLOTS spatial
 memories and 1..MAX_POINTERS object pointers, no padding), following
 SAM2Base._prepare_memory_conditioned_features (notes/sam2_parity.md section 2):

@@ -137,7 +137,7 @@ class Tracker:
 
     Args:
         graphs: a loaded SAM2 bundle (`rau_rt.bundle.load_bundle(dir)`), or any `GraphRunner`
-            with a `layout` attribute (`rau_rt.export.sam2_graphs.EagerGraphs`).
+            with a `layout` attribute (`rau_rt.export.sam2.graphs.EagerGraphs`).
         config: TrackerConfig.
     """
 

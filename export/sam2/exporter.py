@@ -3,24 +3,23 @@
     rau-rt export sam2 (--checkpoint PATH --config NAME | --random-init NAME) --image-size N
         --precision fp32|fp16|int8 [--int8-method dynamic|qdq] [--backend onnx|aoti] --out BUNDLE
 
-Stages: build or load the model from sam2's classes (`sam2_model`) -> wrap its four graphs
-(`sam2_graphs`, where the input/output contract is written down) -> drive them eagerly over
-synthetic angiography frames for verification and calibration inputs (`sam2_inputs`) -> per
-graph: ONNX (and AOTInductor) through `export.torch.export_graph`, which reloads the file through
-`rau_rt.engines` and fails outside the fp32 tolerance -> mask IoU on the decoder's logits ->
-int8 (`quantize`) or fp16 (`tensorrt.convert_fp16`: LayerNorm and Softmax kept fp32, the
-TensorRT fp16 failure mode of Hiera/ViT encoders), verified the same way; a graph whose drift
-exceeds `verify.SAM2_TOLERANCES` stays fp32 and the manifest says why -> `manifest.json` and
-`sam2.json` (`rau_rt.sam2_layout`: token-selection settings, mask_downsample weights).
+Stages: build or load the model from sam2's classes (`model`) -> wrap its four graphs
+(`graphs`, where the input/output contract is written down) -> drive them eagerly over
+synthetic angiography frames for verification and calibration inputs (`inputs`) -> per graph:
+ONNX (and AOTInductor) through `rau_rt.export.graph.export_graph`, which reloads the file
+through `rau_rt.engines` and fails outside the fp32 tolerance -> mask IoU on the decoder's
+logits -> int8 (`rau_rt.export.quantize`) or fp16 (`rau_rt.export.trt_build.convert_fp16`:
+LayerNorm and Softmax kept fp32, the TensorRT fp16 failure mode of Hiera/ViT encoders),
+verified the same way; a graph whose drift exceeds `verify.SAM2_TOLERANCES` stays fp32 and the
+manifest says why -> `manifest.json` and `sam2.json` (`rau_rt.sam2_layout`: token-selection
+settings, mask_downsample weights).
 
-Memory attention design: fixed slots with validity masks, not dynamic lengths. 7 spatial slots
-and 16 pointer slots (sam2's num_maskmem and max_obj_ptrs_in_encoder) are the most sam2 ever
-attends to, so one static shape covers every frame; TensorRT then builds a single tight profile
-(ARCHITECTURE.md rule 2) and the tracker's MemoryBank is a set of fixed arrays it overwrites in
-place (RSS constant over a stream). Masked keys equal sam2's compaction to float rounding. The
-cost: early frames attend over all 7 slots' worth of masked keys (on CPU the memory attention
-of 1 valid frame costs as much as 7). Regions are the batch dimension, dynamic 1..16 (each
-region's memory differs, the frame's features enter once with batch 1).
+Memory attention takes sam2's own compacted layout: 1..MAX_SLOTS spatial memories and
+1..MAX_POINTERS object pointers as dynamic dimensions (no padding, no masks), so it computes
+exactly what sam2 attends to; TensorRT builds one profile over those ranges with the steady
+state (7 memories, 16 pointers) as its optimum, and the tracker's MemoryBank hands it views of
+fixed arrays (RSS constant over a stream). Regions are the batch dimension, dynamic 1..16 (each
+region's memory differs; the frame's features enter once with batch 1).
 """
 
 from __future__ import annotations
@@ -45,13 +44,12 @@ from rau_rt.bundle import (
 )
 from rau_rt.engines import registry
 from rau_rt.errors import InputError
-from rau_rt.export import fused_attention
+from rau_rt.export import fused_attention, trt_build
 from rau_rt.export import quantize as int8
-from rau_rt.export import sam2_graphs as graphs
-from rau_rt.export import tensorrt as trt_export
-from rau_rt.export.sam2_inputs import CheckFrames, build_inputs, to_numpy
-from rau_rt.export.sam2_model import RANDOM_PRESENCE_BIAS, ModelSource, load_model
-from rau_rt.export.torch import DynamicDim, export_graph
+from rau_rt.export.graph import DynamicDim, export_graph
+from rau_rt.export.sam2 import graphs
+from rau_rt.export.sam2.inputs import CheckFrames, build_inputs, to_numpy
+from rau_rt.export.sam2.model import RANDOM_PRESENCE_BIAS, ModelSource, load_model
 from rau_rt.export.verify import (
     SAM2_MASK_TOLERANCES,
     SAM2_TOLERANCES,
@@ -192,9 +190,9 @@ def _lower_graph(graph: str, fp32: GraphEntry, directory: Path, config: Sam2Expo
                           "method": _label(config)}
         made_by = {"name": "rau_rt.export.quantize.quantize", "int8_method": config.int8_method}
     else:
-        trt_export.convert_fp16(directory / fp32.file, path)
-        made_by = {"name": "rau_rt.export.tensorrt.convert_fp16",
-                   "kept_fp32": ",".join(trt_export.FP32_SENSITIVE_OPS)}
+        trt_build.convert_fp16(directory / fp32.file, path)
+        made_by = {"name": "rau_rt.export.trt_build.convert_fp16",
+                   "kept_fp32": ",".join(trt_build.FP32_SENSITIVE_OPS)}
     with registry.open_engine(path, "onnxruntime", precision=precision) as engine:
         outputs = engine.run(feeds)
         inputs, outs = engine.inputs, engine.outputs
@@ -217,7 +215,7 @@ def _lower_graph(graph: str, fp32: GraphEntry, directory: Path, config: Sam2Expo
         source_checkpoint_sha256=fp32.source_checkpoint_sha256,
         exporter={**fp32.exporter, **notes, **made_by},
         tools=tool_versions(), parity=parity, dynamic_ranges=fp32.dynamic_ranges,
-        lint=trt_export.lint(path).to_dict())
+        lint=trt_build.lint(path).to_dict())
     return entry, parity
 
 

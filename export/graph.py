@@ -25,8 +25,7 @@ from rau_rt.engines import registry
 from rau_rt.engines.onnxruntime import PRECISION_METADATA_KEY
 from rau_rt.engines.torch import DESCRIPTION_KEY, NUMPY_FLOAT, TORCH_FLOAT, describe
 from rau_rt.errors import InputError
-from rau_rt.export import fused_attention
-from rau_rt.export import tensorrt as trt_export
+from rau_rt.export import fused_attention, trt_build
 from rau_rt.export.verify import compare, require_parity
 from rau_rt.types import TensorSpec
 
@@ -208,7 +207,7 @@ def export_graph(module: torch.nn.Module, example: Mapping[str, torch.Tensor],
     if backend == "onnxruntime":
         write_onnx(program, cast, path, output_names, precision,
                    _symbol_names(program, dynamic), variant)
-        lint = trt_export.lint(path).to_dict()
+        lint = trt_build.lint(path).to_dict()
     elif backend == "aotinductor":
         torch._inductor.aoti_compile_and_package(
             program, package_path=str(path),
@@ -227,7 +226,7 @@ def export_graph(module: torch.nn.Module, example: Mapping[str, torch.Tensor],
         inputs=inputs, outputs=outputs, sha256=file_sha256(path),
         device="any" if backend == "onnxruntime" else device,
         source_checkpoint_sha256=source_checkpoint_sha256,
-        exporter={"name": "rau_rt.export.torch.export_graph", "version": __version__,
+        exporter={"name": "rau_rt.export.graph.export_graph", "version": __version__,
                   **({"variant": variant, "variant_note": fused_attention.NOTE}
                      if variant else {})},
         tools=tool_versions(cuda=torch.version.cuda if device.startswith("cuda") else None),

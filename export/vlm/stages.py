@@ -15,8 +15,6 @@ import torch
 from rau_rt.bundle import load_bundle
 from rau_rt.config import EngineConfig
 from rau_rt.engines import registry
-from rau_rt.export import vlm_fp16, vlm_graphs, vlm_verify
-from rau_rt.export.quantize_vlm import QuantizeConfig, quantize
 from rau_rt.export.verify import (
     VLM_GRAPH_TOLERANCES,
     VLM_GREEDY_EXACT,
@@ -26,6 +24,10 @@ from rau_rt.export.verify import (
     compare,
     require_parity,
 )
+from rau_rt.export.vlm import fp16 as vlm_fp16
+from rau_rt.export.vlm import graphs as vlm_graphs
+from rau_rt.export.vlm import verify as vlm_verify
+from rau_rt.export.vlm.quantize import QuantizeConfig, quantize
 from rau_rt.vlm_layout import DECODER, EMBED, VISION, VlmLayout, cast_feeds, rope_positions
 
 # Where lowered graphs are checked: the exporter's engines use the default EngineConfig (CPU).
@@ -192,8 +194,7 @@ def decoder_drift(out: Path, layout: VlmLayout, precision: str, ids: np.ndarray,
     fp32 ones, teacher-forced along the fp32 greedy tokens; int8 is gated (verify.py)."""
     tokens = fp32["tokens"]
     with load_bundle(out) as bundle:
-        _, logits = vlm_verify.greedy(bundle, layout, ids, patches, len(tokens),
-                                      min_new_tokens=len(tokens), forced=tokens)
+        logits = vlm_verify.forced_logits(bundle, layout, ids, patches, tokens)
         vision = bundle.entry(VISION).precision
     reference = fp32["_logits"]
     cosines = [vlm_verify.cosine(a, b) for a, b in zip(logits, reference, strict=True)]

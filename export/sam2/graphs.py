@@ -49,7 +49,7 @@ from torch import nn
 from rau_rt.config import DEFAULT_ENGINE_CONFIG, EngineConfig
 from rau_rt.engines.torch import NUMPY_FLOAT, TorchEagerEngine
 from rau_rt.errors import InputError
-from rau_rt.export.sam2_model import RealMemoryAttention, feature_side
+from rau_rt.export.sam2.model import RealMemoryAttention, feature_side
 from rau_rt.sam2_layout import (
     MAX_POINTERS,
     MAX_SLOTS,

@@ -1,6 +1,6 @@
 """fp16 VLM graphs for GPUs: the fp32 graphs converted, precision-sensitive parts kept fp32.
 
-Conversion is SAM2's (`rau_rt.export.tensorrt.convert_fp16`, ONNX Runtime's float16 tool):
+Conversion is SAM2's (`rau_rt.export.trt_build.convert_fp16`, ONNX Runtime's float16 tool):
 LayerNormalization and Softmax stay fp32 by op type; by node, every node of an RMSNorm module
 (`*norm` scopes: its mean of squares overflows fp16 past |x| = 256, and real Qwen decoders
 carry activations in the thousands) and of the text rotary embedding (`rotary_emb`: position x
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import onnx
 
-from rau_rt.export.tensorrt import FP32_SENSITIVE_OPS, convert_fp16
+from rau_rt.export.trt_build import FP32_SENSITIVE_OPS, convert_fp16
 from rau_rt.vlm_layout import DECODER, VlmLayout
 
 # Module scopes (TorchScript export node names are "/module/path/Op_n") kept fp32.
@@ -45,7 +45,7 @@ def convert(source: Path, target: Path, graph: str, layout: VlmLayout) -> dict[s
     half = float16_io(graph, layout)
     convert_fp16(source, target, keep_fp32=FP32_SENSITIVE_OPS, keep_fp32_nodes=nodes,
                  keep_io_types=[name for name in io if name not in half])
-    return {"name": "rau_rt.export.tensorrt.convert_fp16",
+    return {"name": "rau_rt.export.trt_build.convert_fp16",
             "kept_fp32_ops": ",".join(FP32_SENSITIVE_OPS),
             "kept_fp32_scopes": ",".join(FP32_SCOPE_SUFFIXES),
             "kept_fp32_nodes": len(nodes), "float16_io": sorted(half)}

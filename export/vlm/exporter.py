@@ -1,12 +1,12 @@
 """`rau-rt export vlm`: a Qwen-VL fine-tune -> verified vision / embed / decoder graphs + tokenizer.
 
 Stages (each a function; `export_vlm` runs them in order with a progress bar):
-1. load the model folder (or build a random-init one) and check it (rau_rt.export.vlm_model);
+1. load the model folder (or build a random-init one) and check it (rau_rt.export.vlm.model);
 2. check the runtime's preprocessing and prompt ids against transformers' processor;
-3. export the three fp32 graphs (rau_rt.export.vlm_graphs) and verify each against eager;
+3. export the three fp32 graphs (rau_rt.export.vlm.graphs) and verify each against eager;
 4. verify end to end through the bundle: prefill logits and greedy tokens vs `generate`;
 5. lower (int8: vision + decoder dynamic; int4: decoder MatMulNBits, vision int8; fp16: all
-   three converted, rau_rt.export.vlm_fp16) and record their drift, gating int8 and fp16
+   three converted, rau_rt.export.vlm.fp16) and record their drift, gating int8 and fp16
    (rau_rt.export.verify's VLM tolerances);
 6. write manifest.json, vlm.json (rau_rt.vlm_layout) and the tokenizer files.
 """
@@ -34,11 +34,14 @@ from rau_rt.bundle import (
 )
 from rau_rt.engines import registry
 from rau_rt.errors import InputError
-from rau_rt.export import vlm_graphs, vlm_model, vlm_stages, vlm_verify
 from rau_rt.export.verify import (
     VLM_PATCH_ATOL,
     ParityError,
 )
+from rau_rt.export.vlm import graphs as vlm_graphs
+from rau_rt.export.vlm import model as vlm_model
+from rau_rt.export.vlm import stages as vlm_stages
+from rau_rt.export.vlm import verify as vlm_verify
 from rau_rt.vlm_layout import (
     DECODER,
     EMBED,
@@ -52,7 +55,7 @@ PRECISIONS = ("fp32", "fp16", "int8", "int4")
 # Which precision each graph gets per requested precision. The embedding is a table lookup
 # (nothing to quantize; fp16 halves the table); the vision tower takes dynamic int8 in both
 # quantized bundles (0.999 cosine on SigLIP; MatMulNBits has no gain on its activation-heavy
-# attention); fp16 converts all three (rau_rt.export.vlm_fp16).
+# attention); fp16 converts all three (rau_rt.export.vlm.fp16).
 GRAPH_PRECISION = {"fp32": {VISION: "fp32", EMBED: "fp32", DECODER: "fp32"},
                    "fp16": {VISION: "fp16", EMBED: "fp16", DECODER: "fp16"},
                    "int8": {VISION: "int8", EMBED: "fp32", DECODER: "int8"},

@@ -9,9 +9,10 @@ its own tokens on top of it, its positions continuing after the prefix's (`rope_
 with `start` = the prefix's next position), and the prefix's arrays are never written to, so
 any number of queries can share it.
 
-The export verifier (rau_rt.export.vlm_verify.greedy) has its own loop: export may not import
-this layer (tests/test_layering.py), and its teacher forcing and per-step logits serve a
-different purpose; tests check that both loops give the same tokens.
+This is rau-rt's one decode loop: the localizer answers with it, and `rau-rt export vlm`
+verifies it against transformers' `generate` (rau_rt.export.vlm.verify), so the exporter checks
+the code users run. It sits in the core layer, beside the contract it implements
+(rau_rt.vlm_layout), because export may not import the domain layer.
 """
 
 from __future__ import annotations
@@ -123,6 +124,8 @@ class Generation:
         prompt_tokens: tokens prefilled for this answer (the tail only, on a cached prefix).
         prefill_ms: embedding + decoder over the prompt tokens.
         decode_ms: the token-by-token loop after it.
+        logits: with `keep_logits`, the float32 [vocab] logits each chosen token was picked
+            from (before any mask), in order; forced tokens have none. Empty otherwise.
     """
 
     tokens: tuple[int, ...]
@@ -130,6 +133,7 @@ class Generation:
     prompt_tokens: int
     prefill_ms: float
     decode_ms: float
+    logits: tuple[np.ndarray, ...] = ()
 
 
 class Decoder:
@@ -195,14 +199,17 @@ class Decoder:
         return self._decode(embeds, positions, cache, delta=cache.delta + delta)
 
     def generate(self, ids: np.ndarray, features: ImageFeatures, cache: KvCache | None = None, *,
-                 max_new_tokens: int, stop_ids: Sequence[int] | None = None,
-                 constraint: Constraint | None = None,
-                 cancel: threading.Event | None = None) -> Generation:
+                 max_new_tokens: int, min_new_tokens: int = 0,
+                 stop_ids: Sequence[int] | None = None, constraint: Constraint | None = None,
+                 cancel: threading.Event | None = None, keep_logits: bool = False,
+                 ) -> Generation:
         """Greedy tokens after a prompt.
 
         Args:
             ids, features, cache: as `prefill`.
             max_new_tokens: bound on generated tokens (the stop token not counted).
+            min_new_tokens: stop ids are masked until this many tokens stand, as transformers'
+                `generate(min_new_tokens=...)` does (the exporter's comparison with it).
             stop_ids: ids that end the answer (default: the layout's end-of-turn ids).
             constraint: masks each step's logits to the tokens it allows and is advanced with
                 the chosen token; tokens it forces (JSON keys, separators) are appended and fed
@@ -210,16 +217,28 @@ class Decoder:
                 as soon as it reports stopped.
             cancel: checked before every decoder call; once set, the answer ends as it stands
                 ("cancelled"), so a timed-out query frees its thread within one step.
+            keep_logits: keep every step's logits in the answer (verification; copies a
+                vocab-sized array per token).
         """
         if max_new_tokens < 1:
             raise InputError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not 0 <= min_new_tokens <= max_new_tokens:
+            raise InputError(f"generate: min_new_tokens must be in 0..{max_new_tokens}, got "
+                             f"{min_new_tokens}")
         stops = set(self.layout.eos_token_ids if stop_ids is None else stop_ids)
+        banned = np.array(sorted(stops), np.int64)
         started = time.perf_counter()
         logits, cache = self.prefill(ids, features, cache)
         prefilled = time.perf_counter()
         tokens: list[int] = []
+        seen: list[np.ndarray] = []
         reason = "max_tokens"
         while True:
+            if keep_logits:
+                seen.append(logits.copy())
+            if len(tokens) < min_new_tokens and banned.size:
+                logits = logits.copy()
+                logits[banned[banned < logits.shape[0]]] = -np.inf
             token = self._choose(logits, constraint)
             if token in stops:
                 reason = "eos"
@@ -244,7 +263,7 @@ class Decoder:
             logits, cache = self.step(feed, cache)
         done = time.perf_counter()
         return Generation(tuple(tokens), reason, int(ids.shape[1]),
-                          (prefilled - started) * 1e3, (done - prefilled) * 1e3)
+                          (prefilled - started) * 1e3, (done - prefilled) * 1e3, tuple(seen))
 
     def step(self, tokens: Sequence[int], cache: KvCache) -> tuple[np.ndarray, KvCache]:
         """One decoder call appending `tokens` (one sampled token plus any forced ones)."""

@@ -66,7 +66,7 @@ def quantize(source: str | Path, target: str | Path, config: QuantizeConfig,
     """Quantize the fp32 ONNX graph `source` into `target` per `config`.
 
     Args:
-        source: An fp32 graph written by rau_rt.export.vlm_graphs.write_onnx.
+        source: An fp32 graph written by rau_rt.export.vlm.graphs.write_onnx.
         target: The quantized graph's path.
         config: Precision and its parameters.
         vocab_size: Identifies the lm_head MatMul to keep in fp32 (None: no lm_head here).

@@ -1,8 +1,9 @@
 """End-to-end checks of an exported VLM bundle against transformers, on one two-image prompt.
 
-The runtime's side is numpy only (rau_rt.ops, rau_rt.vlm_layout, the bundle's
-engines): preprocessing, prompt ids, a greedy loop with the KV cache fed back. The reference
-side is transformers' processor, forward and `generate` on the same weights.
+The runtime's side is numpy only and is the runtime's own code (rau_rt.ops, rau_rt.vlm_layout,
+the decode loop of rau_rt.vlm_decoding over the bundle's engines): preprocessing, prompt ids,
+greedy decoding with the KV cache fed back. The reference side is transformers' processor,
+forward and `generate` on the same weights.
 """
 
 from __future__ import annotations
@@ -14,20 +15,14 @@ import numpy as np
 
 from rau_rt import ops
 from rau_rt.bundle import Bundle
+from rau_rt.vlm_decoding import Decoder
 from rau_rt.vlm_layout import (
-    DECODER,
-    EMBED,
     IMAGE_PLACEHOLDER,
-    VISION,
     VlmFamily,
     VlmLayout,
-    cast_feeds,
     chat_prompt,
-    declared_dtypes,
-    decode_positions,
     expand_image_tokens,
     patchify,
-    rope_positions,
 )
 
 # RAU's prompt shape: reference image, its description, target image, the question.
@@ -101,81 +96,40 @@ def transformers_greedy(model, hf, new_tokens: int) -> tuple[np.ndarray, list[in
     return logits, tokens
 
 
-def image_features(bundle: Bundle, patches: Sequence[np.ndarray],
-                   layout: VlmLayout) -> np.ndarray:
-    """Every image through the vision graph, concatenated in prompt order ([0, hidden] for
-    a text-only prompt)."""
-    return visual_feeds(bundle, patches, layout)["image_features"]
-
-
-def visual_feeds(bundle: Bundle, patches: Sequence[np.ndarray],
-                 layout: VlmLayout) -> dict[str, np.ndarray]:
-    """The embed graph's image inputs for these images: image_features [N, hidden] (and
-    deepstack_features [L, N, hidden] with deepstack), concatenated in prompt order."""
-    outputs = [run(bundle, VISION, {"pixel_values": p}) for p in patches]
-    deep = layout.deepstack_layers
-    hidden = layout.hidden_size
-    feeds = {"image_features": (np.concatenate([o["image_features"] for o in outputs])
-                                if outputs else np.zeros((0, hidden), np.float32))}
-    if deep:
-        feeds["deepstack_features"] = (
-            np.concatenate([o["deepstack_features"] for o in outputs], axis=1)
-            if outputs else np.zeros((deep, 0, hidden), np.float32))
-    return feeds
-
-
-def run(bundle: Bundle, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """`bundle.run` with float feeds cast to the dtypes the loaded graph declares."""
-    return bundle.run(graph, cast_feeds(feeds, declared_dtypes(bundle, graph)))
-
-
 def greedy(bundle: Bundle, layout: VlmLayout, input_ids: np.ndarray,
            patches: Sequence[np.ndarray], new_tokens: int, min_new_tokens: int = 0,
-           forced: Sequence[int] | None = None) -> tuple[list[int], list[np.ndarray]]:
-    """Greedy decoding through the bundle's graphs with the KV cache fed back.
+           ) -> tuple[list[int], list[np.ndarray]]:
+    """The runtime's greedy loop (`rau_rt.vlm_decoding.Decoder.generate`, what the localizer
+    runs) through the bundle's graphs.
 
     Args:
         input_ids: [1, S] prompt ids (image pads expanded).
         patches: each image's vision-graph input, in prompt order.
-        new_tokens: tokens to generate at most (stops after an end-of-sequence token).
+        new_tokens: tokens to generate at most (stops before an end-of-sequence token).
         min_new_tokens: end-of-sequence tokens are masked before this many, as `generate` does.
-        forced: teacher forcing: feed these tokens instead of the argmax (the returned tokens
-            are still the argmax of each step), to compare next-token choices along one path.
 
     Returns:
-        (the argmax token of every step, the logits [vocab] of every step).
+        (the generated tokens, the logits [vocab] each was picked from).
     """
-    embeds = run(bundle, EMBED, {"input_ids": input_ids,
-                                 **visual_feeds(bundle, patches, layout)})
-    no_images = visual_feeds(bundle, [], layout)
-    positions, delta = rope_positions(input_ids, layout)
-    length = input_ids.shape[1]
-    kv_dtype = declared_dtypes(bundle, DECODER).get(layout.past_names[0], layout.float_dtype)
-    feeds = {**embeds, "attention_mask": np.ones((1, length), np.int64),
-             "position_ids": positions, **layout.empty_past(1, kv_dtype)}
-    eos = list(layout.eos_token_ids)
-    tokens: list[int] = []
-    logits_seen: list[np.ndarray] = []
-    steps = new_tokens if forced is None else len(forced)
-    for step in range(steps):
-        out = run(bundle, DECODER, feeds)
-        logits = out["logits"][0].astype(np.float32)
-        logits_seen.append(logits)
-        masked = logits.copy()
-        if step < min_new_tokens:
-            masked[eos] = -np.inf
-        token = int(np.argmax(masked))
-        tokens.append(token)
-        fed = token if forced is None else int(forced[step])
-        if forced is None and token in eos:
-            break
-        embeds = run(bundle, EMBED, {"input_ids": np.array([[fed]], np.int64), **no_images})
-        feeds = {**embeds, "attention_mask": np.ones((1, length + 1), np.int64),
-                 "position_ids": decode_positions(length, delta),
-                 **{p: out[q] for p, q in zip(layout.past_names, layout.present_names,
-                                              strict=True)}}
-        length += 1
-    return tokens, logits_seen
+    decoder = Decoder(bundle, layout)
+    answer = decoder.generate(input_ids, decoder.image_features(patches),
+                              max_new_tokens=new_tokens, min_new_tokens=min_new_tokens,
+                              keep_logits=True)
+    return list(answer.tokens), list(answer.logits)
+
+
+def forced_logits(bundle: Bundle, layout: VlmLayout, input_ids: np.ndarray,
+                  patches: Sequence[np.ndarray], tokens: Sequence[int]) -> list[np.ndarray]:
+    """Teacher forcing through the runtime's decoder: the logits [vocab] before each of
+    `tokens`, fed one by one along that path (to compare two bundles' next-token choices on
+    the same path)."""
+    decoder = Decoder(bundle, layout)
+    logits, cache = decoder.prefill(input_ids, decoder.image_features(patches))
+    seen = [logits.copy()]
+    for token in tokens[:-1]:
+        logits, cache = decoder.step([int(token)], cache)
+        seen.append(logits.copy())
+    return seen
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
