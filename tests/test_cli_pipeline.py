@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -115,6 +117,20 @@ def test_demo_writes_every_output_and_says_what_its_weights_are(demo):
     assert "| end to end |" in (out / "summary.md").read_text()
     assert not list(out.glob("*.partial"))
     assert "| end to end |" in demo["first"]
+
+
+def test_readme_pipeline_example_runs_as_printed_after_the_demo(demo, tmp_path):
+    from test_readme import readme_block
+
+    code = readme_block("test:pipeline")
+    assert demo["out"].joinpath("bundle").resolve() == demo["bundle"].resolve()
+    (tmp_path / "rau-rt-demo").symlink_to(demo["out"])  # the example's relative paths
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [int(line.split()[0]) for line in lines] == list(range(8))  # --frames 8
+    assert any("'6': (" in line or "'6': [" in line for line in lines)  # boxes, not all None
 
 
 def test_run_on_an_mkv_with_the_real_localizer(demo, cine, reference_json, tmp_path, capsys):

@@ -247,18 +247,21 @@ def _container_format(path: Path) -> str:
 
 
 class DicomSegSink(Sink):
-    """DICOM SEG objects for chosen keyframes, in a folder.
+    """DICOM SEG objects for chosen keyframes, in a folder (`<index>_seg.dcm`, one binary
+    segment per present region).
 
-    highdicom cannot reference one frame of a multi-frame XA instance as a SEG source (an XA
-    cine has no Frame of Reference), so each keyframe is first written as a single-frame
-    Secondary Capture (`<index>_sc.dcm`, 8-bit monochrome or RGB, the frame as displayed) and
-    the SEG (`<index>_seg.dcm`, one binary segment per present region) references that.
+    With `source_dataset` (the header of a DICOM source) the SEG joins the source's study (its
+    patient and study modules copied) and references the source directly: the instance in its
+    Referenced Series Sequence, and the keyframe as ReferencedFrameNumber (index + 1) in its
+    Source Image Sequence and in every frame's Derivation Image Sequence, so a PACS files the
+    SEG with the cine it segments and a viewer overlays it on that frame. highdicom builds SEGs
+    only over single-frame sources when there is no Frame of Reference (an XA cine has none), so
+    the SEG is built over the keyframe as a single-frame Secondary Capture in memory and then
+    pointed at the source frame; the capture itself is not written.
 
-    With `source_dataset` (the header of a DICOM source), both join the source's study: the
-    Secondary Capture copies its patient and study modules and names the source frame it shows
-    in its Source Image Sequence (the source instance, ReferencedFrameNumber = index + 1), and
-    the SEG inherits them from it, so a PACS files the SEG with the images it segments. Without
-    one (a video, a folder), they form a new study for `patient_id`. Keyframes: the given
+    Without one (a video, a folder) there is no instance to reference: the keyframe is written
+    as a Secondary Capture (`<index>_sc.dcm`, 8-bit monochrome or RGB, the frame as displayed)
+    that the SEG references, both in a new study for `patient_id`. Keyframes: the given
     indices, or by default every frame whose result holds a VLM box.
     """
 
@@ -278,14 +281,23 @@ class DicomSegSink(Sink):
         self._series = {"sc": generate_uid(), "seg": generate_uid()}
         self.written: list[int] = []
 
-    def _source_frame(self, index: int):
-        from pydicom.dataset import Dataset
-
-        item = Dataset()
-        item.ReferencedSOPClassUID = self.source.SOPClassUID
-        item.ReferencedSOPInstanceUID = self.source.SOPInstanceUID
-        item.ReferencedFrameNumber = index + 1  # DICOM frames count from 1
-        return item
+    def _point_at_source(self, seg, index: int) -> None:
+        """Re-target the SEG's references from the in-memory capture to frame `index` of the
+        source instance (DICOM frames count from 1)."""
+        source = self.source
+        items = [seg.SourceImageSequence[0]]
+        for group in seg.PerFrameFunctionalGroupsSequence:
+            for derivation in group.DerivationImageSequence:
+                items += list(derivation.SourceImageSequence)
+        for item in items:
+            item.ReferencedSOPClassUID = source.SOPClassUID
+            item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+            item.ReferencedFrameNumber = index + 1
+        (series,) = seg.ReferencedSeriesSequence
+        series.SeriesInstanceUID = source.SeriesInstanceUID
+        (instance,) = series.ReferencedInstanceSequence
+        instance.ReferencedSOPClassUID = source.SOPClassUID
+        instance.ReferencedSOPInstanceUID = source.SOPInstanceUID
 
     def _is_keyframe(self, result: FrameResult) -> bool:
         if self.keyframes is not None:
@@ -311,10 +323,6 @@ class DicomSegSink(Sink):
                   "manufacturer": "rau-rt", "patient_orientation": ("L", "F")}
         if self.source is not None:
             sc = hd.sc.SCImage.from_ref_dataset(self.source, **common)
-            sc.SpecificCharacterSet = "ISO_IR 192"
-            sc.SourceImageSequence = [self._source_frame(result.index)]
-            sc.DerivationDescription = (f"frame {result.index + 1} of the source instance, as "
-                                        "displayed (VOI window applied, 8 bits)")
         else:
             self._study_uid = self._study_uid or hd.UID()
             sc = hd.sc.SCImage(study_instance_uid=self._study_uid, patient_id=self.patient_id,
@@ -339,7 +347,10 @@ class DicomSegSink(Sink):
             manufacturer_model_name="rau-rt", software_versions=__version__,
             device_serial_number="0", omit_empty_frames=False)
         seg.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: region names as typed
-        sc.save_as(self.partial / f"{result.index:06d}_sc.dcm")
+        if self.source is not None:
+            self._point_at_source(seg, result.index)
+        else:
+            sc.save_as(self.partial / f"{result.index:06d}_sc.dcm")
         seg.save_as(self.partial / f"{result.index:06d}_seg.dcm")
         self.written.append(result.index)
 

@@ -273,20 +273,26 @@ class Pipeline:
         self.stats.fates["answered"] += 1
         self._vlm_frame = done.frame_index
 
-    def run(self, frames: Iterable[Frame], sinks: Sequence[object] = (), *,
-            collect: bool = True) -> list[FrameResult]:
-        """Process a source and hand each result to the sinks' `write`.
+    def stream(self, frames: Iterable[Frame], sinks: Sequence[object] = ()
+               ) -> Iterator[FrameResult]:
+        """Process a source lazily: each frame's result, as it is made, after the sinks'
+        `write`; nothing is kept (a long or live stream).
 
         Offline: every frame. Realtime (`config.realtime`): a reader thread releases frames at
         their timestamps into a one-frame slot; the newest frame wins and the replaced ones
-        count in `stats.frames_dropped`. `collect=False` returns nothing and keeps nothing (a
-        long or live stream: the sinks hold the results).
+        count in `stats.frames_dropped`.
         """
-        results = []
         for frame in self._realtime(frames) if self.config.realtime else frames:
             result = self.process(frame)
             for sink in sinks:
                 sink.write(frame, result)
+            yield result
+
+    def run(self, frames: Iterable[Frame], sinks: Sequence[object] = (), *,
+            collect: bool = True) -> list[FrameResult]:
+        """`stream` to the end; returns every result (`collect=False`: none, nothing kept)."""
+        results = []
+        for result in self.stream(frames, sinks):
             if collect:
                 results.append(result)
         return results

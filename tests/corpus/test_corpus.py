@@ -424,8 +424,8 @@ def test_a_hung_vlm_query_is_counted_and_never_stalls_an_offline_run(bundle, seq
     assert pipeline.stats.localizer_wait_ms < 2 * timeout * 1e3
 
 
-def test_a_seg_from_a_dicom_source_joins_its_study_and_names_the_source_frame(cine_dicom,
-                                                                              tmp_path):
+def test_a_seg_from_a_dicom_source_joins_its_study_and_references_the_source_frame(
+        cine_dicom, tmp_path):
     import pydicom
 
     from rau_rt.io.sinks import DicomSegSink
@@ -439,15 +439,30 @@ def test_a_seg_from_a_dicom_source_joins_its_study_and_names_the_source_frame(ci
         for frame in frames:
             sink.write(frame, _result(frame.index, frame.image.shape, name))
         sink.close()
-    sc = pydicom.dcmread(tmp_path / "seg" / "000002_sc.dcm")
+    assert sorted(p.name for p in (tmp_path / "seg").iterdir()) == ["000002_seg.dcm"]
     seg = pydicom.dcmread(tmp_path / "seg" / "000002_seg.dcm")
-    for derived in (sc, seg):  # filed with the images they describe, for the same patient
-        assert derived.StudyInstanceUID == source_ds.StudyInstanceUID
-        assert derived.PatientID == source_ds.PatientID
-        assert derived.PatientName == source_ds.PatientName
-    reference = sc.SourceImageSequence[0]
-    assert reference.ReferencedSOPInstanceUID == source_ds.SOPInstanceUID
-    assert reference.ReferencedFrameNumber == 3  # frame index 2, counted from 1
+    # filed with the images it describes, for the same patient
+    assert seg.StudyInstanceUID == source_ds.StudyInstanceUID
+    assert seg.PatientID == source_ds.PatientID and seg.PatientName == source_ds.PatientName
+    (series,) = seg.ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == source_ds.SeriesInstanceUID
+    assert series.ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == \
+        source_ds.SOPInstanceUID
+    references = [seg.SourceImageSequence[0]] + [
+        item for group in seg.PerFrameFunctionalGroupsSequence
+        for derivation in group.DerivationImageSequence for item in derivation.SourceImageSequence]
+    assert len(references) == 1 + int(seg.NumberOfFrames)
+    for reference in references:  # the source's frame 3 (index 2, counted from 1)
+        assert reference.ReferencedSOPClassUID == source_ds.SOPClassUID
+        assert reference.ReferencedSOPInstanceUID == source_ds.SOPInstanceUID
+        assert reference.ReferencedFrameNumber == 3
+    assert (seg.Rows, seg.Columns) == (source_ds.Rows, source_ds.Columns)
+    # a reader finds the mask by the source instance and frame number
+    import highdicom as hd
+
+    found = hd.seg.segread(tmp_path / "seg" / "000002_seg.dcm").get_pixels_by_source_frame(
+        source_sop_instance_uid=source_ds.SOPInstanceUID, source_frame_numbers=[3])
+    assert found.shape[:3] == (1, seg.Rows, seg.Columns) and found.any()
     assert seg.SegmentSequence[0].SegmentLabel == name  # UTF-8 survives the round trip
     assert sink.written == [2]
 
