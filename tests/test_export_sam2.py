@@ -206,7 +206,7 @@ def test_int8_over_tolerance_stays_fp32(micro256, micro256_eager, monkeypatch, t
     example = inputs.example["memory_attention"]
     entry = _copy_fp32(micro256[0], "memory_attention", tmp_path)
     impossible = Tolerance(atol=0.0, rtol=0.0, min_cosine=1.0)
-    monkeypatch.setitem(sam2.SAM2_TOLERANCES, "int8", impossible)
+    monkeypatch.setitem(exporter.SAM2_TOLERANCES, "int8", impossible)
     config = sam2.Sam2ExportConfig(ModelSource(image_size=256, random_init="micro"), tmp_path,
                                    precision="int8")
     quantized, parity = exporter._lower_graph("memory_attention", entry, tmp_path, config,

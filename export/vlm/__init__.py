@@ -6,6 +6,14 @@ end to end against transformers, `quantize` (int8, int4) and `fp16` lower them. 
 shared with SAM2 sit one level up in `rau_rt.export`.
 """
 
-from rau_rt.export.vlm.exporter import VlmExportConfig, export_vlm, format_summary
-
 __all__ = ["VlmExportConfig", "export_vlm", "format_summary"]
+
+
+def __getattr__(name: str):
+    # the exporter's names load it (torch, onnx) on first use: `import rau_rt.export.vlm.<stage>`
+    # stays as light as that stage (the runtime-side checks of `verify` need no torch)
+    if name in __all__:
+        from rau_rt.export.vlm import exporter
+
+        return getattr(exporter, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
