@@ -44,8 +44,8 @@ LAYER_OF = {
     "rau_rt.io": "io",
     "rau_rt.synthetic": "synthetic",
     "rau_rt.export": "export",
-    # training of the demo models: torch side, beside export; it builds sam2 models through
-    # export and draws its data from synthetic
+    # training of the demo models: torch side, beside export; it builds the models through
+    # export, draws its data from synthetic and prompts the VLM through localization
     "rau_rt.train": "train",
     "rau_rt.cli": "cli",
     "rau_rt.commands": "cli",  # run, demo, bench: wire io, pipeline and (demo) export
@@ -69,7 +69,9 @@ MAY_IMPORT = {
     "io": {"core", "io", "synthetic"},
     "synthetic": {"core", "synthetic"},
     "export": {"core", "engines", "bundle", "export"},
-    "train": {"core", "io", "synthetic", "export", "train"},
+    # train builds the localizer's training prompts with the localizer's own prompt code
+    # (domain), so that it trains on exactly what the runtime sends
+    "train": {"core", "io", "synthetic", "domain", "export", "train"},
     "facade": {"native", "core", "engines", "bundle", "domain", "pipeline", "io", "synthetic"},
     "cli": {"native", "core", "engines", "bundle", "domain", "pipeline", "io", "synthetic",
             "export", "train", "cli", "facade"},

@@ -58,13 +58,15 @@ def git_commit() -> str | None:
     return head + ("-dirty" if dirty else "")
 
 
-def training_record(model: str, command: str, config: dict, step: int, next_seed: int,
+def training_record(model: str, command: str, config: dict, step: int, seeds: tuple[int, int],
                     wall_s: float, validation: list[dict[str, float]],
-                    last_loss: float | None) -> dict[str, object]:
-    """The record that ships beside the weights."""
+                    last_loss: float | None, seeds_key: str = "clip_seeds",
+                    ) -> dict[str, object]:
+    """The record that ships beside the weights; `seeds` are the first and last generator
+    seeds the examples were drawn from (`seeds_key` names them: clips, pairs)."""
     return {
         "model": model, "command": command, "config": config, "steps_done": step,
-        "clip_seeds": [config["first_clip_seed"], next_seed - 1], "wall_s": round(wall_s, 1),
+        seeds_key: list(seeds), "wall_s": round(wall_s, 1),
         "last_loss": last_loss, "validation": validation,
         "host": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
         "versions": {"rau-rt": __version__,

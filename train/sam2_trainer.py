@@ -20,16 +20,16 @@ Files in `--out`:
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from rau_rt.errors import InputError
 from rau_rt.train import TRAIN_SEEDS, VALIDATION_SEEDS
+from rau_rt.train.loop import History, learning_rate
 from rau_rt.train.record import (
     save_atomic,
     save_fp16_safetensors,
@@ -118,23 +118,6 @@ def parse_stages(text: str) -> tuple[tuple[int, int], ...]:
         raise InputError(f"stages {text!r}: expected STEPSxFRAMES[,STEPSxFRAMES...], e.g. "
                          "6000x1,2000x3,1500x8")
     return stages
-
-
-@dataclass
-class History:
-    """What the record and the curve show."""
-
-    steps: list[int] = field(default_factory=list)
-    losses: list[float] = field(default_factory=list)  # mean over the last `every` steps
-    validation: list[dict[str, float]] = field(default_factory=list)  # with "step"
-    wall_s: float = 0.0
-
-
-def learning_rate(cfg: TrainConfig, step: int) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-    return cfg.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def new_model(cfg: TrainConfig):
@@ -287,7 +270,8 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None, resume: 
         write_curve(out / "curve.png", history.steps, history.losses, history.validation)
 
     def record() -> dict[str, object]:
-        return {**training_record("sam2", command, asdict(cfg), step, next_seed,
+        return {**training_record("sam2", command, asdict(cfg), step,
+                                  (cfg.first_clip_seed, next_seed - 1),
                                   history.wall_s, history.validation,
                                   history.losses[-1] if history.losses else None),
                 "init": lineage,

@@ -59,7 +59,8 @@ def chat_template(fam: VlmFamily) -> str:
 @dataclass(frozen=True)
 class RandomInit:
     """A random-init model size. tiny: unit tests; small: a 0.5B-class text model (Qwen2.5
-    0.5B's 896 x 24 layers, 14 heads, 2 KV heads) with a real-width vision tower (1280)."""
+    0.5B's 896 x 24 layers, 14 heads, 2 KV heads) with a real-width vision tower (1280);
+    micro: the demo localizer's size, trained by `rau-rt train vlm`."""
 
     hidden: int
     layers: int
@@ -82,6 +83,8 @@ RANDOM_INIT = {
     # vocab 151936 as in Qwen2.5 (the lm_head is a large share of a 0.5B model's decode time);
     # vision 1280 wide like the real tower, 8 of its 32 blocks to keep CPU export minutes short.
     "small": RandomInit(896, 24, 14, 2, 4864, 151936, 1280, 8, 16, 3420),
+    # the demo localizer `rau-rt train vlm` trains from scratch on this CPU (7.7 M parameters)
+    "micro": RandomInit(256, 4, 4, 2, 768, 512, 256, 4, 4, 512),
 }
 
 

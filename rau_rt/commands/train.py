@@ -1,7 +1,8 @@
-"""`rau-rt train sam2`: train the demo SAM2 on synthetic angiography (see rau_rt.train).
+"""`rau-rt train sam2|vlm`: train the demo models on synthetic angiography (see rau_rt.train).
 
-The shipped demo weights come from `rau-rt train sam2 --out DIR` with the defaults below; the
-run is resumable (`--minutes` stops it with a checkpoint, `--resume` continues it).
+The shipped demo SAM2 comes from `rau-rt train sam2 --out DIR` (README, "Demo models"); `rau-rt
+train vlm --out DIR` trains the demo localizer. Runs are resumable (`--minutes` stops one with a
+checkpoint, `--resume` continues it).
 """
 
 from __future__ import annotations
@@ -44,8 +45,32 @@ def configure(parser: argparse.ArgumentParser) -> None:
                       help="continue the run in --out with the same arguments")
     sam2.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    from rau_rt.train.vlm_trainer import VlmTrainConfig
+
+    vlm_defaults = VlmTrainConfig()
+    vlm = sub.add_parser("vlm", help="the demo localizer (a micro Qwen2.5-VL answering the "
+                         "localizer's prompt on synthetic reference/target pairs)")
+    vlm.add_argument("--out", type=Path, required=True,
+                     help="run folder: train_state.pt, model/ (a Hugging Face folder for "
+                          "`rau-rt export vlm --model`), record.json, curve.png")
+    vlm.add_argument("--input-size", type=int, default=vlm_defaults.input_size,
+                     help=f"square vision input, a multiple of 28 (default "
+                          f"{vlm_defaults.input_size})")
+    vlm.add_argument("--steps", type=int, default=vlm_defaults.steps,
+                     help=f"one pair per step (default {vlm_defaults.steps})")
+    vlm.add_argument("--lr", type=float, default=vlm_defaults.lr)
+    vlm.add_argument("--seed", type=int, default=vlm_defaults.seed, help="model init seed")
+    vlm.add_argument("--validate-every", type=int, default=vlm_defaults.validate_every)
+    vlm.add_argument("--minutes", type=float, default=None,
+                     help="stop after this long (checkpointed; continue with --resume)")
+    vlm.add_argument("--resume", action="store_true",
+                     help="continue the run in --out with the same arguments")
+    vlm.add_argument("--quiet", action="store_true", help="no progress bar")
+
 
 def run(args: argparse.Namespace) -> int:
+    if args.model == "vlm":
+        return _run_vlm(args)
     from tqdm import tqdm
 
     from rau_rt.errors import InputError
@@ -83,5 +108,37 @@ def run(args: argparse.Namespace) -> int:
     dice = record["validation"][-1] if record["validation"] else {}
     print(f"{args.out}: {done}/{cfg.steps} steps in {record['wall_s'] / 60:.1f} min; "
           + ", ".join(f"{k} {v:.3f}" for k, v in dice.items() if k != "step")
+          + ("" if done == cfg.steps else "; continue with --resume"))
+    return 0
+
+
+def _run_vlm(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from rau_rt.train.vlm_trainer import VlmTrainConfig, train
+
+    cfg = VlmTrainConfig(input_size=args.input_size, steps=args.steps, lr=args.lr,
+                         seed=args.seed, validate_every=args.validate_every)
+    command = shlex.join(["rau-rt", *args.argv])
+    with tqdm(total=cfg.steps, desc="train vlm", unit="pair", disable=args.quiet) as bar:
+
+        def progress(step: int, values: dict[str, float]) -> None:
+            bar.n = step
+            shown = {k: v for k, v in values.items() if k in ("loss", "hit_rate", "presence_f1")}
+            bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()}, refresh=False)
+            bar.update(0)
+
+        try:
+            record = train(cfg, args.out, minutes=args.minutes, resume=args.resume,
+                           command=command, progress=progress)
+        except KeyboardInterrupt:
+            bar.close()
+            print(f"{args.out}: interrupted at step {bar.n}, checkpointed; continue with "
+                  "--resume")
+            return 130
+    done = record["steps_done"]
+    last = record["validation"][-1] if record["validation"] else {}
+    print(f"{args.out}: {done}/{cfg.steps} steps in {record['wall_s'] / 60:.1f} min; "
+          + ", ".join(f"{k} {v:.3f}" for k, v in last.items() if k != "step")
           + ("" if done == cfg.steps else "; continue with --resume"))
     return 0

@@ -27,7 +27,6 @@ from rau_rt.types import Box, Frame
 from rau_rt.vlm_decoding import Decoder, GraphRunner, ImageFeatures, KvCache
 from rau_rt.vlm_layout import (
     VlmLayout,
-    expand_image_tokens,
     patchify,
     read_layout,
 )
@@ -108,6 +107,18 @@ class LocateResult:
     stop_reason: str
     cached: bool
     timings_ms: Mapping[str, float]
+
+
+def image_patches(image: np.ndarray, layout: VlmLayout, channel_order: str = "rgb",
+                  bits_stored: int | None = None,
+                  window: tuple[float, float] | None = None) -> np.ndarray:
+    """An image as the vision graph's input: VOI-windowed if `window`, resized to the
+    layout's input size, normalized, patchified (what the localizer feeds for every image)."""
+    fam = layout.family_constants
+    pixels = ops.resize_for_vlm(image, size=layout.input_size, factor=fam.factor,
+                                channel_order=channel_order, mean=fam.mean, std=fam.std,
+                                window=window, bits_stored=bits_stored).pixels
+    return patchify(pixels, fam)[0]
 
 
 class Localizer:
@@ -231,23 +242,16 @@ class Localizer:
 
     def prompt_ids(self, parts: prompts.PromptParts) -> np.ndarray:
         """[1, S] ids of a whole conversation (prefix + tail), image pads expanded."""
-        return np.concatenate([self._ids(parts.prefix_text()), self._ids(parts.tail_text())],
-                              axis=1)
+        return prompts.conversation_ids(self._tokenizer, parts, self.layout)
 
     def patches(self, image: np.ndarray, channel_order: str = "rgb",
                 bits_stored: int | None = None,
                 window: tuple[float, float] | None = None) -> np.ndarray:
-        """An image as the vision graph's input: VOI-windowed if `window`, resized to the
-        bundle's input size, normalized, patchified."""
-        fam = self._family
-        pixels = ops.resize_for_vlm(image, size=self.layout.input_size, factor=fam.factor,
-                                    channel_order=channel_order, mean=fam.mean, std=fam.std,
-                                    window=window, bits_stored=bits_stored).pixels
-        return patchify(pixels, fam)[0]
+        """`image_patches` for this bundle."""
+        return image_patches(image, self.layout, channel_order, bits_stored, window)
 
     def _ids(self, text: str) -> np.ndarray:
-        ids = self._tokenizer.encode(text, add_special_tokens=False).ids
-        return expand_image_tokens(ids, self.layout)[None]
+        return prompts.token_ids(self._tokenizer, text, self.layout)
 
     def _reference_features(self) -> ImageFeatures:
         ref = self.reference

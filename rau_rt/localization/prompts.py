@@ -30,7 +30,14 @@ import numpy as np
 from rau_rt import geometry, ops
 from rau_rt.errors import InputError
 from rau_rt.reference import Reference
-from rau_rt.vlm_layout import DEFAULT_SYSTEM, IM_END, IMAGE_PLACEHOLDER, VlmLayout, chat_prompt
+from rau_rt.vlm_layout import (
+    DEFAULT_SYSTEM,
+    IM_END,
+    IMAGE_PLACEHOLDER,
+    VlmLayout,
+    chat_prompt,
+    expand_image_tokens,
+)
 
 REFERENCE_INTRO = "Reference image:"
 ANNOTATED_INTRO = "\nThe same reference with its annotated regions outlined and labelled:"
@@ -84,6 +91,19 @@ class PromptParts:
     def tail_text(self) -> str:
         """The chat text after the prefix: target image, request, end of turn, assistant."""
         return chat_prompt(self.parts, self.system)[len(self.prefix_text()):]
+
+
+def token_ids(tokenizer, text: str, layout: VlmLayout) -> np.ndarray:
+    """[1, S] ids of chat text as the localizer feeds them: `tokenizer` (a `tokenizers`
+    Tokenizer) without added special tokens, every image pad expanded to an image's tokens."""
+    return expand_image_tokens(tokenizer.encode(text, add_special_tokens=False).ids, layout)[None]
+
+
+def conversation_ids(tokenizer, parts: PromptParts, layout: VlmLayout) -> np.ndarray:
+    """[1, S] ids of a whole conversation: the prefix and the tail tokenized apart, as the
+    localizer tokenizes them (the prefix is cached), which equals tokenizing it whole."""
+    return np.concatenate([token_ids(tokenizer, parts.prefix_text(), layout),
+                           token_ids(tokenizer, parts.tail_text(), layout)], axis=1)
 
 
 def reference_parts(reference: Reference, layout: VlmLayout) -> tuple[str, ...]:

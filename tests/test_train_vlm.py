@@ -1,0 +1,205 @@
+"""Training pairs of the localizer VLM (`rau_rt.train.vlm_data`): what the localizer sends and
+what it should answer.
+
+The pair's prompt is checked against the `Localizer` itself: a recording graph runner stands in
+for the bundle, and the ids and image patches the localizer feeds its graphs for the same
+reference, frame and names must be the pair's. The answer must parse back to the truth boxes
+(to the model's coordinate rounding) and be accepted by the constrained decoder's grammar.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("transformers", reason="the model builder needs the export extra")
+
+from rau_rt.errors import InputError
+from rau_rt.localization import Localizer, LocalizerConfig, parse_answer
+from rau_rt.localization.constrained import Guidance, box_grammar
+from rau_rt.train.vlm_data import IGNORE, PairMaker
+from rau_rt.vlm_layout import DECODER, EMBED, VISION
+
+INPUT = 112
+
+
+@pytest.fixture(scope="module")
+def model_layout(tmp_path_factory):
+    """A random tiny Qwen2.5-VL folder (the exporter's builder) and its layout at 112 px."""
+    import transformers
+
+    from rau_rt.export.vlm import model as vlm_model
+    from rau_rt.export.vlm.exporter import make_layout
+
+    folder = vlm_model.build_random(tmp_path_factory.mktemp("vlm") / "model", "tiny")
+    model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(folder)
+    return folder, make_layout(model, "qwen2_5_vl", INPUT, hidden_state=False)
+
+
+@pytest.fixture(scope="module")
+def maker(model_layout):
+    folder, layout = model_layout
+    return PairMaker(layout, (folder / "tokenizer.json").read_text(), augment=False)
+
+
+class Recorder:
+    """A graph runner that records the localizer's feeds and answers end-of-turn at once."""
+
+    def __init__(self, layout):
+        self.layout = layout
+        self.feeds = {VISION: [], EMBED: []}
+
+    def run(self, graph, feeds):
+        layout = self.layout
+        if graph == VISION:
+            self.feeds[VISION].append(feeds["pixel_values"])
+            return {"image_features": np.zeros((layout.tokens_per_image, layout.hidden_size),
+                                               np.float32)}
+        if graph == EMBED:
+            self.feeds[EMBED].append(feeds["input_ids"])
+            return {"inputs_embeds": np.zeros((1, feeds["input_ids"].shape[1],
+                                               layout.hidden_size), np.float32)}
+        assert graph == DECODER
+        logits = np.zeros((1, layout.vocab_size), np.float32)
+        logits[0, layout.eos_token_ids[0]] = 1.0
+        length = feeds["attention_mask"].shape[1]
+        present = {name: np.zeros((1, layout.num_kv_heads, length, layout.head_dim),
+                                  np.float32) for name in layout.present_names}
+        return {"logits": logits, **present}
+
+
+def test_a_pair_is_the_localizers_own_query(model_layout, maker):
+    folder, layout = model_layout
+    pair, seed = None, 10_000_000
+    while pair is None or all(box is None for box in pair.truth.values()):
+        pair, seed = maker.draw(seed), seed + 1
+    # the localizer, asked the pair's question on the pair's frame, through a recording runner
+    recorder = Recorder(layout)
+    parts = _reference_and_frame(maker, seed - 1)
+    localizer = Localizer(recorder, parts["reference"],
+                          LocalizerConfig(constrained=False, prefix_cache=False),
+                          layout=layout, tokenizer_json=(folder / "tokenizer.json").read_text())
+    localizer.locate(parts["frame"], pair.names)
+    (prompt,) = recorder.feeds[EMBED][:1]
+    answer_at = int(np.argmax(pair.labels[0] != IGNORE))
+    np.testing.assert_array_equal(prompt, pair.ids[:, :answer_at])
+    target, *reference_images = recorder.feeds[VISION]  # the frame first, then the reference
+    for fed, ours in zip([*reference_images, target], pair.patches, strict=True):
+        np.testing.assert_array_equal(fed, ours)
+
+
+def _reference_and_frame(maker, seed):
+    """The reference and 8-bit frame `maker.draw(seed)` used, recovered through `pair`."""
+    captured = {}
+    original = maker.pair
+
+    def spy(reference, frame, names, truth):
+        captured.update(reference=reference, frame=frame)
+        return original(reference, frame, names, truth)
+
+    maker.pair = spy
+    try:
+        maker.draw(seed)
+    finally:
+        del maker.pair
+    return captured
+
+
+def test_the_answer_parses_back_to_the_truth_and_fits_the_grammar(model_layout, maker):
+    folder, layout = model_layout
+    fam = layout.family_constants
+    guidance = Guidance((folder / "tokenizer.json").read_text(), layout.vocab_size,
+                        layout.eos_token_ids)
+    boxes = nulls = 0
+    for seed in range(10_000_000, 10_000_012):
+        pair = maker.draw(seed)
+        if pair is None:
+            continue
+        parsed = parse_answer(pair.answer, pair.names, fam.box_convention, layout.input_size,
+                              pair.frame_size)
+        step = max(pair.frame_size) / INPUT  # one model-input pixel, in frame pixels
+        for name, truth in pair.truth.items():
+            got = parsed[name].box
+            if truth is None:
+                assert got is None and parsed[name].reason is not None
+                nulls += 1
+            else:
+                assert got is not None
+                assert np.abs(np.subtract(got, truth)).max() <= step + 1, (name, got, truth)
+                boxes += 1
+        # the constrained decoder accepts exactly these answer tokens, then stops
+        answer = pair.ids[0, pair.labels[0] != IGNORE].tolist()
+        assert answer[-1] == maker.tokenizer.token_to_id("<|im_end|>")
+        constraint = guidance.matcher(guidance.compile(box_grammar(pair.names, INPUT)))
+        for token in answer[:-1]:
+            assert constraint.allowed()[token], maker.tokenizer.decode([token])
+            constraint.advance(token)
+        assert constraint.is_stopped()
+    assert boxes >= 5 and nulls >= 1  # both kinds of answer were drawn
+
+
+def test_pairs_are_reproducible_and_only_the_answer_is_labelled(maker):
+    first, second = maker.draw(10_000_003), maker.draw(10_000_003)
+    np.testing.assert_array_equal(first.ids, second.ids)
+    for a, b in zip(first.patches, second.patches, strict=True):
+        np.testing.assert_array_equal(a, b)
+    labelled = first.labels[0] != IGNORE
+    assert labelled.sum() == first.answer_tokens and labelled[-first.answer_tokens:].all()
+    np.testing.assert_array_equal(first.labels[0, labelled], first.ids[0, labelled])
+    text = maker.tokenizer.decode(first.ids[0, labelled][:-1].tolist())
+    assert text == first.answer
+    other = maker.draw(10_000_004)
+    assert other.ids.shape != first.ids.shape or (other.ids != first.ids).any()
+
+
+def test_three_steps_on_a_fixed_pair_lower_the_loss(maker, model_layout):
+    import torch
+    import transformers
+
+    from rau_rt.train.vlm_trainer import pair_loss
+
+    folder, _ = model_layout
+    torch.manual_seed(0)
+    model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(folder).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    pair = maker.draw(10_000_000)
+    losses = []
+    for _ in range(4):
+        loss = pair_loss(model, pair)
+        losses.append(loss.item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert losses[3] < losses[0]
+
+
+def test_training_resumes_where_it_stopped_and_leaves_a_model_folder(tmp_path):
+    import json
+
+    import torch
+    import transformers
+
+    from rau_rt.train.vlm_trainer import VlmTrainConfig, train
+
+    cfg = VlmTrainConfig(size="tiny", input_size=INPUT, steps=3, validate_every=3,
+                         validation_pairs=2, warmup=1)
+    straight = train(cfg, tmp_path / "straight")
+    train(cfg, tmp_path / "resumed", minutes=0)  # stops before the first step, checkpointed
+    stopped = json.loads((tmp_path / "resumed" / "record.json").read_text())
+    assert stopped["steps_done"] == 0
+    with pytest.raises(InputError, match="--resume"):
+        train(cfg, tmp_path / "resumed")
+    resumed = train(cfg, tmp_path / "resumed", resume=True)
+    assert resumed["steps_done"] == straight["steps_done"] == 3
+    assert resumed["pair_seeds"] == straight["pair_seeds"]
+    assert set(resumed["validation"][-1]) == {"step", "parse_rate", "hit_rate", "mean_iou",
+                                               "presence_f1"}
+    model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        tmp_path / "resumed" / "model")
+    state = torch.load(tmp_path / "resumed" / "train_state.pt", weights_only=False)["model"]
+    other = torch.load(tmp_path / "straight" / "train_state.pt", weights_only=False)["model"]
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, state[name], msg=name)  # the folder is the state
+        torch.testing.assert_close(state[name], other[name], msg=name)  # and the same run
+    assert (tmp_path / "resumed" / "model" / "tokenizer.json").is_file()
+    assert (tmp_path / "resumed" / "vlm.fp16.safetensors").is_file()

@@ -1,0 +1,164 @@
+"""Training pairs for the localizer VLM, drawn on the fly from the synthetic generator.
+
+A pair is one `Localizer.locate` query and the answer it should get (issue 18, "Model and
+training"): the annotated reference of patient A in one view and a frame of patient B's cine
+in another view (any moment of the run: before the contrast, filling, plateau or washout; any
+cardiac phase), prompted exactly as the localizer prompts (`rau_rt.localization.prompts`: the
+same text, image order, annotated reference image, system turn and tokenization; the images
+through `localizer.image_patches`). The answer is the target's truth boxes in the family's
+convention, `null` for a requested segment that is not visible (not opacified, or outside the
+frame), in the compact JSON the constrained decoder enforces, then the end-of-turn token. Only
+the answer tokens count in the loss.
+
+Frames are square (the generator renders squares) at 256, 384 or 512 px and windowed to 8 bits
+with the jitter a site's window choice brings, then augmented like the SAM2 training frames.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from rau_rt import geometry
+from rau_rt.localization import prompts
+from rau_rt.localization.localizer import image_patches
+from rau_rt.reference import Reference
+from rau_rt.synthetic import SequenceConfig, make_reference, render_frames, segments_of
+from rau_rt.synthetic.dynamics import Motion
+from rau_rt.synthetic.render import window_8bit
+from rau_rt.train.augment import augment_8bit
+from rau_rt.types import Box, Region
+from rau_rt.vlm_layout import IM_END, VlmLayout
+
+IGNORE = -100  # label of tokens outside the answer (torch's cross-entropy ignore_index)
+MAX_REGIONS = 6  # annotated on a reference
+RUN_FRAMES = 90  # the cine a target frame comes from: fill, plateau and washout
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One training example.
+
+    Attributes:
+        names: the regions asked for, in the reference's order.
+        ids: [1, S] int64 prompt ids (image pads expanded), then the answer and end of turn.
+        labels: [1, S] int64, `IGNORE` except on the answer and end-of-turn tokens.
+        patches: the vision inputs of the reference, the annotated reference and the target.
+        answer: the answer text.
+        truth: region -> its box in target-frame pixels, None where not visible.
+        frame_size: (height, width) of the target frame.
+    """
+
+    names: tuple[str, ...]
+    ids: np.ndarray
+    labels: np.ndarray
+    patches: tuple[np.ndarray, np.ndarray, np.ndarray]
+    answer: str
+    truth: dict[str, Box | None]
+    frame_size: tuple[int, int]
+
+    @property
+    def answer_tokens(self) -> int:
+        return int((self.labels != IGNORE).sum())
+
+
+def answer_text(truth: dict[str, Box | None], layout: VlmLayout,
+                frame_size: tuple[int, int]) -> str:
+    """The answer the localizer should decode for `truth` (frame pixels) on a frame of
+    `frame_size`: boxes in the family's convention, in the order asked."""
+    fam = layout.family_constants
+    return prompts.answer_json([
+        (name, None if box is None else geometry.box_frame_to_vlm(
+            box, fam.box_convention, layout.input_size, frame_size))
+        for name, box in truth.items()])
+
+
+class PairMaker:
+    """Pairs for one model: its layout (`vlm.json` contract) and tokenizer.
+
+    Args:
+        layout: the layout the model is exported with (input size, family, image tokens).
+        tokenizer_json: the text of the model's tokenizer.json.
+        system: the system turn; default the family's, as the localizer's default.
+        augment: jitter the window and augment the target frame.
+    """
+
+    def __init__(self, layout: VlmLayout, tokenizer_json: str, system: str | None = None, *,
+                 augment: bool = True) -> None:
+        from tokenizers import Tokenizer
+
+        self.layout = layout
+        self.tokenizer = Tokenizer.from_str(tokenizer_json)
+        self.system = layout.family_constants.default_system if system is None else system
+        self.augment = augment
+        end = self.tokenizer.token_to_id(IM_END)
+        if end is None:
+            raise ValueError(f"the tokenizer has no {IM_END} token")
+        self._end = end
+
+    def draw(self, seed: int) -> Pair | None:
+        """The pair of generator seed `seed` (the target patient; the reference patient is
+        another draw from it); None when the reference cannot show its segments."""
+        rng = np.random.default_rng([seed, 18])
+        artery = str(rng.choice(("left", "right")))
+        dominance = str(rng.choice(("right", "left"), p=(0.85, 0.15)))
+        look = "clinical" if rng.uniform() < 0.8 else "classic"
+        available = segments_of(artery, dominance)
+        count = int(rng.integers(2, min(MAX_REGIONS, len(available)) + 1))
+        annotated = tuple(sorted((str(n) for n in rng.choice(available, count, replace=False)),
+                                 key=available.index))
+        size = int(rng.choice((256, 384, 512)))
+        fps = float(rng.choice((7.5, 15.0, 30.0), p=(0.2, 0.6, 0.2)))
+        motion = Motion(rng.uniform(4, 40), rng.uniform(0, 20), rng.uniform(55, 100))
+        cfg = SequenceConfig(seed, RUN_FRAMES, size, fps, None, artery, dominance, motion, None,
+                             int(rng.integers(0, 3)), None, True, look)
+        target = render_frames(cfg, [int(rng.integers(0, RUN_FRAMES))])
+        try:
+            still = make_reference(seed + 1, int(rng.choice((256, 384, 512))), artery=artery,
+                                   dominance=dominance, segments=annotated,
+                                   avoid_view=target.meta.view, look=look)
+        except ValueError:  # no view showed every chosen segment
+            return None
+        reference = Reference(still.image_8bit(), tuple(
+            Region(r.name, box=r.box, polygon=r.polygon) for r in still.regions))
+        keep = rng.uniform(size=count) < 0.7
+        keep[int(rng.integers(0, count))] = True
+        names = tuple(n for n, k in zip(annotated, keep, strict=True) if k)
+        segments = target.truth[0].segments
+        truth = {n: segments[n].box if segments[n].present and segments[n].box else None
+                 for n in names}
+        window = target.meta.window
+        if self.augment:  # the window a site or a DICOM header picks varies
+            centre, width = window
+            window = (centre + rng.normal(0, 0.06) * width, width * rng.uniform(0.8, 1.25))
+        view = window_8bit(target.frames[0], window)
+        if self.augment:
+            view = augment_8bit(view, rng)
+        return self.pair(reference, view, names, truth)
+
+    def pair(self, reference: Reference, frame: np.ndarray, names: tuple[str, ...],
+             truth: dict[str, Box | None]) -> Pair:
+        """The pair for a reference, an 8-bit target frame and its truth boxes."""
+        parts = prompts.locate_parts(reference, self.layout, names, self.system)
+        prompt = prompts.conversation_ids(self.tokenizer, parts, self.layout)
+        frame_size = (int(frame.shape[0]), int(frame.shape[1]))
+        answer = answer_text({n: truth[n] for n in names}, self.layout, frame_size)
+        answer_ids = [*self.tokenizer.encode(answer, add_special_tokens=False).ids, self._end]
+        ids = np.concatenate([prompt, np.array([answer_ids], np.int64)], axis=1)
+        labels = np.full_like(ids, IGNORE)
+        labels[0, prompt.shape[1]:] = answer_ids
+        patches = (image_patches(reference.image, self.layout, reference.channel_order),
+                   image_patches(prompts.annotated_image(reference), self.layout, "rgb"),
+                   image_patches(frame, self.layout, "rgb"))
+        return Pair(names, ids, labels, patches, answer, dict(truth), frame_size)
+
+    def stream(self, first_seed: int):
+        """Pairs of consecutive seeds from `first_seed` (skipping unusable draws), with the
+        seed that comes next, so a resumed run continues the same stream."""
+        seed = first_seed
+        while True:
+            pair = self.draw(seed)
+            seed += 1
+            if pair is not None:
+                yield pair, seed

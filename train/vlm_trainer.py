@@ -1,0 +1,295 @@
+"""`rau-rt train vlm`: the demo localizer, a small Qwen2.5-VL trained on synthetic pairs.
+
+The model is `Qwen2_5_VLForConditionalGeneration` of the exporter's `micro` size (text 256 x 4
+layers, vision 256 x 4 blocks, patch 14, merge 2; `rau_rt.export.vlm.model.RANDOM_INIT`) with the
+project's local tokenizer, built from random initialisation, so what it produces is a Hugging
+Face folder like a user's fine-tune: `rau-rt export vlm --model DIR/model` takes it on the
+user's path. One pair per step (`rau_rt.train.vlm_data`: the localizer's own prompt, the truth
+answer), cross-entropy on the answer tokens only, AdamW with warm-up and cosine decay,
+gradients clipped at norm 1; resumable like `rau-rt train sam2`.
+
+Validation (fixed pairs from VALIDATION_SEEDS, unaugmented) decodes greedily with transformers
+and parses the answer as the localizer does: parse rate, box hit rate (IoU >= 0.5 per visible
+requested segment), mean IoU and presence F1.
+
+Files in `--out`:
+    train_state.pt  the resumable state (written atomically every `checkpoint_minutes`)
+    model/          the Hugging Face folder of the latest checkpoint (config, weights, tokenizer)
+    vlm.fp16.safetensors  the same weights in fp16, as the repository ships them
+    record.json     command, seeds, steps, wall time, losses, validation, versions, commit
+    curve.png       loss and validation over steps
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rau_rt.errors import InputError
+from rau_rt.train import TRAIN_SEEDS, VALIDATION_SEEDS
+from rau_rt.train.loop import History, learning_rate
+from rau_rt.train.record import (
+    save_atomic,
+    save_fp16_safetensors,
+    training_record,
+    write_curve,
+    write_json_atomic,
+)
+from rau_rt.train.vlm_data import Pair, PairMaker
+
+SIZES = ("micro", "tiny")  # micro: the demo localizer; tiny: tests
+FAMILY = "qwen2_5_vl"
+WEIGHTS_FILE = "vlm.fp16.safetensors"
+LICENCE = ("Apache-2.0, as rau-rt: trained by the project from random initialisation on its own "
+           "synthetic angiography; no third-party weights or data")
+
+
+@dataclass(frozen=True)
+class VlmTrainConfig:
+    """Everything that determines a training run (recorded in record.json)."""
+
+    size: str = "micro"
+    input_size: int = 224  # the square vision input (multiple of patch x merge = 28)
+    steps: int = 4000
+    lr: float = 3e-4
+    weight_decay: float = 0.05
+    warmup: int = 200
+    grad_clip: float = 1.0
+    seed: int = 0  # model init and torch's RNG
+    first_pair_seed: int = TRAIN_SEEDS.start
+    checkpoint_minutes: float = 5.0
+    validate_every: int = 500
+    validation_pairs: int = 16
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        if self.size not in SIZES:
+            raise InputError(f"size {self.size!r}: expected one of {SIZES}")
+        if self.input_size < 28 or self.input_size % 28:
+            raise InputError(f"input_size {self.input_size}: expected a multiple of 28 "
+                             "(patch 14 x merge 2)")
+        if self.steps < 1 or self.validate_every < 1 or self.validation_pairs < 1:
+            raise InputError("steps, validate_every and validation_pairs must be >= 1")
+        if self.first_pair_seed not in TRAIN_SEEDS:
+            raise InputError(f"first_pair_seed {self.first_pair_seed}: training seeds are "
+                             f"{TRAIN_SEEDS.start}..{TRAIN_SEEDS.stop - 1} (disjoint from the "
+                             "validation and held-out seeds)")
+
+
+def build(cfg: VlmTrainConfig, folder: Path):
+    """A random-init model folder of `cfg.size` at `folder`, loaded: (model, layout, maker)."""
+    import torch
+
+    from rau_rt.export.vlm.model import build_random
+
+    torch.manual_seed(cfg.seed)
+    build_random(folder, cfg.size, FAMILY, seed=cfg.seed)
+    return load(cfg, folder)
+
+
+def load(cfg: VlmTrainConfig, folder: Path):
+    """(model in fp32, its layout at `cfg.input_size`, a PairMaker) for a model folder."""
+    import transformers
+
+    from rau_rt.export.vlm.exporter import make_layout
+
+    model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        folder, dtype="float32")
+    layout = make_layout(model, FAMILY, cfg.input_size, hidden_state=False)
+    maker = PairMaker(layout, (folder / "tokenizer.json").read_text())
+    return model, layout, maker
+
+
+def pair_loss(model, pair: Pair):
+    """Mean cross-entropy of the answer tokens (transformers shifts the labels)."""
+    import torch
+
+    ids = torch.from_numpy(pair.ids)
+    return model(input_ids=ids, attention_mask=torch.ones_like(ids), **_vision(pair),
+                 labels=torch.from_numpy(pair.labels)).loss
+
+
+def _vision(pair: Pair) -> dict[str, object]:
+    """transformers' image inputs for a pair: its patches, one (1, side, side) grid each."""
+    import torch
+
+    sides = [round(np.sqrt(p.shape[0])) for p in pair.patches]  # square inputs
+    return {"pixel_values": torch.from_numpy(np.concatenate(pair.patches)),
+            "image_grid_thw": torch.tensor([[1, s, s] for s in sides])}
+
+
+def validation_pairs(cfg: VlmTrainConfig, maker: PairMaker) -> list[Pair]:
+    """Fixed, unaugmented pairs from VALIDATION_SEEDS."""
+    fixed = PairMaker(maker.layout, maker.tokenizer.to_str(), maker.system, augment=False)
+    chosen = []
+    for seed in VALIDATION_SEEDS:
+        pair = fixed.draw(seed)
+        if pair is not None:
+            chosen.append(pair)
+        if len(chosen) == cfg.validation_pairs:
+            break
+    return chosen
+
+
+def _iou(a, b) -> float:
+    w = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return 0.0 if union <= 0 else w * h / union
+
+
+def evaluate(model, maker: PairMaker, pairs: list[Pair]) -> dict[str, float]:
+    """Greedy answers to `pairs`, parsed as the localizer parses them: parse rate, hit rate
+    (IoU >= 0.5) and mean IoU over visible requested segments, presence F1."""
+    import torch
+
+    from rau_rt.localization.parse import NOT_IN_ANSWER, parse_answer
+
+    fam = maker.layout.family_constants
+    was_training = model.training
+    model.eval()
+    parsed_ok, ious, tp, fp, fn = 0, [], 0, 0, 0
+    with torch.no_grad():
+        for pair in pairs:
+            start = int(np.argmax(pair.labels[0] != -100))
+            prompt = torch.from_numpy(pair.ids[:, :start])
+            out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                                 **_vision(pair), do_sample=False,
+                                 max_new_tokens=int(pair.answer_tokens * 1.5) + 8)
+            text = maker.tokenizer.decode(out[0, start:].tolist(), skip_special_tokens=True)
+            got = parse_answer(text, pair.names, fam.box_convention, maker.layout.input_size,
+                               pair.frame_size)
+            parsed_ok += all(r.reason != NOT_IN_ANSWER and not (r.reason or "").startswith(
+                "no JSON") for r in got.values())
+            for name, truth in pair.truth.items():
+                box = got[name].box
+                if truth is not None:
+                    ious.append(0.0 if box is None else _iou(box, truth))
+                tp += truth is not None and box is not None
+                fp += truth is None and box is not None
+                fn += truth is not None and box is None
+    model.train(was_training)
+    return {"parse_rate": parsed_ok / max(1, len(pairs)),
+            "hit_rate": float(np.mean([v >= 0.5 for v in ious])) if ious else float("nan"),
+            "mean_iou": float(np.mean(ious)) if ious else float("nan"),
+            "presence_f1": 2 * tp / max(1, 2 * tp + fp + fn)}
+
+
+def _save_folder(model, folder: Path) -> None:
+    """`save_pretrained` into `folder` through a sibling `.partial` folder swapped in, keeping
+    the tokenizer files."""
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    for file in folder.iterdir():
+        if not (partial / file.name).exists():
+            shutil.copy2(file, partial / file.name)
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(folder, old)
+    os.replace(partial, folder)
+    shutil.rmtree(old)
+
+
+def train(cfg: VlmTrainConfig, out: Path, *, minutes: float | None = None,
+          resume: bool = False, command: str = "",
+          progress: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, object]:
+    """Train (or resume) into `out`; returns the record. Stops at `cfg.steps` or after
+    `minutes` of this call (a checkpoint is written either way)."""
+    import torch
+
+    out = Path(out)
+    state_path = out / "train_state.pt"
+    if state_path.exists() and not resume:
+        raise InputError(f"{out} holds a training run (train_state.pt): pass --resume to "
+                         "continue it, or choose another --out")
+    if resume and not state_path.exists():
+        raise InputError(f"--resume: {state_path} does not exist")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    folder = out / "model"
+    step, next_seed, history, window = 0, cfg.first_pair_seed, History(), []
+    if resume:
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        if state["config"] != asdict(cfg):
+            raise InputError(f"--resume: {state_path} was trained with {state['config']}, "
+                             f"not {asdict(cfg)}; resume with the same arguments")
+        model, _, maker = load(cfg, folder)
+        model.load_state_dict(state["model"])
+        torch.set_rng_state(state["torch_rng"])
+        step, next_seed = state["step"], state["next_seed"]
+        history, window = History(**state["history"]), state["window"]
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+        model, _, maker = build(cfg, folder)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if resume:
+        optimizer.load_state_dict(state["optimizer"])
+    model.train()
+    pairs = validation_pairs(cfg, maker)
+    stream = maker.stream(next_seed)
+    started = last_save = time.monotonic()
+    saved: dict[str, object] = {"since": started, "sha256": None}  # the last checkpoint's
+
+    def record() -> dict[str, object]:
+        base = training_record("vlm", command, asdict(cfg), step,
+                               (cfg.first_pair_seed, next_seed - 1), history.wall_s,
+                               history.validation,
+                               history.losses[-1] if history.losses else None,
+                               seeds_key="pair_seeds")
+        return {**base, "weights": {"file": WEIGHTS_FILE, "sha256": saved["sha256"],
+                                    "dtype": "fp16", "licence": LICENCE,
+                                    "model_folder": "model"}}
+
+    def checkpoint() -> None:
+        history.wall_s += time.monotonic() - saved["since"]
+        saved["since"] = time.monotonic()
+        save_atomic({"config": asdict(cfg), "model": model.state_dict(),
+                     "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                     "step": step, "next_seed": next_seed, "history": asdict(history),
+                     "window": window}, state_path)
+        _save_folder(model, folder)
+        saved["sha256"] = save_fp16_safetensors(model.state_dict(), out / WEIGHTS_FILE,
+                                          {"model": "vlm", "size": cfg.size,
+                                           "family": FAMILY})
+        write_json_atomic(out / "record.json", record())
+        write_curve(out / "curve.png", history.steps, history.losses, history.validation)
+
+    try:
+        while step < cfg.steps:
+            if minutes is not None and time.monotonic() - started > minutes * 60:
+                break
+            pair, seed_after = next(stream)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, step)
+            loss = pair_loss(model, pair)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            step, next_seed = step + 1, seed_after
+            value = loss.item()
+            window.append(value)
+            if step % 50 == 0 or step == cfg.steps:
+                history.steps.append(step)
+                history.losses.append(float(np.mean(window)))
+                window.clear()
+            if step % cfg.validate_every == 0 or step == cfg.steps:
+                history.validation.append({"step": step, **evaluate(model, maker, pairs)})
+            if progress is not None:
+                progress(step, {"loss": value,
+                                **(history.validation[-1] if history.validation else {})})
+            if time.monotonic() - last_save > cfg.checkpoint_minutes * 60:
+                checkpoint()
+                last_save = time.monotonic()
+    except KeyboardInterrupt:  # Ctrl-C keeps the steps done so far (continue with --resume)
+        checkpoint()
+        raise
+    checkpoint()
+    return record()
