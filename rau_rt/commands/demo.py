@@ -170,14 +170,17 @@ def cached_bundle(spec: dict[str, object], cache: Path, rebuild: bool,
 def link_bundle(out: Path, bundle: Path) -> Path | None:
     """`out/bundle` -> the bundle the demo ran (a symbolic link, replaced on every run), so the
     README's Python example works as printed after `rau-rt demo`. A real folder of that name
-    is left alone (None)."""
+    is left alone, and where links cannot be made there is none (None)."""
     link = out / "bundle"
     if link.exists() and not link.is_symlink():
         return None
     out.mkdir(parents=True, exist_ok=True)
     partial = out / f".bundle.link-{os.getpid()}"
     partial.unlink(missing_ok=True)
-    partial.symlink_to(Path(bundle).resolve(), target_is_directory=True)
+    try:
+        partial.symlink_to(Path(bundle).resolve(), target_is_directory=True)
+    except OSError:  # a file system without symbolic links: the summary names the bundle
+        return None
     os.replace(partial, link)
     return link
 
