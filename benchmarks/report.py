@@ -28,8 +28,9 @@ SUITES = {
     "localizer_cpu.json": "VLM localizer: cached / constrained keyframe queries vs uncached / "
                           "free / transformers generate",
     "vlm_cpu.json": "VLM graphs: prefill and per-token decode, fp32 / int8 / int4 vs transformers",
-    "pipeline_demo_cpu.json": "Pipeline end to end (`rau-rt bench`): the demo bundle (random-init "
-                              "SAM2 micro 256 px + Qwen2.5-VL tiny 224 px), live at 15 fps",
+    "pipeline_demo_cpu.json": "Pipeline end to end (`rau-rt bench`): the demo bundle (trained "
+                              "demo SAM2 micro 256 px + random-init Qwen2.5-VL tiny 224 px), "
+                              "live at 15 fps",
     "pipeline_tiny512_cpu.json": "Pipeline end to end (`rau-rt bench`): SAM2 tiny 512 px int8 + "
                                  "Qwen2.5-VL tiny 224 px, back to back",
     "synthetic_cpu.json": "Synthetic angiography generator",
