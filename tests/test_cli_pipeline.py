@@ -10,6 +10,7 @@ cine; bad inputs end in a one-line typed error and exit code 1.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import io
 import json
@@ -128,9 +129,13 @@ def test_readme_pipeline_example_runs_as_printed_after_the_demo(demo, tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                             text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    assert [int(line.split()[0]) for line in lines] == list(range(8))  # --frames 8
-    assert any("'6': (" in line or "'6': [" in line for line in lines)  # boxes, not all None
+    lines = [line.split(" ", 1) for line in result.stdout.splitlines()]
+    assert [int(index) for index, _ in lines] == list(range(8))  # --frames 8, nothing dropped
+    for _, printed in lines:  # {region: box or None} for the two regions asked
+        boxes = ast.literal_eval(printed)
+        assert set(boxes) == {"6", "11"}
+        assert all(b is None or (len(b) == 4 and b[0] < b[2] and b[1] < b[3])
+                   for b in boxes.values())
 
 
 def test_run_on_an_mkv_with_the_real_localizer(demo, cine, reference_json, tmp_path, capsys):
