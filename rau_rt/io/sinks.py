@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 import zipfile
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -322,7 +323,12 @@ class DicomSegSink(Sink):
                   "sop_instance_uid": hd.UID(), "instance_number": result.index + 1,
                   "manufacturer": "rau-rt", "patient_orientation": ("L", "F")}
         if self.source is not None:
-            sc = hd.sc.SCImage.from_ref_dataset(self.source, **common)
+            with warnings.catch_warnings():
+                # the patient and study modules are copied as the source has them; highdicom's
+                # advice on a name's format (e.g. one component, "PLA") is for new names
+                warnings.filterwarnings("ignore", message=".*unlikely to represent the "
+                                        "intended person name", category=UserWarning)
+                sc = hd.sc.SCImage.from_ref_dataset(self.source, **common)
         else:
             self._study_uid = self._study_uid or hd.UID()
             sc = hd.sc.SCImage(study_instance_uid=self._study_uid, patient_id=self.patient_id,
@@ -338,14 +344,17 @@ class DicomSegSink(Sink):
                 algorithm_identification=algorithm)
             for k, (name, _) in enumerate(present)]
         masks = np.stack([r.mask for _, r in present], axis=-1)[None]  # (1, H, W, segments)
-        seg = hd.seg.Segmentation(
-            source_images=[sc], pixel_array=masks.astype(bool),
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-            segment_descriptions=descriptions, series_instance_uid=self._series["seg"],
-            series_number=9902,
-            sop_instance_uid=hd.UID(), instance_number=result.index + 1, manufacturer="rau-rt",
-            manufacturer_model_name="rau-rt", software_versions=__version__,
-            device_serial_number="0", omit_empty_frames=False)
+        with warnings.catch_warnings():  # the names copied from the source, as above
+            warnings.filterwarnings("ignore", message=".*unlikely to represent the intended "
+                                    "person name", category=UserWarning)
+            seg = hd.seg.Segmentation(
+                source_images=[sc], pixel_array=masks.astype(bool),
+                segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+                segment_descriptions=descriptions, series_instance_uid=self._series["seg"],
+                series_number=9902, sop_instance_uid=hd.UID(),
+                instance_number=result.index + 1, manufacturer="rau-rt",
+                manufacturer_model_name="rau-rt", software_versions=__version__,
+                device_serial_number="0", omit_empty_frames=False)
         seg.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: region names as typed
         if self.source is not None:
             self._point_at_source(seg, result.index)
