@@ -1,11 +1,16 @@
-"""What every `rau-rt train` loop shares: the learning-rate schedule and the history that the
-record and the curve show."""
+"""What every `rau-rt train` run shares: the run folder's state file, the step loop, the
+learning-rate schedule and the history that the record and the curve show."""
 
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
+
+import numpy as np
 
 
 class Schedule(Protocol):
@@ -32,3 +37,80 @@ def learning_rate(cfg: Schedule, step: int) -> float:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
     return cfg.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@dataclass
+class Position:
+    """Where a run stands (saved in train_state.pt, so a resumed run goes on from here)."""
+
+    step: int
+    next_seed: int
+    history: History = field(default_factory=History)
+    window: list[float] = field(default_factory=list)  # losses since the last logged mean
+
+
+def state_file(out: Path, resume: bool) -> Path:
+    """`out`'s train_state.pt, checked against `resume` (a run folder is never overwritten,
+    and only an existing run resumes); `out` is made."""
+    from rau_rt.errors import InputError
+
+    path = out / "train_state.pt"
+    if path.exists() and not resume:
+        raise InputError(f"{out} holds a training run (train_state.pt): pass --resume to "
+                         "continue it, or choose another --out")
+    if resume and not path.exists():
+        raise InputError(f"--resume: {path} does not exist")
+    out.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def run_steps(cfg, at: Position, model, optimizer, *,
+              example: Callable[[int, int], tuple[object, int]],
+              loss: Callable[[object], tuple[object, dict[str, float]]],
+              evaluate: Callable[[], dict[str, float]], checkpoint: Callable[[], None],
+              minutes: float | None,
+              progress: Callable[[int, dict[str, float]], None] | None) -> None:
+    """The steps of a run from `at` to `cfg.steps` (or until `minutes` have passed): one
+    example a step, AdamW at `learning_rate`, gradients clipped at `cfg.grad_clip`; the loss
+    logged as a mean every 50 steps, `evaluate` every `cfg.validate_every`, `checkpoint` every
+    `cfg.checkpoint_minutes`, at the end and on Ctrl-C (then re-raised).
+
+    Args:
+        example: (step, next seed) -> (the step's example, the seed after it).
+        loss: example -> (loss tensor, its terms as floats).
+    """
+    import torch
+
+    started = last_save = time.monotonic()
+    history = at.history
+    try:
+        while at.step < cfg.steps:
+            if minutes is not None and time.monotonic() - started > minutes * 60:
+                break
+            drawn, seed_after = example(at.step, at.next_seed)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, at.step)
+            value, terms = loss(drawn)
+            optimizer.zero_grad(set_to_none=True)
+            value.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            at.step, at.next_seed = at.step + 1, seed_after
+            current = value.item()
+            at.window.append(current)
+            if at.step % 50 == 0 or at.step == cfg.steps:
+                history.steps.append(at.step)
+                history.losses.append(float(np.mean(at.window)))
+                at.window.clear()
+            if at.step % cfg.validate_every == 0 or at.step == cfg.steps:
+                history.validation.append({"step": at.step, **evaluate()})
+            if progress is not None:
+                progress(at.step, {"loss": current, **terms,
+                                   **(history.validation[-1] if history.validation else {})})
+            if time.monotonic() - last_save > cfg.checkpoint_minutes * 60:
+                checkpoint()
+                last_save = time.monotonic()
+    except KeyboardInterrupt:  # Ctrl-C keeps the steps done so far (continue with --resume)
+        checkpoint()
+        raise
+    checkpoint()

@@ -14,6 +14,9 @@ from rau_rt.io.plots import training_curve
 from rau_rt.profiling import cpu_model, package_version
 
 RECORD_PACKAGES = ("torch", "sam2", "transformers", "numpy", "opencv-python-headless")
+# the demo weights' licence, written into every record
+LICENCE = ("Apache-2.0, as rau-rt: trained by the project from random initialisation on its own "
+           "synthetic angiography; no third-party weights or data")
 
 
 def save_atomic(obj: object, path: Path) -> None:

@@ -29,8 +29,9 @@ import numpy as np
 
 from rau_rt.errors import InputError
 from rau_rt.train import TRAIN_SEEDS, VALIDATION_SEEDS
-from rau_rt.train.loop import History, learning_rate
+from rau_rt.train.loop import History, Position, run_steps, state_file
 from rau_rt.train.record import (
+    LICENCE,
     save_atomic,
     save_fp16_safetensors,
     training_record,
@@ -41,8 +42,6 @@ from rau_rt.train.sam2_data import REGIME_WEIGHTS, REGIMES, ClipSpec, clip_strea
 
 CONFIGS = ("micro", "tiny")  # micro: 2.6 M parameters; tiny: sam2.1 hiera-t (39 M)
 WEIGHTS_FILE = "sam2.fp16.safetensors"
-LICENCE = ("Apache-2.0, as rau-rt: trained by the project from random initialisation on its own "
-           "synthetic angiography; no third-party weights or data")
 
 
 @dataclass(frozen=True)
@@ -223,18 +222,11 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None, resume: 
     import torch
 
     out = Path(out)
-    state_path = out / "train_state.pt"
-    if state_path.exists() and not resume:
-        raise InputError(f"{out} holds a training run (train_state.pt): pass --resume to "
-                         "continue it, or choose another --out")
-    if resume and not state_path.exists():
-        raise InputError(f"--resume: {state_path} does not exist")
-    out.mkdir(parents=True, exist_ok=True)
+    state_path = state_file(out, resume)
     torch.set_num_threads(cfg.threads)
     model = new_model(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step, next_seed, history = 0, cfg.first_clip_seed, History()
-    window: list[float] = []  # losses since the last logged mean
+    at = Position(0, cfg.first_clip_seed)
     if resume:
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         saved = asdict(TrainConfig()) | state["config"]  # runs from before a field existed
@@ -244,75 +236,49 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None, resume: 
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
-        step, next_seed = state["step"], state["next_seed"]
-        history = History(**state["history"])
-        window = state["window"]
+        at = Position(state["step"], state["next_seed"], History(**state["history"]),
+                      state["window"])
     model.train()
     clips = validation_clips(cfg)
-    spec = ClipSpec(cfg.image_size, cfg.frames_at(step), regime_weights=cfg.regime_weights)
-    stream = clip_stream(next_seed, spec)
-    started = time.monotonic()
-    last_save = started
+    lineage = init_record(cfg.init)
+    history = at.history
+    saved = {"since": time.monotonic(), "sha256": None}  # the clock and the last weights
+    streams: dict[int, object] = {}  # clip length -> its stream (one per curriculum stage)
+
+    def example(step: int, next_seed: int):
+        frames = cfg.frames_at(step)
+        if frames not in streams:  # the next stage of the curriculum (or a resumed one)
+            streams.clear()
+            streams[frames] = clip_stream(next_seed, ClipSpec(
+                cfg.image_size, frames, regime_weights=cfg.regime_weights))
+        return next(streams[frames])
+
+    def record() -> dict[str, object]:
+        return {**training_record("sam2", command, asdict(cfg), at.step,
+                                  (cfg.first_clip_seed, at.next_seed - 1),
+                                  history.wall_s, history.validation,
+                                  history.losses[-1] if history.losses else None),
+                "init": lineage,
+                "weights": {"file": WEIGHTS_FILE, "sha256": saved["sha256"], "dtype": "fp16",
+                            "licence": LICENCE}}
 
     def checkpoint() -> None:
-        history.wall_s += time.monotonic() - checkpoint.since
-        checkpoint.since = time.monotonic()
+        history.wall_s += time.monotonic() - saved["since"]
+        saved["since"] = time.monotonic()
         save_atomic({"config": asdict(cfg), "model": model.state_dict(),
                      "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                     "step": step, "next_seed": next_seed, "history": asdict(history),
-                     "window": window},
+                     "step": at.step, "next_seed": at.next_seed, "history": asdict(history),
+                     "window": at.window},
                     state_path)
         save_atomic({"model": model.state_dict()}, out / "sam2.pt")
-        checkpoint.sha256 = save_fp16_safetensors(
+        saved["sha256"] = save_fp16_safetensors(
             model.state_dict(), out / WEIGHTS_FILE,
             {"model": "sam2", "config": cfg.config, "image_size": str(cfg.image_size)})
         write_json_atomic(out / "record.json", record())
         write_curve(out / "curve.png", history.steps, history.losses, history.validation)
 
-    def record() -> dict[str, object]:
-        return {**training_record("sam2", command, asdict(cfg), step,
-                                  (cfg.first_clip_seed, next_seed - 1),
-                                  history.wall_s, history.validation,
-                                  history.losses[-1] if history.losses else None),
-                "init": lineage,
-                "weights": {"file": WEIGHTS_FILE, "sha256": checkpoint.sha256, "dtype": "fp16",
-                            "licence": LICENCE}}
-
-    lineage = init_record(cfg.init)
-    checkpoint.since, checkpoint.sha256 = started, None
-    try:
-        while step < cfg.steps:
-            if minutes is not None and time.monotonic() - started > minutes * 60:
-                break
-            if cfg.frames_at(step) != spec.frames:  # the next stage of the curriculum
-                spec = ClipSpec(cfg.image_size, cfg.frames_at(step),
-                                regime_weights=cfg.regime_weights)
-                stream = clip_stream(next_seed, spec)
-            clip, seed_after = next(stream)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(cfg, step)
-            loss, terms = clip_loss(model, clip)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            step, next_seed = step + 1, seed_after
-            value = loss.item()
-            window.append(value)
-            if step % 50 == 0 or step == cfg.steps:
-                history.steps.append(step)
-                history.losses.append(float(np.mean(window)))
-                window.clear()
-            if step % cfg.validate_every == 0 or step == cfg.steps:
-                history.validation.append({"step": step, **evaluate(model, clips)})
-            if progress is not None:
-                progress(step, {"loss": value, **terms,
-                                **(history.validation[-1] if history.validation else {})})
-            if time.monotonic() - last_save > cfg.checkpoint_minutes * 60:
-                checkpoint()
-                last_save = time.monotonic()
-    except KeyboardInterrupt:  # Ctrl-C keeps the steps done so far (continue with --resume)
-        checkpoint()
-        raise
-    checkpoint()
+    run_steps(cfg, at, model, optimizer, example=example,
+              loss=lambda clip: clip_loss(model, clip),
+              evaluate=lambda: evaluate(model, clips), checkpoint=checkpoint,
+              minutes=minutes, progress=progress)
     return record()

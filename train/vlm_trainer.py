@@ -33,8 +33,9 @@ import numpy as np
 
 from rau_rt.errors import InputError
 from rau_rt.train import TRAIN_SEEDS, VALIDATION_SEEDS
-from rau_rt.train.loop import History, learning_rate
+from rau_rt.train.loop import History, Position, run_steps, state_file
 from rau_rt.train.record import (
+    LICENCE,
     save_atomic,
     save_fp16_safetensors,
     training_record,
@@ -46,8 +47,6 @@ from rau_rt.train.vlm_data import Pair, PairMaker
 SIZES = ("micro", "tiny")  # micro: the demo localizer; tiny: tests
 FAMILY = "qwen2_5_vl"
 WEIGHTS_FILE = "vlm.fp16.safetensors"
-LICENCE = ("Apache-2.0, as rau-rt: trained by the project from random initialisation on its own "
-           "synthetic angiography; no third-party weights or data")
 
 
 @dataclass(frozen=True)
@@ -205,16 +204,10 @@ def train(cfg: VlmTrainConfig, out: Path, *, minutes: float | None = None,
     import torch
 
     out = Path(out)
-    state_path = out / "train_state.pt"
-    if state_path.exists() and not resume:
-        raise InputError(f"{out} holds a training run (train_state.pt): pass --resume to "
-                         "continue it, or choose another --out")
-    if resume and not state_path.exists():
-        raise InputError(f"--resume: {state_path} does not exist")
-    out.mkdir(parents=True, exist_ok=True)
+    state_path = state_file(out, resume)
     torch.set_num_threads(cfg.threads)
     folder = out / "model"
-    step, next_seed, history, window = 0, cfg.first_pair_seed, History(), []
+    at = Position(0, cfg.first_pair_seed)
     if resume:
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         if state["config"] != asdict(cfg):
@@ -223,8 +216,8 @@ def train(cfg: VlmTrainConfig, out: Path, *, minutes: float | None = None,
         model, _, maker = load(cfg, folder)
         model.load_state_dict(state["model"])
         torch.set_rng_state(state["torch_rng"])
-        step, next_seed = state["step"], state["next_seed"]
-        history, window = History(**state["history"]), state["window"]
+        at = Position(state["step"], state["next_seed"], History(**state["history"]),
+                      state["window"])
     else:
         shutil.rmtree(folder, ignore_errors=True)
         model, _, maker = build(cfg, folder)
@@ -233,13 +226,13 @@ def train(cfg: VlmTrainConfig, out: Path, *, minutes: float | None = None,
         optimizer.load_state_dict(state["optimizer"])
     model.train()
     pairs = validation_pairs(cfg, maker)
-    stream = maker.stream(next_seed)
-    started = last_save = time.monotonic()
-    saved: dict[str, object] = {"since": started, "sha256": None}  # the last checkpoint's
+    history = at.history
+    stream = maker.stream(at.next_seed)
+    saved: dict[str, object] = {"since": time.monotonic(), "sha256": None}
 
     def record() -> dict[str, object]:
-        base = training_record("vlm", command, asdict(cfg), step,
-                               (cfg.first_pair_seed, next_seed - 1), history.wall_s,
+        base = training_record("vlm", command, asdict(cfg), at.step,
+                               (cfg.first_pair_seed, at.next_seed - 1), history.wall_s,
                                history.validation,
                                history.losses[-1] if history.losses else None,
                                seeds_key="pair_seeds")
@@ -252,44 +245,17 @@ def train(cfg: VlmTrainConfig, out: Path, *, minutes: float | None = None,
         saved["since"] = time.monotonic()
         save_atomic({"config": asdict(cfg), "model": model.state_dict(),
                      "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                     "step": step, "next_seed": next_seed, "history": asdict(history),
-                     "window": window}, state_path)
+                     "step": at.step, "next_seed": at.next_seed, "history": asdict(history),
+                     "window": at.window}, state_path)
         _save_folder(model, folder)
         saved["sha256"] = save_fp16_safetensors(model.state_dict(), out / WEIGHTS_FILE,
-                                          {"model": "vlm", "size": cfg.size,
-                                           "family": FAMILY})
+                                                {"model": "vlm", "size": cfg.size,
+                                                 "family": FAMILY})
         write_json_atomic(out / "record.json", record())
         write_curve(out / "curve.png", history.steps, history.losses, history.validation)
 
-    try:
-        while step < cfg.steps:
-            if minutes is not None and time.monotonic() - started > minutes * 60:
-                break
-            pair, seed_after = next(stream)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(cfg, step)
-            loss = pair_loss(model, pair)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            step, next_seed = step + 1, seed_after
-            value = loss.item()
-            window.append(value)
-            if step % 50 == 0 or step == cfg.steps:
-                history.steps.append(step)
-                history.losses.append(float(np.mean(window)))
-                window.clear()
-            if step % cfg.validate_every == 0 or step == cfg.steps:
-                history.validation.append({"step": step, **evaluate(model, maker, pairs)})
-            if progress is not None:
-                progress(step, {"loss": value,
-                                **(history.validation[-1] if history.validation else {})})
-            if time.monotonic() - last_save > cfg.checkpoint_minutes * 60:
-                checkpoint()
-                last_save = time.monotonic()
-    except KeyboardInterrupt:  # Ctrl-C keeps the steps done so far (continue with --resume)
-        checkpoint()
-        raise
-    checkpoint()
+    run_steps(cfg, at, model, optimizer, example=lambda step, seed: next(stream),
+              loss=lambda pair: (pair_loss(model, pair), {}),
+              evaluate=lambda: evaluate(model, maker, pairs), checkpoint=checkpoint,
+              minutes=minutes, progress=progress)
     return record()

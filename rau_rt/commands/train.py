@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -69,11 +70,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.model == "vlm":
-        return _run_vlm(args)
-    from tqdm import tqdm
-
     from rau_rt.errors import InputError
+
+    if args.model == "vlm":
+        from rau_rt.train.vlm_trainer import VlmTrainConfig, train
+
+        cfg = VlmTrainConfig(input_size=args.input_size, steps=args.steps, lr=args.lr,
+                             seed=args.seed, validate_every=args.validate_every)
+        return _train(args, cfg, train, "pair",
+                      lambda values: {k: v for k, v in values.items()
+                                      if k in ("loss", "hit_rate", "presence_f1")})
     from rau_rt.train.sam2_trainer import TrainConfig, parse_stages, train
 
     try:
@@ -85,47 +91,25 @@ def run(args: argparse.Namespace) -> int:
                       stages=parse_stages(args.stages), lr=args.lr, seed=args.seed,
                       validate_every=args.validate_every, regime_weights=weights,
                       init=args.init, first_clip_seed=args.first_clip_seed)
-    command = shlex.join(["rau-rt", *args.argv])
-    with tqdm(total=cfg.steps, desc="train sam2", unit="clip", disable=args.quiet) as bar:
-
-        def progress(step: int, values: dict[str, float]) -> None:
-            bar.n = step
-            shown = {"loss": values["loss"]}
-            shown.update({k.removeprefix("dice_"): v for k, v in values.items()
-                          if k.startswith("dice_")})
-            bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()}, refresh=False)
-            bar.update(0)
-
-        try:
-            record = train(cfg, args.out, minutes=args.minutes, resume=args.resume,
-                           command=command, progress=progress)
-        except KeyboardInterrupt:
-            bar.close()
-            print(f"{args.out}: interrupted at step {bar.n}, checkpointed; continue with "
-                  "--resume")
-            return 130
-    done = record["steps_done"]
-    dice = record["validation"][-1] if record["validation"] else {}
-    print(f"{args.out}: {done}/{cfg.steps} steps in {record['wall_s'] / 60:.1f} min; "
-          + ", ".join(f"{k} {v:.3f}" for k, v in dice.items() if k != "step")
-          + ("" if done == cfg.steps else "; continue with --resume"))
-    return 0
+    return _train(args, cfg, train, "clip",
+                  lambda values: {"loss": values["loss"],
+                                  **{k.removeprefix("dice_"): v for k, v in values.items()
+                                     if k.startswith("dice_")}})
 
 
-def _run_vlm(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace, cfg, train, unit: str,
+           shown: Callable[[dict[str, float]], dict[str, float]]) -> int:
+    """Run `train(cfg, ...)` under a progress bar showing `shown(values)`; Ctrl-C ends it
+    checkpointed (exit 130); prints where the run stands."""
     from tqdm import tqdm
 
-    from rau_rt.train.vlm_trainer import VlmTrainConfig, train
-
-    cfg = VlmTrainConfig(input_size=args.input_size, steps=args.steps, lr=args.lr,
-                         seed=args.seed, validate_every=args.validate_every)
     command = shlex.join(["rau-rt", *args.argv])
-    with tqdm(total=cfg.steps, desc="train vlm", unit="pair", disable=args.quiet) as bar:
+    with tqdm(total=cfg.steps, desc=f"train {args.model}", unit=unit,
+              disable=args.quiet) as bar:
 
         def progress(step: int, values: dict[str, float]) -> None:
             bar.n = step
-            shown = {k: v for k, v in values.items() if k in ("loss", "hit_rate", "presence_f1")}
-            bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()}, refresh=False)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in shown(values).items()}, refresh=False)
             bar.update(0)
 
         try:
