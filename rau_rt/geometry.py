@@ -109,6 +109,15 @@ def clip_box(box: tuple[float, float, float, float], frame_size: tuple[int, int]
     return (cx1, cy1, cx2, cy2), None
 
 
+def box_iou(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    """Intersection over union of two boxes (x1, y1, x2, y2, x2/y2 exclusive); 0 for boxes
+    with no area."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return 0.0 if union <= 0 else float(w * h / union)
+
+
 def box_from_polygon(polygon: tuple[tuple[float, float], ...],
                      ) -> tuple[int, int, int, int] | None:
     """The smallest pixel box holding every vertex (x2/y2 exclusive), or None without vertices."""

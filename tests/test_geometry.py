@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from rau_rt.errors import InputError
-from rau_rt.geometry import box_from_mask
+from rau_rt.geometry import box_from_mask, box_iou
 
 
 def test_box_is_exclusive_at_the_far_edges():
@@ -36,3 +36,10 @@ def test_offset_places_a_crop_in_the_frame():
 def test_rejects_non_2d():
     with pytest.raises(InputError, match="2-D"):
         box_from_mask(np.zeros((2, 3, 4), bool))
+
+
+def test_box_iou():
+    assert box_iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0
+    assert box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)
+    assert box_iou((0, 0, 10, 10), (10, 0, 20, 10)) == 0.0  # touching: x2 is exclusive
+    assert box_iou((0, 0, 0, 10), (0, 0, 0, 10)) == 0.0  # no area

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from rau_rt.errors import InputError
+from rau_rt.geometry import box_iou
 from rau_rt.train import TRAIN_SEEDS, VALIDATION_SEEDS
 from rau_rt.train.loop import History, Position, run_steps, state_file
 from rau_rt.train.record import (
@@ -136,19 +137,12 @@ def validation_pairs(cfg: VlmTrainConfig, maker: PairMaker) -> list[Pair]:
     return chosen
 
 
-def _iou(a, b) -> float:
-    w = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
-    return 0.0 if union <= 0 else w * h / union
-
-
 def evaluate(model, maker: PairMaker, pairs: list[Pair]) -> dict[str, float]:
     """Greedy answers to `pairs`, parsed as the localizer parses them: parse rate, hit rate
     (IoU >= 0.5) and mean IoU over visible requested segments, presence F1."""
     import torch
 
-    from rau_rt.localization.parse import NOT_IN_ANSWER, parse_answer
+    from rau_rt.localization.parse import NO_JSON, NOT_IN_ANSWER, parse_answer
 
     fam = maker.layout.family_constants
     was_training = model.training
@@ -164,12 +158,13 @@ def evaluate(model, maker: PairMaker, pairs: list[Pair]) -> dict[str, float]:
             text = maker.tokenizer.decode(out[0, start:].tolist(), skip_special_tokens=True)
             got = parse_answer(text, pair.names, fam.box_convention, maker.layout.input_size,
                                pair.frame_size)
-            parsed_ok += all(r.reason != NOT_IN_ANSWER and not (r.reason or "").startswith(
-                "no JSON") for r in got.values())
+            # parsed: a JSON list with an item for every region asked
+            parsed_ok += all(r.reason != NOT_IN_ANSWER and not (r.reason or "").startswith(NO_JSON)
+                             for r in got.values())
             for name, truth in pair.truth.items():
                 box = got[name].box
                 if truth is not None:
-                    ious.append(0.0 if box is None else _iou(box, truth))
+                    ious.append(0.0 if box is None else box_iou(box, truth))
                 tp += truth is not None and box is not None
                 fp += truth is None and box is not None
                 fn += truth is not None and box is None

@@ -19,6 +19,7 @@ from rau_rt.types import Box
 
 NOT_IN_ANSWER = "not in the answer"
 NOT_VISIBLE = "not visible (the answer's bbox_2d is null)"
+NO_JSON = "no JSON list in the answer"  # the reason's start, followed by the answer's head
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ def _json_list(text: str) -> tuple[list | None, str | None]:
         except ValueError:
             pass
         start = text.find("[", start + 1)
-    return None, f"no JSON list in the answer: {text[:80]!r}"
+    return None, f"{NO_JSON}: {text[:80]!r}"
 
 
 def _coordinates(value: object) -> tuple[float, float, float, float] | str:
