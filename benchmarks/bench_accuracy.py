@@ -1,6 +1,11 @@
-"""Task accuracy of the trained demo SAM2 against exact synthetic truth.
+"""Task accuracy of the trained demo models against exact synthetic truth.
 
-    python -m benchmarks.bench_accuracy [--quick] [--weights FILE] [--json PATH]
+    python -m benchmarks.bench_accuracy [--suite tracker|localizer|pipeline] [--quick]
+        [--weights FILE] [--vlm-weights FILE] [--json PATH]
+
+The `localizer` and `pipeline` suites (the trained VLM alone, and its keyframe boxes
+prompting the trained SAM2) are described in `benchmarks/accuracy_vlm.py`; the `tracker`
+suite (the default) is this module's:
 
 Held-out cines (generator seeds in `rau_rt.train.HELD_OUT_SEEDS`, never trained on; both
 arteries and dominances, random views, 0-2 stenoses, the clinical and classic looks; 60 frames
@@ -173,11 +178,14 @@ def sam2_input(rgb: np.ndarray, size: int) -> np.ndarray:
 
 
 def tracker_run(bundle, p: Prepared, regime: str, same_input: bool = False,
+                events: dict[int, tuple[str, list]] | None = None,
                 ) -> tuple[dict[int, np.ndarray], list[float]]:
-    """The Tracker over the regime's frames and prompts; `same_input` runs it as sam2 runs:
-    on sam2's own preprocessed frames instead of `ops.preprocess`'s (bilinear) and with room
-    for every keyframe as a conditioning frame (sam2 keeps them all)."""
-    frames, events = schedule(p, regime)
+    """The Tracker over the regime's frames and prompts (or `events` instead of the regime's
+    prompts: the pipeline suite's VLM boxes); `same_input` runs it as sam2 runs: on sam2's own
+    preprocessed frames instead of `ops.preprocess`'s (bilinear) and with room for every
+    keyframe as a conditioning frame (sam2 keeps them all)."""
+    frames, scheduled = schedule(p, regime)
+    events = scheduled if events is None else events
     conditioning = len(events) if same_input else TrackerConfig.max_conditioning
     if conditioning > MAX_CONDITIONING:
         raise ValueError(f"{conditioning} prompted frames: sam2 would attend more conditioning "
@@ -197,9 +205,10 @@ def tracker_run(bundle, p: Prepared, regime: str, same_input: bool = False,
                               **given)
     out, ms = {}, []
     for k in frames:
-        if k in events:
-            tracker.prompt(k - frames[0], {n: b for n, b in zip(names, events[k][1], strict=True)
-                                           if b is not None})
+        boxes = {n: b for n, b in zip(names, events.get(k, (None, []))[1], strict=False)
+                 if b is not None}
+        if boxes:
+            tracker.prompt(k - frames[0], boxes)
         started = time.perf_counter()
         step = tracker.step(**model_input(p.rgb[k]))
         ms.append((time.perf_counter() - started) * 1e3)
@@ -391,24 +400,49 @@ def summary(record: dict) -> str:
     return "\n".join(lines)
 
 
+SUITES = ("tracker", "localizer", "pipeline")
+QUICK_PAIRS, FULL_PAIRS = 16, 120
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", choices=SUITES, default="tracker",
+                        help="tracker: the SAM2 regimes (default); localizer: the VLM's boxes "
+                             "on held-out pairs per precision; pipeline: VLM keyframes -> "
+                             "SAM2 beside truth boxes (benchmarks/accuracy_vlm.py)")
     parser.add_argument("--quick", action="store_true",
-                        help="2 cines of 40 frames (about 3 minutes)")
+                        help=f"tracker and pipeline: 2 cines of 40 frames; localizer: "
+                             f"{QUICK_PAIRS} pairs (each about 3 minutes)")
     parser.add_argument("--weights", type=Path, default=DEMO_WEIGHTS,
                         help="SAM2 micro@256 weights (.safetensors or sam2 .pt); default the "
                              "shipped demo weights")
+    parser.add_argument("--vlm-weights", type=Path, default=None,
+                        help="the VLM's fp16 safetensors (`rau-rt train vlm`'s "
+                             "vlm.fp16.safetensors); default the shipped demo weights")
     parser.add_argument("--json", default=None, help="where to write the JSON record")
     args = parser.parse_args(argv)
+    from benchmarks import accuracy_vlm
+
     cines, frames = (HELD_OUT[:2], 40) if args.quick else (HELD_OUT, 60)
-    path = args.json or ("benchmarks/results/accuracy_quick_cpu.json" if args.quick
-                         else "benchmarks/results/accuracy_cpu.json")
+    name = "accuracy" if args.suite == "tracker" else f"accuracy_{args.suite}"
+    path = args.json or f"benchmarks/results/{name}{'_quick' if args.quick else ''}_cpu.json"
+    vlm_weights = args.vlm_weights or accuracy_vlm.DEMO_VLM
     with tempfile.TemporaryDirectory(prefix="bench_accuracy_") as tmp:
-        cases, facts = run(args.weights, cines, frames, Path(tmp))
-    command = "python -m benchmarks.bench_accuracy" + (" --quick" if args.quick else "")
-    record = write_record(SUITE, cases, path, command, **{})
+        if args.suite == "tracker":
+            cases, facts = run(args.weights, cines, frames, Path(tmp))
+        elif args.suite == "localizer":
+            cases, facts = accuracy_vlm.localizer_suite(
+                vlm_weights, QUICK_PAIRS if args.quick else FULL_PAIRS, Path(tmp))
+        else:
+            cases, facts = accuracy_vlm.pipeline_suite(vlm_weights, args.weights, cines, frames,
+                                                       Path(tmp))
+    command = ("python -m benchmarks.bench_accuracy"
+               + ("" if args.suite == "tracker" else f" --suite {args.suite}")
+               + (" --quick" if args.quick else ""))
+    record = write_record(SUITE if args.suite == "tracker" else name, cases, path, command)
     record.update(facts)
-    record["summary_md"] = summary(record)
+    record["summary_md"] = (summary(record) if args.suite == "tracker"
+                            else accuracy_vlm.summary(record))
     Path(path).write_text(json.dumps(record, indent=2) + "\n")
     print(record["summary_md"])
     return 0

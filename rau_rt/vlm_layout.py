@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from rau_rt.errors import BundleError, InputError
+from rau_rt.ops.preprocessing import smart_resize
 from rau_rt.sidecar import read_json, write_json
 
 LAYOUT_FILE = "vlm.json"
@@ -82,6 +83,19 @@ FAMILIES: dict[str, VlmFamily] = {
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 VISION_START, VISION_END, IMAGE_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"
 IMAGE_PLACEHOLDER = VISION_START + IMAGE_PAD + VISION_END
+# Frame shapes a bundle can keep the aspect of, as (height, width) ratios: square, 4:3 and
+# 16:9 landscape, and their portrait transposes (`aspect_sizes`).
+ASPECTS = ((1, 1), (3, 4), (4, 3), (9, 16), (16, 9))
+
+
+def aspect_sizes(pixels: int, factor: int) -> tuple[tuple[int, int], ...]:
+    """The model-input (height, width) of each of `ASPECTS` at a pixel budget: what Qwen's
+    image processor (`smart_resize` with max_pixels = `pixels`) makes of a large frame of that
+    aspect, e.g. 168x252 for a 900x1200 frame and 168x280 for 1080x1920 at 224x224 pixels."""
+    scale = 1 << 12  # a frame large enough to be scaled down to the budget, as a camera's is
+    return tuple(smart_resize(h * scale // max(h, w), w * scale // max(h, w), factor=factor,
+                              min_pixels=factor * factor, max_pixels=pixels)
+                 for h, w in ASPECTS)
 
 
 @dataclass(frozen=True)
@@ -132,11 +146,40 @@ class VlmLayout:
     deepstack_layers: int = 0
     past_names: tuple[str, ...] = field(default=())  # per layer: key, value
     present_names: tuple[str, ...] = field(default=())
+    # Other input sizes with a vision graph each (aspect buckets, `aspect_sizes`); a frame
+    # goes to the size of nearest aspect (`size_for`). Empty: every image at `input_size`.
+    buckets: tuple[tuple[int, int], ...] = field(default=())
     version: int = LAYOUT_VERSION
 
     @property
     def family_constants(self) -> VlmFamily:
         return family(self.family)
+
+    @property
+    def sizes(self) -> tuple[tuple[int, int], ...]:
+        """Every model-input (height, width) the bundle takes: `input_size`, then buckets."""
+        return (tuple(self.input_size), *(tuple(b) for b in self.buckets
+                                          if tuple(b) != tuple(self.input_size)))
+
+    def size_for(self, frame_size: Sequence[int]) -> tuple[int, int]:
+        """The model-input size a frame of (height, width) is resized to: the size whose
+        aspect is nearest the frame's (in log ratio; the first on a tie)."""
+        height, width = int(frame_size[0]), int(frame_size[1])
+        if height < 1 or width < 1:
+            raise InputError(f"size_for: expected a positive frame size, got {frame_size}")
+        aspect = np.log(height / width)
+        return min(self.sizes, key=lambda s: abs(np.log(s[0] / s[1]) - aspect))
+
+    def grid_for(self, size: Sequence[int]) -> tuple[int, int, int]:
+        """The patch grid (t, h, w) of a model input of (height, width) `size`."""
+        p = self.family_constants.patch_size
+        return (1, int(size[0]) // p, int(size[1]) // p)
+
+    def tokens_for(self, size: Sequence[int]) -> int:
+        """Image tokens of a model input of (height, width) `size`."""
+        m = self.family_constants.merge_size
+        _, gh, gw = self.grid_for(size)
+        return (gh // m) * (gw // m)
 
     def kv_shape(self, batch: int, length: int) -> tuple[int, int, int, int]:
         """Shape of one layer's key (or value) cache holding `length` tokens."""
@@ -163,6 +206,7 @@ class VlmLayout:
             raise BundleError(f"{LAYOUT_FILE}: version {data.get('version')!r}, this rau-rt "
                               f"reads {LAYOUT_VERSION}; re-export with `rau-rt export vlm`")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        values["buckets"] = tuple(tuple(b) for b in values.get("buckets", ()))
         return cls(**values)
 
 
@@ -249,11 +293,21 @@ def chat_prompt(user_parts: Sequence[str], system: str | None = DEFAULT_SYSTEM) 
     return f"{head}{IM_START}user\n{''.join(user_parts)}{IM_END}\n{IM_START}assistant\n"
 
 
-def expand_image_tokens(ids: Sequence[int], layout: VlmLayout) -> np.ndarray:
-    """Token ids with each single image-pad token repeated `tokens_per_image` times."""
+def expand_image_tokens(ids: Sequence[int], layout: VlmLayout,
+                        sizes: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+    """Token ids with each single image-pad token repeated as many times as its image has
+    tokens: `tokens_per_image`, or per image in order from its model-input `sizes`."""
     ids = np.asarray(ids, dtype=np.int64)
     pads = ids == layout.image_token_id
-    counts = np.where(pads, layout.tokens_per_image, 1)
+    if sizes is None:
+        counts = np.where(pads, layout.tokens_per_image, 1)
+    else:
+        if int(pads.sum()) != len(sizes):
+            raise InputError(f"expand_image_tokens: {int(pads.sum())} images in the text, "
+                             f"{len(sizes)} sizes given")
+        counts = np.ones(len(ids), np.int64)
+        counts[pads] = [layout.tokens_per_image if tuple(s) == tuple(layout.input_size)
+                        else layout.tokens_for(s) for s in sizes]
     return np.repeat(ids, counts)
 
 

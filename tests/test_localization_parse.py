@@ -128,8 +128,12 @@ def test_grammar_names_are_escaped_and_the_bound_holds():
     names = ('say "hi"', "back\\slash", "lad")
     grammar = box_grammar(names, 448)
     assert json.dumps(json.dumps(names[0])) in grammar
-    assert grammar.count('("," box') == len(names) - 1  # at most one item per name
+    assert grammar.count("item") == 2 * len(names)  # each name once, in order
+    free = box_grammar(names, 448, "any")
+    assert free.count('("," box') == len(names) - 1  # at most one item per name
     longest = answer_json([(names[1], [448] * 4)] * len(names))
     assert max_answer_bytes(names, 448) >= len(longest.encode())
     with pytest.raises(InputError):
         box_grammar((), 448)
+    with pytest.raises(InputError):
+        box_grammar(names, 448, "some")

@@ -138,6 +138,31 @@ def test_the_answer_parses_back_to_the_truth_and_fits_the_grammar(model_layout, 
     assert boxes >= 5 and nulls >= 1  # both kinds of answer were drawn
 
 
+def test_the_default_grammar_wants_every_region_in_order(model_layout, maker):
+    """The "every" form (the localizer's default) rejects an answer that drops or reorders a
+    region; "any" takes both."""
+    folder, layout = model_layout
+    guidance = Guidance((folder / "tokenizer.json").read_text(), layout.vocab_size,
+                        layout.eos_token_ids)
+
+    def accepts(form: str, text: str) -> bool:
+        constraint = guidance.matcher(guidance.compile(box_grammar(("a", "b"), INPUT, form)))
+        for token in maker.tokenizer.encode(text, add_special_tokens=False).ids:
+            if not constraint.allowed()[token]:
+                return False
+            constraint.advance(token)
+        return constraint.is_stopped()
+
+    both = '[{"bbox_2d":[1,2,30,40],"label":"a"},{"bbox_2d":null,"label":"b"}]'
+    swapped = '[{"bbox_2d":null,"label":"b"},{"bbox_2d":[1,2,30,40],"label":"a"}]'
+    only_a = '[{"bbox_2d":[1,2,30,40],"label":"a"}]'
+    three = "[" + ",".join(['{"bbox_2d":null,"label":"a"}'] * 3) + "]"
+    assert accepts("every", both) and accepts("any", both)
+    assert not accepts("every", swapped) and accepts("any", swapped)
+    assert not accepts("every", only_a) and accepts("any", only_a)
+    assert not accepts("every", three) and not accepts("any", three)  # at most one per region
+
+
 def test_pairs_are_reproducible_and_only_the_answer_is_labelled(maker):
     first, second = maker.draw(10_000_003), maker.draw(10_000_003)
     np.testing.assert_array_equal(first.ids, second.ids)

@@ -10,8 +10,12 @@ convention, `null` for a requested segment that is not visible (not opacified, o
 frame), in the compact JSON the constrained decoder enforces, then the end-of-turn token. Only
 the answer tokens count in the loss.
 
-Frames are square (the generator renders squares) at 256, 384 or 512 px and windowed to 8 bits
-with the jitter a site's window choice brings, then augmented like the SAM2 training frames.
+The generator renders squares (256, 384 or 512 px); half the targets are reframed to another
+aspect of `rau_rt.vlm_layout.ASPECTS` (`reframe`): cropped to it, as a detector's rectangular
+field or a zoomed display is, or padded to it with black bars, as a display capture of a
+square image is. Images go to the vision input as the localizer sends them (`image_patches`:
+the layout's size of nearest aspect). Frames are windowed to 8 bits with the jitter a site's
+window choice brings, then augmented like the SAM2 training frames.
 """
 
 from __future__ import annotations
@@ -27,13 +31,16 @@ from rau_rt.reference import Reference
 from rau_rt.synthetic import SequenceConfig, make_reference, render_frames, segments_of
 from rau_rt.synthetic.dynamics import Motion
 from rau_rt.synthetic.render import window_8bit
+from rau_rt.synthetic.sequence import SegmentTruth
 from rau_rt.train.augment import augment_8bit
 from rau_rt.types import Box, Region
-from rau_rt.vlm_layout import IM_END, VlmLayout
+from rau_rt.vlm_layout import ASPECTS, IM_END, VlmLayout
 
 IGNORE = -100  # label of tokens outside the answer (torch's cross-entropy ignore_index)
 MAX_REGIONS = 6  # annotated on a reference
 RUN_FRAMES = 90  # the cine a target frame comes from: fill, plateau and washout
+REFRAMED = 0.5  # share of targets cropped or padded to a non-square aspect
+KEPT_VISIBLE = 0.5  # a cropped segment stays visible with this share of its lumen in frame
 
 
 @dataclass(frozen=True)
@@ -57,10 +64,33 @@ class Pair:
     answer: str
     truth: dict[str, Box | None]
     frame_size: tuple[int, int]
+    input_sizes: tuple[tuple[int, int], ...]  # each image's model-input (height, width)
 
     @property
     def answer_tokens(self) -> int:
         return int((self.labels != IGNORE).sum())
+
+
+@dataclass(frozen=True)
+class Query:
+    """A pair before tokenizing: the localizer's inputs and the truth (what a benchmark asks
+    the runtime's `Localizer` on held-out seeds).
+
+    Attributes:
+        reference: patient A's annotated reference.
+        frame: patient B's target frame, uint8 (H, W), after `reframe`.
+        names: the regions asked for, in the reference's order.
+        truth: region -> its box in frame pixels, None where not visible.
+        calibre_mm: region -> the segment's mean lumen diameter.
+        spacing_mm: the frame's pixel spacing at the isocentre.
+    """
+
+    reference: Reference
+    frame: np.ndarray
+    names: tuple[str, ...]
+    truth: dict[str, Box | None]
+    calibre_mm: dict[str, float]
+    spacing_mm: float
 
 
 def answer_text(truth: dict[str, Box | None], layout: VlmLayout,
@@ -68,10 +98,54 @@ def answer_text(truth: dict[str, Box | None], layout: VlmLayout,
     """The answer the localizer should decode for `truth` (frame pixels) on a frame of
     `frame_size`: boxes in the family's convention, in the order asked."""
     fam = layout.family_constants
+    size = layout.size_for(frame_size)
     return prompts.answer_json([
         (name, None if box is None else geometry.box_frame_to_vlm(
-            box, fam.box_convention, layout.input_size, frame_size))
+            box, fam.box_convention, size, frame_size))
         for name, box in truth.items()])
+
+
+def reframe(frame: np.ndarray, segments: dict[str, SegmentTruth], names: tuple[str, ...],
+            rng: np.random.Generator) -> tuple[np.ndarray, dict[str, Box | None]]:
+    """A square frame (uint8) and the truth boxes of `names`, kept square or (with
+    probability `REFRAMED`) cropped or padded to a random non-square aspect of `ASPECTS`.
+
+    A crop keeps a segment visible when at least `KEPT_VISIBLE` of its lumen stays in the
+    frame (its box then bounds what stays); padding shifts every box by the bar.
+    """
+    side = frame.shape[0]
+    truth = {n: segments[n].box if segments[n].present and segments[n].box else None
+             for n in names}
+    if rng.uniform() >= REFRAMED:
+        return frame, truth
+    h_ratio, w_ratio = ASPECTS[int(rng.integers(1, len(ASPECTS)))]  # not the square
+    long_side = side * max(h_ratio, w_ratio) // min(h_ratio, w_ratio)
+    short_side = side * min(h_ratio, w_ratio) // max(h_ratio, w_ratio)
+    portrait = h_ratio > w_ratio
+    if rng.uniform() < 0.5:  # the square with bars on its short sides
+        height, width = (long_side, side) if portrait else (side, long_side)
+        y0, x0 = (height - side) // 2, (width - side) // 2
+        out = np.zeros((height, width, *frame.shape[2:]), frame.dtype)
+        out[y0:y0 + side, x0:x0 + side] = frame
+        shifted = {n: None if b is None else (b[0] + x0, b[1] + y0, b[2] + x0, b[3] + y0)
+                   for n, b in truth.items()}
+        return out, shifted
+    height, width = (side, short_side) if portrait else (short_side, side)  # a crop
+    y0 = int(rng.integers(0, side - height + 1))
+    x0 = int(rng.integers(0, side - width + 1))
+    out = np.ascontiguousarray(frame[y0:y0 + height, x0:x0 + width])
+    cropped: dict[str, Box | None] = {}
+    for name, box in truth.items():
+        cropped[name] = None
+        if box is None:
+            continue
+        mask = segments[name].mask(side)
+        inside = mask[y0:y0 + height, x0:x0 + width]
+        if inside.sum() < KEPT_VISIBLE * mask.sum():
+            continue
+        ys, xs = np.nonzero(inside)
+        cropped[name] = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+    return out, cropped
 
 
 class PairMaker:
@@ -100,6 +174,12 @@ class PairMaker:
     def draw(self, seed: int) -> Pair | None:
         """The pair of generator seed `seed` (the target patient; the reference patient is
         another draw from it); None when the reference cannot show its segments."""
+        query = self.query(seed)
+        return None if query is None else self.pair(query.reference, query.frame, query.names,
+                                                    query.truth)
+
+    def query(self, seed: int) -> Query | None:
+        """`draw`'s question and truth before tokenizing; None where `draw` gives None."""
         rng = np.random.default_rng([seed, 18])
         artery = str(rng.choice(("left", "right")))
         dominance = str(rng.choice(("right", "left"), p=(0.85, 0.15)))
@@ -125,9 +205,6 @@ class PairMaker:
         keep = rng.uniform(size=count) < 0.7
         keep[int(rng.integers(0, count))] = True
         names = tuple(n for n, k in zip(annotated, keep, strict=True) if k)
-        segments = target.truth[0].segments
-        truth = {n: segments[n].box if segments[n].present and segments[n].box else None
-                 for n in names}
         window = target.meta.window
         if self.augment:  # the window a site or a DICOM header picks varies
             centre, width = window
@@ -135,14 +212,19 @@ class PairMaker:
         view = window_8bit(target.frames[0], window)
         if self.augment:
             view = augment_8bit(view, rng)
-        return self.pair(reference, view, names, truth)
+        view, truth = reframe(view, target.truth[0].segments, names, rng)
+        return Query(reference, view, names, truth,
+                     {n: float(target.meta.diameters_mm[n]) for n in names},
+                     float(target.meta.pixel_spacing_mm))
 
     def pair(self, reference: Reference, frame: np.ndarray, names: tuple[str, ...],
              truth: dict[str, Box | None]) -> Pair:
         """The pair for a reference, an 8-bit target frame and its truth boxes."""
         parts = prompts.locate_parts(reference, self.layout, names, self.system)
-        prompt = prompts.conversation_ids(self.tokenizer, parts, self.layout)
         frame_size = (int(frame.shape[0]), int(frame.shape[1]))
+        reference_size = self.layout.size_for(reference.size)
+        sizes = (reference_size, reference_size, self.layout.size_for(frame_size))
+        prompt = prompts.conversation_ids(self.tokenizer, parts, self.layout, sizes)
         answer = answer_text({n: truth[n] for n in names}, self.layout, frame_size)
         answer_ids = [*self.tokenizer.encode(answer, add_special_tokens=False).ids, self._end]
         ids = np.concatenate([prompt, np.array([answer_ids], np.int64)], axis=1)
@@ -151,7 +233,7 @@ class PairMaker:
         patches = (image_patches(reference.image, self.layout, reference.channel_order),
                    image_patches(prompts.annotated_image(reference), self.layout, "rgb"),
                    image_patches(frame, self.layout, "rgb"))
-        return Pair(names, ids, labels, patches, answer, dict(truth), frame_size)
+        return Pair(names, ids, labels, patches, answer, dict(truth), frame_size, sizes)
 
     def stream(self, first_seed: int):
         """Pairs of consecutive seeds from `first_seed` (skipping unusable draws), with the

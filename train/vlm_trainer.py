@@ -26,7 +26,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +44,7 @@ from rau_rt.train.record import (
     write_json_atomic,
 )
 from rau_rt.train.vlm_data import Pair, PairMaker
+from rau_rt.vlm_layout import FAMILIES, aspect_sizes
 
 SIZES = ("micro", "tiny")  # micro: the demo localizer; tiny: tests
 FAMILY = "qwen2_5_vl"
@@ -55,16 +56,17 @@ class VlmTrainConfig:
     """Everything that determines a training run (recorded in record.json)."""
 
     size: str = "micro"
-    input_size: int = 224  # the square vision input (multiple of patch x merge = 28)
-    steps: int = 4000
-    lr: float = 3e-4
+    input_size: int = 224  # the square vision input (multiple of patch x merge = 28); other
+    # aspects at its pixel budget (`rau_rt.vlm_layout.aspect_sizes`)
+    steps: int = 10000  # ~1.5 h on 2 cores (a step is ~0.5 s: draw, forward, backward)
+    lr: float = 5e-4
     weight_decay: float = 0.05
-    warmup: int = 200
+    warmup: int = 300
     grad_clip: float = 1.0
     seed: int = 0  # model init and torch's RNG
     first_pair_seed: int = TRAIN_SEEDS.start
     checkpoint_minutes: float = 5.0
-    validate_every: int = 500
+    validate_every: int = 1000
     validation_pairs: int = 16
     threads: int = 2
 
@@ -102,8 +104,48 @@ def load(cfg: VlmTrainConfig, folder: Path):
     model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
         folder, dtype="float32")
     layout = make_layout(model, FAMILY, cfg.input_size, hidden_state=False)
+    fam = layout.family_constants
+    layout = replace(layout, buckets=aspect_sizes(cfg.input_size ** 2, fam.factor))
     maker = PairMaker(layout, (folder / "tokenizer.json").read_text())
     return model, layout, maker
+
+
+def restore(weights: Path, folder: Path, size: str = "micro") -> Path:
+    """The Hugging Face folder of shipped fp16 weights (`WEIGHTS_FILE` of a run): the `size`
+    model's config and local tokenizer, as the run built them, with the weights in fp32.
+
+    Raises:
+        InputError: the weights are not this size's (missing, unexpected or misshapen
+            tensors), or were saved for another model.
+    """
+    import torch
+    import transformers
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from rau_rt.export.vlm.model import build_random
+
+    weights, folder = Path(weights), Path(folder)
+    if not weights.is_file():
+        raise InputError(f"{weights}: no such weights file")
+    with safe_open(str(weights), "pt") as handle:
+        meta = handle.metadata() or {}
+    if meta.get("model") != "vlm" or meta.get("size") != size or meta.get("family") != FAMILY:
+        raise InputError(f"{weights}: saved for {meta or 'an unknown model'}, not the {size} "
+                         f"{FAMILY} VLM that `rau-rt train vlm` trains")
+    build_random(folder, size, FAMILY)
+    model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        folder, dtype="float32")
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(weights).items()}
+    mine = model.state_dict()
+    wrong = sorted(set(state) ^ set(mine)) + sorted(
+        k for k in set(state) & set(mine) if state[k].shape != mine[k].shape)
+    if wrong:
+        raise InputError(f"{weights}: tensors do not fit the {size} model: {wrong[:5]}")
+    with torch.no_grad():
+        model.load_state_dict(state)
+    model.save_pretrained(folder)
+    return folder
 
 
 def pair_loss(model, pair: Pair):
@@ -119,9 +161,10 @@ def _vision(pair: Pair) -> dict[str, object]:
     """transformers' image inputs for a pair: its patches, one (1, side, side) grid each."""
     import torch
 
-    sides = [round(np.sqrt(p.shape[0])) for p in pair.patches]  # square inputs
+    patch = FAMILIES[FAMILY].patch_size
     return {"pixel_values": torch.from_numpy(np.concatenate(pair.patches)),
-            "image_grid_thw": torch.tensor([[1, s, s] for s in sides])}
+            "image_grid_thw": torch.tensor([[1, h // patch, w // patch]
+                                            for h, w in pair.input_sizes])}
 
 
 def validation_pairs(cfg: VlmTrainConfig, maker: PairMaker) -> list[Pair]:
@@ -156,7 +199,7 @@ def evaluate(model, maker: PairMaker, pairs: list[Pair]) -> dict[str, float]:
                                  **_vision(pair), do_sample=False,
                                  max_new_tokens=int(pair.answer_tokens * 1.5) + 8)
             text = maker.tokenizer.decode(out[0, start:].tolist(), skip_special_tokens=True)
-            got = parse_answer(text, pair.names, fam.box_convention, maker.layout.input_size,
+            got = parse_answer(text, pair.names, fam.box_convention, pair.input_sizes[-1],
                                pair.frame_size)
             # parsed: a JSON list with an item for every region asked
             parsed_ok += all(r.reason != NOT_IN_ANSWER and not (r.reason or "").startswith(NO_JSON)

@@ -58,16 +58,20 @@ def runtime_inputs(images: Sequence[np.ndarray], layout: VlmLayout, tokenizer_js
 
 
 def hf_inputs(images: Sequence[np.ndarray], tokenizer, fam: VlmFamily,
-              parts: Sequence[str] = PROMPT_PARTS):
+              parts: Sequence[str] = PROMPT_PARTS, max_pixels: int | None = None):
     """transformers' processor output (torch tensors) for a one-turn conversation of `parts`
-    (text, or IMAGE_PLACEHOLDER for the next of `images`); by default the export's prompt."""
+    (text, or IMAGE_PLACEHOLDER for the next of `images`); by default the export's prompt.
+    `max_pixels`: the processor's pixel budget (default the family's, which leaves images at
+    a model-input size as they are)."""
     import transformers
     from PIL import Image
 
+    budget = {} if max_pixels is None else {"size": {"shortest_edge": fam.factor ** 2,
+                                                     "longest_edge": max_pixels}}
     image_processor = transformers.Qwen2VLImageProcessor(
         patch_size=fam.patch_size, merge_size=fam.merge_size,
         temporal_patch_size=fam.temporal_patch_size, image_mean=list(fam.mean),
-        image_std=list(fam.std))
+        image_std=list(fam.std), **budget)
     processor_class, video_class = {
         "qwen2_5_vl": (transformers.Qwen2_5_VLProcessor, transformers.Qwen2VLVideoProcessor),
         "qwen2_vl": (transformers.Qwen2VLProcessor, transformers.Qwen2VLVideoProcessor),

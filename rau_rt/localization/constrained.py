@@ -1,9 +1,14 @@
 """Constrained box decoding with llguidance: the answer grammar and the per-step token mask.
 
-The grammar (lark) accepts exactly the compact JSON the prompt asks for, with at most one item
-per requested region:
+The grammar (lark) accepts exactly the compact JSON the prompt asks for:
 
     [{"bbox_2d":[x1,y1,x2,y2],"label":"<a requested name>"},...]   or "bbox_2d":null
+
+in one of two forms (`ANSWER_FORMS`): "every" (the default) has one item per requested region
+in the order asked, as the prompt requests ("null for a region that is not visible"), so every
+answer is complete and the labels are forced, leaving the model only null-or-box and the
+numbers; "any" allows up to as many items as regions asked, each with a requested label, in
+any order, for a fine-tune that lists only the regions it finds.
 
 Numbers are ASCII digits without leading zeros, bounded by the model's coordinate range (the
 input's side for Qwen2.5-VL's absolute pixels, 1000 for Qwen2-VL), written as `[0-9]` classes
@@ -50,21 +55,30 @@ def _lark_literal(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def box_grammar(names: Sequence[str], max_coordinate: int) -> str:
-    """The lark grammar of an answer for `names` (at most len(names) items)."""
+ANSWER_FORMS = ("every", "any")
+
+
+def box_grammar(names: Sequence[str], max_coordinate: int, form: str = "every") -> str:
+    """The lark grammar of an answer for `names` in `form` (`ANSWER_FORMS`): every name once
+    in order, or at most len(names) items with any of the names."""
     if not names:
         raise InputError("box_grammar: expected at least one region name")
-    labels = " | ".join(_lark_literal(json.dumps(n, ensure_ascii=False)) for n in names)
+    if form not in ANSWER_FORMS:
+        raise InputError(f"box_grammar: form {form!r}, expected one of {ANSWER_FORMS}")
+    literals = [_lark_literal(json.dumps(n, ensure_ascii=False)) for n in names]
+    common = ['coords: "[" NUM "," NUM "," NUM "," NUM "]" | "null"',
+              f"NUM: /{number_pattern(max_coordinate)}/"]
+    item = '"{\\"bbox_2d\\":" coords ",\\"label\\":" LABEL "}"'
+    if form == "every":
+        return "\n".join([
+            'start: "[" ' + ' "," '.join(f"item{i}" for i in range(len(names))) + ' "]"',
+            *(f"item{i}: " + item.replace("LABEL", literal) for i, literal in enumerate(literals)),
+            *common]) + "\n"
     items = "box"
     for _ in range(len(names) - 1):  # nested optionals bound the count: box ("," box (...)?)?
         items = f'box ("," {items})?'
-    return "\n".join([
-        f'start: "[" ({items})? "]"',
-        'box: "{\\"bbox_2d\\":" coords ",\\"label\\":" label "}"',
-        'coords: "[" NUM "," NUM "," NUM "," NUM "]" | "null"',
-        f"NUM: /{number_pattern(max_coordinate)}/",
-        f"label: {labels}",
-    ]) + "\n"
+    return "\n".join([f'start: "[" ({items})? "]"', "box: " + item.replace("LABEL", "label"),
+                      *common, f"label: {' | '.join(literals)}"]) + "\n"
 
 
 def max_answer_bytes(names: Sequence[str], max_coordinate: int) -> int:

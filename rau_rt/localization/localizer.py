@@ -20,7 +20,12 @@ import numpy as np
 from rau_rt import ops
 from rau_rt.errors import BundleError, InputError
 from rau_rt.localization import prompts
-from rau_rt.localization.constrained import Guidance, box_grammar, max_answer_bytes
+from rau_rt.localization.constrained import (
+    ANSWER_FORMS,
+    Guidance,
+    box_grammar,
+    max_answer_bytes,
+)
 from rau_rt.localization.parse import parse_answer
 from rau_rt.reference import Reference
 from rau_rt.types import Box, Frame
@@ -64,6 +69,10 @@ class LocalizerConfig:
             (Qwen2/2.5-VL "You are a helpful assistant.", Qwen3-VL none); None: no system turn.
         channel_order: of bare (H, W, 3) arrays passed as frames ("rgb" or "bgr"); a `Frame`
             carries its own.
+        answer_form: what the constrained grammar accepts (`constrained.ANSWER_FORMS`):
+            "every" region asked once, in order, null where not visible (what the prompt
+            asks for); "any": up to as many items as regions asked, any labels and order (a
+            fine-tune that lists only what it finds).
     """
 
     constrained: bool = True
@@ -72,6 +81,7 @@ class LocalizerConfig:
     ask_max_new_tokens: int = FREE_MAX_TOKENS
     system: str | _FamilySystem | None = FAMILY_SYSTEM
     channel_order: str = "rgb"
+    answer_form: str = "every"
 
     def __post_init__(self) -> None:
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
@@ -80,6 +90,9 @@ class LocalizerConfig:
             raise InputError(f"ask_max_new_tokens must be >= 1, got {self.ask_max_new_tokens}")
         if self.channel_order not in ("rgb", "bgr"):
             raise InputError(f"channel_order must be 'rgb' or 'bgr', got {self.channel_order!r}")
+        if self.answer_form not in ANSWER_FORMS:
+            raise InputError(f"answer_form must be one of {ANSWER_FORMS}, got "
+                             f"{self.answer_form!r}")
 
 
 @dataclass(frozen=True)
@@ -112,10 +125,12 @@ class LocateResult:
 def image_patches(image: np.ndarray, layout: VlmLayout, channel_order: str = "rgb",
                   bits_stored: int | None = None,
                   window: tuple[float, float] | None = None) -> np.ndarray:
-    """An image as the vision graph's input: VOI-windowed if `window`, resized to the
-    layout's input size, normalized, patchified (what the localizer feeds for every image)."""
+    """An image as the vision graph's input: VOI-windowed if `window`, resized to its
+    model-input size (`layout.size_for`: the input size, or the aspect bucket nearest the
+    image's), normalized, patchified (what the localizer feeds for every image)."""
     fam = layout.family_constants
-    pixels = ops.resize_for_vlm(image, size=layout.input_size, factor=fam.factor,
+    size = layout.size_for(image.shape[:2])
+    pixels = ops.resize_for_vlm(image, size=size, factor=fam.factor,
                                 channel_order=channel_order, mean=fam.mean, std=fam.std,
                                 window=window, bits_stored=bits_stored).pixels
     return patchify(pixels, fam)[0]
@@ -236,7 +251,8 @@ class Localizer:
         if names not in self._grammars:
             fam, (height, width) = self._family, self.layout.input_size
             limit = max(height, width) if fam.box_convention == "absolute" else 1000
-            self._grammars[names] = (self._guidance.compile(box_grammar(names, limit)),
+            grammar = box_grammar(names, limit, self.config.answer_form)
+            self._grammars[names] = (self._guidance.compile(grammar),
                                      max_answer_bytes(names, limit))
         return self._grammars[names]
 

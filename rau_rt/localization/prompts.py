@@ -93,26 +93,35 @@ class PromptParts:
         return chat_prompt(self.parts, self.system)[len(self.prefix_text()):]
 
 
-def token_ids(tokenizer, text: str, layout: VlmLayout) -> np.ndarray:
+def token_ids(tokenizer, text: str, layout: VlmLayout,
+              sizes: Sequence[Sequence[int]] | None = None) -> np.ndarray:
     """[1, S] ids of chat text as the localizer feeds them: `tokenizer` (a `tokenizers`
-    Tokenizer) without added special tokens, every image pad expanded to an image's tokens."""
-    return expand_image_tokens(tokenizer.encode(text, add_special_tokens=False).ids, layout)[None]
+    Tokenizer) without added special tokens, every image pad expanded to its image's tokens
+    (`sizes`: each image's model-input size in order; None: all at the layout's input size)."""
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    return expand_image_tokens(ids, layout, sizes)[None]
 
 
-def conversation_ids(tokenizer, parts: PromptParts, layout: VlmLayout) -> np.ndarray:
+def conversation_ids(tokenizer, parts: PromptParts, layout: VlmLayout,
+                     sizes: Sequence[Sequence[int]] | None = None) -> np.ndarray:
     """[1, S] ids of a whole conversation: the prefix and the tail tokenized apart, as the
-    localizer tokenizes them (the prefix is cached), which equals tokenizing it whole."""
-    return np.concatenate([token_ids(tokenizer, parts.prefix_text(), layout),
-                           token_ids(tokenizer, parts.tail_text(), layout)], axis=1)
+    localizer tokenizes them (the prefix is cached), which equals tokenizing it whole.
+    `sizes`: every image's model-input size in order (None: all at the layout's input size)."""
+    prefix_images = sum(part == IMAGE_PLACEHOLDER for part in parts.prefix)
+    head = None if sizes is None else sizes[:prefix_images]
+    tail = None if sizes is None else sizes[prefix_images:]
+    return np.concatenate([token_ids(tokenizer, parts.prefix_text(), layout, head),
+                           token_ids(tokenizer, parts.tail_text(), layout, tail)], axis=1)
 
 
 def reference_parts(reference: Reference, layout: VlmLayout) -> tuple[str, ...]:
-    """Prompt parts 1-4 (up to the target image) for a reference, boxes in the model's units."""
+    """Prompt parts 1-4 (up to the target image) for a reference, boxes in the model's units
+    of the reference's model input (`layout.size_for`)."""
     fam = layout.family_constants
-    height, width = layout.input_size
-    units = UNITS[fam.box_convention].format(width=width, height=height)
+    size = layout.size_for(reference.size)
+    units = UNITS[fam.box_convention].format(width=size[1], height=size[0])
     items = [(r.name, geometry.box_frame_to_vlm(reference.box(r), fam.box_convention,
-                                                layout.input_size, reference.size))
+                                                size, reference.size))
              for r in reference.regions]
     return (REFERENCE_INTRO, IMAGE_PLACEHOLDER, ANNOTATED_INTRO, IMAGE_PLACEHOLDER,
             REGIONS_INTRO.format(units=units) + answer_json(items), TARGET_INTRO)
