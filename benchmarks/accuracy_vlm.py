@@ -141,12 +141,13 @@ class Tally:
         }
 
 
-def localizer_suite(weights: Path, pairs: int, workdir: Path) -> tuple[list[dict], dict]:
+def localizer_suite(weights: Path, pairs: int, workdir: Path, precisions=PRECISIONS,
+                    ) -> tuple[list[dict], dict]:
     """The `localizer` cases: `localizer/<model>/<precision>`."""
     from rau_rt.train.vlm_data import PairMaker
     from rau_rt.vlm_layout import read_layout
 
-    folders = export_bundles(weights, workdir)
+    folders = export_bundles(weights, workdir, precisions)
     layout = read_layout(folders["fp32"])
     maker = PairMaker(layout, (folders["fp32"] / "tokenizer.json").read_text(), augment=False)
     queries = []
@@ -174,7 +175,7 @@ def localizer_suite(weights: Path, pairs: int, workdir: Path) -> tuple[list[dict
         timing = stats(np.asarray(tally.ms))
         case = {"case": f"localizer/{MODEL}/{precision}", "backend": "onnxruntime-cpu",
                 "precision": precision, **timing, "task": tally.task(), "fidelity": {}}
-        if precision != "fp32":
+        if precision != "fp32" and "fp32" in answers:
             same = [a == b for a, b in zip(answers[precision], answers["fp32"], strict=True)]
             case["fidelity"] = {"answer_equal_to_fp32": float(np.mean(same))}
         cases.append(case)

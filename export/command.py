@@ -151,7 +151,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                      "qwen2_5_vl; qwen3_vl adds the deepstack inputs)")
     vlm.add_argument("--input-size", type=int, default=448, help="square VLM input side in "
                      "pixels, a multiple of patch x merge (28; Qwen3-VL 32); every image is "
-                     "resized to it (default 448)")
+                     "resized to it, or to its aspect's bucket with --aspect-buckets "
+                     "(default 448)")
+    vlm.add_argument("--aspect-buckets", action="store_true",
+                     help="also export the vision graph at 4:3, 16:9 and their transposes at "
+                     "the same pixel budget (Qwen's smart_resize of such frames), so frames "
+                     "keep their aspect instead of being stretched to the square")
     vlm.add_argument("--precision", choices=("fp32", "fp16", "int8", "int4"), default="fp32",
                      help="fp16: all three graphs for GPUs (norms, Softmax and RoPE kept fp32, "
                      "float16 KV cache); int8: decoder dynamic; int4: decoder MatMulNBits (the "
@@ -200,7 +205,8 @@ def run(args: argparse.Namespace, generate_sequence=None) -> int:
 
         summary = vlm.export_vlm(vlm.VlmExportConfig(
             out=args.out, model=args.model, random_init=args.random_init, family=args.family,
-            input_size=args.input_size, precision=args.precision, block_size=args.block_size,
+            input_size=args.input_size, aspect_buckets=args.aspect_buckets,
+            precision=args.precision, block_size=args.block_size,
             quantize_lm_head=args.quantize_lm_head, hidden_state=args.hidden_state,
             new_tokens=args.new_tokens, max_context=args.max_context,
             progress=not args.json))

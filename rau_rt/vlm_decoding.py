@@ -29,7 +29,6 @@ from rau_rt.errors import DecodingError, InputError
 from rau_rt.vlm_layout import (
     DECODER,
     EMBED,
-    VISION,
     VlmLayout,
     cast_feeds,
     declared_dtypes,
@@ -70,10 +69,13 @@ class ImageFeatures:
         features: [N, hidden] merged visual tokens, scattered at the image-pad positions.
         deepstack: [L, N, hidden] features of intermediate vision blocks (Qwen3-VL), added at
             the same positions after the decoder's first L layers; None without deepstack.
+        grids: each image's merged (rows, cols), for its M-RoPE positions; empty: every image
+            at the layout's input size.
     """
 
     features: np.ndarray
     deepstack: np.ndarray | None = None
+    grids: tuple[tuple[int, int], ...] = ()
 
     @property
     def tokens(self) -> int:
@@ -90,8 +92,11 @@ class ImageFeatures:
     def concat(parts: Sequence[ImageFeatures]) -> ImageFeatures:
         """Images of several parts of a prompt, joined in order (at least one part)."""
         deep = [p.deepstack for p in parts]
+        if any(p.tokens and not p.grids for p in parts) and any(p.grids for p in parts):
+            raise InputError("ImageFeatures.concat: parts with and without grids")
         return ImageFeatures(np.concatenate([p.features for p in parts]),
-                             None if deep[0] is None else np.concatenate(deep, axis=1))
+                             None if deep[0] is None else np.concatenate(deep, axis=1),
+                             tuple(g for p in parts for g in p.grids))
 
 
 @dataclass(frozen=True)
@@ -149,21 +154,30 @@ class Decoder:
         self.layout = layout
         # Feeds are cast to the dtypes the loaded graphs declare (fp16 graphs take a float16
         # KV cache), so the cache is kept in the decoder's dtype from the start.
-        self._dtypes = {g: declared_dtypes(graphs, g) for g in (VISION, EMBED, DECODER)}
+        self._dtypes = {g: declared_dtypes(graphs, g)
+                        for g in (*layout.vision_graphs, EMBED, DECODER)}
         self._kv_dtype = self._dtypes[DECODER].get(layout.past_names[0], layout.float_dtype)
         hidden, deep = layout.hidden_size, layout.deepstack_layers
         self._no_images = ImageFeatures(np.zeros((0, hidden), np.float32),
                                         np.zeros((deep, 0, hidden), np.float32) if deep
                                         else None)
 
-    def image_features(self, patches: Sequence[np.ndarray]) -> ImageFeatures:
-        """Every image's patches through the vision graph, concatenated in prompt order."""
+    def image_features(self, patches: Sequence[np.ndarray],
+                       sizes: Sequence[Sequence[int]] | None = None) -> ImageFeatures:
+        """Every image's patches through the vision graph of its model-input size (`sizes`,
+        in order; None: all at the layout's input size), concatenated in prompt order."""
         if not patches:
             return self._no_images
-        outputs = [self._run(VISION, {"pixel_values": p}) for p in patches]
-        return ImageFeatures.concat([ImageFeatures(o["image_features"],
-                                                   o.get("deepstack_features"))
-                                     for o in outputs])
+        if sizes is None:
+            sizes = [self.layout.input_size] * len(patches)
+        if len(sizes) != len(patches):
+            raise InputError(f"image_features: {len(patches)} images, {len(sizes)} sizes")
+        parts = []
+        for p, size in zip(patches, sizes, strict=True):
+            out = self._run(self.layout.vision_graph(size), {"pixel_values": p})
+            parts.append(ImageFeatures(out["image_features"], out.get("deepstack_features"),
+                                       (self.layout.merged_grid(size),)))
+        return ImageFeatures.concat(parts)
 
     def empty_cache(self) -> KvCache:
         """No tokens yet, in the decoder's KV dtype."""
@@ -194,7 +208,8 @@ class Decoder:
                              f"{features.tokens} image feature rows")
         if cache is None:
             cache = self.empty_cache()
-        positions, delta = rope_positions(ids, self.layout, start=cache.next_position)
+        positions, delta = rope_positions(ids, self.layout, start=cache.next_position,
+                                          grids=features.grids or None)
         embeds = self._run(EMBED, {"input_ids": ids, **features.feeds()})
         return self._decode(embeds, positions, cache, delta=cache.delta + delta)
 

@@ -155,11 +155,32 @@ class VlmLayout:
     def family_constants(self) -> VlmFamily:
         return family(self.family)
 
+    def vision_graph(self, size: Sequence[int]) -> str:
+        """The vision graph's role for a model input of (height, width) `size`: `VISION` at
+        `input_size`, `vlm_vision_<h>x<w>` for a bucket."""
+        size = (int(size[0]), int(size[1]))
+        if size == tuple(self.input_size):
+            return VISION
+        if size not in self.sizes:
+            raise InputError(f"no vision graph for a {size[0]}x{size[1]} input: the bundle has "
+                             f"{['x'.join(map(str, s)) for s in self.sizes]}")
+        return f"{VISION}_{size[0]}x{size[1]}"
+
+    @property
+    def vision_graphs(self) -> tuple[str, ...]:
+        """Every vision graph's role, `input_size`'s first."""
+        return tuple(self.vision_graph(s) for s in self.sizes)
+
+    def merged_grid(self, size: Sequence[int]) -> tuple[int, int]:
+        """(rows, cols) of an image's visual tokens at model-input `size`."""
+        m = self.family_constants.merge_size
+        _, gh, gw = self.grid_for(size)
+        return gh // m, gw // m
+
     @property
     def sizes(self) -> tuple[tuple[int, int], ...]:
         """Every model-input (height, width) the bundle takes: `input_size`, then buckets."""
-        return (tuple(self.input_size), *(tuple(b) for b in self.buckets
-                                          if tuple(b) != tuple(self.input_size)))
+        return tuple(dict.fromkeys([tuple(self.input_size), *(tuple(b) for b in self.buckets)]))
 
     def size_for(self, frame_size: Sequence[int]) -> tuple[int, int]:
         """The model-input size a frame of (height, width) is resized to: the size whose
@@ -312,6 +333,7 @@ def expand_image_tokens(ids: Sequence[int], layout: VlmLayout,
 
 
 def rope_positions(input_ids: np.ndarray, layout: VlmLayout, start: int = 0,
+                   grids: Sequence[Sequence[int]] | None = None,
                    ) -> tuple[np.ndarray, int]:
     """3-D M-RoPE position ids [3, B, S] and the rope delta for decoding after them.
 
@@ -324,6 +346,8 @@ def rope_positions(input_ids: np.ndarray, layout: VlmLayout, start: int = 0,
         input_ids: [B, S] ids of a full prompt (every image's pad tokens expanded).
         layout: the bundle's layout (grid, merge size, image token id).
         start: position of the first token (0 for a prompt from scratch).
+        grids: each image's merged (rows, cols) in order (`layout.merged_grid`); None: every
+            image at the layout's input size.
 
     Returns:
         (position_ids [3, B, S] int64, delta = max position + 1 - (start + S)), with the same
@@ -332,29 +356,35 @@ def rope_positions(input_ids: np.ndarray, layout: VlmLayout, start: int = 0,
     ids = np.asarray(input_ids)
     if ids.ndim != 2:
         raise InputError(f"rope_positions: expected [batch, seq] ids, got shape {ids.shape}")
-    m = layout.family_constants.merge_size
-    rows, cols = layout.grid_thw[1] // m, layout.grid_thw[2] // m
-    per_image = rows * cols
-    image_t = np.zeros(per_image, np.int64)
-    image_h = np.repeat(np.arange(rows), cols)
-    image_w = np.tile(np.arange(cols), rows)
+    default = layout.merged_grid(layout.input_size)
     out = np.zeros((3, *ids.shape), np.int64)
     deltas = set()
     for b, row in enumerate(ids):
-        pos, i, length = start, 0, len(row)
+        pos, i, length, image = start, 0, len(row), 0
         while i < length:
             if row[i] == layout.image_token_id:
+                if grids is not None and image >= len(grids):
+                    raise InputError(f"rope_positions: more images in the ids than the "
+                                     f"{len(grids)} grids given")
+                rows, cols = default if grids is None else (int(v) for v in grids[image])
+                per_image = rows * cols
                 if i + per_image > length or np.any(row[i:i + per_image]
                                                     != layout.image_token_id):
                     raise InputError(f"rope_positions: an image needs {per_image} consecutive "
                                      "image-pad tokens; expand them with expand_image_tokens")
-                out[:, b, i:i + per_image] = pos + np.stack([image_t, image_h, image_w])
+                out[0, b, i:i + per_image] = pos
+                out[1, b, i:i + per_image] = pos + np.repeat(np.arange(rows), cols)
+                out[2, b, i:i + per_image] = pos + np.tile(np.arange(cols), rows)
                 pos += max(rows, cols)
                 i += per_image
+                image += 1
             else:
                 out[:, b, i] = pos
                 pos += 1
                 i += 1
+        if grids is not None and image != len(grids):
+            raise InputError(f"rope_positions: {image} images in the ids, {len(grids)} grids "
+                             "given")
         deltas.add(int(out[:, b].max()) + 1 - (start + length) if length else 0)
     if len(deltas) > 1:
         raise InputError("rope_positions: rows have different image layouts; run them apart")

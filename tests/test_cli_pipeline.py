@@ -1,9 +1,9 @@
-"""`rau-rt demo`, `run` and `bench` end to end: real bundles (the shipped demo SAM2 micro +
-random-init Qwen2.5-VL tiny, exported and verified by the demo), the real localizer in its
-worker, real files.
+"""`rau-rt demo`, `run` and `bench` end to end: real bundles (the shipped demo SAM2 micro and
+Qwen2.5-VL micro, exported and verified by the demo), the real localizer in its worker, real
+files.
 
 The demo runs twice at a reduced size (it builds the bundle the other tests use; the second run
-reuses it with the random VLM's keyframes on); `run` goes
+reuses it with keyframe localization off); `run` goes
 over a synthetic MKV, a 16-bit PNG folder, a 12-bit XA DICOM and pydicom's RGB ultrasound
 cine; bad inputs end in a one-line typed error and exit code 1.
 """
@@ -47,10 +47,11 @@ def demo(tmp_path_factory):
         assert main(args) == 0
         first = stdout.getvalue()
         stdout.truncate(0)
-        assert main([*args, "--localize", "on", "--out", str(root / "on")]) == 0  # cached
+        assert main([*args, "--localize", "off", "--out", str(root / "off")]) == 0  # cached
         second = stdout.getvalue()
     (bundle,) = [p for p in cache.iterdir() if p.name.startswith("demo-")]
-    return {"out": out, "on": root / "on", "bundle": bundle, "first": first, "second": second}
+    return {"out": out, "off": root / "off", "bundle": bundle, "first": first,
+            "second": second}
 
 
 @pytest.fixture(scope="module")
@@ -82,25 +83,30 @@ def records(path):
 def test_demo_writes_every_output_and_says_what_its_weights_are(demo):
     out = demo["out"]
     assert "trained on synthetic angiography only" in demo["first"]
-    assert "VLM: random weights" in demo["first"]  # so its keyframes are off by default
     assert "built now" in demo["first"] and "reused from the cache" in demo["second"]
     summary = json.loads((out / "summary.json").read_text())
     processed, dropped = summary["frames_processed"], summary["pipeline"]["frames_dropped"]
     assert processed + dropped == 8 and processed >= 2  # live replay: late frames drop
-    assert summary["localize"] is False and summary["config"]["realtime"] is True
-    assert len(summary["notes"]) == 2
+    assert summary["localize"] is True and summary["config"]["realtime"] is True
+    assert len(summary["notes"]) == 1
     assert summary["regions"] == ["5", "6", "7", "11"]
-    assert summary["pipeline"]["keyframes"] == []
-    assert set(summary["engines"]) == {"sam2"}
+    # the trained VLM on keyframes, its answers scored against the truth of their frames
+    assert summary["pipeline"]["keyframes"][0] == {"frame": 0, "reason": "first"}
+    located = summary["localizer_accuracy"]
+    assert located["answers"] == len(summary["pipeline"]["answers"])
+    assert located["visible"] + located["not_visible"] == 4 * located["answers"]
+    if located["answers"]:
+        assert "localizer on" in demo["first"]
+    assert all(set(a["located"]) == set(summary["regions"]) for a in summary["pipeline"]["answers"])
     # scored against the cine's truth: every processed frame, four segments each
     assert summary["accuracy"]["frames"] == 4 * processed
     assert "accuracy against the cine's exact truth" in demo["first"]
     picture = cv2.imread(str(out / "truth_vs_prediction.png"))
     assert picture is not None and picture.shape == (256, 2 * 256 + 6, 3)
-    on = json.loads((demo["on"] / "summary.json").read_text())
-    assert on["localize"] is True and "VLM: random weights" not in demo["second"]
-    assert on["pipeline"]["keyframes"][0] == {"frame": 0, "reason": "first"}
-    engines = on["engines"]
+    off = json.loads((demo["off"] / "summary.json").read_text())
+    assert off["localize"] is False and off["pipeline"]["keyframes"] == []
+    assert set(off["engines"]) == {"sam2"}
+    engines = summary["engines"]
     assert set(engines) == {"sam2", "vlm"}
     assert set(engines["sam2"]["graphs"]) == {"image_encoder", "mask_decoder",
                                               "memory_attention", "memory_encoder"}
@@ -118,6 +124,22 @@ def test_demo_writes_every_output_and_says_what_its_weights_are(demo):
     assert "| end to end |" in (out / "summary.md").read_text()
     assert not list(out.glob("*.partial"))
     assert "| end to end |" in demo["first"]
+
+
+def test_demo_random_init_means_both_models_and_no_keyframes(tmp_path):
+    """--random-init builds the bundle from random SAM2 micro and Qwen2.5-VL tiny (no shipped
+    weights), and auto localization is then off: random boxes would prompt SAM2 with noise."""
+    import argparse
+
+    from rau_rt.commands import demo as demo_command
+
+    parser = argparse.ArgumentParser()
+    demo_command.configure(parser)
+    spec = demo_command._bundle_spec(parser.parse_args(["--random-init"]))
+    assert spec["sam2"]["random_init"] == "micro" and spec["vlm"]["random_init"] == "tiny"
+    shipped = demo_command._bundle_spec(parser.parse_args([]))
+    assert shipped["vlm"]["weights"] == str(demo_command.SHIPPED_VLM)
+    assert len(shipped["vlm"]["weights_sha256"]) == 64
 
 
 def test_readme_pipeline_example_runs_as_printed_after_the_demo(demo, tmp_path):

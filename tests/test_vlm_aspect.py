@@ -160,3 +160,69 @@ def test_reframed_targets_keep_their_truth_exact():
         expected |= {(long_side, 256) if h > w else (256, long_side),
                      (256, short_side) if h > w else (short_side, 256)}
     assert shapes == expected
+
+
+@pytest.fixture(scope="module")
+def bucket_bundle(tmp_path_factory):
+    """A tiny random Qwen2.5-VL exported at 112 px with aspect buckets: (model folder, bundle
+    folder)."""
+    pytest.importorskip("transformers", reason="the exporter needs the export extra")
+    from rau_rt.export import vlm
+    from rau_rt.export.vlm import model as vlm_model
+
+    root = tmp_path_factory.mktemp("buckets")
+    folder = vlm_model.build_random(root / "model", "tiny")
+    vlm.export_vlm(vlm.VlmExportConfig(out=root / "bundle", model=folder, input_size=112,
+                                       aspect_buckets=True))
+    return folder, root / "bundle"
+
+
+@pytest.mark.parametrize("frame_size", [(900, 1200), (1080, 1920)])
+def test_a_bucketed_bundle_decodes_a_wide_frame_as_transformers_does(bucket_bundle,
+                                                                      frame_size):
+    """The exported bucket graphs, the per-image token counts and the M-RoPE positions of a
+    non-square target: the runtime's greedy tokens are transformers' `generate` on the same
+    pixels (ours; resampling differs, see above) with the processor's ids and grids."""
+    import torch
+    import transformers
+
+    from rau_rt.bundle import load_bundle
+    from rau_rt.config import EngineConfig
+    from rau_rt.export.vlm import verify as vlm_verify
+    from rau_rt.localization import Decoder, Localizer, LocalizerConfig, prompts
+    from rau_rt.reference import Reference
+    from rau_rt.types import Region
+    from rau_rt.vlm_layout import read_layout
+
+    folder, bundle_dir = bucket_bundle
+    layout = read_layout(bundle_dir)
+    assert layout.sizes == aspect_sizes(112 * 112, 28)
+    rng = np.random.default_rng(3)
+    reference = Reference(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
+                          (Region("LAD", box=(40, 30, 200, 90)),))
+    frame = rng.integers(0, 256, (*frame_size, 3), dtype=np.uint8)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+    model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(folder)
+    with load_bundle(bundle_dir, config=EngineConfig(precision="fp32")) as bundle:
+        assert set(layout.vision_graphs) <= set(bundle.engines)
+        localizer = Localizer(bundle, reference, LocalizerConfig(constrained=False))
+        size = layout.size_for(frame_size)
+        parts = prompts.ask_parts(reference, layout, "Where is the LAD?")
+        images = [reference.image, prompts.annotated_image(reference), frame]
+        hf = vlm_verify.hf_inputs(images, tokenizer, layout.family_constants, parts.parts,
+                                  max_pixels=112 * 112)
+        ids = localizer.prompt_ids(parts, size)
+        np.testing.assert_array_equal(ids, hf["input_ids"].numpy())
+        patches = [localizer.patches(image) for image in images]
+        sizes = [layout.size_for(image.shape[:2]) for image in images]
+        assert [tuple(g) for g in hf["image_grid_thw"].tolist()] == [layout.grid_for(s)
+                                                                      for s in sizes]
+        hf["pixel_values"] = torch.from_numpy(np.concatenate(patches))
+        _, expected = vlm_verify.transformers_greedy(model, hf, 12)
+        decoder = Decoder(bundle, layout)
+        got = decoder.generate(ids, decoder.image_features(patches, sizes), max_new_tokens=12,
+                               min_new_tokens=12, stop_ids=())
+        assert list(got.tokens) == expected
+        # the localizer's own query on the frame goes through the bucket graph and parses
+        result = Localizer(bundle, reference).locate_result(frame, ["LAD"])
+        assert result.stop_reason == "grammar" and result.frame_size == frame_size

@@ -26,7 +26,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +44,7 @@ from rau_rt.train.record import (
     write_json_atomic,
 )
 from rau_rt.train.vlm_data import Pair, PairMaker
-from rau_rt.vlm_layout import FAMILIES, aspect_sizes
+from rau_rt.vlm_layout import FAMILIES
 
 SIZES = ("micro", "tiny")  # micro: the demo localizer; tiny: tests
 FAMILY = "qwen2_5_vl"
@@ -103,9 +103,7 @@ def load(cfg: VlmTrainConfig, folder: Path):
 
     model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
         folder, dtype="float32")
-    layout = make_layout(model, FAMILY, cfg.input_size, hidden_state=False)
-    fam = layout.family_constants
-    layout = replace(layout, buckets=aspect_sizes(cfg.input_size ** 2, fam.factor))
+    layout = make_layout(model, FAMILY, cfg.input_size, hidden_state=False, aspect_buckets=True)
     maker = PairMaker(layout, (folder / "tokenizer.json").read_text())
     return model, layout, maker
 

@@ -47,6 +47,7 @@ from rau_rt.vlm_layout import (
     EMBED,
     VISION,
     VlmLayout,
+    aspect_sizes,
     write_layout,
 )
 from rau_rt.vlm_layout import family as family_of
@@ -73,6 +74,9 @@ class VlmExportConfig:
         family: model type for `random_init` ("qwen2_5_vl", "qwen2_vl" or "qwen3_vl").
         input_size: square VLM input side in pixels (a multiple of patch x merge: 28;
             Qwen3-VL 32).
+        aspect_buckets: also export the vision graph at the other aspects of
+            `rau_rt.vlm_layout.ASPECTS` at the same pixel budget (what Qwen's processor makes
+            of 4:3 and 16:9 frames and their transposes), so frames keep their aspect.
         precision: "fp32", "fp16", "int8" or "int4" (per graph: see GRAPH_PRECISION).
         block_size: int4 weights per scale.
         quantize_lm_head: quantize the output projection too.
@@ -87,6 +91,7 @@ class VlmExportConfig:
     random_init: str | None = None
     family: str = "qwen2_5_vl"
     input_size: int = 448
+    aspect_buckets: bool = False
     precision: str = "fp32"
     block_size: int = 32
     quantize_lm_head: bool = False
@@ -107,7 +112,8 @@ class VlmExportConfig:
     def command(self) -> str:
         source = f"--model {self.model}" if self.model else f"--random-init {self.random_init}"
         return (f"rau-rt export vlm {source} --input-size {self.input_size} "
-                f"--precision {self.precision} --out {self.out}")
+                + ("--aspect-buckets " if self.aspect_buckets else "")
+                + f"--precision {self.precision} --out {self.out}")
 
 
 def checkpoint_sha256(directory: Path) -> str:
@@ -118,8 +124,10 @@ def checkpoint_sha256(directory: Path) -> str:
     return digest.hexdigest()
 
 
-def make_layout(model, family: str, input_size: int, hidden_state: bool) -> VlmLayout:
-    """The bundle's `vlm.json` for `model` at a square `input_size`."""
+def make_layout(model, family: str, input_size: int, hidden_state: bool,
+                aspect_buckets: bool = False) -> VlmLayout:
+    """The bundle's `vlm.json` for `model` at a square `input_size` (and, with
+    `aspect_buckets`, the other aspects at its pixel budget)."""
     fam = family_of(family)
     if input_size % fam.factor:
         raise InputError(f"--input-size {input_size}: must be a multiple of {fam.factor} "
@@ -143,7 +151,9 @@ def make_layout(model, family: str, input_size: int, hidden_state: bool) -> VlmL
         pad_token_id=model.generation_config.pad_token_id, has_hidden_state=hidden_state,
         deepstack_layers=(len(model.config.vision_config.deepstack_visual_indexes)
                           if fam.deepstack else 0),
-        past_names=past, present_names=present)
+        past_names=past, present_names=present,
+        buckets=tuple(size for size in aspect_sizes(input_size ** 2, fam.factor)
+                      if size != (input_size, input_size)) if aspect_buckets else ())
 
 
 def _ranges(layout: VlmLayout, graph: str, prompt: int, max_context: int) -> dict[str, dict]:
@@ -225,10 +235,11 @@ def _write(out: Path, layout: VlmLayout, config: VlmExportConfig,
     """manifest.json with the chosen precision's entry first per graph, then the fp32 one."""
     prompt = int(fp32.get("prompt_tokens", 1)) if fp32 else 1
     size = "x".join(map(str, layout.input_size))
-    extra = {VISION: {"input_size": size, "grid_thw": "x".join(map(str, layout.grid_thw)),
-                      "layout": "vlm.json"}}
+    extra = {layout.vision_graph(s): {"input_size": "x".join(map(str, s)),
+                                      "grid_thw": "x".join(map(str, layout.grid_for(s))),
+                                      "layout": "vlm.json"} for s in layout.sizes}
     entries = []
-    for graph in (VISION, EMBED, DECODER):
+    for graph in (*layout.vision_graphs, EMBED, DECODER):
         ranges = _ranges(layout, graph, max(prompt, 1), config.max_context) or None
         if graph in made:
             target, parity = made[graph]
@@ -279,7 +290,8 @@ def export_vlm(config: VlmExportConfig) -> dict[str, object]:
                   vlm_model.build_random(Path(tmp), config.random_init, config.family))
         model, tokenizer, fam = vlm_model.load(source)
         sha = checkpoint_sha256(source)
-        layout = make_layout(model, fam.name, config.input_size, config.hidden_state)
+        layout = make_layout(model, fam.name, config.input_size, config.hidden_state,
+                             config.aspect_buckets)
         tokenizer_files = copy_tokenizer(source, out)
         write_layout(out, layout)
 
@@ -324,6 +336,7 @@ def export_vlm(config: VlmExportConfig) -> dict[str, object]:
                           tokenizer_files)
     times = stages.close()
     return {"bundle": str(out), "family": fam.name, "input_size": list(layout.input_size),
+            "aspect_buckets": [list(b) for b in layout.buckets],
             "export_s": round(export_s, 3), "stage_s": times, "preprocess": preprocess,
             "end_to_end": {k: v for k, v in fp32.items() if not k.startswith("_")},
             "tokenizer_files": tokenizer_files,
@@ -336,7 +349,9 @@ def format_summary(summary: dict[str, object]) -> str:
     """The table `rau-rt export vlm` prints."""
     e2e = summary["end_to_end"]
     lines = [f"bundle {summary['bundle']} ({summary['family']}, input "
-             f"{summary['input_size'][0]}x{summary['input_size'][1]}, fp32 export "
+             f"{summary['input_size'][0]}x{summary['input_size'][1]}"
+             + "".join(f", {h}x{w}" for h, w in summary.get("aspect_buckets", ()))
+             + ", fp32 export "
              f"{summary['export_s']:.1f} s)",
              f"preprocess: patches max abs {summary['preprocess']['patch_max_abs']:.1e}, "
              f"input ids identical: {summary['preprocess']['input_ids_equal']}",

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rau_rt import ops
 from rau_rt.bundle import load_bundle
 from rau_rt.config import EngineConfig
 from rau_rt.engines import registry
@@ -28,7 +29,15 @@ from rau_rt.export.vlm import fp16 as vlm_fp16
 from rau_rt.export.vlm import graphs as vlm_graphs
 from rau_rt.export.vlm import verify as vlm_verify
 from rau_rt.export.vlm.quantize import QuantizeConfig, quantize
-from rau_rt.vlm_layout import DECODER, EMBED, VISION, VlmLayout, cast_feeds, rope_positions
+from rau_rt.vlm_layout import (
+    DECODER,
+    EMBED,
+    VISION,
+    VlmLayout,
+    cast_feeds,
+    patchify,
+    rope_positions,
+)
 
 # Where lowered graphs are checked: the exporter's engines use the default EngineConfig (CPU).
 # fp16 graphs run there too: ONNX Runtime computes fp16 ops without a CPU kernel in fp32
@@ -39,7 +48,7 @@ VERIFIED_ON = "onnxruntime CPUExecutionProvider"
 def export_fp32(model, layout: VlmLayout, out: Path, ids: np.ndarray,
                  patches: list[np.ndarray]) -> tuple[dict[str, Path], dict[str, dict]]:
     """Write the three fp32 graphs and compare each with its eager module on the prompt."""
-    paths = {g: out / f"{g}.fp32.onnx" for g in (VISION, EMBED, DECODER)}
+    paths = {g: out / f"{g}.fp32.onnx" for g in (*layout.vision_graphs, EMBED, DECODER)}
     deep = layout.deepstack_layers
     vision = vlm_graphs.VisionGraph(model, layout.grid_thw, deepstack=bool(deep))
     embed = vlm_graphs.EmbedGraph(model, layout.image_token_id)
@@ -92,7 +101,34 @@ def export_fp32(model, layout: VlmLayout, out: Path, ids: np.ndarray,
             parity[graph] = compare(expected, got, "fp32")
             require_parity(parity[graph], str(paths[graph]))
             parity[graph]["reference"] = f"torch {torch.__version__} eager fp32 on cpu"
+    for size, sample in bucket_samples(layout).items():  # the aspect buckets' vision graphs
+        graph = layout.vision_graph(size)
+        module = vlm_graphs.VisionGraph(model, layout.grid_for(size), deepstack=bool(deep))
+        vlm_graphs.write_onnx(module, {"pixel_values": torch.from_numpy(sample)}, paths[graph],
+                              visual_names, {}, "fp32")
+        with torch.inference_mode():
+            reference = module(torch.from_numpy(sample))
+        reference = reference if isinstance(reference, tuple) else (reference,)
+        with registry.open_engine(paths[graph], "onnxruntime", precision="fp32") as engine:
+            got = engine.run({"pixel_values": sample})
+        parity[graph] = compare({n: r.numpy() for n, r in zip(visual_names, reference,
+                                                                strict=True)}, got, "fp32")
+        require_parity(parity[graph], str(paths[graph]))
+        parity[graph]["reference"] = f"torch {torch.__version__} eager fp32 on cpu"
     return paths, parity
+
+
+def bucket_samples(layout: VlmLayout) -> dict[tuple[int, int], np.ndarray]:
+    """A sample image's patches at every aspect bucket's size (not `input_size`): what the
+    bucket vision graphs are traced with and checked on."""
+    fam = layout.family_constants
+    samples = {}
+    for size in layout.sizes[1:]:
+        image = vlm_verify.sample_images(size)[0]
+        pixels = ops.resize_for_vlm(image, size=size, channel_order="rgb", factor=fam.factor,
+                                    mean=fam.mean, std=fam.std).pixels
+        samples[size] = patchify(pixels, fam)[0]
+    return samples
 
 
 def _concat_visual(per_image: list, deepstack: int) -> tuple[torch.Tensor, ...]:
@@ -159,8 +195,16 @@ def quantize_graphs(model, out: Path, layout: VlmLayout, chosen: dict[str, str],
                        {n: t.numpy() for n, t in zip(visual_names, one, strict=True)}),
               EMBED: (embed_feeds, {n: t.numpy() for n, t in zip(
                   ["inputs_embeds", "deepstack_embeds"], embedded, strict=False)})}
-    for graph in (VISION, EMBED, DECODER):
-        precision = chosen[graph]
+    for size, sample in bucket_samples(layout).items():
+        module = vlm_graphs.VisionGraph(model, layout.grid_for(size), deepstack=bool(deep))
+        with torch.inference_mode():
+            bucket = module(torch.from_numpy(sample))
+        bucket = bucket if isinstance(bucket, tuple) else (bucket,)
+        checks[layout.vision_graph(size)] = (
+            {"pixel_values": sample},
+            {n: t.numpy() for n, t in zip(visual_names, bucket, strict=True)})
+    for graph in (*layout.vision_graphs, EMBED, DECODER):
+        precision = chosen[VISION if graph in layout.vision_graphs else graph]
         if precision == "fp32":
             continue
         target = out / f"{graph}.{precision}.onnx"

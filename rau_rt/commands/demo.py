@@ -1,9 +1,10 @@
 """`rau-rt demo`: the whole job on built-in defaults, on this machine, in about a minute.
 
-1. A pipeline bundle: the shipped demo SAM2 (micro, 256 px, trained by `rau-rt train sam2` on
-   synthetic cines; `rau_rt/weights/`) and a random-init Qwen2.5-VL (tiny, 224 px) exported
-   and verified like any bundle, built once into the user cache dir and reused (or exported
-   from `--sam2-checkpoint` / `--vlm`, or taken from `--bundle`).
+1. A pipeline bundle: the shipped demo models (`rau_rt/weights/`, trained on synthetic cines
+   only): SAM2 micro at 256 px (`rau-rt train sam2`) and the localizer, a micro Qwen2.5-VL at
+   224 px (`rau-rt train vlm`), exported and verified like any bundle, built once into the
+   user cache dir and reused (or exported from `--sam2-checkpoint` / `--vlm`, random weights
+   with `--random-init`, or taken from `--bundle`).
 2. A synthetic coronary angiography cine (12-bit multi-frame XA DICOM) and an annotated
    reference still of another patient in another view (reference.png + reference.json).
 3. The full pipeline over the DICOM file replayed as a live feed at its frame rate: the VLM on
@@ -12,10 +13,12 @@
    the accuracy against the cine's exact truth (Dice, presence) with truth_vs_prediction.png;
    `bundle` links to the bundle it ran, for the README's Python example.
 
-The demo VLM is not trained yet (random weights answer noise), so by default (`--localize
-auto`) keyframe localization is off unless the VLM has real weights: SAM2 follows the segments
-from the annotated reference's memory alone. `--localize on` runs the random VLM anyway (its
-latency is real; its boxes re-prompt SAM2 with noise).
+By default (`--localize auto`) the VLM finds the segments on keyframes and its boxes prompt
+SAM2, which tracks them in between; the summary scores both against the cine's truth (the
+keyframe answers' box hit rate, the masks' Dice). With `--random-init` the VLM's answers are
+noise, so auto turns keyframe localization off and SAM2 follows the segments from the
+annotated reference's memory alone (`--localize on` runs the random VLM anyway: its latency is
+real).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from rau_rt import load_reference
@@ -36,14 +40,17 @@ from rau_rt.pipeline import KeyframeConfig, PipelineConfig, open_pipeline
 from rau_rt.pipeline.factory import SAM2_PART, VLM_PART, PipelineBundle
 
 DEMO_REGIONS = ("5", "6", "7", "11")  # left main, LAD proximal and mid, proximal circumflex
-SHIPPED_SAM2 = Path(__file__).resolve().parents[1] / "weights" / "sam2_micro256.safetensors"
-SAM2_NOTE = ("SAM2: the project's demo weights (micro, 256 px), trained on synthetic angiography "
-             "only (rau_rt/weights/sam2_micro256.json): not for clinical use.")
-UNTRAINED_SAM2 = ("NOTE: SAM2 has random (untrained) weights (--random-init): its masks are "
-                  "meaningless; the latency is what this machine does with this model size.")
-UNTRAINED_VLM = ("VLM: random weights (not trained yet): keyframe localization is off; SAM2 "
+WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
+SHIPPED_SAM2 = WEIGHTS / "sam2_micro256.safetensors"
+SHIPPED_VLM = WEIGHTS / "vlm_micro.safetensors"
+DEMO_NOTE = ("The demo models (SAM2 micro 256 px, Qwen2.5-VL micro 224 px) are the project's, "
+             "trained on synthetic angiography only (rau_rt/weights/*.json): not for clinical "
+             "use.")
+UNTRAINED = ("NOTE: random (untrained) weights (--random-init): masks and boxes are "
+             "meaningless; the latency is what this machine does with these model sizes.")
+UNTRAINED_VLM = ("VLM: random weights (--random-init): keyframe localization is off; SAM2 "
                  "follows the regions from the reference's memory. --localize on runs it anyway "
-                 "(latency only: its boxes are noise), --vlm DIR exports real weights.")
+                 "(latency only: its boxes are noise).")
 
 
 def cache_root() -> Path:
@@ -76,16 +83,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sam2-config", default=None,
                         help="the checkpoint's config: tiny, small, base_plus, large")
     parser.add_argument("--random-init", action="store_true",
-                        help="SAM2 with random weights instead of the shipped demo weights")
+                        help="random weights (SAM2 micro, Qwen2.5-VL tiny) instead of the "
+                             "shipped demo weights")
     parser.add_argument("--localize", choices=("auto", "on", "off"), default="auto",
-                        help="VLM keyframes: auto = on when the VLM has real weights (--vlm or "
-                             "--bundle), off for the random-init demo VLM")
+                        help="VLM keyframes: auto = on unless the VLM has random weights "
+                             "(--random-init)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="SAM2 input side (default 256 for micro, 512 --sam2-checkpoint)")
     parser.add_argument("--vlm", type=Path, default=None,
                         help="export the VLM from this Hugging Face Qwen2.5-VL folder")
     parser.add_argument("--vlm-input-size", type=int, default=None,
-                        help="VLM input side (default 224 random-init, 448 --vlm)")
+                        help="VLM input side (default 224, 448 with --vlm)")
     parser.add_argument("--cache", type=Path, default=None,
                         help="bundle cache folder (default $RAU_RT_CACHE or ~/.cache/rau-rt)")
     parser.add_argument("--rebuild", action="store_true", help="rebuild the cached bundle")
@@ -112,8 +120,17 @@ def _bundle_spec(args: argparse.Namespace) -> dict[str, object]:
         sam2 = {"checkpoint": str(SHIPPED_SAM2), "config": "micro",
                 "checkpoint_sha256": hashlib.sha256(SHIPPED_SAM2.read_bytes()).hexdigest(),
                 "image_size": args.image_size or 256}
-    vlm = ({"model": str(args.vlm.resolve()), "input_size": args.vlm_input_size or 448}
-           if args.vlm else {"random_init": "tiny", "input_size": args.vlm_input_size or 224})
+    if args.vlm is not None:
+        vlm = {"model": str(args.vlm.resolve()), "input_size": args.vlm_input_size or 448}
+    elif args.random_init:
+        vlm = {"random_init": "tiny", "input_size": args.vlm_input_size or 224}
+    else:
+        if not SHIPPED_VLM.is_file():
+            raise InputError(f"the shipped demo VLM {SHIPPED_VLM} is missing from this "
+                             "install; reinstall rau-rt, or pass --random-init")
+        vlm = {"weights": str(SHIPPED_VLM), "size": "micro",
+               "weights_sha256": hashlib.sha256(SHIPPED_VLM.read_bytes()).hexdigest(),
+               "input_size": args.vlm_input_size or 224}
     return {"rau_rt": __version__, "sam2": sam2, "vlm": vlm}
 
 
@@ -142,9 +159,15 @@ def build_bundle(spec: dict[str, object], out: Path, progress: bool = True) -> N
     sam2.export_sam2(sam2.Sam2ExportConfig(source, out / SAM2_PART),
                      CheckFrames.synthetic(generate_sequence, regions=2))
     v = spec["vlm"]
-    vlm.export_vlm(vlm.VlmExportConfig(out=out / VLM_PART, model=Path(v["model"]) if "model" in v
-                                       else None, random_init=v.get("random_init"),
-                                       input_size=v["input_size"], progress=progress))
+    with tempfile.TemporaryDirectory(prefix="rau-rt-vlm-") as tmp:
+        model = Path(v["model"]) if "model" in v else None
+        if "weights" in v:  # the shipped fp16 weights into the Hugging Face folder they fit
+            from rau_rt.train.vlm_trainer import restore
+
+            model = restore(Path(v["weights"]), Path(tmp) / "model", v["size"])
+        vlm.export_vlm(vlm.VlmExportConfig(out=out / VLM_PART, model=model,
+                                           random_init=v.get("random_init"),
+                                           input_size=v["input_size"], progress=progress))
     (out / "demo.json").write_text(json.dumps(spec, indent=2) + "\n")
 
 
@@ -213,13 +236,13 @@ def run(args: argparse.Namespace) -> int:
     from rau_rt.io.truth import TruthSink
 
     regions = tuple(r.strip() for r in args.regions.split(",") if r.strip())
-    random_vlm = args.bundle is None and args.vlm is None
+    random_vlm = args.bundle is None and args.vlm is None and args.random_init
     localize = args.localize == "on" or (args.localize == "auto" and not random_vlm)
     notes = []
     if args.random_init:
-        notes.append(UNTRAINED_SAM2)
-    elif args.bundle is None and args.sam2_checkpoint is None:
-        notes.append(SAM2_NOTE)
+        notes.append(UNTRAINED)
+    elif args.bundle is None and args.sam2_checkpoint is None and args.vlm is None:
+        notes.append(DEMO_NOTE)
     if random_vlm and not localize:
         notes.append(UNTRAINED_VLM)
     for note in notes:
@@ -250,11 +273,12 @@ def run(args: argparse.Namespace) -> int:
                                              dicom_seg=False), truth]
             profile, wall, interrupted = run_command.stream(pipeline, source, sinks,
                                                             progress=not args.quiet, desc="demo")
+            keyframes = truth.keyframe_hits(pipeline.stats.answers)
             record = run_command.summarize(
                 pipeline, profile, wall, command=run_command.command_line(args), source=source,
                 fps=source.fps, interrupted=interrupted,
                 extra={"notes": notes, "localize": localize, "bundle": str(bundle),
-                       "accuracy": truth.summary(),
+                       "accuracy": truth.summary(), "localizer_accuracy": keyframes,
                        "outputs": {type(s).__name__: str(s.path) for s in sinks}})
         paths = run_command.write_report(args.out, record, profile, "rau-rt demo")
     run_command.print_summary(record, paths)
@@ -265,6 +289,11 @@ def run(args: argparse.Namespace) -> int:
           f"Dice {_num(accuracy['dice_mean'])} (segments >= 2 mm: "
           f"{_num(accuracy['dice_ge2mm'])}), presence {_num(accuracy['presence_acc'])}; "
           f"picture: {truth.path}")
+    if keyframes["answers"]:
+        print(f"localizer on {keyframes['answers']} keyframes: box hit rate (IoU >= 0.5) "
+              f"{_num(keyframes['hit_rate'])} over {keyframes['visible']} visible segments, "
+              f"mean IoU {_num(keyframes['mean_iou'])}, boxes where not visible "
+              f"{keyframes['boxes_where_not_visible']} of {keyframes['not_visible']}")
     for note in notes:
         print(note)
     return 0

@@ -4,7 +4,8 @@
 that keeps the cine's frame indices: the DICOM or video file the generator wrote, or a
 `synthetic:` URI) and scores its masks with `rau_rt.synthetic.scoring`. On close it writes a
 truth | prediction picture of the processed frame where the requested segments fill the most.
-`rau-rt demo` prints its summary.
+`keyframe_hits` scores the VLM's keyframe answers (the pipeline's `stats.answers`) against the
+truth boxes of the frames they were computed on. `rau-rt demo` prints both.
 """
 
 from __future__ import annotations
@@ -56,6 +57,28 @@ class TruthSink:
 
     def summary(self) -> dict[str, object]:
         return self.card.summary()
+
+    def keyframe_hits(self, answers: Seq[tuple[int, float, dict]], iou: float = 0.5,
+                      ) -> dict[str, object]:
+        """The localizer's answers (frame, ms, {region: box or None}) against the truth boxes
+        of their frames: hit rate (IoU >= `iou`) and mean IoU over the visible requested
+        segments, and how often a box was given where the segment was not visible."""
+        from rau_rt.geometry import box_iou
+
+        ious, false_boxes, absent = [], 0, 0
+        for frame, _, found in answers:
+            truth = self._sequence.truth[frame]
+            for name in self._regions:
+                segment, box = truth.segments[name], found.get(name)
+                if segment.present and segment.box:
+                    ious.append(0.0 if box is None else box_iou(box, segment.box))
+                else:
+                    absent += 1
+                    false_boxes += box is not None
+        return {"answers": len(answers), "visible": len(ious),
+                "hit_rate": float(np.mean([v >= iou for v in ious])) if ious else None,
+                "mean_iou": float(np.mean(ious)) if ious else None,
+                "boxes_where_not_visible": false_boxes, "not_visible": absent}
 
     def close(self) -> None:
         if self._best is None:

@@ -174,7 +174,9 @@ class Localizer:
         self._grammars: dict[tuple[str, ...], tuple[str, int]] = {}
         self._prefix_parts = prompts.reference_parts(reference, self.layout)
         prefix = prompts.PromptParts(self._prefix_parts, (), self.system)
-        self._prefix_ids = self._ids(prefix.prefix_text())
+        # the reference and its annotated copy go to the vision graph of the reference's aspect
+        self._reference_sizes = (self.layout.size_for(reference.size),) * 2
+        self._prefix_ids = self._ids(prefix.prefix_text(), self._reference_sizes)
         self._annotated = prompts.annotated_image(reference)
         self._prefix_cache: KvCache | None = None
         self._cancel = threading.Event()
@@ -208,16 +210,16 @@ class Localizer:
         self._query_thread = threading.get_ident()
         parts = prompts.locate_parts(self.reference, self.layout, names, self.system)
         constraint, bound = None, self.config.max_new_tokens or FREE_MAX_TOKENS
+        image, frame_size, times = self._frame_image(frame)
+        size = self.layout.size_for(frame_size)
         if self._guidance is not None:
-            compiled, grammar_bound = self._grammar(names)
+            compiled, grammar_bound = self._grammar(names, size)
             constraint = self._guidance.matcher(compiled)
             bound = self.config.max_new_tokens or grammar_bound
-        image, frame_size, times = self._frame_image(frame)
-        generation, times = self._generate(parts, image, bound, constraint, times)
+        generation, times = self._generate(parts, image, size, bound, constraint, times)
         text = self._tokenizer.decode(list(generation.tokens), skip_special_tokens=False)
         parse_start = time.perf_counter()
-        parsed = parse_answer(text, names, self._family.box_convention, self.layout.input_size,
-                              frame_size)
+        parsed = parse_answer(text, names, self._family.box_convention, size, frame_size)
         times["parse"] = (time.perf_counter() - parse_start) * 1e3
         times["total"] = (time.perf_counter() - started) * 1e3
         return LocateResult(
@@ -242,23 +244,28 @@ class Localizer:
         """A free answer to a question about the frame (which region is this, where is X
         relative to Y), with the same reference prefix; greedy, unconstrained."""
         parts = prompts.ask_parts(self.reference, self.layout, question, self.system)
-        image, _, times = self._frame_image(frame)
-        generation, _ = self._generate(parts, image, self.config.ask_max_new_tokens, None,
-                                       times)
+        image, frame_size, times = self._frame_image(frame)
+        generation, _ = self._generate(parts, image, self.layout.size_for(frame_size),
+                                       self.config.ask_max_new_tokens, None, times)
         return self._tokenizer.decode(list(generation.tokens), skip_special_tokens=True)
 
-    def _grammar(self, names: tuple[str, ...]) -> tuple[str, int]:
-        if names not in self._grammars:
-            fam, (height, width) = self._family, self.layout.input_size
-            limit = max(height, width) if fam.box_convention == "absolute" else 1000
+    def _grammar(self, names: tuple[str, ...], size: tuple[int, int]) -> tuple[str, int]:
+        """The compiled answer grammar and its token bound for `names` on a target of
+        model-input `size` (absolute coordinates are bounded by its longer side)."""
+        limit = max(size) if self._family.box_convention == "absolute" else 1000
+        if (names, limit) not in self._grammars:
             grammar = box_grammar(names, limit, self.config.answer_form)
-            self._grammars[names] = (self._guidance.compile(grammar),
-                                     max_answer_bytes(names, limit))
-        return self._grammars[names]
+            self._grammars[names, limit] = (self._guidance.compile(grammar),
+                                            max_answer_bytes(names, limit))
+        return self._grammars[names, limit]
 
-    def prompt_ids(self, parts: prompts.PromptParts) -> np.ndarray:
-        """[1, S] ids of a whole conversation (prefix + tail), image pads expanded."""
-        return prompts.conversation_ids(self._tokenizer, parts, self.layout)
+    def prompt_ids(self, parts: prompts.PromptParts,
+                   target_size: tuple[int, int] | None = None) -> np.ndarray:
+        """[1, S] ids of a whole conversation (prefix + tail), image pads expanded; the
+        target at the layout's input size unless `target_size` (its model-input size)."""
+        target = self.layout.input_size if target_size is None else target_size
+        return prompts.conversation_ids(self._tokenizer, parts, self.layout,
+                                        [*self._reference_sizes, target])
 
     def patches(self, image: np.ndarray, channel_order: str = "rgb",
                 bits_stored: int | None = None,
@@ -266,14 +273,14 @@ class Localizer:
         """`image_patches` for this bundle."""
         return image_patches(image, self.layout, channel_order, bits_stored, window)
 
-    def _ids(self, text: str) -> np.ndarray:
-        return prompts.token_ids(self._tokenizer, text, self.layout)
+    def _ids(self, text: str, sizes) -> np.ndarray:
+        return prompts.token_ids(self._tokenizer, text, self.layout, sizes)
 
     def _reference_features(self) -> ImageFeatures:
         ref = self.reference
         patches = [self.patches(ref.image, ref.channel_order),
                    self.patches(self._annotated, "rgb")]
-        return self._decoder.image_features(patches)
+        return self._decoder.image_features(patches, self._reference_sizes)
 
     def _frame_image(self, frame: Frame | np.ndarray,
                      ) -> tuple[np.ndarray, tuple[int, int], dict[str, float]]:
@@ -291,11 +298,11 @@ class Localizer:
         return patches, (int(size[0]), int(size[1])), {
             "preprocess": (time.perf_counter() - start) * 1e3}
 
-    def _generate(self, parts: prompts.PromptParts, patches: np.ndarray, bound: int,
-                  constraint, times: dict[str, float]):
+    def _generate(self, parts: prompts.PromptParts, patches: np.ndarray,
+                  size: tuple[int, int], bound: int, constraint, times: dict[str, float]):
         start = time.perf_counter()
-        target = self._decoder.image_features([patches])
-        tail_ids = self._ids(parts.tail_text())
+        target = self._decoder.image_features([patches], [size])
+        tail_ids = self._ids(parts.tail_text(), [size])
         if self._prefix_cache is not None:
             ids, features, cache = tail_ids, target, self._prefix_cache
         else:  # what a runtime without the reference cache does for every query

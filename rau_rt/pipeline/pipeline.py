@@ -77,7 +77,7 @@ class PipelineStats:
     keyframes: EventLog = field(default_factory=EventLog)  # (frame index, reason)
     prompts: EventLog = field(default_factory=EventLog)  # (prompted at, computed on)
     localizer_errors: EventLog = field(default_factory=EventLog)  # (frame, error)
-    # every answer that arrived: (frame computed on, query ms, boxes found)
+    # every answer that arrived: (frame computed on, query ms, {region: box or None})
     answers: EventLog = field(default_factory=EventLog)
     frames_dropped: int = 0  # realtime: frames a newer one replaced before they were processed
     views: EventLog = field(default_factory=EventLog)  # (frame, reference) per switch
@@ -97,8 +97,11 @@ class PipelineStats:
                 "keyframes": [{"frame": f, "reason": r} for f, r in self.keyframes],
                 "prompts": [{"frame": at, "computed_on": on} for at, on in self.prompts],
                 "localizer_errors": [{"frame": f, "error": e} for f, e in self.localizer_errors],
-                "answers": [{"frame": f, "query_ms": ms, "boxes": n}
-                            for f, ms, n in self.answers],
+                "answers": [{"frame": f, "query_ms": ms,
+                             "boxes": sum(b is not None for b in found.values()),
+                             "located": {n: None if b is None else [int(v) for v in b]
+                                         for n, b in found.items()}}
+                            for f, ms, found in self.answers],
                 "frames_dropped": self.frames_dropped,
                 "views": [{"frame": f, "reference": r} for f, r in self.views],
                 "localizer_wait_ms": self.localizer_wait_ms,
@@ -259,9 +262,9 @@ class Pipeline:
             self.stats.localizer_errors.append((done.frame_index, str(why)))
             self.stats.fates["timed_out" if done.timed_out else "failed"] += 1
             return
-        boxes = {n: b for n, b in done.result.boxes.items()
-                 if b is not None and n in self.regions}
-        self.stats.answers.append((done.frame_index, done.elapsed_ms, len(boxes)))
+        found = {n: b for n, b in done.result.boxes.items() if n in self.regions}
+        boxes = {n: b for n, b in found.items() if b is not None}
+        self.stats.answers.append((done.frame_index, done.elapsed_ms, found))
         if boxes:
             try:
                 self.tracker.prompt(self.tracker.frame_index, boxes, source="vlm")
