@@ -6,9 +6,9 @@
 `HELD_OUT_PAIRS`, unaugmented, never trained on: a reference of one patient and view, a frame
 of another patient's run in another view, square or reframed to 4:3 / 16:9 and their
 transposes) asked through the runtime's `Localizer` (constrained decoding, reference prefix
-cache) on the bundle `rau-rt export vlm` makes of the weights, once per precision: fp32, fp16
-(graphs in fp16 on the CPU provider), int8 (int8 vision and decoder), int4 (int4 decoder,
-int8 vision). Scored per requested segment against the truth box: parse rate (the answer is a
+cache) on the bundle `rau-rt export vlm --aspect-buckets` makes of the weights (each frame at
+its aspect's vision graph), once per precision: fp32, fp16 (graphs in fp16 on the CPU
+provider), int8 (int8 vision and decoder), int4 (int4 decoder, int8 vision). Scored per requested segment against the truth box: parse rate (the answer is a
 JSON list naming every region; constrained decoding must make it 100 %), hit rate (IoU >= 0.5)
 of the visible segments, overall and on segments >= 3 mm, mean IoU, centre error in mm,
 presence precision / recall / F1 (a box given vs the segment visible); per calibre and per
@@ -57,8 +57,8 @@ assert HELD_OUT_PAIRS.stop <= HELD_OUT_SEEDS.stop
 
 def export_bundles(weights: Path, workdir: Path, precisions=PRECISIONS) -> dict[str, Path]:
     """precision -> a loadable bundle folder: the weights restored to a model folder and
-    exported at `INPUT` (fp32 comes from the int8 bundle, which keeps the verified fp32 graphs
-    beside the int8 ones)."""
+    exported at `INPUT` with its aspect buckets (fp32 comes from the int8 bundle, which keeps
+    the verified fp32 graphs beside the int8 ones)."""
     from rau_rt.export import vlm
     from rau_rt.train.vlm_trainer import restore
 
@@ -70,6 +70,7 @@ def export_bundles(weights: Path, workdir: Path, precisions=PRECISIONS) -> dict[
         with contextlib.redirect_stderr(io.StringIO()):
             summary = vlm.export_vlm(vlm.VlmExportConfig(out=workdir / f"vlm-{precision}",
                                                          model=folder, input_size=INPUT,
+                                                         aspect_buckets=True,
                                                          precision=precision))
         made[precision] = Path(summary["bundle"])
     return {p: made["int8" if p == "fp32" else p] for p in precisions}
@@ -188,10 +189,7 @@ def localizer_suite(weights: Path, pairs: int, workdir: Path, precisions=PRECISI
         shapes[key] = shapes.get(key, 0) + 1
     facts = {"vlm_weights": str(weights), "input_size": INPUT, "pairs": len(queries),
              "pair_seeds": [HELD_OUT_PAIRS.start, HELD_OUT_PAIRS.stop - 1],
-             "frame_shapes": shapes,
-             "note": "non-square frames reach the exported vision graph stretched to its "
-                     "square input (per-bucket vision graphs are not exported yet); the model "
-                     "was trained on them at their aspect bucket"}
+             "frame_shapes": shapes}
     return cases, facts
 
 

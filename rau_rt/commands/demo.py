@@ -130,7 +130,7 @@ def _bundle_spec(args: argparse.Namespace) -> dict[str, object]:
                              "install; reinstall rau-rt, or pass --random-init")
         vlm = {"weights": str(SHIPPED_VLM), "size": "micro",
                "weights_sha256": hashlib.sha256(SHIPPED_VLM.read_bytes()).hexdigest(),
-               "input_size": args.vlm_input_size or 224}
+               "input_size": args.vlm_input_size or 224, "aspect_buckets": True}
     return {"rau_rt": __version__, "sam2": sam2, "vlm": vlm}
 
 
@@ -167,7 +167,9 @@ def build_bundle(spec: dict[str, object], out: Path, progress: bool = True) -> N
             model = restore(Path(v["weights"]), Path(tmp) / "model", v["size"])
         vlm.export_vlm(vlm.VlmExportConfig(out=out / VLM_PART, model=model,
                                            random_init=v.get("random_init"),
-                                           input_size=v["input_size"], progress=progress))
+                                           input_size=v["input_size"],
+                                           aspect_buckets=v.get("aspect_buckets", False),
+                                           progress=progress))
     (out / "demo.json").write_text(json.dumps(spec, indent=2) + "\n")
 
 
