@@ -89,20 +89,9 @@ def test_a_pair_is_the_localizers_own_query(model_layout, maker):
 
 
 def _reference_and_frame(maker, seed):
-    """The reference and 8-bit frame `maker.draw(seed)` used, recovered through `pair`."""
-    captured = {}
-    original = maker.pair
-
-    def spy(reference, frame, names, truth):
-        captured.update(reference=reference, frame=frame)
-        return original(reference, frame, names, truth)
-
-    maker.pair = spy
-    try:
-        maker.draw(seed)
-    finally:
-        del maker.pair
-    return captured
+    """The reference and 8-bit frame `maker.draw(seed)` used (its `query`)."""
+    query = maker.query(seed)
+    return {"reference": query.reference, "frame": query.frame}
 
 
 def test_the_answer_parses_back_to_the_truth_and_fits_the_grammar(model_layout, maker):
@@ -196,6 +185,54 @@ def test_three_steps_on_a_fixed_pair_lower_the_loss(maker, model_layout):
         loss.backward()
         optimizer.step()
     assert losses[3] < losses[0]
+
+
+def test_the_auxiliary_cells_mark_where_the_segments_are(model_layout):
+    """The dense target of the trainer's vision probe: every visible requested segment's box
+    centre lies in an occupied cell of its channel, cells of a segment that is not visible
+    are empty, and the grid is the target's bucket; a probe step lowers its loss."""
+    import torch
+    import transformers
+
+    from rau_rt.synthetic import SEGMENTS
+    from rau_rt.train.vlm_trainer import AuxHead, pair_loss
+
+    folder, layout = model_layout
+    cells_maker = PairMaker(layout, (folder / "tokenizer.json").read_text(), augment=False,
+                            cells=True)
+    checked = 0
+    for seed in range(10_000_100, 10_000_130):
+        query = cells_maker.query(seed)
+        if query is None:
+            continue
+        rows, cols = layout.merged_grid(layout.size_for(query.frame.shape))
+        assert query.cells.shape == (rows * cols, len(SEGMENTS))
+        grid = query.cells.reshape(rows, cols, len(SEGMENTS))
+        height, width = query.frame.shape[:2]
+        for name, box in query.truth.items():
+            channel = grid[:, :, SEGMENTS.index(name)]
+            if box is None:
+                continue
+            cy, cx = (box[1] + box[3]) / 2, (box[0] + box[2]) / 2
+            near = channel[max(0, int(cy * rows / height) - 1):int(cy * rows / height) + 2,
+                           max(0, int(cx * cols / width) - 1):int(cx * cols / width) + 2]
+            assert near.any(), (seed, name)
+            checked += 1
+    assert checked >= 10
+    torch.manual_seed(0)
+    model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(folder).train()
+    head = AuxHead(model)
+    optimizer = torch.optim.AdamW(head.linear.parameters(), lr=1e-2)
+    pair = cells_maker.draw(10_000_000)
+    losses = []
+    for _ in range(3):
+        pair_loss(model, pair)  # the forward pass the probe reads the vision tokens of
+        loss = head.loss(pair)
+        losses.append(loss.item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert losses[2] < losses[0]
 
 
 def test_training_resumes_where_it_stopped_and_leaves_a_model_folder(tmp_path):

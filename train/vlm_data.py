@@ -28,7 +28,13 @@ from rau_rt import geometry
 from rau_rt.localization import prompts
 from rau_rt.localization.localizer import image_patches
 from rau_rt.reference import Reference
-from rau_rt.synthetic import SequenceConfig, make_reference, render_frames, segments_of
+from rau_rt.synthetic import (
+    SEGMENTS,
+    SequenceConfig,
+    make_reference,
+    render_frames,
+    segments_of,
+)
 from rau_rt.synthetic.dynamics import Motion
 from rau_rt.synthetic.render import window_8bit
 from rau_rt.synthetic.sequence import SegmentTruth
@@ -65,6 +71,7 @@ class Pair:
     truth: dict[str, Box | None]
     frame_size: tuple[int, int]
     input_sizes: tuple[tuple[int, int], ...]  # each image's model-input (height, width)
+    cells: np.ndarray | None = None  # the target's `occupancy` (training draws only)
 
     @property
     def answer_tokens(self) -> int:
@@ -91,6 +98,19 @@ class Query:
     truth: dict[str, Box | None]
     calibre_mm: dict[str, float]
     spacing_mm: float
+    cells: np.ndarray | None = None
+
+
+def occupancy(masks: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """[rows * cols, len(SEGMENTS)] float32: which segments' lumen reaches each visual token's
+    cell of the target (raster order, as the vision tower emits its merged tokens), from
+    (len(SEGMENTS), H, W) bool masks; the dense target of the trainer's auxiliary head."""
+    import cv2
+
+    rows, cols = grid
+    cells = [cv2.resize(m.astype(np.float32), (cols, rows), interpolation=cv2.INTER_AREA) > 0
+             for m in masks]
+    return np.stack(cells, -1).reshape(rows * cols, len(masks)).astype(np.float32)
 
 
 def answer_text(truth: dict[str, Box | None], layout: VlmLayout,
@@ -106,9 +126,11 @@ def answer_text(truth: dict[str, Box | None], layout: VlmLayout,
 
 
 def reframe(frame: np.ndarray, segments: dict[str, SegmentTruth], names: tuple[str, ...],
-            rng: np.random.Generator) -> tuple[np.ndarray, dict[str, Box | None]]:
+            rng: np.random.Generator, masks: np.ndarray | None = None,
+            ) -> tuple[np.ndarray, dict[str, Box | None], np.ndarray | None]:
     """A square frame (uint8) and the truth boxes of `names`, kept square or (with
-    probability `REFRAMED`) cropped or padded to a random non-square aspect of `ASPECTS`.
+    probability `REFRAMED`) cropped or padded to a random non-square aspect of `ASPECTS`;
+    `masks` ([S, side, side], optional) are cropped or padded alike.
 
     A crop keeps a segment visible when at least `KEPT_VISIBLE` of its lumen stays in the
     frame (its box then bounds what stays); padding shifts every box by the bar.
@@ -117,7 +139,7 @@ def reframe(frame: np.ndarray, segments: dict[str, SegmentTruth], names: tuple[s
     truth = {n: segments[n].box if segments[n].present and segments[n].box else None
              for n in names}
     if rng.uniform() >= REFRAMED:
-        return frame, truth
+        return frame, truth, masks
     h_ratio, w_ratio = ASPECTS[int(rng.integers(1, len(ASPECTS)))]  # not the square
     long_side = side * max(h_ratio, w_ratio) // min(h_ratio, w_ratio)
     short_side = side * min(h_ratio, w_ratio) // max(h_ratio, w_ratio)
@@ -129,7 +151,11 @@ def reframe(frame: np.ndarray, segments: dict[str, SegmentTruth], names: tuple[s
         out[y0:y0 + side, x0:x0 + side] = frame
         shifted = {n: None if b is None else (b[0] + x0, b[1] + y0, b[2] + x0, b[3] + y0)
                    for n, b in truth.items()}
-        return out, shifted
+        if masks is not None:
+            padded = np.zeros((len(masks), height, width), bool)
+            padded[:, y0:y0 + side, x0:x0 + side] = masks
+            masks = padded
+        return out, shifted, masks
     height, width = (side, short_side) if portrait else (short_side, side)  # a crop
     y0 = int(rng.integers(0, side - height + 1))
     x0 = int(rng.integers(0, side - width + 1))
@@ -145,7 +171,9 @@ def reframe(frame: np.ndarray, segments: dict[str, SegmentTruth], names: tuple[s
             continue
         ys, xs = np.nonzero(inside)
         cropped[name] = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
-    return out, cropped
+    if masks is not None:
+        masks = masks[:, y0:y0 + height, x0:x0 + width]
+    return out, cropped, masks
 
 
 class PairMaker:
@@ -159,13 +187,14 @@ class PairMaker:
     """
 
     def __init__(self, layout: VlmLayout, tokenizer_json: str, system: str | None = None, *,
-                 augment: bool = True) -> None:
+                 augment: bool = True, cells: bool = False) -> None:
         from tokenizers import Tokenizer
 
         self.layout = layout
         self.tokenizer = Tokenizer.from_str(tokenizer_json)
         self.system = layout.family_constants.default_system if system is None else system
         self.augment = augment
+        self.cells = cells
         end = self.tokenizer.token_to_id(IM_END)
         if end is None:
             raise ValueError(f"the tokenizer has no {IM_END} token")
@@ -176,7 +205,7 @@ class PairMaker:
         another draw from it); None when the reference cannot show its segments."""
         query = self.query(seed)
         return None if query is None else self.pair(query.reference, query.frame, query.names,
-                                                    query.truth)
+                                                    query.truth, query.cells)
 
     def query(self, seed: int) -> Query | None:
         """`draw`'s question and truth before tokenizing; None where `draw` gives None."""
@@ -212,13 +241,22 @@ class PairMaker:
         view = window_8bit(target.frames[0], window)
         if self.augment:
             view = augment_8bit(view, rng)
-        view, truth = reframe(view, target.truth[0].segments, names, rng)
+        segments = target.truth[0].segments
+        masks = None
+        if self.cells:  # every segment's opacified lumen, in SEGMENTS order
+            empty = np.zeros((size, size), bool)
+            masks = np.stack([segments[n].mask(size) if n in segments and segments[n].present
+                              else empty for n in SEGMENTS])
+        view, truth, masks = reframe(view, segments, names, rng, masks)
+        cells = None
+        if masks is not None:
+            cells = occupancy(masks, self.layout.merged_grid(self.layout.size_for(view.shape)))
         return Query(reference, view, names, truth,
                      {n: float(target.meta.diameters_mm[n]) for n in names},
-                     float(target.meta.pixel_spacing_mm))
+                     float(target.meta.pixel_spacing_mm), cells)
 
     def pair(self, reference: Reference, frame: np.ndarray, names: tuple[str, ...],
-             truth: dict[str, Box | None]) -> Pair:
+             truth: dict[str, Box | None], cells: np.ndarray | None = None) -> Pair:
         """The pair for a reference, an 8-bit target frame and its truth boxes."""
         parts = prompts.locate_parts(reference, self.layout, names, self.system)
         frame_size = (int(frame.shape[0]), int(frame.shape[1]))
@@ -233,7 +271,7 @@ class PairMaker:
         patches = (image_patches(reference.image, self.layout, reference.channel_order),
                    image_patches(prompts.annotated_image(reference), self.layout, "rgb"),
                    image_patches(frame, self.layout, "rgb"))
-        return Pair(names, ids, labels, patches, answer, dict(truth), frame_size, sizes)
+        return Pair(names, ids, labels, patches, answer, dict(truth), frame_size, sizes, cells)
 
     def stream(self, first_seed: int):
         """Pairs of consecutive seeds from `first_seed` (skipping unusable draws), with the
