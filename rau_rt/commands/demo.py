@@ -114,24 +114,25 @@ def _bundle_spec(args: argparse.Namespace) -> dict[str, object]:
     elif args.random_init:
         sam2 = {"random_init": "micro", "image_size": args.image_size or 256}
     else:
-        if not SHIPPED_SAM2.is_file():
-            raise InputError(f"the shipped demo weights {SHIPPED_SAM2} are missing from this "
-                             "install; reinstall rau-rt, or pass --random-init")
         sam2 = {"checkpoint": str(SHIPPED_SAM2), "config": "micro",
-                "checkpoint_sha256": hashlib.sha256(SHIPPED_SAM2.read_bytes()).hexdigest(),
+                "checkpoint_sha256": _shipped_sha256(SHIPPED_SAM2),
                 "image_size": args.image_size or 256}
     if args.vlm is not None:
         vlm = {"model": str(args.vlm.resolve()), "input_size": args.vlm_input_size or 448}
     elif args.random_init:
         vlm = {"random_init": "tiny", "input_size": args.vlm_input_size or 224}
     else:
-        if not SHIPPED_VLM.is_file():
-            raise InputError(f"the shipped demo VLM {SHIPPED_VLM} is missing from this "
-                             "install; reinstall rau-rt, or pass --random-init")
         vlm = {"weights": str(SHIPPED_VLM), "size": "micro",
-               "weights_sha256": hashlib.sha256(SHIPPED_VLM.read_bytes()).hexdigest(),
+               "weights_sha256": _shipped_sha256(SHIPPED_VLM),
                "input_size": args.vlm_input_size or 224, "aspect_buckets": True}
     return {"rau_rt": __version__, "sam2": sam2, "vlm": vlm}
+
+
+def _shipped_sha256(weights: Path) -> str:
+    if not weights.is_file():
+        raise InputError(f"the shipped demo weights {weights} are missing from this install; "
+                         "reinstall rau-rt, or pass --random-init")
+    return hashlib.sha256(weights.read_bytes()).hexdigest()
 
 
 def _size(path: Path) -> int:
