@@ -9,8 +9,8 @@ answer), cross-entropy on the answer tokens only, AdamW with warm-up and cosine 
 gradients clipped at norm 1; resumable like `rau-rt train sam2`.
 
 Validation (fixed pairs from VALIDATION_SEEDS, unaugmented) decodes greedily with transformers
-and parses the answer as the localizer does: parse rate, box hit rate (IoU >= 0.5 per visible
-requested segment), mean IoU and presence F1.
+under the localizer's answer grammar and parses the answer as the localizer does: box hit rate
+(IoU >= 0.5 per visible requested segment), mean IoU and presence F1.
 
 Files in `--out`:
     train_state.pt  the resumable state (written atomically every `checkpoint_minutes`)
@@ -212,29 +212,34 @@ def validation_pairs(cfg: VlmTrainConfig, maker: PairMaker) -> list[Pair]:
 
 
 def evaluate(model, maker: PairMaker, pairs: list[Pair]) -> dict[str, float]:
-    """Greedy answers to `pairs`, parsed as the localizer parses them: parse rate, hit rate
-    (IoU >= 0.5) and mean IoU over visible requested segments, presence F1."""
+    """Greedy answers to `pairs` under the localizer's answer grammar (every region asked, in
+    order: `constrained.box_grammar`), parsed as the localizer parses them: hit rate (IoU >=
+    0.5) and mean IoU over the visible requested segments, presence F1."""
     import torch
 
-    from rau_rt.localization.parse import NO_JSON, NOT_IN_ANSWER, parse_answer
+    from rau_rt.localization.constrained import Guidance, box_grammar
+    from rau_rt.localization.parse import parse_answer
 
-    fam = maker.layout.family_constants
+    layout = maker.layout
+    fam = layout.family_constants
+    guidance = Guidance(maker.tokenizer.to_str(), layout.vocab_size, layout.eos_token_ids)
     was_training = model.training
     model.eval()
-    parsed_ok, ious, tp, fp, fn = 0, [], 0, 0, 0
+    ious, tp, fp, fn = [], 0, 0, 0
     with torch.no_grad():
         for pair in pairs:
             start = int(np.argmax(pair.labels[0] != -100))
             prompt = torch.from_numpy(pair.ids[:, :start])
+            limit = max(pair.input_sizes[-1])  # absolute pixels of the target's input
+            grammar = _GrammarMask(guidance.matcher(guidance.compile(box_grammar(pair.names,
+                                                                                 limit))),
+                                   start, layout.eos_token_ids[0])
             out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
-                                 **_vision(pair), do_sample=False,
+                                 **_vision(pair), do_sample=False, logits_processor=[grammar],
                                  max_new_tokens=int(pair.answer_tokens * 1.5) + 8)
             text = maker.tokenizer.decode(out[0, start:].tolist(), skip_special_tokens=True)
             got = parse_answer(text, pair.names, fam.box_convention, pair.input_sizes[-1],
                                pair.frame_size)
-            # parsed: a JSON list with an item for every region asked
-            parsed_ok += all(r.reason != NOT_IN_ANSWER and not (r.reason or "").startswith(NO_JSON)
-                             for r in got.values())
             for name, truth in pair.truth.items():
                 box = got[name].box
                 if truth is not None:
@@ -243,10 +248,30 @@ def evaluate(model, maker: PairMaker, pairs: list[Pair]) -> dict[str, float]:
                 fp += truth is None and box is not None
                 fn += truth is not None and box is None
     model.train(was_training)
-    return {"parse_rate": parsed_ok / max(1, len(pairs)),
-            "hit_rate": float(np.mean([v >= 0.5 for v in ious])) if ious else float("nan"),
+    return {"hit_rate": float(np.mean([v >= 0.5 for v in ious])) if ious else float("nan"),
             "mean_iou": float(np.mean(ious)) if ious else float("nan"),
             "presence_f1": 2 * tp / max(1, 2 * tp + fp + fn)}
+
+
+class _GrammarMask:
+    """A transformers logits processor that keeps greedy decoding inside a `BoxConstraint`
+    (the localizer's grammar), then ends the turn once the grammar is complete."""
+
+    def __init__(self, constraint, prompt_length: int, end_id: int) -> None:
+        self.constraint, self.prompt_length, self.end_id = constraint, prompt_length, end_id
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        if input_ids.shape[1] > self.prompt_length:  # the token chosen last step
+            self.constraint.advance(int(input_ids[0, -1]))
+        allowed = torch.zeros(scores.shape[-1], dtype=torch.bool)
+        if self.constraint.is_stopped():
+            allowed[self.end_id] = True
+        else:
+            mask = torch.from_numpy(self.constraint.allowed())
+            allowed[:mask.shape[0]] = mask[:scores.shape[-1]]
+        return scores.masked_fill(~allowed, float("-inf"))
 
 
 def _save_folder(model, folder: Path) -> None:

@@ -13,12 +13,14 @@
    the accuracy against the cine's exact truth (Dice, presence) with truth_vs_prediction.png;
    `bundle` links to the bundle it ran, for the README's Python example.
 
-By default (`--localize auto`) the VLM finds the segments on keyframes and its boxes prompt
+With keyframe localization on, the VLM finds the segments on keyframes and its boxes prompt
 SAM2, which tracks them in between; the summary scores both against the cine's truth (the
-keyframe answers' box hit rate, the masks' Dice). With `--random-init` the VLM's answers are
-noise, so auto turns keyframe localization off and SAM2 follows the segments from the
-annotated reference's memory alone (`--localize on` runs the random VLM anyway: its latency is
-real).
+keyframe answers' box hit rate, the masks' Dice). By default (`--localize auto`) it is on when
+the VLM is fit to prompt SAM2: real weights (`--vlm`, `--bundle`), or the shipped demo VLM
+once its record says it meets the localizer's accuracy goal (box hit rate >= 0.6 on segments
+>= 3 mm, `VLM_GOAL`). Otherwise (random weights, or shipped weights below the goal) SAM2
+follows the segments from the annotated reference's memory alone, and `--localize on` runs the
+VLM anyway.
 """
 
 from __future__ import annotations
@@ -51,6 +53,20 @@ UNTRAINED = ("NOTE: random (untrained) weights (--random-init): masks and boxes 
 UNTRAINED_VLM = ("VLM: random weights (--random-init): keyframe localization is off; SAM2 "
                  "follows the regions from the reference's memory. --localize on runs it anyway "
                  "(latency only: its boxes are noise).")
+VLM_GOAL = 0.6  # the demo VLM's box hit rate (IoU >= 0.5, segments >= 3 mm) to prompt SAM2
+BELOW_GOAL = ("VLM: the shipped demo VLM is below its accuracy goal (held-out box hit rate {hit} "
+              "on segments >= 3 mm, goal {goal}): keyframe localization is off, SAM2 follows "
+              "the regions from the reference's memory. --localize on runs it anyway.")
+
+
+def shipped_vlm_hit_rate() -> float | None:
+    """The shipped demo VLM's held-out box hit rate on segments >= 3 mm, from its record
+    (`benchmarks.bench_accuracy --suite localizer`, fp32); None when not recorded."""
+    record = SHIPPED_VLM.with_suffix(".json")
+    if not record.is_file():
+        return None
+    accuracy = json.loads(record.read_text()).get("accuracy", {})
+    return accuracy.get("hit_rate_ge3mm")
 
 
 def cache_root() -> Path:
@@ -86,8 +102,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="random weights (SAM2 micro, Qwen2.5-VL tiny) instead of the "
                              "shipped demo weights")
     parser.add_argument("--localize", choices=("auto", "on", "off"), default="auto",
-                        help="VLM keyframes: auto = on unless the VLM has random weights "
-                             "(--random-init)")
+                        help="VLM keyframes: auto = on for real VLM weights (--vlm, --bundle) "
+                             "and for the shipped demo VLM once it meets its accuracy goal; "
+                             "off for random weights")
     parser.add_argument("--image-size", type=int, default=None,
                         help="SAM2 input side (default 256 for micro, 512 --sam2-checkpoint)")
     parser.add_argument("--vlm", type=Path, default=None,
@@ -239,15 +256,18 @@ def run(args: argparse.Namespace) -> int:
     from rau_rt.io.truth import TruthSink
 
     regions = tuple(r.strip() for r in args.regions.split(",") if r.strip())
-    random_vlm = args.bundle is None and args.vlm is None and args.random_init
-    localize = args.localize == "on" or (args.localize == "auto" and not random_vlm)
+    shipped_vlm = args.bundle is None and args.vlm is None
+    hit = None if args.random_init or not shipped_vlm else shipped_vlm_hit_rate()
+    fit = not shipped_vlm or (not args.random_init and hit is not None and hit >= VLM_GOAL)
+    localize = args.localize == "on" or (args.localize == "auto" and fit)
     notes = []
     if args.random_init:
         notes.append(UNTRAINED)
     elif args.bundle is None and args.sam2_checkpoint is None and args.vlm is None:
         notes.append(DEMO_NOTE)
-    if random_vlm and not localize:
-        notes.append(UNTRAINED_VLM)
+    if not fit and not localize:
+        notes.append(UNTRAINED_VLM if args.random_init else BELOW_GOAL.format(
+            hit="unmeasured" if hit is None else f"{hit:.2f}", goal=VLM_GOAL))
     for note in notes:
         print(note)
     if args.bundle is not None:
