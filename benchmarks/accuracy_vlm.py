@@ -45,7 +45,7 @@ from rau_rt.reference import Reference
 from rau_rt.train import HELD_OUT_SEEDS
 from rau_rt.types import Region
 
-MODEL = "micro"
+MODEL = "micro"  # the demo localizer's size (`rau-rt train vlm`'s default)
 INPUT = 224  # the trained input size (aspect buckets at its pixel budget)
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 HELD_OUT_PAIRS = range(HELD_OUT_SEEDS.start + 2000, HELD_OUT_SEEDS.start + 2200)
@@ -74,6 +74,14 @@ def export_bundles(weights: Path, workdir: Path, precisions=PRECISIONS) -> dict[
                                                          precision=precision))
         made[precision] = Path(summary["bundle"])
     return {p: made["int8" if p == "fp32" else p] for p in precisions}
+
+
+def model_name(weights: Path) -> str:
+    """The size a run's weights were trained at (their metadata): the cases' <model>."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as handle:
+        return (handle.metadata() or {}).get("size", MODEL)
 
 
 def load_precision(folder: Path, precision: str):
@@ -174,8 +182,9 @@ def localizer_suite(weights: Path, pairs: int, workdir: Path, precisions=PRECISI
         finally:
             bundle.close()
         timing = stats(np.asarray(tally.ms))
-        case = {"case": f"localizer/{MODEL}/{precision}", "backend": "onnxruntime-cpu",
-                "precision": precision, **timing, "task": tally.task(), "fidelity": {}}
+        case = {"case": f"localizer/{model_name(weights)}/{precision}",
+                "backend": "onnxruntime-cpu", "precision": precision, **timing,
+                "task": tally.task(), "fidelity": {}}
         if precision != "fp32" and "fp32" in answers:
             same = [a == b for a, b in zip(answers[precision], answers["fp32"], strict=True)]
             case["fidelity"] = {"answer_equal_to_fp32": float(np.mean(same))}
@@ -252,7 +261,7 @@ def pipeline_suite(weights: Path, sam2_weights: Path, cines, frames: int, workdi
     cases = []
     for name, card in cards.items():
         task = card.summary()
-        case = {"case": f"pipeline/{MODEL}/{'-' if name == 'truth-box' else name}/"
+        case = {"case": f"pipeline/{model_name(weights)}/{'-' if name == 'truth-box' else name}/"
                         f"{'truth-box' if name == 'truth-box' else 'vlm'}",
                 "precision": "-" if name == "truth-box" else name, "task": task}
         if name != "truth-box":

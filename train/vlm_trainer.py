@@ -113,13 +113,14 @@ def load(cfg: VlmTrainConfig, folder: Path):
     return model, layout, maker
 
 
-def restore(weights: Path, folder: Path, size: str = "micro") -> Path:
-    """The Hugging Face folder of shipped fp16 weights (`WEIGHTS_FILE` of a run): the `size`
-    model's config and local tokenizer, as the run built them, with the weights in fp32.
+def restore(weights: Path, folder: Path) -> Path:
+    """The Hugging Face folder of a run's fp16 weights (`WEIGHTS_FILE`): the config and local
+    tokenizer of the size they were trained at (their metadata), as the run built them, with
+    the weights in fp32.
 
     Raises:
-        InputError: the weights are not this size's (missing, unexpected or misshapen
-            tensors), or were saved for another model.
+        InputError: the file is not `rau-rt train vlm` weights, or its tensors do not fit the
+            size it names (missing, unexpected or misshapen).
     """
     import torch
     import transformers
@@ -133,9 +134,10 @@ def restore(weights: Path, folder: Path, size: str = "micro") -> Path:
         raise InputError(f"{weights}: no such weights file")
     with safe_open(str(weights), "pt") as handle:
         meta = handle.metadata() or {}
-    if meta.get("model") != "vlm" or meta.get("size") != size or meta.get("family") != FAMILY:
-        raise InputError(f"{weights}: saved for {meta or 'an unknown model'}, not the {size} "
-                         f"{FAMILY} VLM that `rau-rt train vlm` trains")
+    size = meta.get("size")
+    if meta.get("model") != "vlm" or size not in SIZES or meta.get("family") != FAMILY:
+        raise InputError(f"{weights}: saved for {meta or 'an unknown model'}, not a {FAMILY} "
+                         f"VLM of `rau-rt train vlm` (sizes {SIZES})")
     build_random(folder, size, FAMILY)
     model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
         folder, dtype="float32")

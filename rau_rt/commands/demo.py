@@ -1,10 +1,11 @@
 """`rau-rt demo`: the whole job on built-in defaults, on this machine, in about a minute.
 
 1. A pipeline bundle: the shipped demo models (`rau_rt/weights/`, trained on synthetic cines
-   only): SAM2 micro at 256 px (`rau-rt train sam2`) and the localizer, a micro Qwen2.5-VL at
-   224 px (`rau-rt train vlm`), exported and verified like any bundle, built once into the
-   user cache dir and reused (or exported from `--sam2-checkpoint` / `--vlm`, random weights
-   with `--random-init`, or taken from `--bundle`).
+   only): SAM2 micro at 256 px (`rau-rt train sam2`) and, once its weights ship, the
+   localizer, a micro Qwen2.5-VL at 224 px with aspect buckets (`rau-rt train vlm`; until then
+   a random-init Qwen2.5-VL tiny at 224 px), exported and verified like any bundle, built once
+   into the user cache dir and reused (or exported from `--sam2-checkpoint` / `--vlm`, random
+   weights with `--random-init`, or taken from `--bundle`).
 2. A synthetic coronary angiography cine (12-bit multi-frame XA DICOM) and an annotated
    reference still of another patient in another view (reference.png + reference.json).
 3. The full pipeline over the DICOM file replayed as a live feed at its frame rate: the VLM on
@@ -45,14 +46,13 @@ DEMO_REGIONS = ("5", "6", "7", "11")  # left main, LAD proximal and mid, proxima
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 SHIPPED_SAM2 = WEIGHTS / "sam2_micro256.safetensors"
 SHIPPED_VLM = WEIGHTS / "vlm_micro.safetensors"
-DEMO_NOTE = ("The demo models (SAM2 micro 256 px, Qwen2.5-VL micro 224 px) are the project's, "
-             "trained on synthetic angiography only (rau_rt/weights/*.json): not for clinical "
-             "use.")
+DEMO_NOTE = ("{models}: the project's demo weights, trained on synthetic angiography only "
+             "(rau_rt/weights/*.json): not for clinical use.")
 UNTRAINED = ("NOTE: random (untrained) weights (--random-init): masks and boxes are "
              "meaningless; the latency is what this machine does with these model sizes.")
-UNTRAINED_VLM = ("VLM: random weights (--random-init): keyframe localization is off; SAM2 "
-                 "follows the regions from the reference's memory. --localize on runs it anyway "
-                 "(latency only: its boxes are noise).")
+UNTRAINED_VLM = ("VLM: random weights ({why}): keyframe localization is off; SAM2 follows the "
+                 "regions from the reference's memory. --localize on runs it anyway (latency "
+                 "only: its boxes are noise).")
 VLM_GOAL = 0.6  # the demo VLM's box hit rate (IoU >= 0.5, segments >= 3 mm) to prompt SAM2
 BELOW_GOAL = ("VLM: the shipped demo VLM is below its accuracy goal (held-out box hit rate {hit} "
               "on segments >= 3 mm, goal {goal}): keyframe localization is off, SAM2 follows "
@@ -136,7 +136,7 @@ def _bundle_spec(args: argparse.Namespace) -> dict[str, object]:
                 "image_size": args.image_size or 256}
     if args.vlm is not None:
         vlm = {"model": str(args.vlm.resolve()), "input_size": args.vlm_input_size or 448}
-    elif args.random_init:
+    elif args.random_init or not SHIPPED_VLM.is_file():
         vlm = {"random_init": "tiny", "input_size": args.vlm_input_size or 224}
     else:
         vlm = {"weights": str(SHIPPED_VLM), "size": "micro",
@@ -182,7 +182,7 @@ def build_bundle(spec: dict[str, object], out: Path, progress: bool = True) -> N
         if "weights" in v:  # the shipped fp16 weights into the Hugging Face folder they fit
             from rau_rt.train.vlm_trainer import restore
 
-            model = restore(Path(v["weights"]), Path(tmp) / "model", v["size"])
+            model = restore(Path(v["weights"]), Path(tmp) / "model")
         vlm.export_vlm(vlm.VlmExportConfig(out=out / VLM_PART, model=model,
                                            random_init=v.get("random_init"),
                                            input_size=v["input_size"],
@@ -257,17 +257,21 @@ def run(args: argparse.Namespace) -> int:
 
     regions = tuple(r.strip() for r in args.regions.split(",") if r.strip())
     shipped_vlm = args.bundle is None and args.vlm is None
-    hit = None if args.random_init or not shipped_vlm else shipped_vlm_hit_rate()
-    fit = not shipped_vlm or (not args.random_init and hit is not None and hit >= VLM_GOAL)
+    random_vlm = shipped_vlm and (args.random_init or not SHIPPED_VLM.is_file())
+    hit = None if random_vlm or not shipped_vlm else shipped_vlm_hit_rate()
+    fit = not shipped_vlm or (not random_vlm and hit is not None and hit >= VLM_GOAL)
     localize = args.localize == "on" or (args.localize == "auto" and fit)
     notes = []
     if args.random_init:
         notes.append(UNTRAINED)
-    elif args.bundle is None and args.sam2_checkpoint is None and args.vlm is None:
-        notes.append(DEMO_NOTE)
+    elif args.bundle is None and args.sam2_checkpoint is None:
+        notes.append(DEMO_NOTE.format(models="SAM2 (micro, 256 px)" + (
+            "" if random_vlm or args.vlm else " and the VLM (Qwen2.5-VL micro, 224 px)")))
     if not fit and not localize:
-        notes.append(UNTRAINED_VLM if args.random_init else BELOW_GOAL.format(
-            hit="unmeasured" if hit is None else f"{hit:.2f}", goal=VLM_GOAL))
+        notes.append(UNTRAINED_VLM.format(why="--random-init" if args.random_init else
+                                          "no trained demo VLM ships yet") if random_vlm else
+                     BELOW_GOAL.format(hit="unmeasured" if hit is None else f"{hit:.2f}",
+                                       goal=VLM_GOAL))
     for note in notes:
         print(note)
     if args.bundle is not None:
