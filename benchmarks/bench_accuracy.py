@@ -438,7 +438,9 @@ def main(argv: list[str] | None = None) -> int:
                                                        Path(tmp))
     command = ("python -m benchmarks.bench_accuracy"
                + ("" if args.suite == "tracker" else f" --suite {args.suite}")
-               + (" --quick" if args.quick else ""))
+               + (" --quick" if args.quick else "")
+               + (f" --vlm-weights {args.vlm_weights}" if args.vlm_weights else "")
+               + (f" --weights {args.weights}" if args.weights != DEMO_WEIGHTS else ""))
     record = write_record(SUITE if args.suite == "tracker" else name, cases, path, command)
     record.update(facts)
     record["summary_md"] = (summary(record) if args.suite == "tracker"
