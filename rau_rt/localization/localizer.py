@@ -171,7 +171,7 @@ class Localizer:
                               f"{str(exc)[:200]}); re-export the VLM bundle") from None
         self._decoder = Decoder(bundle, self.layout)
         self._family = self.layout.family_constants
-        self._grammars: dict[tuple[str, ...], tuple[str, int]] = {}
+        self._grammars: dict[tuple[tuple[str, ...], int], tuple[str, int]] = {}
         self._prefix_parts = prompts.reference_parts(reference, self.layout)
         prefix = prompts.PromptParts(self._prefix_parts, (), self.system)
         # the reference and its annotated copy go to the vision graph of the reference's aspect
@@ -273,7 +273,7 @@ class Localizer:
         """`image_patches` for this bundle."""
         return image_patches(image, self.layout, channel_order, bits_stored, window)
 
-    def _ids(self, text: str, sizes) -> np.ndarray:
+    def _ids(self, text: str, sizes: Sequence[Sequence[int]]) -> np.ndarray:
         return prompts.token_ids(self._tokenizer, text, self.layout, sizes)
 
     def _reference_features(self) -> ImageFeatures:
