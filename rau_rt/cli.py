@@ -51,16 +51,17 @@ def _run_export(args: argparse.Namespace) -> int:
     return command.run(args, generate_sequence)
 
 
-def _configure(module: str) -> Callable[[argparse.ArgumentParser], None]:
+def _configure(module: str, name: str = "configure",
+               ) -> Callable[[argparse.ArgumentParser], None]:
     def configure(parser: argparse.ArgumentParser) -> None:
-        import_module(f"rau_rt.commands.{module}").configure(parser)
+        getattr(import_module(f"rau_rt.commands.{module}"), name)(parser)
 
     return configure
 
 
-def _run(module: str) -> Callable[[argparse.Namespace], int]:
+def _run(module: str, name: str = "run") -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        return import_module(f"rau_rt.commands.{module}").run(args)
+        return getattr(import_module(f"rau_rt.commands.{module}"), name)(args)
 
     return run
 
@@ -84,6 +85,12 @@ COMMANDS: tuple[Command, ...] = (
     Command("bench", "latency of a pipeline bundle on this box: per stage and end to end, "
             "jitter, tail, deadline misses, peak memory (JSON, Markdown, PNG)",
             _configure("bench"), _run("bench")),
+    Command("serve-localizer", "serve a bundle's VLM localizer to many towers through Triton "
+            "Inference Server (PyTriton; HTTP/gRPC, KServe v2)",
+            _configure("serve", "configure_serve"), _run("serve", "run_serve")),
+    Command("triton-repo", "write a Triton model repository (Python backend) serving a "
+            "bundle's VLM localizer, for a production tritonserver",
+            _configure("serve", "configure_repo"), _run("serve", "run_repo")),
 )
 
 

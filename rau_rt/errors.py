@@ -61,3 +61,12 @@ class NumericsError(RauRtError, RuntimeError):
 class OutputError(RauRtError, OSError):
     """A run's outputs could not be written (disk full, a quota, a read-only or unwritable
     folder). Nothing was published: every output stays under its `.partial` name."""
+
+
+class RemoteError(RauRtError, RuntimeError):
+    """A central localizer server answered with an error that is not about the input (its
+    message carries the server's error type and text)."""
+
+
+class ServerUnavailableError(RemoteError):
+    """A central localizer server could not be reached within the client's retries."""

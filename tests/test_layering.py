@@ -41,6 +41,8 @@ LAYER_OF = {
     "rau_rt.localization": "domain",
     "rau_rt.reference": "domain",
     "rau_rt.pipeline": "pipeline",
+    # the central localizer server: the localizer behind Triton, wired by the cli
+    "rau_rt.serving": "serving",
     "rau_rt.io": "io",
     "rau_rt.synthetic": "synthetic",
     "rau_rt.export": "export",
@@ -64,6 +66,7 @@ MAY_IMPORT = {
     "bundle": {"core", "engines", "bundle"},
     "domain": {"core", "engines", "bundle", "domain"},
     "pipeline": {"core", "engines", "bundle", "domain", "pipeline"},
+    "serving": {"core", "engines", "bundle", "domain", "pipeline", "serving"},
     # io reads the synthetic generator's cines like any file (synthetic: URIs); synthetic does
     # not import io
     "io": {"core", "io", "synthetic"},
@@ -73,8 +76,8 @@ MAY_IMPORT = {
     # (domain), so that it trains on exactly what the runtime sends
     "train": {"core", "io", "synthetic", "domain", "export", "train"},
     "facade": {"native", "core", "engines", "bundle", "domain", "pipeline", "io", "synthetic"},
-    "cli": {"native", "core", "engines", "bundle", "domain", "pipeline", "io", "synthetic",
-            "export", "train", "cli", "facade"},
+    "cli": {"native", "core", "engines", "bundle", "domain", "pipeline", "serving", "io",
+            "synthetic", "export", "train", "cli", "facade"},
 }
 
 # Engine modules that are not backends: a backend may import only these of its siblings.

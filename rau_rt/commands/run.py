@@ -245,6 +245,9 @@ def summarize(pipeline: Pipeline, profile: RunProfile, wall_s: float, *, command
         # the VLM's keyframe queries, in its worker (not on the per-frame path)
         "vlm_query_ms": latency_stats([ms for _, ms, _ in pipeline.stats.answers]),
         "pipeline": pipeline.stats.to_dict(),
+        # a central localizer's connection per reference: registrations, outages and gaps
+        "localizer_service": [w.localizer.health() for w in pipeline.workers
+                              if hasattr(w.localizer, "health")] or None,
         **(extra or {}),
     }
 
@@ -349,6 +352,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="a VLM query running longer counts as timed out (its keyframe "
                         "fate in the summary); offline runs wait at most this long for an "
                         "answer (default %(default)s)")
+    parser.add_argument("--localizer", default=None, metavar="URL",
+                        help="a central localizer server (triton://host:port or "
+                        "triton+grpc://host:port, see `rau-rt serve-localizer`) answers the "
+                        "keyframes instead of the bundle's VLM")
     parser.add_argument("--max-frames", type=int, default=None, help="stop after N frames")
     parser.add_argument("--fps", type=float, default=None,
                         help="frame rate of an image folder (default: timestamps are frame "
@@ -405,7 +412,7 @@ def run(args: argparse.Namespace) -> int:
     source = open_source(args.source, fps=args.fps)
     with claim_output(args.out), source, open_pipeline(
             args.bundle, references, regions, pipeline_config(args), backend=args.backend,
-            engine=sam2_engine, vlm_engine=vlm_engine) as pipeline:
+            engine=sam2_engine, vlm_engine=vlm_engine, localizer=args.localizer) as pipeline:
         sinks = open_sinks(args.out, not args.no_overlay, args.masks, args.dicom_seg, source,
                            args.realtime)
         stalled = None

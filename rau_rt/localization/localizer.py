@@ -145,11 +145,15 @@ class Localizer:
         config: settings.
         layout, tokenizer_json: the bundle's vlm.json and tokenizer.json; read from
             `bundle.directory` when None.
+        annotated: the reference's annotated rendering (`prompts.annotated_image`) when it
+            was drawn elsewhere: a central server takes the tower's, because OpenCV 4 and 5
+            draw text differently and the server's environment has OpenCV 4.
     """
 
     def __init__(self, bundle: GraphRunner, reference: Reference,
                  config: LocalizerConfig = LocalizerConfig(), *,
-                 layout: VlmLayout | None = None, tokenizer_json: str | None = None) -> None:
+                 layout: VlmLayout | None = None, tokenizer_json: str | None = None,
+                 annotated: np.ndarray | None = None) -> None:
         from tokenizers import Tokenizer
 
         directory = Path(getattr(bundle, "directory", "."))
@@ -177,7 +181,14 @@ class Localizer:
         # the reference and its annotated copy go to the vision graph of the reference's aspect
         self._reference_sizes = (self.layout.size_for(reference.size),) * 2
         self._prefix_ids = self._ids(prefix.prefix_text(), self._reference_sizes)
-        self._annotated = prompts.annotated_image(reference)
+        if annotated is None:
+            annotated = prompts.annotated_image(reference)
+        elif (not isinstance(annotated, np.ndarray) or annotated.dtype != np.uint8
+              or annotated.shape != (*reference.size, 3)):
+            raise InputError(f"annotated: expected a uint8 {(*reference.size, 3)} RGB image of "
+                             f"the reference, got {getattr(annotated, 'dtype', annotated)} "
+                             f"{getattr(annotated, 'shape', '')}")
+        self._annotated = annotated
         self._prefix_cache: KvCache | None = None
         self._cancel = threading.Event()
         self._query_thread: int | None = None  # the thread of the latest query
@@ -189,6 +200,12 @@ class Localizer:
     def prefix_tokens(self) -> int:
         """Tokens of the reference prefix (cached once with `prefix_cache`)."""
         return int(self._prefix_ids.shape[1])
+
+    @property
+    def prefix_cache_bytes(self) -> int:
+        """Bytes of the cached reference prefix's KV (0 without `prefix_cache`)."""
+        cache = self._prefix_cache
+        return 0 if cache is None else sum(int(a.nbytes) for a in cache.past.values())
 
     def locate(self, frame: Frame | np.ndarray,
                regions: Sequence[str] | None = None) -> dict[str, Box | None]:

@@ -23,6 +23,7 @@ from rau_rt.bundle import MANIFEST, load_bundle
 from rau_rt.config import EngineConfig
 from rau_rt.errors import BundleError, InputError
 from rau_rt.localization import Localizer, LocalizerConfig, LocalizerWorker
+from rau_rt.localization.remote import RemoteConfig, RemoteLocalizer, is_remote
 from rau_rt.pipeline.pipeline import Pipeline, PipelineConfig
 from rau_rt.reference import BankConfig, Reference, ReferenceBank
 from rau_rt.tracking import Tracker, TrackerConfig
@@ -68,7 +69,7 @@ def open_pipeline(bundle: str | Path, reference: Reference | Sequence[Reference]
                   engine: EngineConfig = PIPELINE_ENGINE_CONFIG,
                   vlm_engine: EngineConfig | None = None,
                   tracker: TrackerConfig | None = None,
-                  localizer: LocalizerConfig | None = None,
+                  localizer: LocalizerConfig | str | None = None,
                   bank: BankConfig | None = None,
                   localize: bool = True) -> Pipeline:
     """Load the bundle's engines, encode the reference(s), and return the stream's Pipeline.
@@ -86,7 +87,11 @@ def open_pipeline(bundle: str | Path, reference: Reference | Sequence[Reference]
         engine: SAM2 engine settings (device, precision, threads).
         vlm_engine: VLM engine settings (default: `engine` without its precision, since the
             VLM bundle's precisions differ from SAM2's).
-        tracker, localizer, bank: their settings.
+        tracker, bank: their settings.
+        localizer: the bundle VLM's localizer settings, or the URL of a central localizer
+            server (`triton://host:port`, `triton+grpc://host:port`; `rau-rt
+            serve-localizer`) that answers the keyframes instead; the bundle then needs no
+            VLM, and the references are registered there.
         localize: False runs without keyframes even when the bundle has a VLM (it is not
             loaded; e.g. an untrained one): regions are tracked from the reference memory.
 
@@ -112,8 +117,11 @@ def open_pipeline(bundle: str | Path, reference: Reference | Sequence[Reference]
     by_name = {r.name: r for r in primary.regions}
     masks = {n: m for n in names if n in by_name
              and (m := primary.mask(by_name[n])) is not None}
-    vlm_path = paths.vlm if localize else None
-    if vlm_path is None:
+    remote = localizer if isinstance(localizer, str) else None
+    if remote is not None and not is_remote(remote):
+        raise InputError(f"localizer {remote!r}: expected a LocalizerConfig or a triton:// URL")
+    vlm_path = paths.vlm if localize and remote is None else None
+    if vlm_path is None and remote is None:
         why = (f"{paths.directory} has no VLM ({VLM_PART}/)" if paths.vlm is None
                else "localization is off (localize=False)")
         if len(references) > 1:
@@ -133,7 +141,14 @@ def open_pipeline(bundle: str | Path, reference: Reference | Sequence[Reference]
         if len(references) > 1:
             views = ReferenceBank(references, [stream_tracker.describe(_frame(r))
                                                for r in references], bank or BankConfig())
-        if vlm_path is not None:
+        if remote is not None:
+            for ref in references:
+                workers.append(LocalizerWorker(
+                    RemoteLocalizer(remote, ref, RemoteConfig(
+                        timeout_s=config.localizer_timeout_s,
+                        deadline_s=config.localizer_timeout_s)),
+                    timeout_s=config.localizer_timeout_s))
+        elif vlm_path is not None:
             vlm = opened[VLM_PART] = load_bundle(vlm_path, backend,
                                                  vlm_engine or replace(engine, precision=None))
             for ref in references:

@@ -161,6 +161,10 @@ class Pipeline:
     def close(self) -> None:
         """Stop the localizer workers and close the bundles this pipeline opened."""
         finished = [w.close(self.config.localizer_timeout_s) for w in self.workers]
+        for worker, done in zip(self.workers, finished, strict=True):
+            close = getattr(worker.localizer, "close", None)  # a RemoteLocalizer's connection
+            if done and close is not None:
+                close()
         if not all(finished):
             return  # a query still runs on the VLM's engines: leave them open
         while self.bundles:
