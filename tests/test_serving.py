@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -30,7 +27,7 @@ from rau_rt.localization.remote import RemoteConfig, RemoteLocalizer, is_remote
 from rau_rt.pipeline import KeyframeConfig, PipelineConfig, open_pipeline
 from rau_rt.reference import Reference
 from rau_rt.serving import environment, repository
-from rau_rt.serving.server import READY_LINE
+from rau_rt.serving.process import ServerProcess, free_ports
 from rau_rt.serving.service import STALE, UNKNOWN_REFERENCE, LocalizerService, ServiceConfig
 from rau_rt.serving.service import _round_robin as round_robin
 from rau_rt.synthetic import generate_sequence
@@ -39,7 +36,6 @@ from rau_rt.types import Frame, Region
 
 INPUT = 112
 ROOT = Path(__file__).resolve().parents[1]
-START_TIMEOUT_S = 120
 
 
 def make_reference(seed: int = 0, size=(INPUT, INPUT), gray: bool = False) -> Reference:
@@ -280,80 +276,13 @@ needs_server = pytest.mark.skipif(
     "tests/test_serving.py")
 
 
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-class Server:
-    """`python -m rau_rt.serving.server` in the server environment, in its own process group
-    (so that a kill takes its tritonserver along, as a crashed host would)."""
-
-    def __init__(self, bundle_dir: Path, workspace: Path) -> None:
-        self.bundle_dir, self.workspace = bundle_dir, workspace
-        self.http, self.grpc, self.metrics = free_ports(3)
-        self.process: subprocess.Popen | None = None
-        self.log: list[str] = []
-        self.starts = 0
-
-    @property
-    def url(self) -> str:
-        return f"triton://127.0.0.1:{self.http}"
-
-    def start(self) -> None:
-        python = environment.env_python(server_env())
-        self.starts += 1  # PyTriton wants a new workspace folder each time
-        workspace = self.workspace / f"run{self.starts}"
-        self.process = subprocess.Popen(
-            [str(python), "-m", "rau_rt.serving.server", "--bundle", str(self.bundle_dir),
-             "--port", str(self.http), "--grpc-port", str(self.grpc),
-             "--metrics-port", str(self.metrics), "--workspace", str(workspace),
-             "--threads", "1"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        ready = threading.Event()
-
-        def read(stream):
-            for line in stream:
-                self.log.append(line)
-                if READY_LINE in line:  # tritonserver writes to the same pipe, unflushed
-                    ready.set()
-
-        threading.Thread(target=read, args=(self.process.stdout,), daemon=True).start()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not ready.wait(0.2):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                pytest.fail("the server did not start:\n" + "".join(self.log[-40:]))
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(30)
-        self._close()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)  # PyTriton stops its tritonserver
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(30)
-        self._close()
-
-    def _close(self) -> None:
-        if self.process is not None and self.process.stdout is not None:
-            self.process.stdout.close()
+def make_server(bundle_dir, workspace) -> ServerProcess:
+    return ServerProcess(bundle_dir, server_env(), workspace, ["--threads", "1"])
 
 
 @pytest.fixture(scope="module")
 def server(bundle_dir, tmp_path_factory):
-    running = Server(bundle_dir, tmp_path_factory.mktemp("triton"))
+    running = make_server(bundle_dir, tmp_path_factory.mktemp("triton"))
     running.start()
     yield running
     running.stop()
@@ -429,7 +358,7 @@ def test_a_server_lost_mid_stream_is_survived_and_reported(bundle_dir, micro_bun
                                  segments=("6", "7"))
     still = synthetic_reference(seed=4, size=256, segments=("6", "7"))
     reference = Reference(still.image_8bit(), still.regions, name="synthetic")
-    server = Server(bundle_dir, tmp_path / "triton")
+    server = make_server(bundle_dir, tmp_path / "triton")
     server.start()
     config = PipelineConfig(KeyframeConfig(every=2), wait_for_localizer=True,
                             localizer_timeout_s=8.0)
