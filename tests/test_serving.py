@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -28,6 +30,7 @@ from rau_rt.pipeline import KeyframeConfig, PipelineConfig, open_pipeline
 from rau_rt.reference import Reference
 from rau_rt.serving import environment, repository
 from rau_rt.serving.process import ServerProcess, free_ports
+from rau_rt.serving.server import READY_LINE
 from rau_rt.serving.service import STALE, UNKNOWN_REFERENCE, LocalizerService, ServiceConfig
 from rau_rt.serving.service import _round_robin as round_robin
 from rau_rt.synthetic import generate_sequence
@@ -399,3 +402,42 @@ def test_a_worker_over_a_remote_localizer_keeps_the_tracker_free(server):
         submitted_ms = (time.perf_counter() - started) * 1e3
         result = worker.wait(60)
     assert submitted_ms < 50 and result is not None and result.ok
+
+
+def test_serve_localizer_binds_loopback_unless_told_otherwise(capsys):
+    from rau_rt.cli import main
+    from rau_rt.commands.serve import _forwarded
+    from rau_rt.serving.server import check_bind
+
+    assert main(["serve-localizer", "--bundle", "b", "--host", "10.1.2.3"]) == 1
+    assert "--allow-remote" in capsys.readouterr().err
+    with pytest.raises(InputError, match="expected an IP address"):
+        check_bind("server.example", allow_remote=True)
+    check_bind("127.0.0.1", allow_remote=False)
+    check_bind("::1", allow_remote=False)
+    # what the launcher hands to the server environment: everything but its own --env
+    assert _forwarded(["serve-localizer", "--env", "e", "--bundle", "b", "--env=x", "--port",
+                       "9"]) == ["--bundle", "b", "--port", "9"]
+
+
+@needs_server
+def test_serve_localizer_runs_the_server_from_its_environment(bundle_dir, tmp_path):
+    [http, grpc, metrics] = free_ports(3)
+    command = [sys.executable, "-m", "rau_rt", "serve-localizer", "--env", str(server_env()),
+               "--bundle", str(bundle_dir), "--port", str(http), "--grpc-port", str(grpc),
+               "--metrics-port", str(metrics), "--workspace", str(tmp_path / "w")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    try:
+        for line in process.stdout:
+            if READY_LINE in line:
+                break
+        else:
+            pytest.fail("serve-localizer ended without serving")
+        client = RemoteLocalizer(f"triton://127.0.0.1:{http}", make_reference(0))
+        assert set(client.locate(make_frame(0))) == {"lad", "lcx", "rca"}
+        client.close()
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)  # the server stops its tritonserver
+        process.wait(60)
+        process.stdout.close()

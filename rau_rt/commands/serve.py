@@ -79,7 +79,7 @@ def configure_repo(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kind", choices=("cpu", "gpu"), default=defaults.kind,
                         help="instance kind (KIND_CPU or KIND_GPU)")
     parser.add_argument("--max-batch", type=int, default=defaults.max_batch,
-                        help="requests the dynamic batcher hands over at once")
+                        help="requests handed to the model at once (> 1: dynamic batching)")
     parser.add_argument("--max-references", type=int, default=defaults.max_references)
     parser.add_argument("--max-cache-mb", type=float, default=defaults.max_cache_mb)
     parser.add_argument("--copy-bundle", action="store_true",

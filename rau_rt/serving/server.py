@@ -32,9 +32,15 @@ from rau_rt.localization.localizer import LocalizerConfig
 from rau_rt.serving.service import LocalizerService, ServiceConfig
 
 LOG = logging.getLogger("rau_rt.serving")
-# Triton's dynamic batcher waits this long for more requests to hand over together (µs): a
-# keyframe answer takes hundreds of ms, so 2 ms of gathering costs nothing and lets the
-# service order a burst round-robin by stream.
+# Requests handed to the service at once. The decode loop answers one request at a time, so a
+# batch only makes its requests wait for each other: measured with the demo VLM and 8 streams
+# (benchmarks/results/serving_cpu.json), batches of 8 gave 15.9 answers/s, p99 732 ms and the
+# least served stream 88 % of the most served one's answers; batches of 1 16.9/s, 601 ms, 98 %.
+# With 1, Triton's FIFO queue is fair by itself: each tower stream has at most one request in
+# flight (LocalizerWorker).
+DEFAULT_MAX_BATCH = 1
+# With --max-batch > 1, Triton's dynamic batcher waits this long (µs) for more requests to
+# hand over together, and the service serves them round-robin by stream.
 QUEUE_DELAY_US = 2000
 READY_LINE = "rau-rt localizer ready"
 
@@ -55,8 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="references kept, least recently used evicted beyond")
     parser.add_argument("--max-cache-mb", type=float, default=ServiceConfig.max_cache_mb,
                         help="bound on the kept references' prefix KV caches together")
-    parser.add_argument("--max-batch", type=int, default=8,
-                        help="requests Triton's dynamic batcher hands over at once (1: none)")
+    parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
+                        help="requests handed over at once (default 1: the decode loop answers "
+                        "one at a time, see README 'Central localizer')")
     parser.add_argument("--workspace", default=None,
                         help="PyTriton's working folder (its tritonserver copy and model "
                         "store; default a new one under ~/.cache/pytriton, removed on stop)")
@@ -90,9 +97,12 @@ def bind_models(triton, service: LocalizerService, max_batch: int) -> None:
         return [_response(a) for a in service.answer(
             [(r["request"], r["data"].reshape(-1)) for r in requests])]
 
+    if max_batch < 1:
+        raise InputError(f"--max-batch must be >= 1, got {max_batch}")
+    batcher = (DynamicBatcher(max_queue_delay_microseconds=QUEUE_DELAY_US) if max_batch > 1
+               else None)
     triton.bind(wire.MODEL, infer, inputs, outputs,
-                config=ModelConfig(max_batch_size=max(1, max_batch), batcher=DynamicBatcher(
-                    max_queue_delay_microseconds=QUEUE_DELAY_US)))
+                config=ModelConfig(max_batch_size=max_batch, batcher=batcher))
 
 
 def load_vlm(bundle: str | os.PathLike, backend: str | None = None, engine=None):
