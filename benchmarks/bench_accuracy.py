@@ -45,7 +45,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -179,18 +179,21 @@ def sam2_input(rgb: np.ndarray, size: int) -> np.ndarray:
 
 def tracker_run(bundle, p: Prepared, regime: str, same_input: bool = False,
                 events: dict[int, tuple[str, list]] | None = None,
+                config: TrackerConfig | None = None,
                 ) -> tuple[dict[int, np.ndarray], list[float]]:
     """The Tracker over the regime's frames and prompts (or `events` instead of the regime's
     prompts: the pipeline suite's VLM boxes); `same_input` runs it as sam2 runs: on sam2's own
     preprocessed frames instead of `ops.preprocess`'s (bilinear) and with room for every
-    keyframe as a conditioning frame (sam2 keeps them all)."""
+    keyframe as a conditioning frame (sam2 keeps them all). `config`: the tracker's settings
+    (its profile; default sam2's), with hole filling off and the conditioning room set here."""
     frames, scheduled = schedule(p, regime)
     events = scheduled if events is None else events
     conditioning = len(events) if same_input else TrackerConfig.max_conditioning
     if conditioning > MAX_CONDITIONING:
         raise ValueError(f"{conditioning} prompted frames: sam2 would attend more conditioning "
                          f"frames than the tracker holds ({MAX_CONDITIONING})")
-    tracker = Tracker(bundle, TrackerConfig(fill_hole_area=0, max_conditioning=conditioning))
+    tracker = Tracker(bundle, replace(config or TrackerConfig(), fill_hole_area=0,
+                                      max_conditioning=conditioning))
     names = list(p.regions)
     size = tracker.layout.image_size
 

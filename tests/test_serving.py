@@ -441,3 +441,33 @@ def test_serve_localizer_runs_the_server_from_its_environment(bundle_dir, tmp_pa
         os.killpg(process.pid, signal.SIGTERM)  # the server stops its tritonserver
         process.wait(60)
         process.stdout.close()
+
+
+@needs_server
+def test_rau_rt_run_with_a_central_localizer_records_it(server, micro_bundle, tmp_path, capsys):
+    import cv2
+
+    from rau_rt.cli import main
+    from rau_rt.io.annotations import write_reference_annotation
+    from rau_rt.synthetic import formats
+
+    pipeline_dir = tmp_path / "bundle"
+    pipeline_dir.mkdir()
+    (pipeline_dir / "sam2").symlink_to(micro_bundle.directory)  # no vlm/: the server's
+    still = synthetic_reference(seed=3, size=256, segments=("6", "7"))
+    cv2.imwrite(str(tmp_path / "reference.png"), still.image_8bit())
+    write_reference_annotation(tmp_path / "reference.json", "reference.png", (256, 256),
+                               still.regions)
+    cine = generate_sequence(seed=3, frames=6, size=256, segments=("6", "7"))
+    formats.write_video(tmp_path / "cine.mkv", cine.frames, 15.0)
+    out = tmp_path / "out"
+    code = main(["run", "--bundle", str(pipeline_dir), "--reference",
+                 str(tmp_path / "reference.json"), "--source", str(tmp_path / "cine.mkv"),
+                 "--out", str(out), "--keyframe-every", "2", "--localizer", server.url,
+                 "--no-overlay", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    [service] = summary["localizer_service"]
+    assert service["url"] == server.url and service["online"] and service["lost"] == 0
+    assert [a["frame"] for a in summary["pipeline"]["answers"]] == [0, 2, 4]
+    assert "vlm" not in summary["engines"]  # no local VLM was loaded

@@ -130,3 +130,25 @@ def test_wrong_shapes_raise_input_error():
         MemoryConfig(SHAPE, DIM, max_conditioning=MAX_CONDITIONING + 1)
     with pytest.raises(InputError, match="no conditioning frame"):
         bank().feeds(3)
+
+
+@pytest.mark.parametrize("memories, pointers", [(2, 4), (0, 0), (1, 15)])
+def test_fewer_attended_frames_keep_the_nearest_at_sam2s_positions(memories, pointers):
+    b = bank(recent_memories=memories, recent_pointers=pointers)
+    b.add_conditioning(0, *entry(0))
+    for t in range(1, 40):
+        b.add_tracked(t, *entry(t))
+    feeds = b.feeds(40)
+    # the conditioning frame, then t-k ... t-1: the same frames and temporal indices sam2 gives
+    # them, only fewer
+    assert chosen_frames(feeds) == [0, *range(40 - memories, 40)]
+    assert feeds.tpos_index.tolist() == [6, *range(memories - 1, -1, -1)]
+    assert feeds.pointers[1:, 0].tolist() == list(range(39, 39 - pointers, -1))
+    np.testing.assert_allclose(feeds.pointer_position[1:], np.arange(1, pointers + 1) / 15)
+
+
+def test_attended_counts_are_range_checked():
+    with pytest.raises(InputError, match="recent_memories"):
+        bank(recent_memories=7)
+    with pytest.raises(InputError, match="recent_pointers"):
+        bank(recent_pointers=-1)

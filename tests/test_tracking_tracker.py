@@ -494,3 +494,15 @@ def test_tiny_1024_bundle_matches_sam2_video_predictor(tmp_path):
         steps = run_tracker(tracker, images, [np.asarray(box, np.float32)])
     # random tiny weights give a mask of about 75 % of the frame here (not sharpened)
     assert_parity(steps, *expected, max_area=0.9)
+
+
+def test_profiles_set_the_attended_memories_and_overrides_win():
+    from rau_rt.tracking.tracker import PROFILES
+
+    assert TrackerConfig().attended == PROFILES["exact"] == (6, 15)
+    assert TrackerConfig(profile="fast").attended == PROFILES["fast"]
+    assert TrackerConfig(profile="fast", recent_memories=3).attended == (3, PROFILES["fast"][1])
+    with pytest.raises(InputError, match="profile"):
+        TrackerConfig(profile="fastest")
+    with pytest.raises(InputError, match="recent_pointers"):
+        TrackerConfig(recent_pointers=16)

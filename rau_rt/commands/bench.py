@@ -93,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
                                 realtime=args.realtime is not None)
         sam2_engine, vlm_engine = run_command.engine_configs(args)
         with open_pipeline(args.bundle, reference, regions, config, backend=args.backend,
-                           engine=sam2_engine, vlm_engine=vlm_engine) as pipeline:
+                           engine=sam2_engine, vlm_engine=vlm_engine,
+                           tracker=run_command.tracker_config(args)) as pipeline:
             profile, wall, interrupted = run_command.stream(
                 pipeline, source, [], max_frames=args.frames, fps=args.realtime,
                 progress=not args.quiet, desc="bench")

@@ -295,6 +295,7 @@ def run(args: argparse.Namespace) -> int:
         truth = TruthSink(args.out / "truth_vs_prediction.png", sequence, regions)
         with source, open_pipeline(bundle, reference, regions, config, backend=args.backend,
                                    engine=sam2_engine, vlm_engine=vlm_engine,
+                                   tracker=run_command.tracker_config(args),
                                    localize=localize) as pipeline:
             sinks = [*run_command.open_sinks(args.out, overlay=True, masks="none",
                                              dicom_seg=False), truth]

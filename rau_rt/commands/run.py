@@ -46,6 +46,8 @@ from rau_rt.profiling import (
     package_version,
 )
 from rau_rt.reference import Reference
+from rau_rt.tracking import TrackerConfig
+from rau_rt.tracking.tracker import PROFILES
 from rau_rt.types import Frame, FrameResult
 
 PROGRESS_EVERY = 5  # frames between progress-bar statistics updates
@@ -234,7 +236,9 @@ def summarize(pipeline: Pipeline, profile: RunProfile, wall_s: float, *, command
                    "wait_for_localizer": pipeline.config.wait_for_localizer,
                    "keyframe_every": pipeline.config.keyframes.every,
                    "keyframe_min_score": pipeline.config.keyframes.min_score,
-                   "view_similarity": pipeline.config.keyframes.view_similarity},
+                   "view_similarity": pipeline.config.keyframes.view_similarity,
+                   "tracker_profile": pipeline.tracker.config.profile,
+                   "attended_memories_pointers": list(pipeline.tracker.config.attended)},
         "engines": describe(pipeline),
         **environment(),
         "frames_processed": len(profile),
@@ -310,6 +314,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         "first entry); an absent precision is an error, never a fallback")
     parser.add_argument("--vlm-precision", default=None,
                         help="VLM graphs' precision (fp32, int8, int4; default: first entry)")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="exact",
+                        help="tracking profile: exact (sam2's memory selection) or fast (fewer "
+                        "attended memories; README 'Tracking profiles')")
+
+
+def tracker_config(args: argparse.Namespace) -> TrackerConfig:
+    return TrackerConfig(profile=args.profile)
 
 
 def engine_configs(args: argparse.Namespace):
@@ -412,7 +423,8 @@ def run(args: argparse.Namespace) -> int:
     source = open_source(args.source, fps=args.fps)
     with claim_output(args.out), source, open_pipeline(
             args.bundle, references, regions, pipeline_config(args), backend=args.backend,
-            engine=sam2_engine, vlm_engine=vlm_engine, localizer=args.localizer) as pipeline:
+            engine=sam2_engine, vlm_engine=vlm_engine, tracker=tracker_config(args),
+            localizer=args.localizer) as pipeline:
         sinks = open_sinks(args.out, not args.no_overlay, args.masks, args.dicom_seg, source,
                            args.realtime)
         stalled = None

@@ -48,12 +48,18 @@ class MemoryConfig:
         max_conditioning: conditioning frames kept (reference + newest prompts), 1..4.
         clip_frames: the clip length sam2 would know (its pointer positions depend on it for
             clips shorter than 16 frames); None for a live stream (as for >= 16 frames).
+        recent_memories: tracked frames attended as spatial memories, the nearest first
+            (t-1 ... t-k, each at sam2's temporal index k-1), 0..6; sam2 attends 6.
+        recent_pointers: tracked frames attended as object pointers (t-1 ... t-k), 0..15;
+            sam2 attends 15.
     """
 
     memory_shape: tuple[int, int, int]
     pointer_dim: int
     max_conditioning: int = 2
     clip_frames: int | None = None
+    recent_memories: int = RECENT_SLOTS
+    recent_pointers: int = RECENT_POINTERS
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_conditioning <= MAX_CONDITIONING:
@@ -61,6 +67,12 @@ class MemoryConfig:
                              f"{self.max_conditioning}")
         if self.clip_frames is not None and self.clip_frames < 1:
             raise InputError(f"clip_frames: expected >= 1 or None, got {self.clip_frames}")
+        if not 0 <= self.recent_memories <= RECENT_SLOTS:
+            raise InputError(f"recent_memories: expected 0..{RECENT_SLOTS}, got "
+                             f"{self.recent_memories}")
+        if not 0 <= self.recent_pointers <= RECENT_POINTERS:
+            raise InputError(f"recent_pointers: expected 0..{RECENT_POINTERS}, got "
+                             f"{self.recent_pointers}")
 
     @property
     def t_diff_max(self) -> float:
@@ -200,7 +212,7 @@ class MemoryBank:
             self._out_tpos[slot] = CONDITIONING_TPOS
             frames.append(int(self._cond_frame[i]))
             slot += 1
-        for k in range(RECENT_SLOTS, 0, -1):  # t-6 first, as sam2 orders them
+        for k in range(self.config.recent_memories, 0, -1):  # t-6 first, as sam2 orders them
             hit = np.flatnonzero(self._recent_mem_frame == frame - k)
             if frame - k >= 0 and hit.size:
                 i = int(hit[0])
@@ -214,7 +226,7 @@ class MemoryBank:
             self._out_ptr_pos[n] = (frame - self._cond_frame[i]) / scale
             pointer_frames.append(int(self._cond_frame[i]))
             n += 1
-        for k in range(1, RECENT_POINTERS + 1):
+        for k in range(1, self.config.recent_pointers + 1):
             if frame - k < 0:  # sam2 stops at the clip's start
                 break
             hit = np.flatnonzero(self._recent_ptr_frame == frame - k)

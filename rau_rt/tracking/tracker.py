@@ -51,6 +51,13 @@ STAGES = ("preprocess", "image_encoder", "memory_attention", "mask_decoder", "me
 # object score +10.
 MASK_LOGIT = 10.0
 PROMPT_SOURCES = ("vlm", "user")
+# Tracking profiles: (recent memories, recent pointers) attended per frame. "exact" is sam2's
+# video predictor (6 and 15). "fast" attends the 2 nearest tracked frames' memories: on the
+# trained demo SAM2 (benchmarks/results/profiles_cpu.json) that took 12 % off the tracker's
+# time per frame (33.9 vs 38.5 ms) with mean Dice 0.564 vs 0.553, while fewer pointers saved
+# nothing measurable and cost the reference regime up to 0.04 Dice, so every pointer stays
+# (README "Tracking profiles").
+PROFILES = {"exact": (6, 15), "fast": (2, 15)}
 
 
 class GraphRunner(Protocol):
@@ -78,6 +85,9 @@ class TrackerConfig:
             a `Frame` carries its own.
         window: VOI (centre, width) of raw X-ray values for `ops.preprocess`, overriding the
             frames' own (`Frame.window`, e.g. a DICOM's WindowCenter/Width); None: theirs.
+        profile: "exact" (sam2's memory selection, frame for frame) or "fast" (`PROFILES`).
+        recent_memories, recent_pointers: override the profile's count of tracked frames
+            attended as spatial memories (0..6) and as object pointers (0..15).
     """
 
     max_conditioning: int = 2
@@ -86,13 +96,26 @@ class TrackerConfig:
     mask_threshold: float = 0.0
     channel_order: str = "rgb"
     window: tuple[float, float] | None = None
+    profile: str = "exact"
+    recent_memories: int | None = None
+    recent_pointers: int | None = None
 
     def __post_init__(self) -> None:
+        if self.profile not in PROFILES:
+            raise InputError(f"profile: expected one of {sorted(PROFILES)}, got {self.profile!r}")
         if self.channel_order not in ("rgb", "bgr"):
             raise InputError(f"channel_order: expected 'rgb' or 'bgr', got {self.channel_order!r}")
         if self.fill_hole_area is not None and self.fill_hole_area < 0:
             raise InputError(f"fill_hole_area: expected >= 0 or None, got {self.fill_hole_area}")
-        MemoryConfig((1, 1, 1), 1, self.max_conditioning, self.clip_frames)  # range checks
+        MemoryConfig((1, 1, 1), 1, self.max_conditioning, self.clip_frames,
+                     *self.attended)  # range checks
+
+    @property
+    def attended(self) -> tuple[int, int]:
+        """(recent memories, recent pointers) attended per frame: the profile's unless set."""
+        memories, pointers = PROFILES[self.profile]
+        return (memories if self.recent_memories is None else self.recent_memories,
+                pointers if self.recent_pointers is None else self.recent_pointers)
 
 
 @dataclass(frozen=True)
@@ -160,7 +183,8 @@ class Tracker:
                              f"{size}: the bundle is inconsistent; re-export it")
         side = size // 16
         self._memory = MemoryConfig((self.layout.memory_dim, side, side), self.layout.hidden_dim,
-                                    self.config.max_conditioning, self.config.clip_frames)
+                                    self.config.max_conditioning, self.config.clip_frames,
+                                    *self.config.attended)
         self._fill = (self.layout.fill_hole_area if self.config.fill_hole_area is None
                       else self.config.fill_hole_area)
         self._banks: dict[str, MemoryBank] = {}
