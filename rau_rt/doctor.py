@@ -223,9 +223,28 @@ def probe_cpu() -> Row:
     return Row("cpu", OK, detail, data)
 
 
+def probe_serving() -> Row:
+    """The central localizer: its client here, and the server's environment (or PyTriton)."""
+    from rau_rt.serving import environment
+
+    client = _dist_version("tritonclient")
+    pytriton = _dist_version("nvidia-pytriton")
+    env = environment.find_env(None)
+    data = {"tritonclient": client, "pytriton_here": pytriton,
+            "server_env": None if env is None else str(env)}
+    server = (f"server PyTriton {pytriton} here" if pytriton else
+              f"server environment {env}" if env is not None else
+              "no server environment (rau-rt serve-localizer --make-env .venv-server)")
+    if client is None:
+        return Row("localizer-server", MISSING, f"no tritonclient: pip install '.[remote]'; "
+                   f"{server}", data)
+    return Row("localizer-server", OK, f"client tritonclient {client}; {server}", data)
+
+
 PROBES: tuple[Callable[[], Row], ...] = (
     probe_rau_rt, probe_python, probe_platform, probe_cpu, probe_native, probe_numpy,
     probe_opencv, probe_pillow, probe_onnxruntime, probe_torch, probe_tensorrt, probe_gpu,
+    probe_serving,
 )
 
 

@@ -29,7 +29,7 @@ def test_doctor_json_reports_every_component(capsys):
     report = json.loads(capsys.readouterr().out)
     components = report["components"]
     for name in ("rau-rt", "python", "numpy", "opencv", "onnxruntime", "torch", "tensorrt", "gpu",
-                 "native", "cpu"):
+                 "native", "cpu", "localizer-server"):
         assert components[name]["status"] in ("ok", "missing", "warn", "error"), name
     assert report["native"] is rau_rt.ops.native_available()
     assert components["native"]["built"] is report["native"]
@@ -61,6 +61,18 @@ def test_doctor_reports_a_missing_package_as_a_row(monkeypatch):
                         lambda name: None if name == "cv2" else real_import(name))
     row = doctor.probe_opencv()
     assert row.status == "missing" and "opencv-python-headless" in row.detail
+
+
+def test_doctor_says_how_to_get_the_central_localizer(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # no ./.venv-server here
+    monkeypatch.delenv("RAU_RT_SERVER_ENV", raising=False)
+    versions = {"tritonclient": "2.73.0"}
+    monkeypatch.setattr(doctor, "_dist_version", versions.get)
+    row = doctor.probe_serving()
+    assert row.status == "ok" and "--make-env .venv-server" in row.detail
+    versions.clear()
+    row = doctor.probe_serving()
+    assert row.status == "missing" and "pip install '.[remote]'" in row.detail
 
 
 def test_doctor_flags_both_onnxruntime_wheels(monkeypatch):
