@@ -57,14 +57,16 @@ def env_python(env: str | Path) -> Path:
 
 
 def find_env(explicit: str | Path | None) -> Path | None:
-    """The server environment to use: `explicit`, $RAU_RT_SERVER_ENV, ./.venv-server; None if
-    none of them has a Python."""
-    for candidate in (explicit, os.environ.get(ENV_VARIABLE), DEFAULT_ENV):
-        if candidate and env_python(candidate).exists():
-            return Path(candidate)
-        if candidate and candidate == explicit:
+    """The server environment to use: `explicit` (an `InputError` if it has no Python), else
+    $RAU_RT_SERVER_ENV, else ./.venv-server; None if neither has a Python."""
+    if explicit is not None:
+        if not env_python(explicit).exists():
             raise InputError(f"--env {explicit}: no Python at {env_python(explicit)}; create "
                              f"it with `rau-rt serve-localizer --make-env {explicit}`")
+        return Path(explicit)
+    for candidate in (os.environ.get(ENV_VARIABLE), DEFAULT_ENV):
+        if candidate and env_python(candidate).exists():
+            return Path(candidate)
     return None
 
 

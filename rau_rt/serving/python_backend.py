@@ -21,10 +21,11 @@ class TritonPythonModel:
         import triton_python_backend_utils as pb_utils
 
         from rau_rt.config import EngineConfig
+        from rau_rt.localization import wire
         from rau_rt.serving.server import load_vlm
         from rau_rt.serving.service import LocalizerService, ServiceConfig
 
-        self._utils = pb_utils
+        self._utils, self._wire = pb_utils, wire
         config = json.loads(args["model_config"])
         parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         bundle = Path(parameters["bundle"])
@@ -43,10 +44,8 @@ class TritonPythonModel:
         pairs = [(pb_utils.get_input_tensor_by_name(r, "request").as_numpy(),
                   pb_utils.get_input_tensor_by_name(r, "data").as_numpy().reshape(-1))
                  for r in requests]
-        from rau_rt.localization import wire
-
         return [pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor("response", wire.encode_response(answer).reshape(1, 1))])
+            pb_utils.Tensor("response", self._wire.encode_response(answer).reshape(1, 1))])
             for answer in self._service.answer(pairs)]
 
     def finalize(self) -> None:
