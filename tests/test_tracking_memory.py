@@ -152,3 +152,38 @@ def test_attended_counts_are_range_checked():
         bank(recent_memories=7)
     with pytest.raises(InputError, match="recent_pointers"):
         bank(recent_pointers=-1)
+
+
+def test_memory_interval_stores_every_kth_frame_and_attends_the_newest_by_rank():
+    b = bank(recent_memories=2, memory_interval=3)
+    b.add_conditioning(0, *entry(0))
+    stored = []
+    for t in range(1, 20):
+        if b.wants_memory(t):
+            stored.append(t)
+            b.add_tracked(t, *entry(t))
+        else:
+            b.add_tracked(t, None, None, entry(t)[2])  # the pointer only
+    # every third frame after the conditioning frame at 0
+    assert stored == [3, 6, 9, 12, 15, 18]
+    feeds = b.feeds(20)
+    # the 2 newest stored memories, the older first, at temporal indices by rank (as sam2's
+    # strided memories), and the pointers of every frame
+    assert chosen_frames(feeds) == [0, 15, 18]
+    assert feeds.tpos_index.tolist() == [6, 1, 0]
+    assert list(feeds.pointer_frames) == [0, *range(19, 4, -1)]
+    # a re-prompt is a memory too: the next tracked memory comes `memory_interval` after it
+    b.add_conditioning(20, *entry(20))
+    assert [t for t in range(21, 25) if b.wants_memory(t)] == [23, 24]
+
+
+def test_memory_interval_one_is_sams_selection_and_is_range_checked():
+    plain, strided = bank(), bank(memory_interval=1)
+    for b in (plain, strided):
+        b.add_conditioning(0, *entry(0))
+        for t in range(1, 12):
+            assert b.wants_memory(t)
+            b.add_tracked(t, *entry(t))
+    assert chosen_frames(plain.feeds(12)) == chosen_frames(strided.feeds(12)) == [0, *range(6, 12)]
+    with pytest.raises(InputError, match="memory_interval"):
+        bank(memory_interval=0)

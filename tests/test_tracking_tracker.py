@@ -499,10 +499,52 @@ def test_tiny_1024_bundle_matches_sam2_video_predictor(tmp_path):
 def test_profiles_set_the_attended_memories_and_overrides_win():
     from rau_rt.tracking.tracker import PROFILES
 
-    assert TrackerConfig().attended == PROFILES["exact"] == (6, 15)
-    assert TrackerConfig(profile="fast").attended == PROFILES["fast"]
-    assert TrackerConfig(profile="fast", recent_memories=3).attended == (3, PROFILES["fast"][1])
+    assert TrackerConfig().levers == PROFILES["exact"] == (6, 15, 1)
+    assert TrackerConfig().attended == (6, 15)
+    assert TrackerConfig(profile="fast").levers == PROFILES["fast"]
+    assert TrackerConfig(profile="fast", recent_memories=3).levers == (3, *PROFILES["fast"][1:])
+    assert TrackerConfig(memory_interval=4).levers == (6, 15, 4)
+    with pytest.raises(InputError, match="memory_interval"):
+        TrackerConfig(memory_interval=0)
     with pytest.raises(InputError, match="profile"):
         TrackerConfig(profile="fastest")
     with pytest.raises(InputError, match="recent_pointers"):
         TrackerConfig(recent_pointers=16)
+
+
+class CountingGraphs:
+    """A loaded bundle that records the batch of every memory-encoder call."""
+
+    def __init__(self, graphs):
+        self._graphs, self.engines = graphs, graphs.engines
+        self.layout = read_layout(graphs.directory)
+        self.encoded: list[int] = []
+
+    def run(self, graph, feeds):
+        if graph == "memory_encoder":
+            self.encoded.append(len(feeds["masks"]))
+        return self._graphs.run(graph, feeds)
+
+
+def test_memory_interval_skips_the_memory_encoder_between_stored_frames(bundle, clip):
+    _, images, boxes = clip
+    with load_bundle(bundle) as graphs:
+        counting = CountingGraphs(graphs)
+        tracker = Tracker(counting, TrackerConfig(fill_hole_area=0, memory_interval=2))
+        tracker.prompt(0, {"A": boxes[0]})
+        steps = []
+        for t, image in enumerate(images[:9]):
+            if t == 3:
+                tracker.prompt(3, {"B": boxes[1]})
+            steps.append(tracker.step(image))
+        exact = run_tracker(Tracker(graphs, TrackerConfig(fill_hole_area=0)), images[:2],
+                            boxes[:1], ["A"])
+    # frame 0: A prompted; 1: skipped; 2: A; 3: B prompted (A skipped: its memory is 1 old);
+    # 4: A (B skipped); 5: B; 6: A; 7: B; 8: A
+    assert counting.encoded == [1, 1, 1, 1, 1, 1, 1, 1]
+    assert steps[1].stage_ms["memory_encoder"] == 0.0
+    banks = tracker._banks
+    assert banks["A"].feeds(9).frames == (0, 2, 4, 6, 8) and banks["B"].feeds(9).frames == (3, 5, 7)
+    # until the first skipped memory would be read, nothing differs from sam2's profile
+    for got, want in zip(steps[:2], exact, strict=True):
+        np.testing.assert_array_equal(got.low_res_logits["A"], want.low_res_logits["A"])

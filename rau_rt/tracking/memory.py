@@ -19,6 +19,10 @@ prompt). Eviction: the reference is pinned; a new prompted frame replaces the ol
 one. Tracked frames live in rings of 6 memories and 15 pointers. Within those bounds the
 selection is sam2's, frame for frame. Nothing grows: the arrays are allocated once per region,
 so memory after 10,000 frames equals memory after 100.
+
+Speed levers (`MemoryConfig`, the tracker's profiles) depart from sam2 on purpose: fewer recent
+memories or pointers attended, and `memory_interval`, which stores a tracked frame's spatial
+memory only every k frames so the memory encoder skips the others.
 """
 
 from __future__ import annotations
@@ -52,6 +56,13 @@ class MemoryConfig:
             (t-1 ... t-k, each at sam2's temporal index k-1), 0..6; sam2 attends 6.
         recent_pointers: tracked frames attended as object pointers (t-1 ... t-k), 0..15;
             sam2 attends 15.
+        memory_interval: frames between a region's stored spatial memories, >= 1. 1 (sam2)
+            stores every tracked frame's; k stores a tracked frame's memory only when its
+            newest memory (conditioning or tracked) is k or more frames old, so the memory
+            encoder is skipped on the others (pointers are stored every frame). With k > 1 the
+            `recent_memories` newest stored memories are attended, at temporal indices by rank
+            (the nearest 0), as sam2's `memory_temporal_stride_for_eval` places strided
+            memories.
     """
 
     memory_shape: tuple[int, int, int]
@@ -60,6 +71,7 @@ class MemoryConfig:
     clip_frames: int | None = None
     recent_memories: int = RECENT_SLOTS
     recent_pointers: int = RECENT_POINTERS
+    memory_interval: int = 1
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_conditioning <= MAX_CONDITIONING:
@@ -73,6 +85,8 @@ class MemoryConfig:
         if not 0 <= self.recent_pointers <= RECENT_POINTERS:
             raise InputError(f"recent_pointers: expected 0..{RECENT_POINTERS}, got "
                              f"{self.recent_pointers}")
+        if self.memory_interval < 1:
+            raise InputError(f"memory_interval: expected >= 1, got {self.memory_interval}")
 
     @property
     def t_diff_max(self) -> float:
@@ -140,6 +154,15 @@ class MemoryBank:
     def conditioning_frames(self) -> list[int]:
         return sorted(int(f) for f in self._cond_frame[self._cond_used])
 
+    def wants_memory(self, frame: int) -> bool:
+        """Whether tracked frame `frame` should store a spatial memory (`memory_interval`)."""
+        interval = self.config.memory_interval
+        if interval == 1:
+            return True
+        stored = [*self._cond_frame[self._cond_used], *self._recent_mem_frame[
+            self._recent_mem_frame >= 0]]
+        return not stored or frame - max(int(f) for f in stored) >= interval
+
     def _check(self, memory: np.ndarray, memory_pos: np.ndarray, pointer: np.ndarray) -> None:
         shape = self.config.memory_shape
         if memory.shape != shape or memory_pos.shape != shape:
@@ -176,16 +199,23 @@ class MemoryBank:
         self._cond_used[slot] = True
         self._cond_pinned[slot] = pinned
 
-    def add_tracked(self, frame: int, memory: np.ndarray, memory_pos: np.ndarray,
+    def add_tracked(self, frame: int, memory: np.ndarray | None, memory_pos: np.ndarray | None,
                     pointer: np.ndarray) -> None:
-        """Store the memory of a tracked (not prompted) frame in the rings."""
-        self._check(memory, memory_pos, pointer)
+        """Store a tracked (not prompted) frame in the rings: its pointer, and its spatial
+        memory unless `memory` is None (a frame `wants_memory` skipped)."""
+        if memory is None or memory_pos is None:
+            if pointer.shape != (self.config.pointer_dim,):
+                raise InputError(f"pointer: expected ({self.config.pointer_dim},), got "
+                                 f"{pointer.shape}")
+        else:
+            self._check(memory, memory_pos, pointer)
         if frame < 0:
             raise InputError(f"frame: tracked frames are numbered from 0, got {frame}")
-        slot = frame % RECENT_SLOTS
-        self._recent_mem[slot] = to_bfloat16(memory)
-        self._recent_pos[slot] = memory_pos
-        self._recent_mem_frame[slot] = frame
+        if memory is not None and memory_pos is not None:
+            slot = int(np.argmin(self._recent_mem_frame))  # an empty slot (-1) or the oldest
+            self._recent_mem[slot] = to_bfloat16(memory)
+            self._recent_pos[slot] = memory_pos
+            self._recent_mem_frame[slot] = frame
         ptr_slot = frame % RECENT_POINTERS
         self._recent_ptr[ptr_slot] = pointer
         self._recent_ptr_frame[ptr_slot] = frame
@@ -193,6 +223,19 @@ class MemoryBank:
     def _drop_recent(self, frame: int) -> None:
         self._recent_mem_frame[self._recent_mem_frame == frame] = -1
         self._recent_ptr_frame[self._recent_ptr_frame == frame] = -1
+
+    def _recent_selection(self, frame: int) -> list[tuple[int, int]]:
+        """(ring slot, temporal index) of the tracked memories attended at `frame`, nearest
+        first: sam2's frames t-1 ... t-k at index k-1 (a frame without memory leaves its
+        index unused), or with `memory_interval` > 1 the newest stored ones ranked 0, 1, ..."""
+        count = self.config.recent_memories
+        if self.config.memory_interval == 1:
+            hits = ((np.flatnonzero(self._recent_mem_frame == frame - k), k - 1)
+                    for k in range(1, count + 1) if frame - k >= 0)
+            return [(int(hit[0]), tpos) for hit, tpos in hits if hit.size]
+        held = np.flatnonzero((self._recent_mem_frame >= 0) & (self._recent_mem_frame < frame))
+        newest = held[np.argsort(-self._recent_mem_frame[held], kind="stable")][:count]
+        return [(int(i), rank) for rank, i in enumerate(newest)]
 
     def feeds(self, frame: int) -> MemoryFeeds:
         """Memory-attention inputs for frame `frame`: views valid until the next call.
@@ -212,14 +255,11 @@ class MemoryBank:
             self._out_tpos[slot] = CONDITIONING_TPOS
             frames.append(int(self._cond_frame[i]))
             slot += 1
-        for k in range(self.config.recent_memories, 0, -1):  # t-6 first, as sam2 orders them
-            hit = np.flatnonzero(self._recent_mem_frame == frame - k)
-            if frame - k >= 0 and hit.size:
-                i = int(hit[0])
-                self._out_mem[slot], self._out_pos[slot] = self._recent_mem[i], self._recent_pos[i]
-                self._out_tpos[slot] = k - 1
-                frames.append(frame - k)
-                slot += 1
+        for i, tpos in reversed(self._recent_selection(frame)):  # the oldest first, as sam2
+            self._out_mem[slot], self._out_pos[slot] = self._recent_mem[i], self._recent_pos[i]
+            self._out_tpos[slot] = tpos
+            frames.append(int(self._recent_mem_frame[i]))
+            slot += 1
         n, scale, pointer_frames = 0, self.config.t_diff_max, []
         for i in cond:
             self._out_ptr[n] = self._cond_ptr[i]

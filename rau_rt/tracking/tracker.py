@@ -11,8 +11,9 @@ Per frame (notes/sam2_parity.md, section 2, is the specification):
    gather (one batched call per distinct memory size: one in steady state), then the decoder
    with no prompt: the best-IoU of tokens 1-3 and that token's pointer; the mask enters
    memory as sigmoid x 20 - 10 of the unfilled logits, as a tracked frame.
-4. One batched `memory_encoder` call over all regions; post-processing (hole filling, upsampling
-   to the frame, threshold, box, score).
+4. One batched `memory_encoder` call over the regions that store a memory (all of them unless
+   a profile's `memory_interval` skips tracked ones on this frame); post-processing (hole
+   filling, upsampling to the frame, threshold, box, score).
 
 Presence: sam2's object score decides; where it is <= 0 the decoder graph already set the mask to
 -1024 and the pointer to `no_obj_ptr`, and the memory encoder adds the no-object embedding. An
@@ -57,7 +58,7 @@ PROMPT_SOURCES = ("vlm", "user")
 # time per frame (33.9 vs 38.5 ms) with mean Dice 0.564 vs 0.553, while fewer pointers saved
 # nothing measurable and cost the reference regime up to 0.04 Dice, so every pointer stays
 # (README "Tracking profiles").
-PROFILES = {"exact": (6, 15), "fast": (2, 15)}
+PROFILES = {"exact": (6, 15, 1), "fast": (2, 15, 1)}
 
 
 class GraphRunner(Protocol):
@@ -88,6 +89,9 @@ class TrackerConfig:
         profile: "exact" (sam2's memory selection, frame for frame) or "fast" (`PROFILES`).
         recent_memories, recent_pointers: override the profile's count of tracked frames
             attended as spatial memories (0..6) and as object pointers (0..15).
+        memory_interval: overrides the profile's frames between a region's stored spatial
+            memories (1: every frame, as sam2; k: the memory encoder runs for a tracked region
+            only when its newest memory is k frames old; `MemoryConfig`).
     """
 
     max_conditioning: int = 2
@@ -99,6 +103,7 @@ class TrackerConfig:
     profile: str = "exact"
     recent_memories: int | None = None
     recent_pointers: int | None = None
+    memory_interval: int | None = None
 
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:
@@ -108,14 +113,19 @@ class TrackerConfig:
         if self.fill_hole_area is not None and self.fill_hole_area < 0:
             raise InputError(f"fill_hole_area: expected >= 0 or None, got {self.fill_hole_area}")
         MemoryConfig((1, 1, 1), 1, self.max_conditioning, self.clip_frames,
-                     *self.attended)  # range checks
+                     *self.levers)  # range checks
 
     @property
     def attended(self) -> tuple[int, int]:
         """(recent memories, recent pointers) attended per frame: the profile's unless set."""
-        memories, pointers = PROFILES[self.profile]
-        return (memories if self.recent_memories is None else self.recent_memories,
-                pointers if self.recent_pointers is None else self.recent_pointers)
+        return self.levers[:2]
+
+    @property
+    def levers(self) -> tuple[int, int, int]:
+        """(recent memories, recent pointers, memory interval): the profile's unless set."""
+        chosen = (self.recent_memories, self.recent_pointers, self.memory_interval)
+        return tuple(p if c is None else c  # type: ignore[return-value]
+                     for c, p in zip(chosen, PROFILES[self.profile], strict=True))
 
 
 @dataclass(frozen=True)
@@ -184,7 +194,7 @@ class Tracker:
         side = size // 16
         self._memory = MemoryConfig((self.layout.memory_dim, side, side), self.layout.hidden_dim,
                                     self.config.max_conditioning, self.config.clip_frames,
-                                    *self.config.attended)
+                                    *self.config.levers)
         self._fill = (self.layout.fill_hole_area if self.config.fill_hole_area is None
                       else self.config.fill_hole_area)
         self._banks: dict[str, MemoryBank] = {}
@@ -432,13 +442,21 @@ class Tracker:
         scores = np.concatenate([d.scores for d in decoded])
         filled = self._fill_holes(logits)
         binarize = np.arange(len(names)) < len(prompted)
-        # prompted frames enter memory from the filled mask (sam2 encodes them later, from the
-        # stored output), tracked frames from the unfilled one
-        memory = self._run("memory_encoder", {
-            "vision_features": encoded["vision_features"],
-            "masks": np.where(binarize[:, None, None], filled, logits)[:, None],
-            "object_score": scores[:, None], "binarize": binarize})
-        clock = _lap(times, "memory_encoder", clock)
+        # rows that store a spatial memory: every prompted region, tracked ones as their
+        # bank's memory_interval asks (all of them in sam2's profile)
+        rows = np.flatnonzero(binarize | np.array([self._banks[n].wants_memory(t)
+                                                   for n in names]))
+        stored: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        if rows.size:
+            # prompted frames enter memory from the filled mask (sam2 encodes them later, from
+            # the stored output), tracked frames from the unfilled one
+            memory = self._run("memory_encoder", {
+                "vision_features": encoded["vision_features"],
+                "masks": np.where(binarize[:, None, None], filled, logits)[rows, None],
+                "object_score": scores[rows, None], "binarize": binarize[rows]})
+            stored = {int(r): (memory["memory"][k], memory["memory_pos"][k])
+                      for k, r in enumerate(rows)}
+            clock = _lap(times, "memory_encoder", clock)
         post = ops.postprocess_masks(filled, frame_size, threshold=self.config.mask_threshold)
         results = {}
         for i, name in enumerate(names):
@@ -449,10 +467,12 @@ class Tracker:
                 box=post.boxes[i] if present else None,
                 score=float(post.scores[i]) if present else 0.0, source=source)
         _lap(times, "postprocess", clock)
-        for graph, values in (("mask_decoder", logits), ("mask_decoder", scores),
-                              ("mask_decoder", pointers),
-                              ("memory_encoder", memory["memory"]),
-                              ("memory_encoder", memory["memory_pos"])):
+        checked = [("mask_decoder", logits), ("mask_decoder", scores),
+                   ("mask_decoder", pointers)]
+        if stored:
+            checked += [("memory_encoder", memory["memory"]),
+                        ("memory_encoder", memory["memory_pos"])]
+        for graph, values in checked:
             if not np.isfinite(values).all():  # it would be attended to on every later frame
                 raise NumericsError(f"frame {t}: {graph} produced NaN or infinity; nothing was "
                                     "stored and the frame can be stepped again (a faulty "
@@ -461,11 +481,10 @@ class Tracker:
         for i, name in enumerate(names):
             bank = self._banks[name]
             if i < len(prompted):
-                bank.add_conditioning(t, memory["memory"][i], memory["memory_pos"][i],
-                                      pointers[i])
+                bank.add_conditioning(t, *stored[i], pointers[i])
                 del self._pending[name]
             else:
-                bank.add_tracked(t, memory["memory"][i], memory["memory_pos"][i], pointers[i])
+                bank.add_tracked(t, *stored.get(i, (None, None)), pointers[i])
         self._next, self._frame_size = t + 1, frame_size
         order = [n for n in self._banks if n in results]
         return TrackStep(t, frame_size, {n: results[n] for n in order},
