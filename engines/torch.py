@@ -1,8 +1,12 @@
 """PyTorch backends: the eager reference engine and AOTInductor packages.
 
 `TorchEagerEngine` runs a module in eager mode: the parity reference every export is checked
-against (ARCHITECTURE.md rule 6). `AotiEngine` runs a `.pt2` package compiled ahead of time by
-`torch._inductor.aoti_compile_and_package`: a deployable engine on CPU and CUDA.
+against (ARCHITECTURE.md rule 6). On CUDA with `EngineConfig.cuda_graph` it captures one CUDA
+graph per distinct set of input shapes (up to `MAX_CUDA_GRAPHS`, then the oldest is dropped) and
+replays it: the tracker's graphs see a few shapes in steady state (one per region count), so
+the kernel launches of a small model stop costing more than its math. `AotiEngine` runs a
+`.pt2` package compiled ahead of time by `torch._inductor.aoti_compile_and_package`: a
+deployable engine on CPU and CUDA.
 
 Both describe themselves: the exporter stores the input/output specs, precision and device in
 the artifact (`torch.export.save` extra file, AOTInductor package metadata).
@@ -32,6 +36,8 @@ DESCRIPTION_KEY = "rau_rt.json"
 TORCH_FLOAT = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # precision -> NumPy dtype of floating-point tensors at the engine boundary
 NUMPY_FLOAT = {"fp32": "float32", "fp16": "float16", "bf16": "float32"}
+MAX_CUDA_GRAPHS = 16  # captured shape sets kept per engine
+CUDA_GRAPH_WARMUP = 3  # eager runs on a side stream before a capture (torch's CUDA graph recipe)
 
 
 def _import_torch():
@@ -73,6 +79,8 @@ def _torch_device(torch, config: EngineConfig):
 class _TorchEngine(Engine):
     """Shared NumPy <-> torch plumbing of the two torch engines."""
 
+    _graphable: ClassVar[bool] = False  # whether `EngineConfig.cuda_graph` captures its calls
+
     def __init__(self, call, inputs, outputs, precision: str, config: EngineConfig) -> None:
         super().__init__(inputs, outputs, precision, config)
         self._torch = _import_torch()
@@ -80,6 +88,9 @@ class _TorchEngine(Engine):
         self._device = self._torch.device(config.device)
         self._float = getattr(self._torch, TORCH_FLOAT[precision]) if precision in TORCH_FLOAT \
             else None
+        # shape set -> (graph, static inputs, static outputs), least recently used first
+        self._graphs: dict[tuple, tuple] | None = (
+            {} if config.cuda_graph and config.is_cuda and self._graphable else None)
 
     @classmethod
     def available(cls) -> bool:
@@ -100,18 +111,56 @@ class _TorchEngine(Engine):
     def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         args = [self._to_torch(feeds[spec.name]) for spec in self._inputs]
         with self._torch.inference_mode():
-            result = self._call(*args)
+            if self._graphs is not None:
+                result = self._replay(args)
+            else:
+                result = self._outputs_of(self._call(*args))
             if self.config.is_cuda:
                 self._torch.cuda.synchronize(self._device)
+            return {spec.name: self._to_numpy(t) for spec, t in zip(self._outputs, result,
+                                                                     strict=True)}
+
+    def _outputs_of(self, result) -> list:
         if isinstance(result, Mapping):
-            result = [result[spec.name] for spec in self._outputs]
-        elif not isinstance(result, list | tuple):
-            result = [result]
-        return {spec.name: self._to_numpy(t) for spec, t in zip(self._outputs, result,
-                                                                 strict=True)}
+            return [result[spec.name] for spec in self._outputs]
+        if not isinstance(result, list | tuple):
+            return [result]
+        return list(result)
+
+    def _replay(self, args: list) -> list:
+        """Run through the CUDA graph captured for these input shapes, capturing it first."""
+        torch = self._torch
+        key = tuple((tuple(a.shape), a.dtype) for a in args)
+        entry = self._graphs.pop(key, None)
+        if entry is None:
+            static = [a.clone() for a in args]
+            side = torch.cuda.Stream(self._device)
+            side.wait_stream(torch.cuda.current_stream(self._device))
+            with torch.cuda.stream(side):
+                for _ in range(CUDA_GRAPH_WARMUP):
+                    self._call(*static)
+            torch.cuda.current_stream(self._device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    outputs = self._outputs_of(self._call(*static))
+            except RuntimeError as exc:
+                raise EngineMismatchError(
+                    f"CUDA graph capture failed for input shapes {[s for s, _ in key]} "
+                    f"({exc}); run with cuda_graph=False") from exc
+            entry = (graph, static, outputs)
+            if len(self._graphs) >= MAX_CUDA_GRAPHS:
+                self._graphs.pop(next(iter(self._graphs)))  # the least recently used
+        self._graphs[key] = entry  # re-inserted: the most recently used
+        graph, static, outputs = entry
+        for buffer, value in zip(static, args, strict=True):
+            buffer.copy_(value)
+        graph.replay()
+        return outputs
 
     def _release(self) -> None:
         self._call = None
+        self._graphs = None
 
 
 class TorchEagerEngine(_TorchEngine):
@@ -120,6 +169,7 @@ class TorchEagerEngine(_TorchEngine):
     name: ClassVar[str] = "torch"
     # `.pt2` is also AOTInductor's suffix, so this engine is chosen only by name.
     suffixes: ClassVar[tuple[str, ...]] = ()
+    _graphable: ClassVar[bool] = True
 
     @classmethod
     def from_module(cls, module, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...],
@@ -170,6 +220,11 @@ class AotiEngine(_TorchEngine):
         torch = _import_torch()
         path = Path(path)
         _torch_device(torch, config)
+        if config.cuda_graph:
+            raise EngineMismatchError(
+                f"{path}: the AOTInductor engine does not capture CUDA graphs (compile the "
+                "package with inductor's cudagraphs option instead); run with cuda_graph=False "
+                "or the eager torch engine")
         runner = torch._inductor.aoti_load_package(str(path), device_index=(
             config.device_index if config.is_cuda else -1))
         inputs, outputs, built, device = _read_description(

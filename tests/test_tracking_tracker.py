@@ -471,6 +471,22 @@ def test_cuda_fp32_tracker_matches_cpu(model, clip, checkpoint):
             assert iou(~ours.mask, ~theirs.mask) >= 0.99, (a.index, name)
 
 
+@pytest.mark.gpu
+def test_cuda_graphs_track_like_eager_cuda(clip, checkpoint):
+    """The tracker over CUDA-graph engines (`EngineConfig.cuda_graph`) gives eager CUDA's
+    output; region counts and memory sizes change shapes, so several graphs are captured."""
+    _, images, boxes = clip
+    config = TrackerConfig(fill_hole_area=0)
+    runs = [run_tracker(Tracker(EagerGraphs(load_model(checkpoint),
+                                            EngineConfig(device="cuda", cuda_graph=graphed)),
+                                config), images, boxes[:2])
+            for graphed in (False, True)]
+    for a, b in zip(*runs, strict=True):
+        for name in a.low_res_logits:
+            np.testing.assert_allclose(b.low_res_logits[name], a.low_res_logits[name],
+                                       atol=1e-3)
+
+
 @pytest.mark.slow
 def test_tiny_1024_bundle_matches_sam2_video_predictor(tmp_path):
     """hiera-t at 1024 through the ONNX bundle, 8 frames, 1 region."""
