@@ -1,21 +1,32 @@
-"""The Tracker vs sam2's SAM2VideoPredictor: per-frame latency, memory over a long stream.
+"""The Tracker vs sam2's SAM2VideoPredictor: per-frame latency per profile and region count,
+Dice against truth on trained weights, memory over a long stream.
 
     python -m benchmarks.bench_tracker [--quick] [--device cuda] [--frames N] [--json PATH]
 
-Latency (cases `<config>@<size>/<regions>r/<precision>`, baseline `sam2-predictor`): the same
-random-init weights (with the presence bias, so regions are present) and the same synthetic
-angiography frames, written as JPEG for the predictor (it reads JPEG folders) and decoded with
-PIL for the Tracker. The predictor gets the boxes on frame 0 and runs `propagate_in_video`; the
-Tracker gets the same boxes and `step`s. One frame of each runs in turn (the predictor's
-generator advanced by one frame, then the Tracker on that frame), so both see the same load;
-frame 0 (prompt) and frame 1 are warm-up. Hole filling is off on both sides (a pip-installed
-sam2 has no `sam2._C`, so the predictor skips it). Fidelity: mean / min mask IoU against the
-predictor, and for int8 against the fp32 Tracker.
+Latency (cases `<config>@<size>/<regions>r/<precision>/<profile>`, baseline `sam2-predictor`):
+the same weights and the same synthetic angiography frames, written as JPEG for the predictor
+(it reads JPEG folders) and decoded with PIL for the Tracker. The predictor gets the boxes on
+frame 0 and runs `propagate_in_video`; the Tracker gets the same boxes and `step`s, once per
+precision and profile (`exact`: sam2's memory selection; `fast`: README "Tracking profiles").
+One frame of each runs in turn (the predictor's generator advanced by one frame, then each
+Tracker on that frame), so all see the same load; frame 0 (prompt) and frame 1 are warm-up.
+Hole filling is off on both sides (a pip-installed sam2 has no `sam2._C`, so the predictor
+skips it). Fidelity: mean / min mask IoU against the predictor, and for int8 against the fp32
+Tracker of the same profile.
 
-CPU (default): SAM2.1-tiny at 1024 and 512, 1 and 3 regions, ONNX Runtime fp32 and int8 bundles
-(`rau-rt export sam2 --precision int8`; graphs whose int8 drift was over tolerance stay fp32 and
-the record says which). GPU (`--device cuda`): tiny at 1024, the torch CUDA backend (eager
-graphs, fp32 and fp16) vs the predictor on the same GPU. `--quick`: the micro model at 256.
+Weights: SAM2.1-tiny at 1024 and 512 random-init (with the presence bias, so regions are
+present; speed and fidelity only, on cine seed 3), and the trained demo SAM2 (micro@256,
+`rau_rt/weights`) on held-out cine 101 of the accuracy benchmark, where every case also
+carries Dice against the generator's exact truth (`task`: segments >= 2 mm, frames after the
+prompt; regions spread over the calibres) and its change against `exact`, so a profile's
+speed is read beside what it costs.
+
+CPU (default): tiny@1024 1 and 3 regions, tiny@512 and micro@256 (trained) 1, 3 and 8 regions,
+ONNX Runtime fp32 and int8 bundles (`rau-rt export sam2 --precision int8`; graphs whose int8
+drift was over tolerance stay fp32 and the record says which). GPU (`--device cuda`): tiny at
+1024, the torch CUDA backend (eager graphs, fp32 and fp16) vs the predictor on the same GPU
+(`python -m benchmarks.gpu_check` is the full GPU check). `--quick`: the trained micro@256 at 3
+and 8 regions.
 
 Memory: the micro model at 256; RSS of a Tracker (ONNX Runtime bundle) over 10,000 frames (the
 clip's frames cycled) and of the predictor over a 300-frame clip (it loads every frame up front
@@ -27,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import io
 import json
@@ -34,13 +46,13 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks.bench_accuracy import DEMO_WEIGHTS, HELD_OUT
 from benchmarks.harness import case_record, markdown, write_record
 from rau_rt.bundle import load_bundle
 from rau_rt.config import EngineConfig
@@ -49,6 +61,7 @@ from rau_rt.export.sam2.graphs import EagerGraphs
 from rau_rt.export.sam2.inputs import CheckFrames
 from rau_rt.export.sam2.model import ModelSource, load_model
 from rau_rt.synthetic import generate_sequence
+from rau_rt.synthetic.scoring import Scorecard
 from rau_rt.tracking import Tracker, TrackerConfig
 
 SUITE = "tracker"
@@ -56,18 +69,35 @@ BASELINE = "sam2-predictor"
 WARMUP = 2  # frame 0 (the prompt) and frame 1; on a GPU 5 (kernel selection, allocator growth)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Run:
     model: str
     image_size: int
     frames: int
+    regions: tuple[int, ...] = (1, 3)
+    trained: bool = False  # the demo weights on a held-out cine, scored against truth
 
 
 RUNS = {
-    "full": (Run("tiny", 1024, 14), Run("tiny", 512, 24)),
-    "quick": (Run("micro", 256, 24),),
+    "full": (Run("tiny", 1024, 14), Run("tiny", 512, 24, (1, 3, 8)),
+             Run("micro", 256, 40, (1, 3, 8), trained=True)),
+    "quick": (Run("micro", 256, 24, (3, 8), trained=True),),
     "cuda": (Run("tiny", 1024, 40),),
 }
+PROFILE_NAMES = ("exact", "fast")
+TRAINED_CINE = HELD_OUT[0]  # seed 101, left coronary: 16 segments once filled
+
+
+@dataclasses.dataclass
+class Clip:
+    """Frames both sides read, the prompt boxes, and (trained runs) the truth to score."""
+
+    video: Path
+    images: list[np.ndarray]
+    boxes: list[np.ndarray]
+    names: list[str]
+    sequence: object | None = None
+    start: int = 0  # sequence frame of clip frame 0
 
 
 def rss_mib() -> float:
@@ -77,19 +107,59 @@ def rss_mib() -> float:
     return float("nan")
 
 
+def _jpegs(directory: Path, frames) -> list[np.ndarray]:
+    directory.mkdir(parents=True, exist_ok=True)
+    for i, frame in enumerate(frames):
+        Image.fromarray(frame).convert("RGB").save(directory / f"{i:05d}.jpg", quality=95)
+    return [np.array(Image.open(directory / f"{i:05d}.jpg").convert("RGB"))
+            for i in range(len(frames))]
+
+
 def write_clip(directory: Path, size: int, frames: int, regions: int,
                ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """JPEG frames of a contrast-filled synthetic cine and the boxes of its largest segments."""
-    directory.mkdir(parents=True, exist_ok=True)
     sequence = generate_sequence(seed=3, frames=frames + 10, size=size, contrast_delay_frames=1)
-    for i, frame in enumerate(sequence.frames_8bit()[10:]):
-        Image.fromarray(frame).convert("RGB").save(directory / f"{i:05d}.jpg", quality=95)
-    images = [np.array(Image.open(directory / f"{i:05d}.jpg").convert("RGB"))
-              for i in range(frames)]
+    images = _jpegs(directory, sequence.frames_8bit()[10:])
     truth = sequence.truth[10].segments.values()
     boxes = sorted((s.box for s in truth if s.present and s.box),
                    key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
+    if len(boxes) < regions:
+        raise ValueError(f"cine seed 3 shows {len(boxes)} segments, {regions} asked for")
     return images, [np.asarray(b, np.float32) for b in boxes[:regions]]
+
+
+def held_out_clip(directory: Path, frames: int, regions: int) -> Clip:
+    """The trained run's clip: held-out cine 101 from the first frame where every segment
+    shows, with the truth boxes of `regions` segments spread over the calibres (the largest
+    first)."""
+    c = TRAINED_CINE
+    sequence = generate_sequence(seed=c.seed, frames=frames + 30, size=512, fps=15.0,
+                                 artery=c.artery, dominance=c.dominance, stenoses=c.stenoses,
+                                 look=c.look)
+    counts = [sum(bool(s.present and s.box) for s in t.segments.values())
+              for t in sequence.truth]
+    start = counts.index(max(counts))
+    if start + frames > len(sequence.truth):
+        raise ValueError(f"cine {c.seed} fills at frame {start}: {frames} frames do not fit")
+    shown = [n for n, s in sequence.truth[start].segments.items() if s.present and s.box]
+    if regions > len(shown):
+        raise ValueError(f"cine {c.seed} shows {len(shown)} segments, {regions} asked for")
+    by_calibre = sorted(shown, key=lambda n: -sequence.meta.diameters_mm[n])
+    names = [by_calibre[int(i)] for i in np.round(np.linspace(0, len(shown) - 1, regions))]
+    images = _jpegs(directory, sequence.frames_8bit()[start:start + frames])
+    boxes = [np.asarray(sequence.truth[start].segments[n].box, np.float32) for n in names]
+    return Clip(directory, images, boxes, names, sequence, start)
+
+
+def dice_card(clip: Clip, masks: list[np.ndarray]) -> Scorecard:
+    """The tracked masks (frames after the prompt) scored against the cine's exact truth."""
+    card = Scorecard()
+    diameters = clip.sequence.meta.diameters_mm
+    for i, got in enumerate(masks[1:], start=1):
+        truth = clip.sequence.truth[clip.start + i]
+        for k, name in enumerate(clip.names):
+            card.add(name, got[k], truth.segments[name], truth, got[k].shape, diameters[name])
+    return card
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -139,13 +209,17 @@ def compare_run(predictor, trackers: dict[str, Tracker], video: Path, images, bo
     runs: dict[str, object] = {BASELINE: predictor_frames(predictor, video, boxes, device)}
     runs.update({name: tracker_frames(t, images, boxes, device) for name, t in trackers.items()})
     out = {name: {"ms": [], "masks": [], "stage_ms": []} for name in runs}
-    for _ in images:
-        for name, frames in runs.items():
-            got = next(frames)
-            out[name]["ms"].append(got[1])
-            out[name]["masks"].append(got[0])
-            if len(got) > 2:
-                out[name]["stage_ms"].append(dict(got[2].stage_ms))
+    try:
+        for _ in images:
+            for name, frames in runs.items():
+                got = next(frames)
+                out[name]["ms"].append(got[1])
+                out[name]["masks"].append(got[0])
+                if len(got) > 2:
+                    out[name]["stage_ms"].append(dict(got[2].stage_ms))
+    finally:  # a suspended predictor holds stderr redirected: an error would print nowhere
+        for frames in runs.values():
+            frames.close()
     return out
 
 
@@ -159,11 +233,16 @@ def _stages(samples: list[dict], warmup: int) -> dict[str, float]:
 
 
 def latency_cases(run: Run, workdir: Path, device: str, backend: str,
-                  precisions: tuple[str, ...]) -> tuple[list[dict], dict]:
-    source = ModelSource(image_size=run.image_size, random_init=run.model)
-    facts: dict[str, object] = {"model": run.model, "image_size": run.image_size}
+                  precisions: tuple[str, ...], cuda_graph: bool = False,
+                  ) -> tuple[list[dict], dict]:
+    """Cases of one run (module docstring); `cuda_graph`: the torch backend's engines capture
+    CUDA graphs (`EngineConfig.cuda_graph`), recorded in the backend's name."""
+    source = (ModelSource(image_size=run.image_size, checkpoint=DEMO_WEIGHTS, config=run.model)
+              if run.trained else ModelSource(image_size=run.image_size, random_init=run.model))
+    facts: dict[str, object] = {"model": run.model, "image_size": run.image_size,
+                                "weights": str(DEMO_WEIGHTS) if run.trained else "random-init"}
     if backend == "onnxruntime":
-        out = workdir / f"{run.model}_{run.image_size}"
+        out = workdir / f"{run.model}_{run.image_size}{'_trained' if run.trained else ''}"
         started = time.perf_counter()
         with contextlib.redirect_stderr(io.StringIO()):
             manifest, _ = export_sam2(Sam2ExportConfig(source, out, precision="int8"),
@@ -177,22 +256,35 @@ def latency_cases(run: Run, workdir: Path, device: str, backend: str,
                    # each graph's first entry: int8 where accepted
                    "int8": load_bundle(out, config=EngineConfig(spin_wait=False))}
     else:
-        bundles = {p: EagerGraphs(load_model(source), EngineConfig(device=device, precision=p))
-                   for p in precisions}
+        bundles = {p: EagerGraphs(load_model(source), EngineConfig(
+                       device=device, precision=p, cuda_graph=cuda_graph)) for p in precisions}
+        if cuda_graph:
+            backend = "torch-cuda-graphs"
     cases = []
     warmup = WARMUP if device == "cpu" else 5
     predictor = load_model(source)
     predictor.fill_hole_area = 0
     if device != "cpu":
         predictor = predictor.to(device)
-    for regions in (1, 3):
-        video = workdir / f"clip_{run.image_size}_{regions}"
-        images, boxes = write_clip(video, run.image_size, run.frames, regions)
-        trackers = {p: Tracker(bundles[p], TrackerConfig(fill_hole_area=0)) for p in precisions}
-        result = compare_run(predictor, trackers, video, images, boxes, device)
+    for regions in run.regions:
+        video = workdir / f"clip_{run.model}_{run.image_size}_{regions}"
+        if run.trained:
+            clip = held_out_clip(video, run.frames, regions)
+        else:
+            images, boxes = write_clip(video, run.image_size, run.frames, regions)
+            clip = Clip(video, images, boxes, [f"r{k}" for k in range(len(boxes))])
+        trackers = {f"{p}/{profile}": Tracker(bundles[p], TrackerConfig(fill_hole_area=0,
+                                                                         profile=profile))
+                    for p in precisions for profile in PROFILE_NAMES}
+        result = compare_run(predictor, trackers, video, clip.images, clip.boxes, device)
         theirs = np.asarray(result[BASELINE]["ms"][warmup:])
-        for precision in precisions:
-            ours = result[precision]
+        dice = {}
+        if run.trained:
+            dice = {name: dice_card(clip, result[name]["masks"]).summary()["dice_ge2mm"]
+                    for name in result}
+        for name in trackers:
+            precision, profile = name.split("/")
+            ours = result[name]
             fidelity = {"iou_vs_predictor_mean": float(np.mean(_ious(
                             ours["masks"], result[BASELINE]["masks"]))),
                         "iou_vs_predictor_min": float(np.min(_ious(
@@ -200,11 +292,16 @@ def latency_cases(run: Run, workdir: Path, device: str, backend: str,
                         "stage_ms": _stages(ours["stage_ms"], warmup)}
             if precision != "fp32":
                 fidelity["iou_vs_fp32_mean"] = float(np.mean(_ious(
-                    ours["masks"], result["fp32"]["masks"])))
-            cases.append(case_record(
-                f"{run.model}@{run.image_size}/{regions}r/{precision}", f"{backend}-{device}",
-                precision,
-                np.asarray(ours["ms"][warmup:]), BASELINE, theirs, fidelity))
+                    ours["masks"], result[f"fp32/{profile}"]["masks"])))
+            case = case_record(
+                f"{run.model}@{run.image_size}/{regions}r/{name}", f"{backend}-{device}",
+                precision, np.asarray(ours["ms"][warmup:]), BASELINE, theirs, fidelity)
+            case["profile"] = profile
+            if run.trained:
+                case["task"] = {"dice_ge2mm": dice[name], "dice_ge2mm_predictor": dice[BASELINE],
+                                "dice_change_vs_exact": dice[name] - dice[f"{precision}/exact"],
+                                "regions": clip.names, "cine": TRAINED_CINE.seed}
+            cases.append(case)
             print(json.dumps(cases[-1]), flush=True)
     for bundle in bundles.values():
         bundle.close()
@@ -314,7 +411,8 @@ def summary(record: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="micro model (about a minute)")
+    parser.add_argument("--quick", action="store_true",
+                        help="the trained micro model at 3 and 8 regions (a few minutes)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--backend", choices=("onnxruntime", "torch"), default=None,
                         help="onnxruntime: exported bundles (CPU default); torch: the eager "
@@ -355,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
                                 150 if args.quick else 300)
         for run in runs:
             if args.frames:
-                run = Run(run.model, run.image_size, args.frames)
+                run = dataclasses.replace(run, frames=args.frames)
             run_cases, run_facts = latency_cases(run, Path(tmp), args.device, backend,
                                                  precisions)
             cases += run_cases

@@ -1,10 +1,12 @@
 """PyTorch backends: the eager reference engine and AOTInductor packages.
 
 `TorchEagerEngine` runs a module in eager mode: the parity reference every export is checked
-against (ARCHITECTURE.md rule 6). On CUDA with `EngineConfig.cuda_graph` it captures one CUDA
-graph per distinct set of input shapes (up to `MAX_CUDA_GRAPHS`, then the oldest is dropped) and
-replays it: the tracker's graphs see a few shapes in steady state (one per region count), so
-the kernel launches of a small model stop costing more than its math. `AotiEngine` runs a
+against (ARCHITECTURE.md rule 6). On CUDA with `EngineConfig.cuda_graph` it captures a CUDA
+graph for a set of input shapes the second time it sees that set (a shape met once, such as
+the tracker's growing memory over its first 16 frames, runs eagerly) and replays it after; up
+to `MAX_CUDA_GRAPHS` are kept, the least recently used dropped first. The tracker's graphs see
+a few shapes in steady state (one per region count), so a small model's kernel launches stop
+costing more than its math. `AotiEngine` runs a
 `.pt2` package compiled ahead of time by `torch._inductor.aoti_compile_and_package`: a
 deployable engine on CPU and CUDA.
 
@@ -18,6 +20,7 @@ That is the computation the artifact was built for, not a change of precision.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -80,6 +83,7 @@ class _TorchEngine(Engine):
     """Shared NumPy <-> torch plumbing of the two torch engines."""
 
     _graphable: ClassVar[bool] = False  # whether `EngineConfig.cuda_graph` captures its calls
+    _autocast = None  # torch dtype of an autocast engine (fp32 weights, reduced-precision math)
 
     def __init__(self, call, inputs, outputs, precision: str, config: EngineConfig) -> None:
         super().__init__(inputs, outputs, precision, config)
@@ -91,6 +95,7 @@ class _TorchEngine(Engine):
         # shape set -> (graph, static inputs, static outputs), least recently used first
         self._graphs: dict[tuple, tuple] | None = (
             {} if config.cuda_graph and config.is_cuda and self._graphable else None)
+        self._seen: set[tuple] = set()  # shape sets run once, eagerly
 
     @classmethod
     def available(cls) -> bool:
@@ -102,23 +107,33 @@ class _TorchEngine(Engine):
             tensor = tensor.to(self._float)
         return tensor
 
-    def _to_numpy(self, tensor) -> np.ndarray:
+    def _to_numpy(self, tensor, spec: TensorSpec) -> np.ndarray:
         tensor = tensor.detach()
         if tensor.dtype == self._torch.bfloat16:
             tensor = tensor.float()
-        return tensor.cpu().numpy()
+        value = tensor.cpu().numpy()
+        if self._autocast is not None and value.dtype.kind == "f":
+            value = value.astype(spec.dtype, copy=False)  # autocast leaves some outputs fp32
+        return value
+
+    def _context(self):
+        if self._autocast is None:
+            return contextlib.nullcontext()
+        # no weight-cast cache: it would outlive a CUDA graph capture (torch's CUDA graph notes)
+        return self._torch.autocast(self._device.type, dtype=self._autocast,
+                                    cache_enabled=False)
 
     def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         args = [self._to_torch(feeds[spec.name]) for spec in self._inputs]
-        with self._torch.inference_mode():
+        with self._torch.inference_mode(), self._context():
             if self._graphs is not None:
                 result = self._replay(args)
             else:
                 result = self._outputs_of(self._call(*args))
             if self.config.is_cuda:
                 self._torch.cuda.synchronize(self._device)
-            return {spec.name: self._to_numpy(t) for spec, t in zip(self._outputs, result,
-                                                                     strict=True)}
+            return {spec.name: self._to_numpy(t, spec) for spec, t in zip(self._outputs, result,
+                                                                           strict=True)}
 
     def _outputs_of(self, result) -> list:
         if isinstance(result, Mapping):
@@ -132,6 +147,9 @@ class _TorchEngine(Engine):
         torch = self._torch
         key = tuple((tuple(a.shape), a.dtype) for a in args)
         entry = self._graphs.pop(key, None)
+        if entry is None and key not in self._seen:
+            self._seen.add(key)  # bounded: a graph's inputs have bounded dynamic ranges
+            return self._outputs_of(self._call(*args))
         if entry is None:
             static = [a.clone() for a in args]
             side = torch.cuda.Stream(self._device)
@@ -173,12 +191,17 @@ class TorchEagerEngine(_TorchEngine):
 
     @classmethod
     def from_module(cls, module, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...],
-                    config: EngineConfig = DEFAULT_ENGINE_CONFIG) -> TorchEagerEngine:
+                    config: EngineConfig = DEFAULT_ENGINE_CONFIG, *,
+                    autocast: bool = False) -> TorchEagerEngine:
         """Wrap a module in eval mode on `config.device` at `config.precision` (default fp32).
 
         The module is cast to the requested precision because this engine is where a precision
         is chosen for the reference, not an artifact with one of its own. Float input specs must
-        use that precision's boundary dtype (`NUMPY_FLOAT`).
+        use that precision's boundary dtype (`NUMPY_FLOAT`). With `autocast` a reduced precision
+        keeps the weights fp32 and runs every call under `torch.autocast` instead (matrix
+        products and convolutions in fp16/bf16, reductions in fp32): for models whose code
+        mixes dtypes on purpose, as sam2's does (`.float()` casts, fp32 positional encodings),
+        and how sam2 itself runs in reduced precision.
         """
         torch = _import_torch()
         precision = config.precision or "fp32"
@@ -186,8 +209,13 @@ class TorchEagerEngine(_TorchEngine):
             raise EngineMismatchError(f"the eager torch engine runs fp32, fp16 or bf16, not "
                                       f"{precision}; int8 graphs run in onnxruntime or tensorrt")
         device = _torch_device(torch, config)
-        module = module.eval().to(device=device, dtype=getattr(torch, TORCH_FLOAT[precision]))
-        return cls(module, tuple(inputs), tuple(outputs), precision, config)
+        mixed = autocast and precision != "fp32"
+        weights = torch.float32 if mixed else getattr(torch, TORCH_FLOAT[precision])
+        engine = cls(module.eval().to(device=device, dtype=weights), tuple(inputs),
+                     tuple(outputs), precision, config)
+        if mixed:
+            engine._autocast = getattr(torch, TORCH_FLOAT[precision])
+        return engine
 
     @classmethod
     def load(cls, path: str | Path, config: EngineConfig = DEFAULT_ENGINE_CONFIG, *,

@@ -200,8 +200,9 @@ def test_eager_engine_runs_the_requested_precision(model, precision):
 
 @pytest.mark.gpu
 def test_eager_engine_cuda_graphs_replay_each_shape_with_new_inputs(model):
-    """CUDA twin of the eager engine's outputs test: captured graphs answer like eager runs,
-    for new values (the replay reads the copied inputs) and for each batch size."""
+    """CUDA twin of the eager engine's outputs test: captured graphs (a shape's second call
+    captures, later ones replay) answer like eager runs, for new values (the replay reads the
+    copied inputs) and for each batch size."""
     from rau_rt.engines.torch import TorchEagerEngine
 
     eager = TorchEagerEngine.from_module(copy.deepcopy(model), INPUTS, OUTPUTS,
@@ -209,7 +210,7 @@ def test_eager_engine_cuda_graphs_replay_each_shape_with_new_inputs(model):
     graphed = TorchEagerEngine.from_module(copy.deepcopy(model), INPUTS, OUTPUTS,
                                            EngineConfig(device="cuda", cuda_graph=True))
     rng = np.random.default_rng(7)
-    for batch in (1, 3, 1, 3):
+    for batch in (1, 3, 1, 3, 1, 3):
         image = rng.standard_normal((batch, 3, 16, 16)).astype(np.float32)
         want, got = eager.run({"image": image}), graphed.run({"image": image})
         for name in want:

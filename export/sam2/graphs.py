@@ -285,14 +285,17 @@ class EagerGraphs:
     bundle is checked against, and the torch (CUDA) backend for GPU measurements.
 
     Same interface the Tracker uses on a loaded `Bundle`: `engines`, `run(graph, feeds)`,
-    `close()`. `config.precision` fp16/bf16 casts the model (the eager engine's rule).
+    `close()`. `config.precision` fp16/bf16 runs the graphs under `torch.autocast` with fp32
+    weights (`TorchEagerEngine.from_module(autocast=True)`): sam2's code casts to fp32 in
+    places (point encodings, presence masks), so a model cast to fp16 does not run.
     """
 
     def __init__(self, model: nn.Module, config: EngineConfig = DEFAULT_ENGINE_CONFIG) -> None:
         precision = config.precision or "fp32"
         specs = graph_specs(model, NUMPY_FLOAT.get(precision, "float32"))
         modules = graph_modules(model)
-        self._engines = {name: TorchEagerEngine.from_module(modules[name], *specs[name], config)
+        self._engines = {name: TorchEagerEngine.from_module(modules[name], *specs[name], config,
+                                                            autocast=True)
                          for name in GRAPH_NAMES}
         self.layout = layout(model)
 
