@@ -169,8 +169,9 @@ class MemoryAttention(nn.Module):
         regions, slots, mem_dim, height, width = memory.shape
         hidden = current_features.shape[1]
         tokens = height * width
-        curr = current_features.flatten(2).transpose(1, 2).expand(regions, -1, -1)
-        curr_pos = current_pos.flatten(2).transpose(1, 2).expand(regions, -1, -1)
+        # batch 1: the attention shares the first self-attention among the regions
+        curr = current_features.flatten(2).transpose(1, 2)
+        curr_pos = current_pos.flatten(2).transpose(1, 2)
         spatial = memory.permute(0, 1, 3, 4, 2).reshape(regions, slots * tokens, mem_dim)
         tpos = model.maskmem_tpos_enc.reshape(-1, mem_dim)[memory_tpos_index]
         spatial_pos = (memory_pos.permute(0, 1, 3, 4, 2).reshape(regions, slots, tokens, mem_dim)

@@ -296,14 +296,21 @@ class RealMemoryAttention(nn.Module):
 
     def forward(self, curr: torch.Tensor, curr_pos: torch.Tensor, memory: torch.Tensor,
                 memory_pos: torch.Tensor, num_obj_ptr_tokens: int | torch.SymInt) -> torch.Tensor:
-        """[B, HW, D] current tokens + [B, Nk, M] memory tokens -> [B, HW, D] conditioned."""
+        """[B, HW, D] current tokens + [B, Nk, M] memory tokens -> [B, HW, D] conditioned.
+
+        `curr` and `curr_pos` may have batch 1 for B regions of one frame: the first layer's
+        self-attention sees only the frame's tokens, so it runs once and its output is shared
+        (broadcast) by the regions; everything after it depends on each region's memory.
+        """
         source = self.source
         output = curr + 0.1 * curr_pos if source.pos_enc_at_input else curr
-        for layer, self_attn, cross_attn in zip(source.layers, self.self_attn, self.cross_attn,
-                                                strict=True):
+        for index, (layer, self_attn, cross_attn) in enumerate(zip(
+                source.layers, self.self_attn, self.cross_attn, strict=True)):
             tgt2 = layer.norm1(output)
             q = k = tgt2 + curr_pos if layer.pos_enc_at_attn else tgt2
             output = output + self_attn(q, k, tgt2)
+            if index == 0:
+                output = output.expand(memory.shape[0], -1, -1)
             tgt2 = layer.norm2(output)
             output = output + cross_attn(
                 tgt2 + curr_pos if layer.pos_enc_at_cross_attn_queries else tgt2,
