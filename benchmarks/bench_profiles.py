@@ -6,10 +6,10 @@ The demo's trained SAM2 (`rau_rt/weights/sam2_micro256.safetensors`) exported at
 fp32 tracks the accuracy benchmark's held-out cines (benchmarks.bench_accuracy: 3-4 regions
 per cine, in its three regimes: a mask on the first frame, a jittered box every 15 frames,
 another patient's annotated reference) once per setting of the memory levers
-(`TrackerConfig.recent_memories` / `recent_pointers`, the profiles `exact` and `fast`), and
-sam2's video predictor tracks them once as the baseline. Per setting: Dice (segments >= 2 mm)
-per regime and its mean, the change against `exact`, and median ms per frame (all regions,
-the first two frames excluded); speedup = predictor median / ours.
+(`TrackerConfig.recent_memories` / `recent_pointers` / `memory_interval`, the profiles `exact`
+and `fast`), and sam2's video predictor tracks them once as the baseline. Per setting: Dice
+(segments >= 2 mm) per regime and its mean, the change against `exact`, and median ms per frame
+(all regions, the first two frames excluded); speedup = predictor median / ours.
 Settings take turns cine by cine, so the shared machine's load falls on all of them alike.
 """
 
@@ -39,14 +39,17 @@ from rau_rt.tracking import TrackerConfig
 SUITE = "profiles"
 BASELINE = "sam2-predictor"
 # name -> tracker settings: the two profiles and one lever at a time around `exact` ("fast"
-# is 2 memories and every pointer)
+# is memories-2 with interval-2)
 SETTINGS = {
     "exact": TrackerConfig(),
     "memories-4": TrackerConfig(recent_memories=4),
+    "memories-2": TrackerConfig(recent_memories=2),
     "memories-1": TrackerConfig(recent_memories=1),
     "memories-0": TrackerConfig(recent_memories=0),
     "pointers-4": TrackerConfig(recent_pointers=4),
     "pointers-0": TrackerConfig(recent_pointers=0),
+    "interval-2": TrackerConfig(memory_interval=2),
+    "interval-3": TrackerConfig(memory_interval=3),
     "fast": TrackerConfig(profile="fast"),
 }
 
@@ -86,8 +89,9 @@ def collect(args, workdir: Path) -> tuple[list, dict]:
         cases.append({
             "case": f"{'tracker' if config else 'predictor'}/micro@256/fp32/{name}",
             "backend": "onnxruntime-cpu" if config else "torch-cpu", "precision": "fp32",
-            "attended": None if config is None else dict(zip(
-                ("recent_memories", "recent_pointers"), config.attended, strict=True)),
+            "levers": None if config is None else dict(zip(
+                ("recent_memories", "recent_pointers", "memory_interval"), config.levers,
+                strict=True)),
             **mine, "baseline": BASELINE, "baseline_median_ms": base["median_ms"],
             "baseline_p90_ms": base["p90_ms"], "speedup": base["median_ms"] / mine["median_ms"],
             "task": {"dice_ge2mm": dice[name], "dice_ge2mm_mean": mean,
@@ -101,13 +105,13 @@ def collect(args, workdir: Path) -> tuple[list, dict]:
 
 
 def table(cases: list[dict]) -> str:
-    lines = ["| setting | memories / pointers | Dice mask / box / reference | mean (vs exact) "
-             "| ms/frame | vs predictor |", "|---|---|---|---|---|---|"]
+    lines = ["| setting | memories / pointers / interval | Dice mask / box / reference "
+             "| mean (vs exact) | ms/frame | vs predictor |", "|---|---|---|---|---|---|"]
     for c in cases:
         d = c["task"]["dice_ge2mm"]
-        attended = ("sam2" if c["attended"] is None else
-                    f"{c['attended']['recent_memories']} / {c['attended']['recent_pointers']}")
-        lines.append(f"| {c['case'].rsplit('/', 1)[1]} | {attended} | "
+        levers = "sam2" if c["levers"] is None else " / ".join(
+            str(v) for v in c["levers"].values())
+        lines.append(f"| {c['case'].rsplit('/', 1)[1]} | {levers} | "
                      + " / ".join(f"{d[r]:.3f}" for r in REGIMES)
                      + f" | {c['task']['dice_ge2mm_mean']:.3f} "
                      f"({c['task']['dice_change_vs_exact']:+.3f}) | {c['median_ms']:.1f} | "

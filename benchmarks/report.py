@@ -31,6 +31,10 @@ SUITES = {
     "pipeline_demo_cpu.json": "Pipeline end to end (`rau-rt bench`): the demo bundle (trained "
                               "demo SAM2 micro 256 px + random-init Qwen2.5-VL tiny 224 px), "
                               "live at 15 fps",
+    "pipeline_demo8_exact_cpu.json": "Pipeline end to end (`rau-rt bench`): the demo bundle "
+                                     "at 8 regions, profile exact, back to back",
+    "pipeline_demo8_fast_cpu.json": "Pipeline end to end (`rau-rt bench`): the demo bundle at "
+                                    "8 regions, profile fast, back to back",
     "pipeline_tiny512_cpu.json": "Pipeline end to end (`rau-rt bench`): SAM2 tiny 512 px int8 + "
                                  "Qwen2.5-VL tiny 224 px, back to back",
     "synthetic_cpu.json": "Synthetic angiography generator",

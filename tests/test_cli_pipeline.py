@@ -176,10 +176,13 @@ def test_run_on_an_mkv_with_the_real_localizer(demo, cine, reference_json, tmp_p
     code, stdout, _ = run_cli(capsys, "run", "--bundle", str(demo["bundle"]), "--reference",
                               str(reference_json), "--source", str(video), "--regions",
                               ",".join(REGIONS), "--out", str(out), "--keyframe-every", "2",
-                              "--masks", "npz", "--quiet")
+                              "--masks", "npz", "--quiet", "--profile", "fast")
     assert code == 0 and "| end to end |" in stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["frames_processed"] == 6 and summary["config"]["realtime"] is False
+    assert summary["config"]["tracker_profile"] == "fast"
+    assert summary["config"]["tracker_levers"] == {"recent_memories": 2, "recent_pointers": 15,
+                                                   "memory_interval": 2}
     keyframes = [k["frame"] for k in summary["pipeline"]["keyframes"]]
     assert keyframes == [0, 2, 4]
     # offline: every keyframe's answer (the real VLM's, boxes or none) arrives before the next

@@ -517,7 +517,7 @@ def test_profiles_set_the_attended_memories_and_overrides_win():
 
     assert TrackerConfig().levers == PROFILES["exact"] == (6, 15, 1)
     assert TrackerConfig().attended == (6, 15)
-    assert TrackerConfig(profile="fast").levers == PROFILES["fast"]
+    assert TrackerConfig(profile="fast").levers == PROFILES["fast"] == (2, 15, 2)
     assert TrackerConfig(profile="fast", recent_memories=3).levers == (3, *PROFILES["fast"][1:])
     assert TrackerConfig(memory_interval=4).levers == (6, 15, 4)
     with pytest.raises(InputError, match="memory_interval"):

@@ -238,7 +238,9 @@ def summarize(pipeline: Pipeline, profile: RunProfile, wall_s: float, *, command
                    "keyframe_min_score": pipeline.config.keyframes.min_score,
                    "view_similarity": pipeline.config.keyframes.view_similarity,
                    "tracker_profile": pipeline.tracker.config.profile,
-                   "attended_memories_pointers": list(pipeline.tracker.config.attended)},
+                   "tracker_levers": dict(zip(
+                       ("recent_memories", "recent_pointers", "memory_interval"),
+                       pipeline.tracker.config.levers, strict=True))},
         "engines": describe(pipeline),
         **environment(),
         "frames_processed": len(profile),
@@ -315,8 +317,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vlm-precision", default=None,
                         help="VLM graphs' precision (fp32, int8, int4; default: first entry)")
     parser.add_argument("--profile", choices=sorted(PROFILES), default="exact",
-                        help="tracking profile: exact (sam2's memory selection) or fast (fewer "
-                        "attended memories; README 'Tracking profiles')")
+                        help="tracking profile: exact (sam2's memory selection) or fast (2 "
+                        "attended memories, one stored every second frame; README 'Tracking "
+                        "profiles')")
 
 
 def tracker_config(args: argparse.Namespace) -> TrackerConfig:

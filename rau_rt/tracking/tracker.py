@@ -52,13 +52,13 @@ STAGES = ("preprocess", "image_encoder", "memory_attention", "mask_decoder", "me
 # object score +10.
 MASK_LOGIT = 10.0
 PROMPT_SOURCES = ("vlm", "user")
-# Tracking profiles: (recent memories, recent pointers) attended per frame. "exact" is sam2's
-# video predictor (6 and 15). "fast" attends the 2 nearest tracked frames' memories: on the
-# trained demo SAM2 (benchmarks/results/profiles_cpu.json) that took 12 % off the tracker's
-# time per frame (33.9 vs 38.5 ms) with mean Dice 0.564 vs 0.553, while fewer pointers saved
-# nothing measurable and cost the reference regime up to 0.04 Dice, so every pointer stays
-# (README "Tracking profiles").
-PROFILES = {"exact": (6, 15, 1), "fast": (2, 15, 1)}
+# Tracking profiles: (recent memories, recent pointers, memory interval). "exact" is sam2's
+# video predictor (6 memories, 15 pointers, a memory every frame). "fast" attends the 2 newest
+# tracked memories and stores one every second frame (the memory encoder skips the others);
+# measured on the trained demo SAM2 in benchmarks/results/profiles_cpu.json and README
+# "Tracking profiles" (fewer pointers saved nothing measurable and cost the reference regime
+# Dice, so every pointer stays).
+PROFILES = {"exact": (6, 15, 1), "fast": (2, 15, 2)}
 
 
 class GraphRunner(Protocol):
