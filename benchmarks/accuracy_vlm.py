@@ -57,8 +57,8 @@ assert HELD_OUT_PAIRS.stop <= HELD_OUT_SEEDS.stop
 
 def export_bundles(weights: Path, workdir: Path, precisions=PRECISIONS) -> dict[str, Path]:
     """precision -> a loadable bundle folder: the weights restored to a model folder and
-    exported at `INPUT` with its aspect buckets (fp32 comes from the int8 bundle, which keeps
-    the verified fp32 graphs beside the int8 ones)."""
+    exported at `INPUT` with its aspect buckets (fp32 comes from the int8 bundle, exported with
+    `keep_reference` so that it keeps the verified fp32 graphs beside the int8 ones)."""
     from rau_rt.export import vlm
     from rau_rt.train.vlm_trainer import restore
 
@@ -71,7 +71,8 @@ def export_bundles(weights: Path, workdir: Path, precisions=PRECISIONS) -> dict[
             summary = vlm.export_vlm(vlm.VlmExportConfig(out=workdir / f"vlm-{precision}",
                                                          model=folder, input_size=INPUT,
                                                          aspect_buckets=True,
-                                                         precision=precision))
+                                                         precision=precision,
+                                                         keep_reference=precision == "int8"))
         made[precision] = Path(summary["bundle"])
     return {p: made["int8" if p == "fp32" else p] for p in precisions}
 

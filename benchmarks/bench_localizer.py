@@ -3,10 +3,11 @@
     python -m benchmarks.bench_localizer [--quick] [--json PATH]
 
 Each model size is built once as a random-init folder and exported with `rau-rt export vlm
---model DIR --input-size 224 --precision int4` (the bundle keeps the verified fp32 graphs next
-to the int4 decoder and int8 vision tower). The reference is a synthetic angiogram with three
-annotated segments; every query asks for all three in one synthetic frame. Cases
-(`<config>/<precision>/<variant>`, entries of a case take interleaved turns, benchmarks.harness):
+--model DIR --input-size 224 --precision int4 --keep-reference` (the bundle keeps the verified
+fp32 graphs next to the int4 decoder and int8 vision tower). The reference is a synthetic
+angiogram with three annotated segments; every query asks for all three in one synthetic frame.
+Cases (`<config>/<precision>/<variant>`; entries of a case take interleaved turns,
+benchmarks.harness):
 - `cached` vs `uncached`: `Localizer.locate_result` with the reference prefix cache (target
   image + prompt tail only) vs without (both reference images and the whole prompt per query);
   identical answers, so the ratio is the cache's.
@@ -66,7 +67,8 @@ def _agreement(a, b) -> float:
 def _bench_size(size: str, warmup: int, repeat: int, root: Path) -> list[dict[str, object]]:
     model_dir = vlm_model.build_random(root / f"{size}-model", size)
     summary = vlm.export_vlm(vlm.VlmExportConfig(out=root / size, model=model_dir,
-                                                 input_size=INPUT, precision="int4"))
+                                                 input_size=INPUT, precision="int4",
+                                                 keep_reference=True))
     out = Path(summary["bundle"])
     layout = read_layout(out)
     reference, frame = _scenario()

@@ -3,12 +3,12 @@
     python -m benchmarks.bench_vlm [--quick] [--json PATH]
 
 Each model size is built once as a random-init folder and exported with `rau-rt export vlm
---model DIR --precision int4` (which verifies the fp32 graphs against `generate` and keeps them
-in the bundle); the int8 decoder is quantized from the same fp32 graph. Ours: the bundle's ONNX
-Runtime engines driven by the numpy loop (rau_rt.export.vlm.verify.greedy), the runtime's path.
-Baseline: the same weights in transformers, eager fp32, in the same process; the three decoder
-precisions and the baseline take interleaved turns (benchmarks.harness), so ratios hold on the
-shared machine.
+--model DIR --precision int4 --keep-reference` (which verifies the fp32 graphs against
+`generate` and keeps them in the bundle); the int8 decoder is quantized from the same fp32
+graph. Ours: the bundle's ONNX Runtime engines driven by the numpy loop
+(rau_rt.export.vlm.verify.greedy), the runtime's path. Baseline: the same weights in
+transformers, eager fp32, in the same process; the three decoder precisions and the baseline
+take interleaved turns (benchmarks.harness), so ratios hold on the shared machine.
 - prefill: both images through the vision tower + the whole two-image prompt, last logits;
 - decode token: one new token after the prompt's KV cache (transformers: the forward with its
   DynamicCache that `generate` runs per token; ours: embed + decoder with the past fed back);
@@ -62,7 +62,7 @@ def _bench_size(size: str, warmup: int, repeat: int, root: Path) -> list[dict[st
     model_dir = vlm_model.build_random(root / f"{size}-model", size)
     started = time.perf_counter()
     summary = vlm.export_vlm(vlm.VlmExportConfig(out=root / size, model=model_dir,
-                                                 precision="int4"))
+                                                 precision="int4", keep_reference=True))
     export_s = time.perf_counter() - started
     out = Path(summary["bundle"])
     layout = read_layout(out)

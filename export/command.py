@@ -43,7 +43,9 @@ def _source_entry(manifest: Manifest, graph: str, precision: str) -> GraphEntry:
             if entry.precision == want:
                 return entry
     raise BundleError(f"graph {graph!r} has no ONNX entry in {wanted} to build a {precision} "
-                      "engine from (int8 needs the quantized QDQ graph)")
+                      "engine from (int8 needs the quantized QDQ graph; a VLM bundle lowered "
+                      "to int8/int4 keeps its fp32 graphs only when exported with "
+                      "--keep-reference)")
 
 
 def build_bundle(directory: str | Path, precision: str = "fp16", workspace_gb: float = 4.0,
@@ -160,7 +162,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     vlm.add_argument("--precision", choices=("fp32", "fp16", "int8", "int4"), default="fp32",
                      help="fp16: all three graphs for GPUs (norms, Softmax and RoPE kept fp32, "
                      "float16 KV cache); int8: decoder dynamic; int4: decoder MatMulNBits (the "
-                     "vision tower is dynamic int8 in both); fp32 entries stay in the bundle")
+                     "vision tower is dynamic int8 in both); the bundle holds what runs "
+                     "(--keep-reference keeps the fp32 graphs too)")
+    vlm.add_argument("--keep-reference", action="store_true",
+                     help="keep the verified fp32 graphs beside the lowered ones (what "
+                     "`rau-rt export trt` and re-quantization start from)")
     vlm.add_argument("--block-size", type=int, default=32, help="int4 weights per scale")
     vlm.add_argument("--quantize-lm-head", action="store_true",
                      help="quantize the output projection too (default: kept fp32)")
@@ -208,8 +214,8 @@ def run(args: argparse.Namespace, generate_sequence=None) -> int:
             input_size=args.input_size, aspect_buckets=args.aspect_buckets,
             precision=args.precision, block_size=args.block_size,
             quantize_lm_head=args.quantize_lm_head, hidden_state=args.hidden_state,
-            new_tokens=args.new_tokens, max_context=args.max_context,
-            progress=not args.json))
+            keep_reference=args.keep_reference, new_tokens=args.new_tokens,
+            max_context=args.max_context, progress=not args.json))
         print(json.dumps(summary, indent=2) if args.json else vlm.format_summary(summary))
         return 0
     from rau_rt.export import trt_build

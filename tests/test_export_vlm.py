@@ -21,8 +21,9 @@ import pytest
 from rau_rt import cli
 from rau_rt.bundle import load_bundle, read_manifest
 from rau_rt.config import EngineConfig
-from rau_rt.errors import InputError
+from rau_rt.errors import BundleError, InputError
 from rau_rt.export import vlm
+from rau_rt.export.command import _source_entry
 from rau_rt.export.vlm import model as vlm_model
 from rau_rt.export.vlm import verify as vlm_verify
 from rau_rt.vlm_layout import DECODER, EMBED, VISION, read_layout
@@ -49,7 +50,9 @@ def fp32_bundle(model_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def quantized(model_dir, tmp_path_factory) -> dict[str, dict]:
     root = tmp_path_factory.mktemp("quantized")
-    return {p: vlm.export_vlm(vlm.VlmExportConfig(out=root / p, model=model_dir, precision=p))
+    # int8 keeps its verified fp32 graphs (--keep-reference); int4 holds only what runs
+    return {p: vlm.export_vlm(vlm.VlmExportConfig(out=root / p, model=model_dir, precision=p,
+                                                  keep_reference=p == "int8"))
             for p in ("int8", "int4")}
 
 
@@ -140,15 +143,41 @@ def test_quantized_bundles_record_drift(quantized):
         manifest = read_manifest(bundle)
         preferred = manifest.entries(DECODER)[0]
         assert preferred.precision == precision
-        assert manifest.entries(DECODER)[1].precision == "fp32"
         parity = preferred.parity
         assert 0.0 <= parity["top1_agreement"] <= 1.0 and parity["positions"] == NEW_TOKENS
         assert -1.0 <= parity["prefill_logits_cosine"] <= 1.0
         ops = {n.op_type for n in onnx.load(str(bundle / preferred.file)).graph.node}
         assert ("MatMulInteger" if precision == "int8" else "MatMulNBits") in ops
         assert manifest.entries(VISION)[0].precision == "int8"
-    assert quantized["int8"]["graphs"][3]["parity"]["prefill_logits_cosine"] >= 0.99
-    assert quantized["int4"]["graphs"][3]["parity"]["quantization"]["block_size"] == 32
+    decoder = {p: next(g for g in summary["graphs"] if g["graph"] == DECODER)
+               for p, summary in quantized.items()}
+    assert decoder["int8"]["parity"]["prefill_logits_cosine"] >= 0.99
+    assert decoder["int4"]["parity"]["quantization"]["block_size"] == 32
+
+
+def test_a_lowered_bundle_holds_what_runs_unless_asked_to_keep_the_reference(quantized):
+    kept, lean = (Path(quantized[p]["bundle"]) for p in ("int8", "int4"))
+    kept_manifest, lean_manifest = read_manifest(kept), read_manifest(lean)
+    assert [e.precision for e in kept_manifest.entries(DECODER)] == ["int8", "fp32"]
+    assert quantized["int8"]["reference_dropped"] == []
+    # int4: the lowered vision and decoder graphs only; the embedding table stays fp32 (it runs)
+    assert [e.precision for e in lean_manifest.entries(DECODER)] == ["int4"]
+    assert [e.precision for e in lean_manifest.entries(VISION)] == ["int8"]
+    assert [e.precision for e in lean_manifest.entries(EMBED)] == ["fp32"]
+    assert quantized["int4"]["reference_dropped"] == ["vlm_decoder.fp32.onnx",
+                                                      "vlm_vision.fp32.onnx"]
+    assert not (lean / "vlm_decoder.fp32.onnx").exists()
+    assert not (lean / "vlm_vision.fp32.onnx").exists()
+    # what is on disk: the manifest's graphs, the tokenizer and the bundle's JSON, nothing else
+    listed = {e.file for e in lean_manifest.graphs} | set(lean_manifest.files)
+    assert {f.name for f in lean.iterdir()} - listed <= {"manifest.json"}
+    # the fp32 graphs' verification against transformers stays on record
+    e2e = lean_manifest.entries(DECODER)[0].parity["fp32_end_to_end"]
+    assert e2e["tokens"] == e2e["reference_tokens"]
+    with pytest.raises(BundleError, match="fp32"):
+        load_bundle(lean, config=EngineConfig(precision="fp32"))
+    with pytest.raises(BundleError, match="--keep-reference"):
+        _source_entry(lean_manifest, DECODER, "fp16")  # what `rau-rt export trt` builds from
 
 
 def test_quantized_bundle_runs_and_keeps_lm_head_fp32(quantized):

@@ -31,8 +31,8 @@ FLOAT16 = onnx.TensorProto.FLOAT16
 def bundle_dir(request, tmp_path_factory):
     out = tmp_path_factory.mktemp("fp16") / request.param
     assert cli.main(["export", "vlm", "--random-init", "tiny", "--family", request.param,
-                     "--input-size", str(INPUT), "--precision", "fp16", "--out", str(out),
-                     "--json"]) == 0
+                     "--input-size", str(INPUT), "--precision", "fp16", "--keep-reference",
+                     "--out", str(out), "--json"]) == 0
     return out
 
 

@@ -81,6 +81,11 @@ class VlmExportConfig:
         block_size: int4 weights per scale.
         quantize_lm_head: quantize the output projection too.
         hidden_state: give the decoder a last_hidden_state output (for seg-token heads).
+        keep_reference: keep the verified fp32 graphs beside the lowered ones (int8, int4,
+            fp16 bundles); by default a lowered bundle holds only what runs: the lowered graphs,
+            the graphs that stay fp32 (the embedding table) and the tokenizer. The fp32 graphs
+            are what other precisions are re-derived from (`rau-rt export trt` builds from fp16
+            or fp32 ONNX, int4 is not a TensorRT op).
         new_tokens: greedy tokens compared with `generate` (>= 24 per the acceptance).
         max_context: longest prompt + generation the manifest's ranges allow.
         progress: show a progress bar per stage.
@@ -96,6 +101,7 @@ class VlmExportConfig:
     block_size: int = 32
     quantize_lm_head: bool = False
     hidden_state: bool = False
+    keep_reference: bool = False
     new_tokens: int = 24
     max_context: int = 4096
     progress: bool = False
@@ -113,7 +119,8 @@ class VlmExportConfig:
         source = f"--model {self.model}" if self.model else f"--random-init {self.random_init}"
         return (f"rau-rt export vlm {source} --input-size {self.input_size} "
                 + ("--aspect-buckets " if self.aspect_buckets else "")
-                + f"--precision {self.precision} --out {self.out}")
+                + f"--precision {self.precision} "
+                + ("--keep-reference " if self.keep_reference else "") + f"--out {self.out}")
 
 
 def checkpoint_sha256(directory: Path) -> str:
@@ -231,8 +238,10 @@ class _Stages:
 def _write(out: Path, layout: VlmLayout, config: VlmExportConfig,
            made: dict[str, tuple[Path, dict]], paths: dict[str, Path],
            fp32: dict[str, object] | None, graph_parity: dict[str, dict] | None,
-           sha: str | None = None, side: Sequence[str] = ()) -> Manifest:
-    """manifest.json with the chosen precision's entry first per graph, then the fp32 one."""
+           sha: str | None = None, side: Sequence[str] = (),
+           drop_reference: bool = False) -> Manifest:
+    """manifest.json with the chosen precision's entry first per graph, then the fp32 one
+    (none for a lowered graph with `drop_reference`: its fp32 file is deleted)."""
     prompt = int(fp32.get("prompt_tokens", 1)) if fp32 else 1
     size = "x".join(map(str, layout.input_size))
     extra = {layout.vision_graph(s): {"input_size": "x".join(map(str, s)),
@@ -244,8 +253,14 @@ def _write(out: Path, layout: VlmLayout, config: VlmExportConfig,
         if graph in made:
             target, parity = made[graph]
             precision = target.name.split(".")[1]
+            if drop_reference and graph == DECODER and fp32 is not None:
+                # the fp32 graphs' verification against transformers, kept without their files
+                parity = {**parity, "fp32_end_to_end": {
+                    k: v for k, v in fp32.items() if not k.startswith("_")}}
             entries.append(_entry(target, graph, precision, parity, sha, config.command, ranges,
                                   extra.get(graph)))
+            if drop_reference:
+                continue
         parity = dict((graph_parity or {}).get(graph, {}))
         if graph == DECODER and fp32 is not None:
             parity["end_to_end"] = {k: v for k, v in fp32.items() if not k.startswith("_")}
@@ -254,6 +269,9 @@ def _write(out: Path, layout: VlmLayout, config: VlmExportConfig,
     manifest = Manifest(name=f"vlm-{layout.family}-{size}", graphs=tuple(entries),
                         files=side_files(out, ["vlm.json", *side]))
     write_manifest(out, manifest)
+    if drop_reference:  # after the manifest: an interrupted export leaves a loadable bundle
+        for graph in made:
+            paths[graph].unlink(missing_ok=True)
     return manifest
 
 
@@ -333,13 +351,17 @@ def export_vlm(config: VlmExportConfig) -> dict[str, object]:
 
         stages.next("write")
         manifest = _write(out, layout, config, made, paths, fp32, graph_parity, sha,
-                          tokenizer_files)
+                          tokenizer_files, drop_reference=not config.keep_reference)
     times = stages.close()
     return {"bundle": str(out), "family": fam.name, "input_size": list(layout.input_size),
             "aspect_buckets": [list(b) for b in layout.buckets],
             "export_s": round(export_s, 3), "stage_s": times, "preprocess": preprocess,
             "end_to_end": {k: v for k, v in fp32.items() if not k.startswith("_")},
             "tokenizer_files": tokenizer_files,
+            "reference_dropped": [] if config.keep_reference else sorted(
+                paths[g].name for g in made),
+            "bundle_mb": round(sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+                               / 2**20, 2),
             "graphs": [{"graph": e.graph, "file": e.file, "precision": e.precision,
                         "mb": round((out / e.file).stat().st_size / 2**20, 2),
                         "parity": e.parity} for e in manifest.graphs]}
@@ -373,4 +395,8 @@ def format_summary(summary: dict[str, object]) -> str:
         else:
             drift = "-"
         lines.append(f"| {g['graph']} | {g['precision']} | {g['file']} | {g['mb']} | {drift} |")
+    if summary.get("reference_dropped"):
+        lines.append(f"verified fp32 graphs not kept (--keep-reference keeps them): "
+                     f"{', '.join(summary['reference_dropped'])}")
+    lines.append(f"bundle on disk: {summary['bundle_mb']} MB")
     return "\n".join(lines)
