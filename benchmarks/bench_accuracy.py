@@ -117,7 +117,7 @@ def _choose_regions(sequence) -> tuple[tuple[str, ...], int]:
     return regions, first
 
 
-def _write_jpegs(directory: Path, frames: list[np.ndarray]) -> list[np.ndarray]:
+def write_jpegs(directory: Path, frames: list[np.ndarray]) -> list[np.ndarray]:
     directory.mkdir(parents=True, exist_ok=True)
     for i, frame in enumerate(frames):
         Image.fromarray(frame).convert("RGB").save(directory / f"{i:05d}.jpg", quality=95)
@@ -144,8 +144,8 @@ def prepare(cine: Cine, frames: int, workdir: Path) -> Prepared:
         cv2.fillPoly(canvas, [points], 1, cv2.LINE_8, shift=4)
         masks.append(canvas.astype(bool))
     video = workdir / f"cine{cine.seed}"
-    rgb = _write_jpegs(video, list(sequence.frames_8bit()))
-    (reference_rgb,) = _write_jpegs(workdir / f"reference{cine.seed}", [reference.image_8bit()])
+    rgb = write_jpegs(video, list(sequence.frames_8bit()))
+    (reference_rgb,) = write_jpegs(workdir / f"reference{cine.seed}", [reference.image_8bit()])
     rng = np.random.default_rng([cine.seed, 20])
     boxes = {}
     for k in range(first, frames, KEYFRAME_EVERY):

@@ -50,9 +50,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from benchmarks.bench_accuracy import DEMO_WEIGHTS, HELD_OUT
+from benchmarks.bench_accuracy import DEMO_WEIGHTS, HELD_OUT, write_jpegs
 from benchmarks.harness import case_record, markdown, write_record
 from rau_rt.bundle import load_bundle
 from rau_rt.config import EngineConfig
@@ -107,19 +106,11 @@ def rss_mib() -> float:
     return float("nan")
 
 
-def _jpegs(directory: Path, frames) -> list[np.ndarray]:
-    directory.mkdir(parents=True, exist_ok=True)
-    for i, frame in enumerate(frames):
-        Image.fromarray(frame).convert("RGB").save(directory / f"{i:05d}.jpg", quality=95)
-    return [np.array(Image.open(directory / f"{i:05d}.jpg").convert("RGB"))
-            for i in range(len(frames))]
-
-
 def write_clip(directory: Path, size: int, frames: int, regions: int,
                ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """JPEG frames of a contrast-filled synthetic cine and the boxes of its largest segments."""
     sequence = generate_sequence(seed=3, frames=frames + 10, size=size, contrast_delay_frames=1)
-    images = _jpegs(directory, sequence.frames_8bit()[10:])
+    images = write_jpegs(directory, sequence.frames_8bit()[10:])
     truth = sequence.truth[10].segments.values()
     boxes = sorted((s.box for s in truth if s.present and s.box),
                    key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
@@ -146,7 +137,7 @@ def held_out_clip(directory: Path, frames: int, regions: int) -> Clip:
         raise ValueError(f"cine {c.seed} shows {len(shown)} segments, {regions} asked for")
     by_calibre = sorted(shown, key=lambda n: -sequence.meta.diameters_mm[n])
     names = [by_calibre[int(i)] for i in np.round(np.linspace(0, len(shown) - 1, regions))]
-    images = _jpegs(directory, sequence.frames_8bit()[start:start + frames])
+    images = write_jpegs(directory, sequence.frames_8bit()[start:start + frames])
     boxes = [np.asarray(sequence.truth[start].segments[n].box, np.float32) for n in names]
     return Clip(directory, images, boxes, names, sequence, start)
 

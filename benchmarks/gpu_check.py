@@ -102,17 +102,16 @@ def _decoder_model(spec: tuple, device: str):
     import torch
     import transformers
 
+    from rau_rt.export.vlm.model import mrope_section
+
     _, hidden, layers, heads, kv_heads, intermediate = spec
-    head_dim = hidden // heads
-    spatial = 3 * (head_dim // 2) // 8
     text = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                 num_key_value_heads=kv_heads, intermediate_size=intermediate,
                 vocab_size=VOCAB if spec[0] != "smoke" else 512,
                 max_position_embeddings=4096, bos_token_id=None, eos_token_id=None,
                 pad_token_id=None,
                 rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                                 "mrope_section": [head_dim // 2 - 2 * spatial, spatial,
-                                                   spatial]})
+                                 "mrope_section": mrope_section(hidden // heads)})
     vision = dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64,
                   out_hidden_size=hidden, fullatt_block_indexes=[0])
     config = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision)

@@ -6,9 +6,10 @@ graph for a set of input shapes the second time it sees that set (a shape met on
 the tracker's growing memory over its first 16 frames, runs eagerly) and replays it after; up
 to `MAX_CUDA_GRAPHS` are kept, the least recently used dropped first. The tracker's graphs see
 a few shapes in steady state (one per region count), so a small model's kernel launches stop
-costing more than its math. `AotiEngine` runs a
-`.pt2` package compiled ahead of time by `torch._inductor.aoti_compile_and_package`: a
-deployable engine on CPU and CUDA.
+costing more than its math.
+
+`AotiEngine` runs a `.pt2` package compiled ahead of time by
+`torch._inductor.aoti_compile_and_package`: a deployable engine on CPU and CUDA.
 
 Both describe themselves: the exporter stores the input/output specs, precision and device in
 the artifact (`torch.export.save` extra file, AOTInductor package metadata).

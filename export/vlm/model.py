@@ -119,6 +119,13 @@ def build_tokenizer(directory: Path, fam: VlmFamily) -> None:
     config_path.write_text(json.dumps(config, indent=2))
 
 
+def mrope_section(head_dim: int) -> list[int]:
+    """M-RoPE sections (t, h, w) of a random-init text config: they sum to head_dim / 2, split
+    1/4, 3/8, 3/8 like Qwen's 16/24/24."""
+    spatial = 3 * (head_dim // 2) // 8
+    return [head_dim // 2 - 2 * spatial, spatial, spatial]
+
+
 def build_random(directory: str | Path, size: str = "tiny", family: str = "qwen2_5_vl",
                  seed: int = 0) -> Path:
     """Write a random-init Qwen-VL model and its local tokenizer to `directory`."""
@@ -137,9 +144,7 @@ def build_random(directory: str | Path, size: str = "tiny", family: str = "qwen2
     build_tokenizer(directory, fam)
     ids = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
     head_dim = s.hidden // s.heads
-    # M-RoPE sections (t, h, w) sum to head_dim / 2, split 1/4, 3/8, 3/8 like Qwen's 16/24/24
-    spatial = 3 * (head_dim // 2) // 8
-    section = [head_dim // 2 - 2 * spatial, spatial, spatial]
+    section = mrope_section(head_dim)
     text = dict(hidden_size=s.hidden, num_hidden_layers=s.layers, num_attention_heads=s.heads,
                 num_key_value_heads=s.kv_heads, intermediate_size=s.intermediate,
                 vocab_size=s.vocab, max_position_embeddings=4096,

@@ -159,14 +159,19 @@ class MemoryBank:
         interval = self.config.memory_interval
         if interval == 1:
             return True
-        stored = [*self._cond_frame[self._cond_used], *self._recent_mem_frame[
-            self._recent_mem_frame >= 0]]
-        return not stored or frame - max(int(f) for f in stored) >= interval
+        held = np.concatenate((self._cond_frame[self._cond_used],
+                               self._recent_mem_frame[self._recent_mem_frame >= 0]))
+        return held.size == 0 or frame - int(held.max()) >= interval
 
-    def _check(self, memory: np.ndarray, memory_pos: np.ndarray, pointer: np.ndarray) -> None:
+    def _check(self, memory: np.ndarray | None, memory_pos: np.ndarray | None,
+               pointer: np.ndarray) -> None:
+        """Shapes of a frame's entry; `memory` None (a pointer only) needs `memory_pos` None."""
         shape = self.config.memory_shape
-        if memory.shape != shape or memory_pos.shape != shape:
-            raise InputError(f"memory: expected {shape}, got {memory.shape} / {memory_pos.shape}")
+        if (memory is None) != (memory_pos is None) or (
+                memory is not None and (memory.shape != shape or memory_pos.shape != shape)):
+            raise InputError(f"memory: expected {shape} (or both None), got "
+                             f"{getattr(memory, 'shape', None)} / "
+                             f"{getattr(memory_pos, 'shape', None)}")
         if pointer.shape != (self.config.pointer_dim,):
             raise InputError(f"pointer: expected ({self.config.pointer_dim},), got "
                              f"{pointer.shape}")
@@ -203,15 +208,10 @@ class MemoryBank:
                     pointer: np.ndarray) -> None:
         """Store a tracked (not prompted) frame in the rings: its pointer, and its spatial
         memory unless `memory` is None (a frame `wants_memory` skipped)."""
-        if memory is None or memory_pos is None:
-            if pointer.shape != (self.config.pointer_dim,):
-                raise InputError(f"pointer: expected ({self.config.pointer_dim},), got "
-                                 f"{pointer.shape}")
-        else:
-            self._check(memory, memory_pos, pointer)
+        self._check(memory, memory_pos, pointer)
         if frame < 0:
             raise InputError(f"frame: tracked frames are numbered from 0, got {frame}")
-        if memory is not None and memory_pos is not None:
+        if memory is not None:
             slot = int(np.argmin(self._recent_mem_frame))  # an empty slot (-1) or the oldest
             self._recent_mem[slot] = to_bfloat16(memory)
             self._recent_pos[slot] = memory_pos
