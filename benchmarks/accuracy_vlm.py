@@ -8,11 +8,12 @@ of another patient's run in another view, square or reframed to 4:3 / 16:9 and t
 transposes) asked through the runtime's `Localizer` (constrained decoding, reference prefix
 cache) on the bundle `rau-rt export vlm --aspect-buckets` makes of the weights (each frame at
 its aspect's vision graph), once per precision: fp32, fp16 (graphs in fp16 on the CPU
-provider), int8 (int8 vision and decoder), int4 (int4 decoder, int8 vision). Scored per
-requested segment against the truth box: parse rate (the answer is a JSON list naming every
-region; constrained decoding must make it 100 %), hit rate (IoU >= 0.5) of the visible
-segments, overall and on segments >= 3 mm, mean IoU, centre error in mm, presence precision /
-recall / F1 (a box given vs the segment visible); per calibre and per segment.
+provider), int8 (weight-only int8 decoder, dynamic int8 vision), int4 (int4 decoder, dynamic
+int8 vision). Scored per requested segment against the truth box: parse rate (the answer is
+a JSON list naming every region; constrained decoding must make it 100 %), hit rate
+(IoU >= 0.5) of the visible segments, overall and on segments >= 3 mm, mean IoU, centre error
+in mm, presence precision / recall / F1 (a box given vs the segment visible); per calibre and
+per segment.
 
 `pipeline`: the held-out cines of the tracker suite (`bench_accuracy.HELD_OUT`); on the `box`
 regime's keyframes (the first frame where the four segments show, then every

@@ -4,11 +4,12 @@
 
 Each model size is built once as a random-init folder and exported with `rau-rt export vlm
 --model DIR --precision int4 --keep-reference` (which verifies the fp32 graphs against
-`generate` and keeps them in the bundle); the int8 decoder is quantized from the same fp32
-graph. Ours: the bundle's ONNX Runtime engines driven by the numpy loop
-(rau_rt.export.vlm.verify.greedy), the runtime's path. Baseline: the same weights in
-transformers, eager fp32, in the same process; the three decoder precisions and the baseline
-take interleaved turns (benchmarks.harness), so ratios hold on the shared machine.
+`generate` and keeps them in the bundle); the two int8 decoders are quantized from the same
+fp32 graph: `int8` weight-only (MatMulNBits at 8 bits, the exporter's default) and
+`int8-dynamic` (one activation scale per tensor). Ours: the bundle's ONNX Runtime engines
+driven by the numpy loop (rau_rt.export.vlm.verify.greedy), the runtime's path. Baseline: the
+same weights in transformers, eager fp32, in the same process; the four decoders and the
+baseline take interleaved turns (benchmarks.harness), so ratios hold on the shared machine.
 - prefill: both images through the vision tower + the whole two-image prompt, last logits;
 - decode token: one new token after the prompt's KV cache (transformers: the forward with its
   DynamicCache that `generate` runs per token; ours: embed + decoder with the past fed back);
@@ -66,8 +67,9 @@ def _bench_size(size: str, warmup: int, repeat: int, root: Path) -> list[dict[st
     export_s = time.perf_counter() - started
     out = Path(summary["bundle"])
     layout = read_layout(out)
-    quantize(out / "vlm_decoder.fp32.onnx", out / "vlm_decoder.int8.onnx",
-             QuantizeConfig("int8"), vocab_size=layout.vocab_size)
+    for name, method in (("int8", "weight-only"), ("int8-dynamic", "dynamic")):
+        quantize(out / "vlm_decoder.fp32.onnx", out / f"vlm_decoder.{name}.onnx",
+                 QuantizeConfig("int8", method=method), vocab_size=layout.vocab_size)
     model, tokenizer, fam = vlm_model.load(model_dir)
     images = vlm_verify.sample_images(layout.input_size)
     ids, patches = vlm_verify.runtime_inputs(images, layout, out / "tokenizer.json")
@@ -98,7 +100,8 @@ def _bench_size(size: str, warmup: int, repeat: int, root: Path) -> list[dict[st
 
     bundle = load_bundle(out, config=EngineConfig(precision="fp32"))
     engines = {p: registry.open_engine(out / f"vlm_decoder.{p}.onnx", "onnxruntime",
-                                       precision=p) for p in ("fp32", "int8", "int4")}
+                                       precision=p.split("-")[0])
+               for p in ("fp32", "int8", "int8-dynamic", "int4")}
     calls: dict[str, dict[str, object]] = {"prefill": {BASELINE: hf_prefill},
                                            "decode_token": {BASELINE: hf_step}}
     if size == "tiny":  # small's 24-token generation costs ~40 s a call on 2 cores
@@ -141,7 +144,7 @@ def _bench_size(size: str, warmup: int, repeat: int, root: Path) -> list[dict[st
                                                        min_new_tokens=NEW_TOKENS))
         cases = []
         for name, entries in calls.items():
-            # all four in one interleaved loop, so that every ratio is from the same turns;
+            # all five in one interleaved loop, so that every ratio is from the same turns;
             # calls of seconds (small's prefill) need no settling call after ONNX Runtime
             slow = size != "tiny" and name != "decode_token"
             reps = max(2, repeat // 4) if name.startswith("generate") else repeat

@@ -27,7 +27,8 @@ SUITES = {
     "tracker_cuda.json": "Tracker on a GPU (torch CUDA backend) vs SAM2VideoPredictor, same GPU",
     "localizer_cpu.json": "VLM localizer: cached / constrained keyframe queries vs uncached / "
                           "free / transformers generate",
-    "vlm_cpu.json": "VLM graphs: prefill and per-token decode, fp32 / int8 / int4 vs transformers",
+    "vlm_cpu.json": ("VLM graphs: prefill and per-token decode, fp32 / int8 (weight-only, "
+                     "dynamic) / int4 vs transformers"),
     "pipeline_demo_cpu.json": "Pipeline end to end (`rau-rt bench`): the demo bundle (trained "
                               "demo SAM2 micro 256 px + random-init Qwen2.5-VL tiny 224 px), "
                               "live at 15 fps",

@@ -161,14 +161,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
                      "keep their aspect instead of being stretched to the square")
     vlm.add_argument("--precision", choices=("fp32", "fp16", "int8", "int4"), default="fp32",
                      help="fp16: all three graphs for GPUs (norms, Softmax and RoPE kept fp32, "
-                     "float16 KV cache); int8: decoder dynamic; int4: decoder MatMulNBits (the "
+                     "float16 KV cache); int8: decoder per --int8-method; int4: decoder "
+                     "MatMulNBits (the "
                      "vision tower is dynamic int8 and the embedding table fp16 in both); the "
                      "bundle holds what runs "
                      "(--keep-reference keeps the fp32 graphs too)")
     vlm.add_argument("--keep-reference", action="store_true",
                      help="keep the verified fp32 graphs beside the lowered ones (what "
                      "`rau-rt export trt` and re-quantization start from)")
-    vlm.add_argument("--block-size", type=int, default=32, help="int4 weights per scale")
+    vlm.add_argument("--int8-method", choices=("weight-only", "dynamic"), default="weight-only",
+                     help="the int8 decoder: weight-only (MatMulNBits at 8 bits, activations "
+                     "quantized per 32-value block: survives a trained model's outlier "
+                     "channels) or dynamic (one activation scale per tensor: faster prefill, "
+                     "refused by the gate where outliers break it)")
+    vlm.add_argument("--block-size", type=int, default=32,
+                     help="MatMulNBits (int4, weight-only int8) weights per scale")
     vlm.add_argument("--quantize-lm-head", action="store_true",
                      help="quantize the output projection too (default: kept fp32)")
     vlm.add_argument("--hidden-state", action="store_true",
@@ -213,7 +220,7 @@ def run(args: argparse.Namespace, generate_sequence=None) -> int:
         summary = vlm.export_vlm(vlm.VlmExportConfig(
             out=args.out, model=args.model, random_init=args.random_init, family=args.family,
             input_size=args.input_size, aspect_buckets=args.aspect_buckets,
-            precision=args.precision, block_size=args.block_size,
+            precision=args.precision, int8_method=args.int8_method, block_size=args.block_size,
             quantize_lm_head=args.quantize_lm_head, hidden_state=args.hidden_state,
             keep_reference=args.keep_reference, new_tokens=args.new_tokens,
             max_context=args.max_context, progress=not args.json))

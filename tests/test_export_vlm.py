@@ -24,6 +24,7 @@ from rau_rt.config import EngineConfig
 from rau_rt.errors import BundleError, InputError
 from rau_rt.export import vlm
 from rau_rt.export.command import _source_entry
+from rau_rt.export.verify import ParityError
 from rau_rt.export.vlm import model as vlm_model
 from rau_rt.export.vlm import verify as vlm_verify
 from rau_rt.vlm_layout import DECODER, EMBED, VISION, read_layout
@@ -146,12 +147,20 @@ def test_quantized_bundles_record_drift(quantized):
         parity = preferred.parity
         assert 0.0 <= parity["top1_agreement"] <= 1.0 and parity["positions"] == NEW_TOKENS
         assert -1.0 <= parity["prefill_logits_cosine"] <= 1.0
-        ops = {n.op_type for n in onnx.load(str(bundle / preferred.file)).graph.node}
-        assert ("MatMulInteger" if precision == "int8" else "MatMulNBits") in ops
-        assert manifest.entries(VISION)[0].precision == "int8"
+        nodes = onnx.load(str(bundle / preferred.file)).graph.node
+        # both decoders weight-only MatMulNBits (int8 by default), at their bit widths
+        bits = {a.i for n in nodes if n.op_type == "MatMulNBits" for a in n.attribute
+                if a.name == "bits"}
+        assert bits == {int(precision[3:])}
+        assert "MatMulInteger" not in {n.op_type for n in nodes}
+        # the vision tower dynamic int8 in both
+        vision = manifest.entries(VISION)[0]
+        vision_ops = {n.op_type for n in onnx.load(str(bundle / vision.file)).graph.node}
+        assert vision.precision == "int8" and "MatMulInteger" in vision_ops
     decoder = {p: next(g for g in summary["graphs"] if g["graph"] == DECODER)
                for p, summary in quantized.items()}
     assert decoder["int8"]["parity"]["prefill_logits_cosine"] >= 0.99
+    assert decoder["int8"]["parity"]["quantization"]["method"] == "weight-only"
     assert decoder["int4"]["parity"]["quantization"]["block_size"] == 32
 
 
@@ -257,3 +266,39 @@ def test_qwen2_vl_family_exports_through_the_same_adapter(tmp_path):
         "relative_1000")
     e2e = read_manifest(out).entries(DECODER)[0].parity["end_to_end"]
     assert e2e["passed"] and e2e["tokens"] == e2e["reference_tokens"]
+
+
+@pytest.fixture(scope="module")
+def outlier_model(tmp_path_factory) -> Path:
+    """The micro VLM (hidden 256: eight 32-value blocks per row) with two outlier channels per
+    norm, 100x: the same function as the random model, outliers in its MatMuls' inputs."""
+    root = tmp_path_factory.mktemp("outliers")
+    model = vlm_model.build_random(root / "micro", "micro")
+    return vlm_model.add_outlier_channels(model, root / "micro-outliers", channels=2,
+                                          scale=100.0)
+
+
+def test_outlier_channels_keep_the_function(outlier_model):
+    plain, _, _ = vlm_model.load(outlier_model.parent / "micro")
+    shifted, _, _ = vlm_model.load(outlier_model)
+    ids = torch.tensor([[1, 20, 30, 40, 50]])
+    with torch.inference_mode():
+        expected, got = plain(input_ids=ids).logits, shifted(input_ids=ids).logits
+        hidden = shifted.model.language_model.layers[0].input_layernorm(
+            shifted.model.language_model.embed_tokens(ids))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    magnitude = hidden.abs().amax(dim=(0, 1))
+    assert (magnitude > 20 * magnitude.median()).sum() == 2  # the two outlier channels
+
+
+def test_dynamic_int8_is_refused_on_outlier_channels_and_weight_only_passes(outlier_model,
+                                                                             tmp_path):
+    with pytest.raises(ParityError, match="--int8-method weight-only"):
+        vlm.export_vlm(vlm.VlmExportConfig(out=tmp_path / "dynamic", model=outlier_model,
+                                           precision="int8", int8_method="dynamic"))
+    summary = vlm.export_vlm(vlm.VlmExportConfig(out=tmp_path / "weight-only",
+                                                 model=outlier_model, precision="int8"))
+    decoder = next(g for g in summary["graphs"] if g["graph"] == DECODER)
+    assert decoder["precision"] == "int8" and decoder["parity"]["passed"]
+    assert decoder["parity"]["prefill_logits_cosine"] >= 0.99
+    assert decoder["parity"]["quantization"]["method"] == "weight-only"

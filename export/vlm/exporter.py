@@ -5,9 +5,9 @@ Stages (each a function; `export_vlm` runs them in order with a progress bar):
 2. check the runtime's preprocessing and prompt ids against transformers' processor;
 3. export the three fp32 graphs (rau_rt.export.vlm.graphs) and verify each against eager;
 4. verify end to end through the bundle: prefill logits and greedy tokens vs `generate`;
-5. lower (int8: vision + decoder dynamic; int4: decoder MatMulNBits, vision int8; fp16: all
-   three converted, rau_rt.export.vlm.fp16) and record their drift, gating int8 and fp16
-   (rau_rt.export.verify's VLM tolerances);
+5. lower (int8: decoder weight-only MatMulNBits or dynamic, vision dynamic; int4: decoder
+   MatMulNBits, vision dynamic int8; fp16: all three converted, rau_rt.export.vlm.fp16) and
+   record their drift, gating int8 and fp16 (rau_rt.export.verify's VLM tolerances);
 6. write manifest.json, vlm.json (rau_rt.vlm_layout) and the tokenizer files.
 """
 
@@ -42,6 +42,7 @@ from rau_rt.export.vlm import graphs as vlm_graphs
 from rau_rt.export.vlm import model as vlm_model
 from rau_rt.export.vlm import stages as vlm_stages
 from rau_rt.export.vlm import verify as vlm_verify
+from rau_rt.export.vlm.quantize import INT8_METHODS
 from rau_rt.vlm_layout import (
     DECODER,
     EMBED,
@@ -80,7 +81,11 @@ class VlmExportConfig:
             `rau_rt.vlm_layout.ASPECTS` at the same pixel budget (what Qwen's processor makes
             of 4:3 and 16:9 frames and their transposes), so frames keep their aspect.
         precision: "fp32", "fp16", "int8" or "int4" (per graph: see GRAPH_PRECISION).
-        block_size: int4 weights per scale.
+        int8_method: the int8 decoder's method: "weight-only" (MatMulNBits at 8 bits, robust to
+            a trained model's outlier activation channels) or "dynamic" (one activation scale
+            per tensor: faster at prefill, refused by the gate where outliers break it); see
+            rau_rt.export.vlm.quantize.
+        block_size: MatMulNBits (int4, weight-only int8) weights per scale.
         quantize_lm_head: quantize the output projection too.
         hidden_state: give the decoder a last_hidden_state output (for seg-token heads).
         keep_reference: keep the verified fp32 graphs beside the lowered ones (int8, int4,
@@ -100,6 +105,7 @@ class VlmExportConfig:
     input_size: int = 448
     aspect_buckets: bool = False
     precision: str = "fp32"
+    int8_method: str = "weight-only"
     block_size: int = 32
     quantize_lm_head: bool = False
     hidden_state: bool = False
@@ -113,6 +119,9 @@ class VlmExportConfig:
             raise InputError("give exactly one of --model DIR and --random-init tiny|small")
         if self.precision not in PRECISIONS:
             raise InputError(f"--precision {self.precision!r}: choose one of {PRECISIONS}")
+        if self.int8_method not in INT8_METHODS:
+            raise InputError(f"--int8-method {self.int8_method!r}: choose one of "
+                             f"{INT8_METHODS}")
         if self.new_tokens < 1:
             raise InputError("--new-tokens must be >= 1")
 
@@ -122,6 +131,7 @@ class VlmExportConfig:
         return (f"rau-rt export vlm {source} --input-size {self.input_size} "
                 + ("--aspect-buckets " if self.aspect_buckets else "")
                 + f"--precision {self.precision} "
+                + (f"--int8-method {self.int8_method} " if self.precision == "int8" else "")
                 + ("--keep-reference " if self.keep_reference else "") + f"--out {self.out}")
 
 
@@ -345,7 +355,8 @@ def export_vlm(config: VlmExportConfig) -> dict[str, object]:
         stages.next("quantize")
         chosen = GRAPH_PRECISION[config.precision]
         made = vlm_stages.quantize_graphs(model, out, layout, chosen, paths, ids, patches,
-                                          config.block_size, config.quantize_lm_head)
+                                          config.block_size, config.quantize_lm_head,
+                                          config.int8_method)
         if DECODER in made:
             _write(out, layout, config, made, paths, fp32, graph_parity, sha, tokenizer_files)
             made[DECODER][1].update(vlm_stages.decoder_drift(out, layout, chosen[DECODER], ids,

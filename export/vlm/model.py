@@ -258,3 +258,41 @@ def load(directory: str | Path):
     model = model_class.from_pretrained(str(directory), dtype=torch.float32).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory))
     return model, tokenizer, fam
+
+
+def add_outlier_channels(source: str | Path, out: str | Path, channels: int = 2,
+                         scale: float = 100.0, seed: int = 0) -> Path:
+    """Copy the model folder `source` to `out` with outlier activation channels: the test model
+    for int8 methods (issue 19).
+
+    In every decoder layer, `channels` random channels of both RMSNorm weights are multiplied
+    by `scale` and the projection columns that read them (q/k/v after the first norm, gate/up
+    after the second) divided by it. The model computes the same function, but those MatMuls'
+    inputs carry `scale`-times outliers in a few channels, as trained LLMs' do, which a single
+    per-tensor int8 activation scale cannot represent.
+    """
+    import shutil
+
+    import torch
+
+    source = Path(source)
+    model, _, _ = load(source)
+    text = model.model.language_model
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in text.layers:
+            attention, mlp = layer.self_attn, layer.mlp
+            for norm, readers in ((layer.input_layernorm,
+                                   (attention.q_proj, attention.k_proj, attention.v_proj)),
+                                  (layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj))):
+                chosen = torch.randperm(norm.weight.numel(), generator=generator)[:channels]
+                norm.weight[chosen] *= scale
+                for projection in readers:
+                    projection.weight[:, chosen] /= scale
+    out = Path(out)
+    model.save_pretrained(out)
+    for file in source.iterdir():  # the tokenizer and chat template, as they were
+        if (file.is_file() and not (out / file.name).exists()
+                and file.suffix not in (".safetensors", ".bin", ".pt")):
+            shutil.copyfile(file, out / file.name)
+    return out
