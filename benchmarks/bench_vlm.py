@@ -14,6 +14,9 @@ baseline take interleaved turns (benchmarks.harness), so ratios hold on the shar
 - decode token: one new token after the prompt's KV cache (transformers: the forward with its
   DynamicCache that `generate` runs per token; ours: embed + decoder with the past fed back);
 - generate (tiny only): greedy 24 tokens from the prompt (transformers: `generate`).
+The record's `exports` holds, per size, what the export cost and wrote: wall time, the
+process's peak RSS at the end of each stage, the checkpoint's bytes, every decoder graph's bytes
+and those of the bundle an int4 export without `--keep-reference` keeps.
 Sizes: tiny (the unit tests' model) and, in full mode, small: a 0.5B-class Qwen2.5 text model
 (hidden 896, 24 layers, vocab 151936) with a 1280-wide vision tower of 8 blocks.
 """
@@ -59,17 +62,35 @@ class Decoders:
         return self.decoder.run(feeds) if graph == DECODER else self.bundle.run(graph, feeds)
 
 
-def _bench_size(size: str, warmup: int, repeat: int, root: Path) -> list[dict[str, object]]:
+def _mib(*files: Path) -> float:
+    """Bytes on disk of the files (and their external data), MiB."""
+    data = [f.with_name(f.name + ".data") for f in files]
+    return round(sum(f.stat().st_size for f in (*files, *data) if f.is_file()) / 2**20, 1)
+
+
+def _bench_size(size: str, warmup: int, repeat: int,
+                root: Path) -> tuple[list[dict[str, object]], dict[str, object]]:
     model_dir = vlm_model.build_random(root / f"{size}-model", size)
+    config = vlm.VlmExportConfig(out=root / size, model=model_dir, precision="int4",
+                                 keep_reference=True)
     started = time.perf_counter()
-    summary = vlm.export_vlm(vlm.VlmExportConfig(out=root / size, model=model_dir,
-                                                 precision="int4", keep_reference=True))
+    summary = vlm.export_vlm(config)
     export_s = time.perf_counter() - started
     out = Path(summary["bundle"])
     layout = read_layout(out)
+    int4_bundle = [out / e["file"] for e in summary["graphs"] if e["precision"] != "fp32"]
     for name, method in (("int8", "weight-only"), ("int8-dynamic", "dynamic")):
         quantize(out / "vlm_decoder.fp32.onnx", out / f"vlm_decoder.{name}.onnx",
                  QuantizeConfig("int8", method=method), vocab_size=layout.vocab_size)
+    # what the export costs (in this process, which built the random model first) and what it
+    # writes: every decoder's graph and the bundle an int4 export without --keep-reference keeps
+    export = {"command": config.command, "export_s": round(export_s, 1),
+              "stage_s": summary["stage_s"], "stage_peak_rss_mib": summary["stage_peak_rss_mib"],
+              "checkpoint_mib": _mib(*model_dir.glob("*.safetensors")),
+              "decoder_mib": {p: _mib(out / f"vlm_decoder.{p}.onnx")
+                              for p in ("fp32", "int8", "int8-dynamic", "int4")},
+              "int4_bundle_mib": round(_mib(*int4_bundle) + _mib(*(
+                  out / f for f in summary["tokenizer_files"])), 1)}
     model, tokenizer, fam = vlm_model.load(model_dir)
     images = vlm_verify.sample_images(layout.input_size)
     ids, patches = vlm_verify.runtime_inputs(images, layout, out / "tokenizer.json")
@@ -165,15 +186,16 @@ def _bench_size(size: str, warmup: int, repeat: int, root: Path) -> list[dict[st
         bundle.close()
         for engine in engines.values():
             engine.close()
-    return cases
+    return cases, export
 
 
 def main(argv: list[str] | None = None) -> int:
-    def collect(args, workdir: Path) -> list:
-        cases = []
+    def collect(args, workdir: Path) -> tuple[list, dict]:
+        cases, exports = [], {}
         for size, warmup, repeat in RUNS["quick" if args.quick else "full"]:
-            cases += _bench_size(size, warmup, args.repeat or repeat, workdir)
-        return cases
+            made, exports[size] = _bench_size(size, warmup, args.repeat or repeat, workdir)
+            cases += made
+        return cases, {"exports": exports}
 
     return run_suite("bench_vlm", __doc__, "benchmarks/results/vlm_cpu.json", collect,
                      argv=argv, suite=SUITE,

@@ -190,6 +190,14 @@ def test_a_lowered_bundle_holds_what_runs_unless_asked_to_keep_the_reference(qua
         _source_entry(lean_manifest, DECODER, "fp16")  # what `rau-rt export trt` builds from
 
 
+def test_the_summary_records_peak_rss_at_each_stage(quantized):
+    peaks = quantized["int4"]["stage_peak_rss_mib"]
+    assert list(peaks) == ["load", "preprocess", "export", "end_to_end", "quantize", "write"]
+    values = list(peaks.values())
+    assert values == sorted(values) and values[0] > 0  # a high-water mark only rises
+    assert f"peak RSS {values[-1]} MiB" in vlm.format_summary(quantized["int4"])
+
+
 def test_quantized_bundle_runs_and_keeps_lm_head_fp32(quantized):
     bundle = Path(quantized["int4"]["bundle"])
     layout = read_layout(bundle)

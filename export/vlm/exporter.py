@@ -43,6 +43,7 @@ from rau_rt.export.vlm import model as vlm_model
 from rau_rt.export.vlm import stages as vlm_stages
 from rau_rt.export.vlm import verify as vlm_verify
 from rau_rt.export.vlm.quantize import INT8_METHODS
+from rau_rt.profiling import peak_rss_mib
 from rau_rt.vlm_layout import (
     DECODER,
     EMBED,
@@ -224,25 +225,28 @@ def _entry(path: Path, graph: str, precision: str, parity: dict, sha: str, comma
 
 
 class _Stages:
-    """A progress bar over the export stages (tqdm, which transformers brings)."""
+    """A progress bar over the export stages (tqdm, which transformers brings), with each
+    stage's seconds and the process's peak RSS when it ended (the high-water mark so far)."""
 
     def __init__(self, names: list[str], show: bool) -> None:
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=len(names), disable=not show, unit="stage")
         self.times: dict[str, float] = {}
-        self._start = time.perf_counter()
+        self.peak_rss_mib: dict[str, float] = {}
 
     def next(self, name: str) -> None:
         now = time.perf_counter()
-        if self.times or self.bar.n:
+        if self.times:
             self.bar.update(1)
+            self.peak_rss_mib[list(self.times)[-1]] = round(peak_rss_mib())
         self.times[name] = now
         self.bar.set_description(name)
 
     def close(self) -> dict[str, float]:
         self.bar.update(1)
         self.bar.close()
+        self.peak_rss_mib[list(self.times)[-1]] = round(peak_rss_mib())
         ends = [*list(self.times.values())[1:], time.perf_counter()]
         return {n: round(e - s, 3) for (n, s), e in zip(self.times.items(), ends, strict=True)}
 
@@ -368,7 +372,10 @@ def export_vlm(config: VlmExportConfig) -> dict[str, object]:
     times = stages.close()
     return {"bundle": str(out), "family": fam.name, "input_size": list(layout.input_size),
             "aspect_buckets": [list(b) for b in layout.buckets],
-            "export_s": round(export_s, 3), "stage_s": times, "preprocess": preprocess,
+            "export_s": round(export_s, 3), "stage_s": times,
+            # the process's high-water mark at the end of each stage (in a process that did
+            # other work first, that work's peak too)
+            "stage_peak_rss_mib": stages.peak_rss_mib, "preprocess": preprocess,
             "end_to_end": {k: v for k, v in fp32.items() if not k.startswith("_")},
             "tokenizer_files": tokenizer_files,
             "reference_dropped": [] if config.keep_reference else sorted(
@@ -412,4 +419,7 @@ def format_summary(summary: dict[str, object]) -> str:
         lines.append(f"verified fp32 graphs not kept (--keep-reference keeps them): "
                      f"{', '.join(summary['reference_dropped'])}")
     lines.append(f"bundle on disk: {summary['bundle_mb']} MB")
+    peaks = summary["stage_peak_rss_mib"]
+    lines.append(f"peak RSS {max(peaks.values())} MiB; at the end of each stage: "
+                 + ", ".join(f"{stage} {mib}" for stage, mib in peaks.items()))
     return "\n".join(lines)
