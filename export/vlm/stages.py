@@ -216,8 +216,8 @@ def quantize_graphs(model, out: Path, layout: VlmLayout, chosen: dict[str, str],
             parity: dict[str, object] = {"precision": precision, "conversion":
                                          vlm_fp16.convert(paths[graph], target, graph, layout)}
         else:
-            method = "dynamic" if precision == "int8" and graph != DECODER else (
-                int8_method if precision == "int8" else "weight-only")
+            method = "weight-only" if precision == "int4" else (
+                int8_method if graph == DECODER else "dynamic")
             config = QuantizeConfig(precision, method=method, block_size=block_size,
                                     quantize_lm_head=quantize_lm_head)
             quantize(paths[graph], target, config,
