@@ -27,6 +27,7 @@ from rau_rt.export.command import _source_entry
 from rau_rt.export.verify import ParityError
 from rau_rt.export.vlm import model as vlm_model
 from rau_rt.export.vlm import verify as vlm_verify
+from rau_rt.export.vlm import weights as vlm_weights
 from rau_rt.vlm_layout import DECODER, EMBED, VISION, read_layout
 
 torch = pytest.importorskip("torch")
@@ -213,6 +214,27 @@ def test_quantized_bundle_runs_and_keeps_lm_head_fp32(quantized):
     assert len(tokens) == len(logits) == 3
 
 
+def test_weights_stream_into_external_data_and_the_graphs_stay_exact(model_dir, tmp_path,
+                                                                     monkeypatch):
+    # every graph's weights to `<graph>.data`, as for a model over EXTERNAL_DATA_BYTES
+    monkeypatch.setattr(vlm_weights, "EXTERNAL_DATA_BYTES", 0)
+    summary = vlm.export_vlm(vlm.VlmExportConfig(out=tmp_path / "b", model=model_dir,
+                                                 precision="int4"))
+    out = Path(summary["bundle"])
+    # the int4 bundle dropped the fp32 graphs and their data files, kept the lowered ones
+    assert not any(out.glob("*.fp32.onnx*"))
+    assert summary["end_to_end"]["tokens"] == summary["end_to_end"]["reference_tokens"]
+    fp32 = tmp_path / "fp32"
+    vlm.export_vlm(vlm.VlmExportConfig(out=fp32, model=model_dir, precision="fp32"))
+    decoder = onnx.load(str(fp32 / "vlm_decoder.fp32.onnx"), load_external_data=False)
+    assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in decoder.graph.initializer)
+    assert (fp32 / "vlm_decoder.fp32.onnx.data").stat().st_size > 0
+    # Linear weights are stored transposed, with no Transpose left in front of a MatMul
+    assert not any(n.op_type == "Transpose" and n.input[0] in {
+        t.name for t in decoder.graph.initializer} for n in decoder.graph.node)
+    assert any(t.name.endswith(".T") for t in decoder.graph.initializer)
+
+
 def test_runtime_loop_needs_neither_torch_nor_transformers(fp32_bundle):
     code = f"""
 import sys
@@ -310,3 +332,29 @@ def test_dynamic_int8_is_refused_on_outlier_channels_and_weight_only_passes(outl
     assert decoder["precision"] == "int8" and decoder["parity"]["passed"]
     assert decoder["parity"]["prefill_logits_cosine"] >= 0.99
     assert decoder["parity"]["quantization"]["method"] == "weight-only"
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_streamed_nbits_quantization_equals_onnxruntimes_quantizer(fp32_bundle, tmp_path, bits):
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from rau_rt.export.vlm.quantize import QuantizeConfig, lm_head_nodes, quantize
+
+    source = fp32_bundle / "vlm_decoder.fp32.onnx"
+    layout = read_layout(fp32_bundle)
+    ours = quantize(source, tmp_path / "ours.onnx", QuantizeConfig(f"int{bits}"),
+                    vocab_size=layout.vocab_size)
+    model = onnx.load(str(source))
+    theirs = MatMulNBitsQuantizer(model, bits=bits, block_size=32, is_symmetric=True,
+                                  accuracy_level=4,
+                                  nodes_to_exclude=lm_head_nodes(model, layout.vocab_size))
+    theirs.process()
+    a, b = onnx.load(str(ours)), theirs.model.model
+    nbits = [n for n in a.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == sum(n.op_type == "MatMulNBits" for n in b.graph.node) > 0
+    assert sorted(n.op_type for n in a.graph.node) == sorted(n.op_type for n in b.graph.node)
+    mine = {t.name: onnx.numpy_helper.to_array(t) for t in a.graph.initializer}
+    reference = {t.name: onnx.numpy_helper.to_array(t) for t in b.graph.initializer}
+    for node in nbits:  # identical packed weights and scales
+        for name in node.input[1:]:
+            np.testing.assert_array_equal(mine[name], reference[name])

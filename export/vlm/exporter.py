@@ -288,6 +288,7 @@ def _write(out: Path, layout: VlmLayout, config: VlmExportConfig,
     if drop_reference:  # after the manifest: an interrupted export leaves a loadable bundle
         for graph in made:
             paths[graph].unlink(missing_ok=True)
+            paths[graph].with_name(paths[graph].name + ".data").unlink(missing_ok=True)
     return manifest
 
 

@@ -31,10 +31,12 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from rau_rt.engines.onnxruntime import PRECISION_METADATA_KEY
 from rau_rt.errors import InputError
+from rau_rt.export.vlm import weights as vlm_weights
 
 # accuracy_level 4: MatMulNBits computes with int8 activations, one scale per block (int4: 2.2x
 # vs 1.4x with level 0 per decode token in the feasibility study, same logit cosine 0.91 on
@@ -89,62 +91,124 @@ def quantize(source: str | Path, target: str | Path, config: QuantizeConfig,
              vocab_size: int | None = None) -> Path:
     """Quantize the fp32 ONNX graph `source` into `target` per `config`.
 
+    MatMulNBits (int4, weight-only int8) is written one weight at a time: each MatMul weight is
+    read from the fp32 graph's data, packed with ONNX Runtime's own kernels (those of its
+    `MatMulNBitsQuantizer`, which holds the whole model; the results are identical, as a test
+    checks) and written to `target` before the next is read. Dynamic int8 (the vision tower's
+    default) is ONNX Runtime's `quantize_dynamic` on the whole graph.
+
     Args:
         source: An fp32 graph written by rau_rt.export.vlm.graphs.write_onnx.
         target: The quantized graph's path.
         config: Precision and its parameters.
         vocab_size: Identifies the lm_head MatMul to keep in fp32 (None: no lm_head here).
     """
+    source, target = Path(source), Path(target)
+    model = onnx.load(str(source), load_external_data=False)
+    keep = [] if (config.quantize_lm_head or vocab_size is None) else lm_head_nodes(
+        model, vocab_size)
+    if config.method == "dynamic":
+        large = sum(vlm_weights.nbytes(t) for t in model.graph.initializer) > PROTOBUF_LIMIT
+        model = _quantize_dynamic(source, target, config, keep, large)
+    else:
+        _quantize_nbits(model, source.parent, target, config, set(keep))
+    props = {p.key: p.value for p in model.metadata_props}
+    props[PRECISION_METADATA_KEY] = config.precision
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, props)
+    if config.method == "dynamic":
+        # protobuf caps one file at 2 GiB: larger weights go to `<file>.data` beside the graph
+        large = sum(t.ByteSize() for t in model.graph.initializer) > PROTOBUF_LIMIT
+        vlm_weights.data_file(target).unlink(missing_ok=True)  # onnx would append to it
+        onnx.save(model, str(target), save_as_external_data=large,
+                  location=vlm_weights.data_file(target).name if large else None)
+    else:
+        onnx.save(model, str(target))  # the weights are written already
+    return target
+
+
+def _quantize_dynamic(source: Path, target: Path, config: QuantizeConfig, keep: list[str],
+                      large: bool) -> onnx.ModelProto:
+    """ONNX Runtime's dynamic int8 of `source`'s MatMuls with constant weights (`large`: its
+    weights go to external data)."""
     root = logging.getLogger()
     level, handlers = root.level, list(root.handlers)
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    # matmul_nbits_quantizer calls logging.basicConfig(level=INFO) at import, which would print
-    # one root-logger line per tensor of every later quantization: undo it.
+    # onnxruntime.quantization's matmul_nbits_quantizer calls logging.basicConfig(level=INFO)
+    # at import, which would print one root-logger line per tensor of every later
+    # quantization: undo it.
     root.setLevel(level)
     for handler in root.handlers[len(handlers):]:
         root.removeHandler(handler)
-
-    source, target = Path(source), Path(target)
-    model = onnx.load(str(source))
-    keep = [] if (config.quantize_lm_head or vocab_size is None) else lm_head_nodes(
-        model, vocab_size)
     # quantize_dynamic logs a root WARNING advising shape-inference pre-processing; it only
-    # helps static QDQ calibration, not weight-only or dynamic quantization.
+    # helps static QDQ calibration, not dynamic quantization.
     root.setLevel(max(level, logging.ERROR))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if config.method == "dynamic":
-                large = sum(t.ByteSize() for t in model.graph.initializer) > PROTOBUF_LIMIT
-                quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8,
-                                 use_external_data_format=large,
-                                 op_types_to_quantize=["MatMul"],
-                                 per_channel=config.per_channel, nodes_to_exclude=keep,
-                                 extra_options={"MatMulConstBOnly": True})
-                quantized = onnx.load(str(target))
-            else:
-                quantizer = MatMulNBitsQuantizer(model, bits=int(config.precision[3:]),
-                                                 block_size=config.block_size,
-                                                 is_symmetric=config.symmetric,
-                                                 accuracy_level=NBITS_ACCURACY_LEVEL,
-                                                 nodes_to_exclude=keep)
-                quantizer.process()
-                quantized = quantizer.model.model
+            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8,
+                             use_external_data_format=large, op_types_to_quantize=["MatMul"],
+                             per_channel=config.per_channel, nodes_to_exclude=keep,
+                             extra_options={"MatMulConstBOnly": True})
     finally:
         root.setLevel(level)
-    props = {p.key: p.value for p in quantized.metadata_props}
-    props[PRECISION_METADATA_KEY] = config.precision
-    del quantized.metadata_props[:]
-    onnx.helper.set_model_props(quantized, props)
-    # protobuf caps one file at 2 GiB: a 7B decoder's int4 weights (~4 GB with an fp32 lm_head)
-    # go to `<file>.data` beside the graph.
-    weights = sum(t.ByteSize() for t in quantized.graph.initializer)
-    large = weights > PROTOBUF_LIMIT
-    data = target.with_name(target.name + ".data")
-    if data.exists():  # onnx appends to an existing data file; the weights are in memory now
-        data.unlink()
-    onnx.save(quantized, str(target), save_as_external_data=large,
-              location=target.name + ".data" if large else None)
-    return target
+    return onnx.load(str(target))
+
+
+def _quantize_nbits(model: onnx.ModelProto, directory: Path, target: Path,
+                    config: QuantizeConfig, keep: set[str]) -> None:
+    """Rewrite `model` (its weights in `directory`) with every MatMul of a constant 2-D fp32
+    weight, other than those named in `keep`, as MatMulNBits; weights go to `target`'s data."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    bits, block = int(config.precision[3:]), config.block_size
+    pack = {4: quantize_matmul_4bits, 8: quantize_matmul_8bits}[bits]
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    nodes_in = list(graph.node)  # one wrapper per node: protobuf's are not stable objects
+    chosen = {i for i, node in enumerate(nodes_in) if node.op_type == "MatMul"
+              and node.name not in keep and len(node.input) > 1
+              and (b := initializers.get(node.input[1])) is not None and len(b.dims) == 2
+              and b.data_type == onnx.TensorProto.FLOAT}
+    packed_names = {nodes_in[i].input[1] for i in chosen}
+    still_read = {name for i, node in enumerate(nodes_in) if i not in chosen
+                  for name in node.input}
+    carried = [t for t in graph.initializer if t.name not in packed_names or t.name in still_read]
+    total = (sum(vlm_weights.nbytes(t) for t in carried)
+             + sum(vlm_weights.nbytes(initializers[n]) for n in packed_names) * bits // 32)
+    written, nodes, made = [], [], {}
+    with vlm_weights.WeightWriter(target, total) as writer:
+        for tensor in carried:
+            written.append(writer.tensor(tensor.name, vlm_weights.read(tensor, directory)))
+        for i, node in enumerate(nodes_in):
+            if i not in chosen:
+                nodes.append(node)
+                continue
+            name = node.input[1]
+            if name not in made:  # one packed copy per weight, however many MatMuls read it
+                weight = vlm_weights.read(initializers[name], directory)
+                k, n = weight.shape
+                k_blocks = -(-k // block)
+                weight = np.pad(weight, ((0, k_blocks * block - k), (0, 0)))
+                packed = np.zeros((n, k_blocks, block * bits // 8), np.uint8)
+                scales = np.zeros((n, k_blocks), np.float32)
+                zero_points = np.zeros((n, -(-k_blocks * bits // 8)), np.uint8)
+                pack(packed, weight, scales, zero_points, block, n, k, config.symmetric)
+                inputs = [f"{name}_Q{bits}", f"{name}_scales"]
+                written += [writer.tensor(inputs[0], packed), writer.tensor(inputs[1], scales)]
+                if not config.symmetric:
+                    inputs.append(f"{name}_zero_points")
+                    written.append(writer.tensor(inputs[2], zero_points))
+                made[name] = (inputs, k, n)
+            inputs, k, n = made[name]
+            nodes.append(onnx.helper.make_node(
+                "MatMulNBits", [node.input[0], *inputs], list(node.output),
+                name=f"{node.name}_Q{bits}" if node.name else "", domain="com.microsoft",
+                K=k, N=n, bits=bits, block_size=block, accuracy_level=NBITS_ACCURACY_LEVEL))
+    del graph.initializer[:]
+    graph.initializer.extend(written)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))

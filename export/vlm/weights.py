@@ -1,0 +1,82 @@
+"""Graph weights written and read one tensor at a time (ONNX initializers, inline or external).
+
+The VLM export never holds a graph's weights as one serialized message: `graphs.write_onnx`
+writes the traced graph's weights from the torch module tensor by tensor, and
+`quantize.quantize` reads an fp32 graph's weights the same way while it writes the quantized
+graph. Over `EXTERNAL_DATA_BYTES` the weights go to `<graph file>.data` beside the graph (ONNX
+external data), each tensor on a page boundary so that ONNX Runtime can map it from the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+# Weights above this many bytes go to `<graph file>.data`; smaller graphs keep them inline.
+EXTERNAL_DATA_BYTES = 256 << 20
+_ALIGN = 4096
+
+
+def data_file(graph: Path) -> Path:
+    """Where `graph`'s external weights are."""
+    return graph.with_name(graph.name + ".data")
+
+
+class WeightWriter:
+    """Appends initializers to a graph, their bytes inline or in `<graph>.data`.
+
+    Use as a context manager; `external` is decided up front from the weights' total size.
+    """
+
+    def __init__(self, graph_path: Path, total_bytes: int) -> None:
+        self.path = data_file(graph_path)
+        self.external = total_bytes > EXTERNAL_DATA_BYTES
+        self.path.unlink(missing_ok=True)
+        self._file = None
+
+    def __enter__(self) -> WeightWriter:
+        if self.external:
+            self._file = open(self.path, "wb")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def tensor(self, name: str, array: np.ndarray) -> onnx.TensorProto:
+        """An initializer named `name` holding `array` (written out now when external)."""
+        array = np.ascontiguousarray(array)
+        if not self.external:
+            return numpy_helper.from_array(array, name)
+        proto = onnx.TensorProto(name=name, dims=array.shape,
+                                 data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
+        self._file.seek(-self._file.tell() % _ALIGN, 1)
+        offset = self._file.tell()
+        array.tofile(self._file)
+        proto.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", self.path.name), ("offset", str(offset)),
+                           ("length", str(array.nbytes))):
+            proto.external_data.add(key=key, value=value)
+        return proto
+
+
+def nbytes(tensor: onnx.TensorProto) -> int:
+    """An initializer's size in bytes, without reading external data."""
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return int({e.key: e.value for e in tensor.external_data}["length"])
+    return numpy_helper.to_array(tensor).nbytes if not tensor.raw_data else len(tensor.raw_data)
+
+
+def read(tensor: onnx.TensorProto, directory: Path) -> np.ndarray:
+    """An initializer's values; external data is read from its file, this tensor only."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(tensor)
+    info = {e.key: e.value for e in tensor.external_data}
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    count = int(info["length"]) // dtype.itemsize
+    array = np.fromfile(directory / info["location"], dtype=dtype, count=count,
+                        offset=int(info.get("offset", 0)))
+    return array.reshape(tuple(tensor.dims))
