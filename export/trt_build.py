@@ -69,6 +69,7 @@ LATE_10X_OPS = frozenset(("Attention", "RotaryEmbedding", "TensorScatter", "RMSN
 BOOL_OUTPUT_OPS = frozenset(("Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual",
                              "IsNaN", "IsInf"))
 OPSET_RANGE = (9, 24)
+PROTOBUF_LIMIT = (2 << 30) - (64 << 20)  # one file's bytes, less room for the graph
 # LayerNormalization is one ONNX op from opset 17; older exports decompose it into
 # ReduceMean/Sub/Pow/Sqrt/Div, which TensorRT runs in fp16 with visible error.
 LAYERNORM_OPSET = 17
@@ -279,8 +280,15 @@ def convert_fp16(onnx_path: str | Path, out: str | Path,
         node_block_list=list(keep_fp32_nodes))
     # The source's metadata says fp32; the copy must not (the ORT engine reads it).
     onnx.helper.set_model_props(converted, {PRECISION_METADATA_KEY: "fp16"})
-    onnx.save(converted, str(out))
-    return Path(out)
+    # protobuf caps one file at 2 GiB (a 3B decoder in fp16 is 6 GB): larger weights go to
+    # `<file>.data` beside the graph
+    out = Path(out)
+    data = out.with_name(out.name + ".data")
+    data.unlink(missing_ok=True)  # onnx would append to it
+    large = sum(t.ByteSize() for t in converted.graph.initializer) > PROTOBUF_LIMIT
+    onnx.save(converted, str(out), save_as_external_data=large,
+              location=data.name if large else None, size_threshold=0)
+    return out
 
 
 def build(onnx_path: str | Path, out: str | Path, precision: str = "fp16",

@@ -153,6 +153,19 @@ def test_fp16_conversion_keeps_layernorm_and_softmax_fp32(tmp_path):
         np.testing.assert_allclose(fp16.run({"x": x})["y"], fp32.run({"x": x})["y"], atol=2e-3)
 
 
+def test_fp16_conversion_of_a_graph_over_protobufs_limit_writes_external_data(tmp_path,
+                                                                            monkeypatch):
+    monkeypatch.setattr(trt_build, "PROTOBUF_LIMIT", 0)  # as for a 3B decoder's 6 GB
+    source = layernorm_graph(tmp_path)
+    out = trt_build.convert_fp16(source, tmp_path / "block.fp16.onnx")
+    model = onnx.load(str(out), load_external_data=False)
+    assert all(t.data_location == T.EXTERNAL for t in model.graph.initializer)
+    assert (tmp_path / "block.fp16.onnx.data").stat().st_size > 0
+    x = np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32)
+    with registry.open_engine(source) as fp32, registry.open_engine(out) as fp16:
+        np.testing.assert_allclose(fp16.run({"x": x})["y"], fp32.run({"x": x})["y"], atol=2e-3)
+
+
 def test_an_fp16_build_converts_any_graph_that_holds_fp32(tmp_path):
     """`vlm_embed` takes int64 token ids and holds an fp32 table: the first input's type said
     nothing about it, so it was built fp32 and recorded fp16."""

@@ -38,6 +38,7 @@ import onnx
 
 from rau_rt.engines.onnxruntime import PRECISION_METADATA_KEY
 from rau_rt.errors import InputError
+from rau_rt.export.trt_build import PROTOBUF_LIMIT
 from rau_rt.export.vlm import weights as vlm_weights
 
 # accuracy_level 4: MatMulNBits computes with int8 activations, one scale per block (int4: 2.2x
@@ -45,7 +46,6 @@ from rau_rt.export.vlm import weights as vlm_weights
 # random weights; int8 weights: level 0 has no fast kernel, see above).
 NBITS_ACCURACY_LEVEL = 4
 INT8_METHODS = ("weight-only", "dynamic")
-PROTOBUF_LIMIT = (2 << 30) - (64 << 20)  # 2 GiB less room for the graph itself
 
 
 @dataclass(frozen=True)
