@@ -162,10 +162,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     vlm.add_argument("--precision", choices=("fp32", "fp16", "int8", "int4"), default="fp32",
                      help="fp16: all three graphs for GPUs (norms, Softmax and RoPE kept fp32, "
                      "float16 KV cache); int8: decoder per --int8-method; int4: decoder "
-                     "MatMulNBits (the "
-                     "vision tower is dynamic int8 and the embedding table fp16 in both); the "
-                     "bundle holds what runs "
-                     "(--keep-reference keeps the fp32 graphs too)")
+                     "MatMulNBits (the vision tower is dynamic int8 and the embedding table "
+                     "fp16 in both); the bundle holds what runs (--keep-reference keeps the "
+                     "fp32 graphs too)")
     vlm.add_argument("--keep-reference", action="store_true",
                      help="keep the verified fp32 graphs beside the lowered ones (what "
                      "`rau-rt export trt` and re-quantization start from)")

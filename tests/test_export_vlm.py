@@ -335,7 +335,12 @@ def test_dynamic_int8_is_refused_on_outlier_channels_and_weight_only_passes(outl
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_streamed_nbits_quantization_equals_onnxruntimes_quantizer(fp32_bundle, tmp_path, bits):
+def test_streamed_nbits_quantization_equals_onnxruntimes_quantizer(fp32_bundle, tmp_path, bits,
+                                                                   monkeypatch):
+    import logging
+
+    # its module calls logging.basicConfig(level=INFO) at import; keep the root logger as it was
+    monkeypatch.setattr(logging, "basicConfig", lambda **_: None)
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     from rau_rt.export.vlm.quantize import QuantizeConfig, lm_head_nodes, quantize

@@ -111,40 +111,30 @@ def quantize(source: str | Path, target: str | Path, config: QuantizeConfig,
         model, vocab_size)
     if config.method == "dynamic":
         large = sum(vlm_weights.nbytes(t) for t in model.graph.initializer) > PROTOBUF_LIMIT
-        model = _quantize_dynamic(source, target, config, keep, large)
+        _quantize_dynamic(source, target, config, keep, large)
     else:
         _quantize_nbits(model, source.parent, target, config, set(keep))
-    props = {p.key: p.value for p in model.metadata_props}
-    props[PRECISION_METADATA_KEY] = config.precision
-    del model.metadata_props[:]
-    onnx.helper.set_model_props(model, props)
-    if config.method == "dynamic":
-        # protobuf caps one file at 2 GiB: larger weights go to `<file>.data` beside the graph
-        large = sum(t.ByteSize() for t in model.graph.initializer) > PROTOBUF_LIMIT
-        vlm_weights.data_file(target).unlink(missing_ok=True)  # onnx would append to it
-        onnx.save(model, str(target), save_as_external_data=large,
-                  location=vlm_weights.data_file(target).name if large else None)
-    else:
-        onnx.save(model, str(target))  # the weights are written already
     return target
 
 
+def _tag(model: onnx.ModelProto, precision: str) -> None:
+    """Record `precision` in the graph's metadata (the ONNX Runtime engine reads it)."""
+    props = {p.key: p.value for p in model.metadata_props}
+    props[PRECISION_METADATA_KEY] = precision
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, props)
+
+
 def _quantize_dynamic(source: Path, target: Path, config: QuantizeConfig, keep: list[str],
-                      large: bool) -> onnx.ModelProto:
-    """ONNX Runtime's dynamic int8 of `source`'s MatMuls with constant weights (`large`: its
-    weights go to external data)."""
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
+                      large: bool) -> None:
+    """ONNX Runtime's dynamic int8 of `source`'s MatMuls with constant weights into `target`
+    (`large`: its weights go to `<file>.data`, as protobuf caps one file at 2 GiB)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    # onnxruntime.quantization's matmul_nbits_quantizer calls logging.basicConfig(level=INFO)
-    # at import, which would print one root-logger line per tensor of every later
-    # quantization: undo it.
-    root.setLevel(level)
-    for handler in root.handlers[len(handlers):]:
-        root.removeHandler(handler)
     # quantize_dynamic logs a root WARNING advising shape-inference pre-processing; it only
     # helps static QDQ calibration, not dynamic quantization.
+    root = logging.getLogger()
+    level = root.level
     root.setLevel(max(level, logging.ERROR))
     try:
         with warnings.catch_warnings():
@@ -155,7 +145,11 @@ def _quantize_dynamic(source: Path, target: Path, config: QuantizeConfig, keep: 
                              extra_options={"MatMulConstBOnly": True})
     finally:
         root.setLevel(level)
-    return onnx.load(str(target))
+    model = onnx.load(str(target))
+    _tag(model, config.precision)
+    vlm_weights.data_file(target).unlink(missing_ok=True)  # onnx would append to it
+    onnx.save(model, str(target), save_as_external_data=large,
+              location=vlm_weights.data_file(target).name if large else None)
 
 
 def _quantize_nbits(model: onnx.ModelProto, directory: Path, target: Path,
@@ -214,3 +208,5 @@ def _quantize_nbits(model: onnx.ModelProto, directory: Path, target: Path,
     graph.node.extend(nodes)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    _tag(model, config.precision)
+    onnx.save(model, str(target))  # the weights are written already
