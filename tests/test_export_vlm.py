@@ -363,3 +363,34 @@ def test_streamed_nbits_quantization_equals_onnxruntimes_quantizer(fp32_bundle, 
     for node in nbits:  # identical packed weights and scales
         for name in node.input[1:]:
             np.testing.assert_array_equal(mine[name], reference[name])
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_streamed_dynamic_int8_equals_onnxruntimes_quantize_dynamic(fp32_bundle, tmp_path,
+                                                                    per_channel):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from rau_rt.export.vlm.quantize import QuantizeConfig, quantize
+
+    source = fp32_bundle / "vlm_vision.fp32.onnx"
+    ours = quantize(source, tmp_path / "ours.onnx",
+                    QuantizeConfig("int8", method="dynamic", per_channel=per_channel))
+    quantize_dynamic(str(source), str(tmp_path / "theirs.onnx"), weight_type=QuantType.QInt8,
+                     op_types_to_quantize=["MatMul"], per_channel=per_channel,
+                     extra_options={"MatMulConstBOnly": True})
+    a, b = onnx.load(str(ours)), onnx.load(str(tmp_path / "theirs.onnx"))
+    assert sum(n.op_type == "MatMulInteger" for n in a.graph.node) > 0
+    assert sorted(n.op_type for n in a.graph.node) == sorted(n.op_type for n in b.graph.node)
+    mine = {t.name: onnx.numpy_helper.to_array(t) for t in a.graph.initializer}
+    theirs = {t.name: onnx.numpy_helper.to_array(t) for t in b.graph.initializer}
+    assert sorted(mine) == sorted(theirs)
+    for name, value in theirs.items():  # identical int8 weights, scales and zero points
+        np.testing.assert_array_equal(mine[name], value, err_msg=name)
+    layout = read_layout(fp32_bundle)
+    feeds = {"pixel_values": np.random.default_rng(0).normal(
+        size=(layout.grid_thw[1] * layout.grid_thw[2], layout.patch_dim)).astype(np.float32)}
+    import onnxruntime
+
+    outputs = [onnxruntime.InferenceSession(str(path)).run(None, feeds)[0]
+               for path in (ours, tmp_path / "theirs.onnx")]
+    np.testing.assert_array_equal(*outputs)

@@ -23,13 +23,11 @@ EPYC, ONNX Runtime 1.32), ms per call, output cosine to fp32 on a random input:
 Weight-only int8 with fp32 activations (accuracy_level 0) has no fast CPU kernel: 156 ms per
 decode token there, slower than fp32. On the whole 0.5B-class decoder (`benchmarks.bench_vlm`)
 the two int8 methods decode equally fast (49.7 vs 49.2 ms per token) and dynamic's prefill is
-1.2x faster. MatMulNBits graphs are written one weight at a time (`quantize`).
+1.2x faster. Quantized graphs are written one weight at a time (`quantize`).
 """
 
 from __future__ import annotations
 
-import logging
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +36,6 @@ import onnx
 
 from rau_rt.engines.onnxruntime import PRECISION_METADATA_KEY
 from rau_rt.errors import InputError
-from rau_rt.export.trt_build import PROTOBUF_LIMIT
 from rau_rt.export.vlm import weights as vlm_weights
 
 # accuracy_level 4: MatMulNBits computes with int8 activations, one scale per block (int4: 2.2x
@@ -93,11 +90,12 @@ def quantize(source: str | Path, target: str | Path, config: QuantizeConfig,
              vocab_size: int | None = None) -> Path:
     """Quantize the fp32 ONNX graph `source` into `target` per `config`.
 
-    MatMulNBits (int4, weight-only int8) is written one weight at a time: each MatMul weight is
-    read from the fp32 graph's data, packed with ONNX Runtime's own kernels (those of its
-    `MatMulNBitsQuantizer`, which holds the whole model; the results are identical, as a test
-    checks) and written to `target` before the next is read. Dynamic int8 (the vision tower's
-    default) is ONNX Runtime's `quantize_dynamic` on the whole graph.
+    Both methods write one weight at a time: each MatMul weight is read from the fp32 graph's
+    data, quantized and written to `target` before the next is read. MatMulNBits (int4,
+    weight-only int8) packs with ONNX Runtime's own kernels (those of its
+    `MatMulNBitsQuantizer`, which holds the whole model); dynamic int8 (the vision tower's)
+    writes the nodes and values of its `quantize_dynamic`. Tests check both equal to ONNX
+    Runtime's whole-graph tools.
 
     Args:
         source: An fp32 graph written by rau_rt.export.vlm.graphs.write_onnx.
@@ -109,11 +107,8 @@ def quantize(source: str | Path, target: str | Path, config: QuantizeConfig,
     model = onnx.load(str(source), load_external_data=False)
     keep = [] if (config.quantize_lm_head or vocab_size is None) else lm_head_nodes(
         model, vocab_size)
-    if config.method == "dynamic":
-        large = sum(vlm_weights.nbytes(t) for t in model.graph.initializer) > PROTOBUF_LIMIT
-        _quantize_dynamic(source, target, config, keep, large)
-    else:
-        _quantize_nbits(model, source.parent, target, config, set(keep))
+    quantizer = _quantize_dynamic if config.method == "dynamic" else _quantize_nbits
+    quantizer(model, source.parent, target, config, set(keep))
     return target
 
 
@@ -125,87 +120,162 @@ def _tag(model: onnx.ModelProto, precision: str) -> None:
     onnx.helper.set_model_props(model, props)
 
 
-def _quantize_dynamic(source: Path, target: Path, config: QuantizeConfig, keep: list[str],
-                      large: bool) -> None:
-    """ONNX Runtime's dynamic int8 of `source`'s MatMuls with constant weights into `target`
-    (`large`: its weights go to `<file>.data`, as protobuf caps one file at 2 GiB)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+@dataclass(frozen=True)
+class _Linear:
+    """A MatMul (or Gemm, as the TorchScript exporter writes a Linear on 2-D inputs) of an
+    activation `x` by a constant 2-D fp32 weight: y = x @ W (+ bias)."""
 
-    # quantize_dynamic logs a root WARNING advising shape-inference pre-processing; it only
-    # helps static QDQ calibration, not dynamic quantization.
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(max(level, logging.ERROR))
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8,
-                             use_external_data_format=large, op_types_to_quantize=["MatMul"],
-                             per_channel=config.per_channel, nodes_to_exclude=keep,
-                             extra_options={"MatMulConstBOnly": True})
-    finally:
-        root.setLevel(level)
-    model = onnx.load(str(target))
-    _tag(model, config.precision)
-    vlm_weights.data_file(target).unlink(missing_ok=True)  # onnx would append to it
-    onnx.save(model, str(target), save_as_external_data=large,
-              location=vlm_weights.data_file(target).name if large else None)
+    x: str
+    weight: str  # the initializer; the quantized weight's name (`_Transposed` for a Gemm's)
+    transposed: bool  # a Gemm with transB: the initializer holds W's transpose
+    bias: str | None
+    y: str
+    name: str
 
 
-def _quantize_nbits(model: onnx.ModelProto, directory: Path, target: Path,
-                    config: QuantizeConfig, keep: set[str]) -> None:
-    """Rewrite `model` (its weights in `directory`) with every MatMul of a constant 2-D fp32
-    weight, other than those named in `keep`, as MatMulNBits; weights go to `target`'s data."""
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+def _linear(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> _Linear | None:
+    """`node` as a _Linear, or None when it is not one (or its weight is not constant fp32)."""
+    if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+        return None
+    weight = initializers.get(node.input[1])
+    if weight is None or len(weight.dims) != 2 or weight.data_type != onnx.TensorProto.FLOAT:
+        return None
+    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "Gemm" and (attributes.get("transA", 0) or attributes.get("alpha", 1.0)
+                                   != 1.0 or attributes.get("beta", 1.0) != 1.0):
+        return None
+    transposed = bool(attributes.get("transB", 0))
+    return _Linear(node.input[0], node.input[1], transposed,
+                   node.input[2] if len(node.input) > 2 and node.input[2] else None,
+                   node.output[0], node.name or node.output[0])
 
-    bits, block = int(config.precision[3:]), config.block_size
-    pack = {4: quantize_matmul_4bits, 8: quantize_matmul_8bits}[bits]
+
+def _rewrite(model: onnx.ModelProto, directory: Path, target: Path, keep: set[str],
+             bits: int, quantize_weight, emit) -> None:
+    """Rewrite `model` (its weights in `directory`) into `target` with every _Linear not named
+    in `keep` quantized, one weight at a time.
+
+    `quantize_weight(name, W [K, N] fp32, writer)` writes the quantized weight's initializers
+    and returns a handle; `emit(linear, handle, output)` returns the nodes computing `output`
+    from `linear.x`. A bias becomes an Add after them. `bits` sizes the data (inline or
+    external) up front.
+    """
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
     nodes_in = list(graph.node)  # one wrapper per node: protobuf's are not stable objects
-    chosen = {i for i, node in enumerate(nodes_in) if node.op_type == "MatMul"
-              and node.name not in keep and len(node.input) > 1
-              and (b := initializers.get(node.input[1])) is not None and len(b.dims) == 2
-              and b.data_type == onnx.TensorProto.FLOAT}
-    packed_names = {nodes_in[i].input[1] for i in chosen}
-    still_read = {name for i, node in enumerate(nodes_in) if i not in chosen
+    linears = {i: linear for i, node in enumerate(nodes_in) if node.name not in keep
+               and (linear := _linear(node, initializers)) is not None}
+    packed = {linear.weight for linear in linears.values()}
+    still_read = {name for i, node in enumerate(nodes_in) if i not in linears
                   for name in node.input}
-    carried = [t for t in graph.initializer if t.name not in packed_names or t.name in still_read]
+    carried = [t for t in graph.initializer if t.name not in packed or t.name in still_read]
     total = (sum(vlm_weights.nbytes(t) for t in carried)
-             + sum(vlm_weights.nbytes(initializers[n]) for n in packed_names) * bits // 32)
+             + sum(vlm_weights.nbytes(initializers[n]) for n in packed) * bits // 32)
     written, nodes, made = [], [], {}
     with vlm_weights.WeightWriter(target, total) as writer:
         for tensor in carried:
             written.append(writer.tensor(tensor.name, vlm_weights.read(tensor, directory)))
         for i, node in enumerate(nodes_in):
-            if i not in chosen:
+            linear = linears.get(i)
+            if linear is None:
                 nodes.append(node)
                 continue
-            name = node.input[1]
-            if name not in made:  # one packed copy per weight, however many MatMuls read it
-                weight = vlm_weights.read(initializers[name], directory)
-                k, n = weight.shape
-                k_blocks = -(-k // block)
-                weight = np.pad(weight, ((0, k_blocks * block - k), (0, 0)))
-                packed = np.zeros((n, k_blocks, block * bits // 8), np.uint8)
-                scales = np.zeros((n, k_blocks), np.float32)
-                zero_points = np.zeros((n, -(-k_blocks * bits // 8)), np.uint8)
-                pack(packed, weight, scales, zero_points, block, n, k, config.symmetric)
-                inputs = [f"{name}_Q{bits}", f"{name}_scales"]
-                written += [writer.tensor(inputs[0], packed), writer.tensor(inputs[1], scales)]
-                if not config.symmetric:
-                    inputs.append(f"{name}_zero_points")
-                    written.append(writer.tensor(inputs[2], zero_points))
-                made[name] = (inputs, k, n)
-            inputs, k, n = made[name]
-            nodes.append(onnx.helper.make_node(
-                "MatMulNBits", [node.input[0], *inputs], list(node.output),
-                name=f"{node.name}_Q{bits}" if node.name else "", domain="com.microsoft",
-                K=k, N=n, bits=bits, block_size=block, accuracy_level=NBITS_ACCURACY_LEVEL))
+            name = linear.weight + ("_Transposed" if linear.transposed else "")
+            if name not in made:  # one quantized copy per weight, however many nodes read it
+                weight = vlm_weights.read(initializers[linear.weight], directory)
+                made[name] = quantize_weight(name, weight.T if linear.transposed else weight,
+                                             written, writer)
+            output = f"{linear.y}_MatMul" if linear.bias else linear.y
+            nodes += emit(linear, made[name], output)
+            if linear.bias:
+                nodes.append(onnx.helper.make_node("Add", [output, linear.bias], [linear.y],
+                                                   name=f"{linear.name}_bias"))
     del graph.initializer[:]
     graph.initializer.extend(written)
     del graph.node[:]
     graph.node.extend(nodes)
+
+
+def _quantize_dynamic(model: onnx.ModelProto, directory: Path, target: Path,
+                      config: QuantizeConfig, keep: set[str]) -> None:
+    """Rewrite `model` (its weights in `directory`) with its linears (see _Linear), other than
+    those named in `keep`, as dynamic int8, one weight at a time.
+
+    The nodes and values are those of ONNX Runtime's `quantize_dynamic` (QInt8 symmetric
+    weights, MatMulConstBOnly, Gemms as MatMul + Add; a test checks them equal): the activation
+    goes through one DynamicQuantizeLinear per tensor (uint8, one scale per call), the weight
+    is int8 with one scale (per output channel with `per_channel`), and MatMulInteger's int32
+    result is cast back and scaled by the product of the two scales. ONNX Runtime fuses the
+    pattern into DynamicQuantizeMatMul at load. `quantize_dynamic` itself holds the graph with
+    its weights several times over (3.5 GB above its baseline on the 0.6 GB small vision
+    tower).
+    """
+    activations: dict[str, tuple[str, str, str]] = {}
+
+    def quantize_weight(name, weight, written, writer):
+        absmax = np.abs(weight).max(axis=0 if config.per_channel else None)
+        scale = (2 * absmax / 254).astype(np.float32)  # symmetric, [-127, 127]
+        quantized = np.clip(np.rint(weight / np.where(scale == 0, 1, scale)), -127, 127)
+        names = (f"{name}_quantized", f"{name}_scale", f"{name}_zero_point")
+        written += [writer.tensor(names[0], quantized.astype(np.int8)),
+                    writer.tensor(names[1], scale),
+                    writer.tensor(names[2], np.zeros_like(scale, np.int8))]
+        return names
+
+    def emit(linear, names, output):
+        nodes = []
+        if linear.x not in activations:  # one quantization per activation, however many read it
+            x = linear.x
+            activations[x] = (f"{x}_quantized", f"{x}_scale", f"{x}_zero_point")
+            nodes.append(onnx.helper.make_node("DynamicQuantizeLinear", [x],
+                                               list(activations[x])))
+        (xq, xs, xz), (wq, ws, wz) = activations[linear.x], names
+        scales, integer = f"{linear.name}_quant_scales_mul:0", f"{output}_output_quantized"
+        return [*nodes,
+                onnx.helper.make_node("Mul", [xs, ws], [scales]),
+                onnx.helper.make_node("MatMulInteger", [xq, wq, xz, wz], [integer],
+                                      name=f"{linear.name}_quant"),
+                onnx.helper.make_node("Cast", [integer], [f"{integer}_cast_output"],
+                                      to=onnx.TensorProto.FLOAT),
+                onnx.helper.make_node("Mul", [f"{integer}_cast_output", scales], [output])]
+
+    _rewrite(model, directory, target, keep, 8, quantize_weight, emit)
+    _tag(model, config.precision)
+    onnx.save(model, str(target))  # the weights are written already
+
+
+def _quantize_nbits(model: onnx.ModelProto, directory: Path, target: Path,
+                    config: QuantizeConfig, keep: set[str]) -> None:
+    """Rewrite `model` (its weights in `directory`) with its linears (see _Linear), other than
+    those named in `keep`, as MatMulNBits, one weight at a time."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    bits, block = int(config.precision[3:]), config.block_size
+    pack = {4: quantize_matmul_4bits, 8: quantize_matmul_8bits}[bits]
+
+    def quantize_weight(name, weight, written, writer):
+        k, n = weight.shape
+        k_blocks = -(-k // block)
+        weight = np.pad(weight, ((0, k_blocks * block - k), (0, 0)))
+        packed = np.zeros((n, k_blocks, block * bits // 8), np.uint8)
+        scales = np.zeros((n, k_blocks), np.float32)
+        zero_points = np.zeros((n, -(-k_blocks * bits // 8)), np.uint8)
+        pack(packed, weight, scales, zero_points, block, n, k, config.symmetric)
+        inputs = [f"{name}_Q{bits}", f"{name}_scales"]
+        written += [writer.tensor(inputs[0], packed), writer.tensor(inputs[1], scales)]
+        if not config.symmetric:
+            inputs.append(f"{name}_zero_points")
+            written.append(writer.tensor(inputs[2], zero_points))
+        return inputs, k, n
+
+    def emit(linear, handle, output):
+        inputs, k, n = handle
+        return [onnx.helper.make_node(
+            "MatMulNBits", [linear.x, *inputs], [output], name=f"{linear.name}_Q{bits}",
+            domain="com.microsoft", K=k, N=n, bits=bits, block_size=block,
+            accuracy_level=NBITS_ACCURACY_LEVEL)]
+
+    _rewrite(model, directory, target, keep, bits, quantize_weight, emit)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     _tag(model, config.precision)
