@@ -193,7 +193,8 @@ def test_a_lowered_bundle_holds_what_runs_unless_asked_to_keep_the_reference(qua
 
 def test_the_summary_records_peak_rss_at_each_stage(quantized):
     peaks = quantized["int4"]["stage_peak_rss_mib"]
-    assert list(peaks) == ["load", "preprocess", "export", "end_to_end", "quantize", "write"]
+    assert list(peaks) == ["load", "preprocess", "export", "reference", "verify",
+                           "quantize", "write"]
     values = list(peaks.values())
     assert values == sorted(values) and values[0] > 0  # a high-water mark only rises
     assert f"peak RSS {values[-1]} MiB" in vlm.format_summary(quantized["int4"])
@@ -394,3 +395,56 @@ def test_streamed_dynamic_int8_equals_onnxruntimes_quantize_dynamic(fp32_bundle,
     outputs = [onnxruntime.InferenceSession(str(path)).run(None, feeds)[0]
                for path in (ours, tmp_path / "theirs.onnx")]
     np.testing.assert_array_equal(*outputs)
+
+
+@pytest.fixture(scope="module")
+def bf16_model_dir(model_dir, tmp_path_factory) -> Path:
+    """The tiny model stored in bf16, as released Qwen checkpoints are."""
+    out = tmp_path_factory.mktemp("bf16") / "model"
+    model, _, _ = vlm_model.load(model_dir)
+    model.to(torch.bfloat16).save_pretrained(out)
+    for file in model_dir.iterdir():
+        if file.is_file() and not (out / file.name).exists() and file.suffix != ".safetensors":
+            shutil.copyfile(file, out / file.name)
+    return out
+
+
+def test_a_model_held_in_bf16_computes_in_fp32_as_the_model_loaded_in_fp32(bf16_model_dir):
+    held, tokenizer, fam = vlm_model.load(bf16_model_dir, stored_dtype=True)
+    loaded, _, _ = vlm_model.load(bf16_model_dir)
+    assert {p.dtype for p in held.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    hf = vlm_verify.hf_inputs(vlm_verify.sample_images((448, 448)), tokenizer, fam)
+    expected = vlm_verify.transformers_reference(loaded, hf, 8)
+    with vlm_model.fp32_compute(held):
+        got = vlm_verify.transformers_reference(held, hf, 8)
+    np.testing.assert_array_equal(got[0], expected[0])
+    assert got[1] == expected[1]
+    np.testing.assert_array_equal(np.stack(got[2]), np.stack(expected[2]))
+    # and the context leaves the model as it was
+    assert {p.dtype for p in held.parameters()} == {torch.bfloat16}
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in held.modules())
+    with torch.inference_mode():  # outside it, the model computes in bf16 again
+        plain = held(**hf).logits[0, -1]
+    assert plain.dtype == torch.bfloat16
+
+
+def test_a_bf16_checkpoint_exports_exact_fp32_graphs_and_records_its_memory(bf16_model_dir,
+                                                                            tmp_path):
+    summary = vlm.export_vlm(vlm.VlmExportConfig(out=tmp_path / "b", model=bf16_model_dir,
+                                                 precision="int4", keep_reference=True))
+    e2e = summary["end_to_end"]
+    assert e2e["passed"] and e2e["tokens"] == e2e["reference_tokens"]
+    manifest = read_manifest(tmp_path / "b")
+    for entry in manifest.entries(DECODER) + manifest.entries(VISION):
+        assert entry.parity["passed"], entry.precision
+    # the graphs hold the stored weights upcast: bf16 values exactly
+    decoder = onnx.load(str(tmp_path / "b" / "vlm_decoder.fp32.onnx"))
+    weight = next(onnx.numpy_helper.to_array(t) for t in decoder.graph.initializer
+                  if t.name.endswith("q_proj.weight.T"))
+    assert weight.dtype == np.float32
+    np.testing.assert_array_equal(weight, torch.tensor(weight).bfloat16().float().numpy())
+    memory = summary["memory"]
+    model, _, _ = vlm_model.load(bf16_model_dir)
+    assert memory["parameters"] == sum(p.numel() for p in model.parameters())
+    assert memory["bound_mib"] == pytest.approx(1.5 * memory["bf16_mib"] + 2048, abs=0.1)

@@ -1,18 +1,26 @@
 """`rau-rt export vlm`: a Qwen-VL fine-tune -> verified vision / embed / decoder graphs + tokenizer.
 
-Stages (each a function; `export_vlm` runs them in order with a progress bar):
-1. load the model folder (or build a random-init one) and check it (rau_rt.export.vlm.model);
+Stages (each a function; `export_vlm` runs them in order with a progress bar, and records
+each one's peak RSS against the memory bound, `memory_record`):
+1. load the model folder (or build a random-init one) in its stored dtype (bf16 for released
+   checkpoints) and check it (rau_rt.export.vlm.model);
 2. check the runtime's preprocessing and prompt ids against transformers' processor;
-3. export the three fp32 graphs (rau_rt.export.vlm.graphs) and verify each against eager;
-4. verify end to end through the bundle: prefill logits and greedy tokens vs `generate`;
-5. lower (int8: decoder weight-only MatMulNBits or dynamic, vision dynamic; int4: decoder
-   MatMulNBits, vision dynamic int8; fp16: all three converted, rau_rt.export.vlm.fp16) and
-   record their drift, gating int8 and fp16 (rau_rt.export.verify's VLM tolerances);
-6. write manifest.json, vlm.json (rau_rt.vlm_layout) and the tokenizer files.
+3. export the fp32 graphs (rau_rt.export.vlm.graphs: traced without weights, which are
+   written upcast one tensor at a time) and compute each graph's eager outputs in fp32;
+4. transformers' greedy answer in fp32; then the model is freed;
+5. verify each fp32 graph against its eager outputs, and end to end through the fp32 bundle:
+   prefill logits and greedy tokens vs `generate` (skipped, and recorded so, when the fp32
+   graphs exceed the memory bound and are not what ships);
+6. lower (int8: decoder weight-only MatMulNBits or dynamic, vision dynamic int8; int4:
+   decoder MatMulNBits, vision dynamic int8; fp16: all three converted,
+   rau_rt.export.vlm.fp16), one weight at a time, and record their drift against the eager
+   references, gating int8 and fp16 (rau_rt.export.verify's VLM tolerances);
+7. write manifest.json, vlm.json (rau_rt.vlm_layout) and the tokenizer files.
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import shutil
 import tempfile
@@ -134,6 +142,22 @@ class VlmExportConfig:
                 + f"--precision {self.precision} "
                 + (f"--int8-method {self.int8_method} " if self.precision == "int8" else "")
                 + ("--keep-reference " if self.keep_reference else "") + f"--out {self.out}")
+
+
+def memory_record(model) -> dict[str, float]:
+    """The model's parameter count, its bytes in bf16 and the export's memory bound (issue 19's
+    goal: peak RSS <= 1.5 x the bf16 bytes + 2 GiB), in MiB."""
+    params = sum(p.numel() for p in model.parameters())  # tied weights counted once
+    bf16_mib = 2 * params / 2**20
+    return {"parameters": params, "bf16_mib": round(bf16_mib, 1),
+            "bound_mib": round(1.5 * bf16_mib + 2048, 1),
+            "bound": "1.5 x the checkpoint's bf16 bytes + 2 GiB"}
+
+
+def _graph_mib(path: Path) -> float:
+    """A graph file's size with its external data, in MiB."""
+    data = path.with_name(path.name + ".data")
+    return (path.stat().st_size + (data.stat().st_size if data.is_file() else 0)) / 2**20
 
 
 def checkpoint_sha256(directory: Path) -> str:
@@ -317,13 +341,14 @@ def export_vlm(config: VlmExportConfig) -> dict[str, object]:
     """
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    stages = _Stages(["load", "preprocess", "export", "end_to_end", "quantize", "write"],
-                     config.progress)
+    stages = _Stages(["load", "preprocess", "export", "reference", "verify", "quantize",
+                      "write"], config.progress)
     with tempfile.TemporaryDirectory() as tmp:
         stages.next("load")
         source = (Path(config.model) if config.model is not None else
                   vlm_model.build_random(Path(tmp), config.random_init, config.family))
-        model, tokenizer, fam = vlm_model.load(source)
+        model, tokenizer, fam = vlm_model.load(source, stored_dtype=True)
+        memory = memory_record(model)
         sha = checkpoint_sha256(source)
         layout = make_layout(model, fam.name, config.input_size, config.hidden_state,
                              config.aspect_buckets)
@@ -349,23 +374,38 @@ def export_vlm(config: VlmExportConfig) -> dict[str, object]:
 
         stages.next("export")
         started = time.perf_counter()
-        paths, graph_parity = vlm_stages.export_fp32(model, layout, out, ids, patches)
+        paths, checks = vlm_stages.export_fp32(model, layout, out, ids, patches)
         export_s = time.perf_counter() - started
+
+        stages.next("reference")
+        eager = vlm_stages.eager_reference(model, hf, config.new_tokens)
+        # Every check from here on reads ONNX Runtime sessions and the references computed
+        # above; the model would only sit beside them.
+        del model, hf
+        gc.collect()
+
+        stages.next("verify")
+        graph_parity = vlm_stages.check_fp32(paths, checks)
         graph_parity[VISION]["preprocess"] = preprocess
         _write(out, layout, config, {}, paths, None, graph_parity, sha, tokenizer_files)
-
-        stages.next("end_to_end")
-        fp32 = vlm_stages.end_to_end(model, hf, out, layout, ids, patches, config.new_tokens)
+        fp32_mib = sum(_graph_mib(paths[g]) for g in paths)
+        if config.precision == "fp32" or fp32_mib <= memory["bound_mib"]:
+            fp32 = vlm_stages.end_to_end(out, layout, ids, patches, config.new_tokens, eager)
+        else:
+            fp32 = {"prompt_tokens": int(ids.shape[1]), "reference_tokens": eager["tokens"],
+                    "skipped": f"the fp32 graphs ({fp32_mib:.0f} MiB) exceed the export's "
+                               f"memory bound ({memory['bound_mib']:.0f} MiB); each was "
+                               f"checked against eager on its own and the {config.precision} "
+                               f"decoder is checked end to end against transformers"}
 
         stages.next("quantize")
         chosen = GRAPH_PRECISION[config.precision]
-        made = vlm_stages.quantize_graphs(model, out, layout, chosen, paths, ids, patches,
-                                          config.block_size, config.quantize_lm_head,
-                                          config.int8_method)
+        made = vlm_stages.quantize_graphs(out, layout, chosen, paths, checks, config.block_size,
+                                          config.quantize_lm_head, config.int8_method)
         if DECODER in made:
             _write(out, layout, config, made, paths, fp32, graph_parity, sha, tokenizer_files)
             made[DECODER][1].update(vlm_stages.decoder_drift(out, layout, chosen[DECODER], ids,
-                                                             patches, fp32))
+                                                             patches, eager))
 
         stages.next("write")
         manifest = _write(out, layout, config, made, paths, fp32, graph_parity, sha,
@@ -376,7 +416,8 @@ def export_vlm(config: VlmExportConfig) -> dict[str, object]:
             "export_s": round(export_s, 3), "stage_s": times,
             # the process's high-water mark at the end of each stage (in a process that did
             # other work first, that work's peak too)
-            "stage_peak_rss_mib": stages.peak_rss_mib, "preprocess": preprocess,
+            "stage_peak_rss_mib": stages.peak_rss_mib, "memory": memory,
+            "preprocess": preprocess,
             "end_to_end": {k: v for k, v in fp32.items() if not k.startswith("_")},
             "tokenizer_files": tokenizer_files,
             "reference_dropped": [] if config.keep_reference else sorted(
@@ -398,9 +439,10 @@ def format_summary(summary: dict[str, object]) -> str:
              f"{summary['export_s']:.1f} s)",
              f"preprocess: patches max abs {summary['preprocess']['patch_max_abs']:.1e}, "
              f"input ids identical: {summary['preprocess']['input_ids_equal']}",
-             f"fp32 end to end: prefill logits max abs {e2e['prefill_logits_max_abs']:.1e}, "
-             f"greedy {len(e2e['tokens'])} tokens identical to generate: "
-             f"{e2e['tokens'] == e2e['reference_tokens']}",
+             (f"fp32 end to end: skipped: {e2e['skipped']}" if "skipped" in e2e else
+              f"fp32 end to end: prefill logits max abs {e2e['prefill_logits_max_abs']:.1e}, "
+              f"greedy {len(e2e['tokens'])} tokens identical to generate: "
+              f"{e2e['tokens'] == e2e['reference_tokens']}"),
              "| graph | precision | file | MB | drift vs fp32 reference |",
              "|---|---|---|---|---|"]
     for g in summary["graphs"]:
@@ -421,6 +463,8 @@ def format_summary(summary: dict[str, object]) -> str:
                      f"{', '.join(summary['reference_dropped'])}")
     lines.append(f"bundle on disk: {summary['bundle_mb']} MB")
     peaks = summary["stage_peak_rss_mib"]
-    lines.append(f"peak RSS {max(peaks.values())} MiB; at the end of each stage: "
+    memory = summary["memory"]
+    lines.append(f"peak RSS {max(peaks.values())} MiB (bound {memory['bound_mib']:.0f} MiB: "
+                 f"{memory['bound']}); at the end of each stage: "
                  + ", ".join(f"{stage} {mib}" for stage, mib in peaks.items()))
     return "\n".join(lines)

@@ -181,8 +181,13 @@ def write_onnx(module: torch.nn.Module, example: Mapping[str, torch.Tensor], pat
     other constant subgraphs it would have folded (a few Unsqueeze and Sqrt) are left to
     ONNX Runtime's load-time folding. Weights over `weights.EXTERNAL_DATA_BYTES` go to
     `<file>.data`.
+
+    A model held in bf16 or fp16 (rau_rt.export.vlm.model.load with `stored_dtype`) is traced
+    with fp32 stand-ins for its parameters (one value broadcast to their shapes: no memory;
+    the trace needs shapes, not values) and its weights are written upcast to fp32, so the graph
+    is the fp32 graph of the stored weights.
     """
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _standin_weights(module):
         # The TorchScript exporter is deprecated in favour of dynamo, which cannot trace the
         # vision tower (module docstring); tracer warnings flag the fixed grid we intend.
         warnings.simplefilter("ignore")
@@ -196,6 +201,33 @@ def write_onnx(module: torch.nn.Module, example: Mapping[str, torch.Tensor], pat
     onnx.helper.set_model_props(model, {PRECISION_METADATA_KEY: precision})
     onnx.save(model, str(path))
     return path
+
+
+@contextmanager
+def _standin_weights(module: torch.nn.Module):
+    """Swap every floating parameter under `module` for an fp32 stand-in of its shape, one
+    value broadcast, for the span of the context (tied parameters share one stand-in).
+
+    Each stand-in holds its own tiny value (k x 1e-20 for the k-th): the exporter merges
+    initializers of equal value, which would merge every same-shaped zero stand-in; values
+    this small keep activations near zero, so nothing overflows while tracing.
+    """
+    swapped, standins = [], {}
+    for owner in module.modules():
+        for name, parameter in owner._parameters.items():
+            if parameter is None or not parameter.is_floating_point():
+                continue
+            if id(parameter) not in standins:
+                value = torch.full((), (len(standins) + 1) * 1e-20, dtype=torch.float32)
+                standins[id(parameter)] = torch.nn.Parameter(value.expand(parameter.shape),
+                                                             requires_grad=False)
+            swapped.append((owner, name, parameter))
+            owner._parameters[name] = standins[id(parameter)]
+    try:
+        yield
+    finally:
+        for owner, name, parameter in swapped:
+            owner._parameters[name] = parameter
 
 
 def _attach_weights(model: onnx.ModelProto, module: torch.nn.Module, feeds: set[str],
@@ -218,6 +250,8 @@ def _attach_weights(model: onnx.ModelProto, module: torch.nn.Module, feeds: set[
     with vlm_weights.WeightWriter(path, total) as writer:
         for name in weights:
             tensor = tensors[name].detach()
+            if tensor.is_floating_point():
+                tensor = tensor.float()  # a stored bf16/fp16 weight, upcast one at a time
             users = readers.get(name, [])
             if tensor.ndim == 2 and users and all(_is_transpose_2d(n) for n in users):
                 tensor, name = tensor.t(), f"{name}.T"

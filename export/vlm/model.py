@@ -11,6 +11,7 @@ benchmarks and the demo take the same path a user does.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -60,7 +61,10 @@ def chat_template(fam: VlmFamily) -> str:
 class RandomInit:
     """A random-init model size. tiny: unit tests; small: a 0.5B-class text model (Qwen2.5
     0.5B's 896 x 24 layers, 14 heads, 2 KV heads) with a real-width vision tower (1280);
-    micro: the demo localizer's size, trained by `rau-rt train vlm`."""
+    3b: Qwen2.5-VL 3B's shapes (text 2048 x 36 layers, 16 heads, 2 KV heads, tied embeddings;
+    the full 32-block vision tower), what the memory-bounded export is measured on; micro: the
+    demo localizer's size, trained by `rau-rt train vlm`. `dtype` is the stored dtype: small
+    and 3b are saved in bf16 like the released checkpoints."""
 
     hidden: int
     layers: int
@@ -76,13 +80,18 @@ class RandomInit:
     # token repeated 24 times, which would not catch a broken KV cache or position ids; at 0.3
     # the 24 tokens vary with the context.
     weight_std: float = 0.02
+    dtype: str = "float32"
+    tie_embeddings: bool = False
 
 
 RANDOM_INIT = {
-    "tiny": RandomInit(64, 2, 4, 2, 128, 512, 32, 2, 2, 64, weight_std=0.3),
+    "tiny": RandomInit(64, 2, 4, 2, 128, 512, 32, 2, 2, 64, weight_std=0.3,
+                       tie_embeddings=True),
     # vocab 151936 as in Qwen2.5 (the lm_head is a large share of a 0.5B model's decode time);
     # vision 1280 wide like the real tower, 8 of its 32 blocks to keep CPU export minutes short.
-    "small": RandomInit(896, 24, 14, 2, 4864, 151936, 1280, 8, 16, 3420),
+    "small": RandomInit(896, 24, 14, 2, 4864, 151936, 1280, 8, 16, 3420, dtype="bfloat16"),
+    "3b": RandomInit(2048, 36, 16, 2, 11008, 151936, 1280, 32, 16, 3420, dtype="bfloat16",
+                     tie_embeddings=True),
     # the demo localizer `rau-rt train vlm` trains from scratch on this CPU (7.7 M parameters)
     "micro": RandomInit(256, 4, 4, 2, 768, 512, 256, 4, 4, 512),
 }
@@ -152,7 +161,7 @@ def build_random(directory: str | Path, size: str = "tiny", family: str = "qwen2
                                  "mrope_section": section},
                 eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
                 bos_token_id=None,
-                tie_word_embeddings=size == "tiny")
+                tie_word_embeddings=s.tie_embeddings)
     vision = dict(depth=s.vision_depth, hidden_size=s.vision_hidden, num_heads=s.vision_heads,
                   intermediate_size=s.vision_intermediate, out_hidden_size=s.hidden,
                   patch_size=fam.patch_size, spatial_merge_size=fam.merge_size,
@@ -163,7 +172,7 @@ def build_random(directory: str | Path, size: str = "tiny", family: str = "qwen2
         config = transformers.Qwen2_5_VLConfig(
             text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
             vision_start_token_id=ids["<|vision_start|>"],
-            vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=size == "tiny")
+            vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=s.tie_embeddings)
         model_class = transformers.Qwen2_5_VLForConditionalGeneration
     elif family == "qwen3_vl":
         config, model_class = _qwen3_vl_config(s, text, vision, ids, head_dim, size)
@@ -173,10 +182,11 @@ def build_random(directory: str | Path, size: str = "tiny", family: str = "qwen2
         config = transformers.Qwen2VLConfig(
             text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
             vision_start_token_id=ids["<|vision_start|>"],
-            vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=size == "tiny")
+            vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=s.tie_embeddings)
         model_class = transformers.Qwen2VLForConditionalGeneration
     torch.manual_seed(seed)
-    model = model_class(config).eval()
+    # built in its stored dtype: a 3b model in fp32 would hold 15 GB
+    model = model_class._from_config(config, dtype=getattr(torch, s.dtype)).eval()
     if s.weight_std != config.text_config.initializer_range:
         with torch.no_grad():
             for parameter in model.parameters():
@@ -184,7 +194,7 @@ def build_random(directory: str | Path, size: str = "tiny", family: str = "qwen2
                     parameter.normal_(0.0, s.weight_std)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.save_pretrained(directory)
+    model.save_pretrained(directory, max_shard_size="1GB")  # one shard's bytes at a time
     return directory
 
 
@@ -210,7 +220,7 @@ def _qwen3_vl_config(s: RandomInit, text: dict, vision: dict, ids: dict[str, int
     config = transformers.Qwen3VLConfig(
         text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=size == "tiny")
+        tie_word_embeddings=s.tie_embeddings)
     return config, transformers.Qwen3VLForConditionalGeneration
 
 
@@ -248,16 +258,81 @@ def inspect_folder(directory: str | Path) -> VlmFamily:
     return known[architectures[0]]
 
 
-def load(directory: str | Path):
-    """(model in fp32 eval mode, tokenizer, family) from a checked model folder."""
+def load(directory: str | Path, stored_dtype: bool = False):
+    """(model in eval mode, tokenizer, family) from a checked model folder.
+
+    The model is fp32 unless `stored_dtype`: then it stays in the dtype its weights are stored
+    in (bf16 for released Qwen checkpoints), half the memory, and `fp32_compute` runs it in
+    fp32 (what the exporter does).
+    """
     import torch
     import transformers
 
     fam = inspect_folder(directory)
     model_class = getattr(transformers, fam.architecture)
-    model = model_class.from_pretrained(str(directory), dtype=torch.float32).eval()
+    model = model_class.from_pretrained(str(directory),
+                                        dtype="auto" if stored_dtype else torch.float32).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory))
     return model, tokenizer, fam
+
+
+# Upper bound on the fp32 bytes of a parameter `fp32_compute` keeps upcast for its whole span.
+_PINNED_FP32_BYTES = 64 << 20
+
+
+@contextmanager
+def fp32_compute(model):
+    """Run `model`, held in a lower dtype (bf16, fp16), in fp32 for the span of the context.
+
+    Every module that owns parameters gets them upcast around its own forward and restored
+    after it, so at most one such module (a linear; the embedding table, the largest) is held
+    in fp32 at a time beside the stored weights. Each PreTrainedModel's first parameter stays
+    upcast for the whole span: it is what that model's `.dtype` reads (transformers casts
+    pixels to `visual.dtype`, and generate builds masks in the model's dtype), and it is small
+    (a vision patch embedding). The result equals the model loaded in fp32 (a test checks
+    logits and greedy tokens), since every weight's fp32 value is its stored value.
+    """
+    import torch
+    from transformers import PreTrainedModel
+
+    hooks, pinned = [], []
+
+    def upcast(module, _args):
+        module._rau_stored = dict(module._parameters)
+        for name, parameter in module._rau_stored.items():
+            if parameter is not None and parameter.is_floating_point() \
+                    and parameter.dtype != torch.float32:
+                module._parameters[name] = torch.nn.Parameter(parameter.float(),
+                                                              requires_grad=False)
+
+    def restore(module, _args, _output):
+        module._parameters.update(module.__dict__.pop("_rau_stored"))
+
+    try:
+        for module in model.modules():
+            if isinstance(module, PreTrainedModel):
+                first = next(((m, n) for m in module.modules()
+                              for n, p in m._parameters.items()
+                              if p is not None and p.is_floating_point()), None)
+                if first is None:
+                    continue
+                parameter = first[0]._parameters[first[1]]
+                if parameter.dtype != torch.float32 \
+                        and parameter.numel() * 4 <= _PINNED_FP32_BYTES:
+                    pinned.append((*first, parameter))
+                    first[0]._parameters[first[1]] = torch.nn.Parameter(parameter.float(),
+                                                                        requires_grad=False)
+        for module in model.modules():
+            if any(p is not None and p.is_floating_point() and p.dtype != torch.float32
+                   for p in module._parameters.values()):
+                hooks += [module.register_forward_pre_hook(upcast),
+                          module.register_forward_hook(restore)]
+        yield model
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, name, parameter in pinned:
+            module._parameters[name] = parameter
 
 
 def add_outlier_channels(source: str | Path, out: str | Path, channels: int = 2,

@@ -87,16 +87,25 @@ def hf_inputs(images: Sequence[np.ndarray], tokenizer, fam: VlmFamily,
                      return_tensors="pt")
 
 
-def transformers_greedy(model, hf, new_tokens: int) -> tuple[np.ndarray, list[int]]:
+def transformers_reference(model, hf, new_tokens: int,
+                           ) -> tuple[np.ndarray, list[int], list[np.ndarray]]:
     """transformers' reference on `hf_inputs`: (last prefill logits [vocab], the `new_tokens`
-    greedy tokens of `generate`, end-of-sequence suppressed until then)."""
+    greedy tokens of `generate`, end-of-sequence suppressed until then, and the logits [vocab]
+    each token was picked from, before any logits processor)."""
     import torch
 
     prompt = hf["input_ids"].shape[1]
     with torch.inference_mode():
-        logits = model(**hf).logits[0, -1].numpy()
-        tokens = model.generate(**hf, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                do_sample=False)[0, prompt:].tolist()
+        logits = model(**hf).logits[0, -1].float().numpy()
+        out = model.generate(**hf, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, output_logits=True, return_dict_in_generate=True)
+    return (logits, out.sequences[0, prompt:].tolist(),
+            [step[0].float().numpy() for step in out.logits])
+
+
+def transformers_greedy(model, hf, new_tokens: int) -> tuple[np.ndarray, list[int]]:
+    """(last prefill logits, greedy tokens) of `transformers_reference`."""
+    logits, tokens, _ = transformers_reference(model, hf, new_tokens)
     return logits, tokens
 
 
