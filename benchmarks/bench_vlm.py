@@ -2,27 +2,34 @@
 
     python -m benchmarks.bench_vlm [--quick] [--json PATH]
 
-Each model size is built once as a random-init folder and exported with `rau-rt export vlm
---model DIR --precision int4 --keep-reference` (which verifies the fp32 graphs against
-`generate` and keeps them in the bundle); the two int8 decoders are quantized from the same
-fp32 graph: `int8` weight-only (MatMulNBits at 8 bits, the exporter's default) and
-`int8-dynamic` (one activation scale per tensor). Ours: the bundle's ONNX Runtime engines
-driven by the numpy loop (rau_rt.export.vlm.verify.greedy), the runtime's path. Baseline: the
-same weights in transformers, eager fp32, in the same process; the four decoders and the
-baseline take interleaved turns (benchmarks.harness), so ratios hold on the shared machine.
+Each model size is built once as a random-init folder (in its own process) and exported with
+`rau-rt export vlm --model DIR --precision int4 --keep-reference` in its own process too, so
+that the peak RSS recorded is the export's alone (the export verifies the fp32 graphs against
+`generate` where they fit its memory bound, and keeps them); the two int8 decoders are
+quantized from the same fp32 graph: `int8` weight-only (MatMulNBits at 8 bits, the
+exporter's default) and `int8-dynamic` (one activation scale per tensor). Ours: the bundle's
+ONNX Runtime engines driven by the numpy loop (rau_rt.export.vlm.verify.greedy), the runtime's
+path. Baseline: the same weights in transformers, eager fp32, in the same process; the four
+decoders and the baseline take interleaved turns (benchmarks.harness), so ratios hold on the
+shared machine.
 - prefill: both images through the vision tower + the whole two-image prompt, last logits;
 - decode token: one new token after the prompt's KV cache (transformers: the forward with its
   DynamicCache that `generate` runs per token; ours: embed + decoder with the past fed back);
 - generate (tiny only): greedy 24 tokens from the prompt (transformers: `generate`).
 The record's `exports` holds, per size, what the export cost and wrote: wall time, the
-process's peak RSS at the end of each stage, the checkpoint's bytes, every decoder graph's bytes
-and those of the bundle an int4 export without `--keep-reference` keeps.
+export's peak RSS at the end of each stage against its memory bound (1.5 x the checkpoint's
+bf16 bytes + 2 GiB), the checkpoint's bytes, every decoder graph's bytes and those of the
+bundle an int4 export without `--keep-reference` keeps.
 Sizes: tiny (the unit tests' model) and, in full mode, small: a 0.5B-class Qwen2.5 text model
-(hidden 896, 24 layers, vocab 151936) with a 1280-wide vision tower of 8 blocks.
+(hidden 896, 24 layers, vocab 151936) with a 1280-wide vision tower of 8 blocks, and 3b:
+Qwen2.5-VL 3B's shapes (text 2048 x 36 layers, the 32-block vision tower), for which only the
+export and each decoder's per-token latency are measured (`EXPORT_ONLY`).
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,7 +41,6 @@ from benchmarks.harness import case_record, run_suite, time_interleaved
 from rau_rt.bundle import load_bundle
 from rau_rt.config import EngineConfig
 from rau_rt.engines import registry
-from rau_rt.export import vlm
 from rau_rt.export.vlm import model as vlm_model
 from rau_rt.export.vlm import verify as vlm_verify
 from rau_rt.export.vlm.quantize import QuantizeConfig, quantize
@@ -49,7 +55,11 @@ NEW_TOKENS = 24
 TURN = 5
 # (size, warmup, timed repetitions); small's prefill (15-25 s a call on 2 shared cores) is
 # timed twice per entry.
-RUNS = {"quick": [("tiny", 2, 10)], "full": [("tiny", 3, 20), ("small", 1, 10)]}
+RUNS = {"quick": [("tiny", 2, 10)],
+        "full": [("tiny", 3, 20), ("small", 1, 10), ("3b", 0, 5)]}
+# Sizes measured without transformers: the export and the decoders' per-token latency only
+# (the fp32 model in transformers would hold 15 GB at 3b; the export holds it in bf16).
+EXPORT_ONLY = ("3b",)
 
 
 class Decoders:
@@ -68,29 +78,55 @@ def _mib(*files: Path) -> float:
     return round(sum(f.stat().st_size for f in (*files, *data) if f.is_file()) / 2**20, 1)
 
 
+def _export(model_dir: Path, out: Path, precision: str, keep_reference: bool) -> dict:
+    """`rau-rt export vlm` in its own process (so that its peak RSS is the export's own);
+    its summary, with the wall time the parent saw."""
+    command = [sys.executable, "-m", "rau_rt", "export", "vlm", "--model", str(model_dir),
+               "--precision", precision, "--out", str(out), "--json",
+               *(["--keep-reference"] if keep_reference else [])]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-4000:]}")
+    return {**json.loads(done.stdout), "wall_s": round(time.perf_counter() - started, 1)}
+
+
+def _export_record(summary: dict, model_dir: Path, out: Path) -> dict[str, object]:
+    """What an export cost and wrote: wall time, peak RSS per stage against the memory bound,
+    the checkpoint's bytes, every decoder's bytes, the bundle an int4 export keeps."""
+    int4_bundle = [out / e["file"] for e in summary["graphs"] if e["precision"] != "fp32"]
+    peak = max(summary["stage_peak_rss_mib"].values())
+    return {"command": f"rau-rt export vlm --model {model_dir.name} --precision int4 "
+                       "--keep-reference", "export_s": summary["wall_s"],
+            "stage_s": summary["stage_s"], "stage_peak_rss_mib": summary["stage_peak_rss_mib"],
+            "peak_rss_mib": peak, "memory": summary["memory"],
+            "within_bound": peak <= summary["memory"]["bound_mib"],
+            "end_to_end": {k: v for k, v in summary["end_to_end"].items()
+                           if k in ("skipped", "passed", "prefill_logits_max_abs")},
+            "checkpoint_mib": _mib(*model_dir.glob("*.safetensors")),
+            "decoder_mib": {p: _mib(out / f"vlm_decoder.{p}.onnx")
+                            for p in ("fp32", "int8", "int8-dynamic", "int4")
+                            if (out / f"vlm_decoder.{p}.onnx").is_file()},
+            "int4_bundle_mib": round(_mib(*int4_bundle) + _mib(*(
+                out / f for f in summary["tokenizer_files"])), 1)}
+
+
 def _bench_size(size: str, warmup: int, repeat: int,
                 root: Path) -> tuple[list[dict[str, object]], dict[str, object]]:
-    model_dir = vlm_model.build_random(root / f"{size}-model", size)
-    config = vlm.VlmExportConfig(out=root / size, model=model_dir, precision="int4",
-                                 keep_reference=True)
-    started = time.perf_counter()
-    summary = vlm.export_vlm(config)
-    export_s = time.perf_counter() - started
-    out = Path(summary["bundle"])
+    model_dir = root / f"{size}-model"
+    subprocess.run([sys.executable, "-c", "import sys; from rau_rt.export.vlm.model import "
+                    "build_random; build_random(sys.argv[1], sys.argv[2])", str(model_dir), size],
+                   check=True, capture_output=True)
+    out = root / size
+    summary = _export(model_dir, out, "int4", keep_reference=True)
+    export_s = summary["wall_s"]
     layout = read_layout(out)
-    int4_bundle = [out / e["file"] for e in summary["graphs"] if e["precision"] != "fp32"]
     for name, method in (("int8", "weight-only"), ("int8-dynamic", "dynamic")):
         quantize(out / "vlm_decoder.fp32.onnx", out / f"vlm_decoder.{name}.onnx",
                  QuantizeConfig("int8", method=method), vocab_size=layout.vocab_size)
-    # what the export costs (in this process, which built the random model first) and what it
-    # writes: every decoder's graph and the bundle an int4 export without --keep-reference keeps
-    export = {"command": config.command, "export_s": round(export_s, 1),
-              "stage_s": summary["stage_s"], "stage_peak_rss_mib": summary["stage_peak_rss_mib"],
-              "checkpoint_mib": _mib(*model_dir.glob("*.safetensors")),
-              "decoder_mib": {p: _mib(out / f"vlm_decoder.{p}.onnx")
-                              for p in ("fp32", "int8", "int8-dynamic", "int4")},
-              "int4_bundle_mib": round(_mib(*int4_bundle) + _mib(*(
-                  out / f for f in summary["tokenizer_files"])), 1)}
+    export = _export_record(summary, model_dir, out)
+    if size in EXPORT_ONLY:
+        return _decode_only(size, out, layout, repeat), export
     model, tokenizer, fam = vlm_model.load(model_dir)
     images = vlm_verify.sample_images(layout.input_size)
     ids, patches = vlm_verify.runtime_inputs(images, layout, out / "tokenizer.json")
@@ -187,6 +223,51 @@ def _bench_size(size: str, warmup: int, repeat: int,
         for engine in engines.values():
             engine.close()
     return cases, export
+
+
+def _decode_only(size: str, out: Path, layout, repeat: int) -> list[dict[str, object]]:
+    """Per-token decode latency of each decoder, one open at a time beside the bundle's lowered
+    vision and embed graphs, against the fp32 graph measured before them in the same run (not
+    interleaved: two 3b decoders do not fit beside each other with room to spare)."""
+    ids, patches = vlm_verify.runtime_inputs(vlm_verify.sample_images(layout.input_size),
+                                             layout, out / "tokenizer.json")
+    prompt = ids.shape[1]
+    positions, delta = rope_positions(ids, layout)
+    empty = np.zeros((0, layout.hidden_size), np.float32)
+    samples: dict[str, np.ndarray] = {}
+    prefill_ms: dict[str, float] = {}
+    with load_bundle(out) as bundle:  # int8 vision, fp16 embed (and the int4 decoder)
+        features = Decoder(bundle, layout).image_features(patches)
+        embeds = bundle.run(EMBED, {"input_ids": ids, **features.feeds()})["inputs_embeds"]
+        for precision in ("fp32", "int8", "int8-dynamic", "int4"):
+            with registry.open_engine(out / f"vlm_decoder.{precision}.onnx", "onnxruntime",
+                                      precision=precision.split("-")[0]) as engine:
+                started = time.perf_counter()
+                past = engine.run({"inputs_embeds": embeds,
+                                   "attention_mask": np.ones((1, prompt), np.int64),
+                                   "position_ids": positions, **layout.empty_past(1)})
+                prefill_ms[precision] = (time.perf_counter() - started) * 1e3
+                token = int(np.argmax(past["logits"][0]))
+                feeds = {"attention_mask": np.ones((1, prompt + 1), np.int64),
+                         "position_ids": decode_positions(prompt, delta),
+                         **{p: past[q] for p, q in zip(layout.past_names, layout.present_names,
+                                                       strict=True)}}
+
+                def step(engine=engine, feeds=feeds, token=token):
+                    new = bundle.run(EMBED, {"input_ids": np.array([[token]], np.int64),
+                                             "image_features": empty})
+                    engine.run({"inputs_embeds": new["inputs_embeds"], **feeds})
+
+                step()  # settles the session's first-call allocations
+                samples[precision] = time_interleaved({precision: step}, warmup=0,
+                                                      repeat=repeat)[precision]
+            print(f"{size} decode_token {precision}: {np.median(samples[precision]):.1f} ms",
+                  file=sys.stderr)
+    return [case_record(f"{size}_decode_token", "onnxruntime", f"decoder {precision}",
+                        samples[precision], "decoder fp32 (same run, before)", samples["fp32"],
+                        {"prefill_decoder_ms": round(prefill_ms[precision], 1),
+                         "prompt_tokens": int(prompt)})
+            for precision in samples]
 
 
 def main(argv: list[str] | None = None) -> int:

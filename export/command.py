@@ -146,8 +146,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     source = vlm.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", type=Path, help="Hugging Face model folder (config.json, "
                         "*.safetensors, tokenizer.json)")
-    source.add_argument("--random-init", choices=("tiny", "small"),
-                        help="build a random-init model and local tokenizer instead")
+    source.add_argument("--random-init", choices=("tiny", "small", "3b"),
+                        help="build a random-init model and local tokenizer instead (small: "
+                        "0.5B-class text; 3b: Qwen2.5-VL 3B's shapes, 7.5 GB in bf16)")
     vlm.add_argument("--family", choices=("qwen2_5_vl", "qwen2_vl", "qwen3_vl"),
                      default="qwen2_5_vl", help="model type of --random-init (default "
                      "qwen2_5_vl; qwen3_vl adds the deepstack inputs)")

@@ -20,7 +20,6 @@ each one's peak RSS against the memory bound, `memory_record`):
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import shutil
 import tempfile
@@ -51,7 +50,7 @@ from rau_rt.export.vlm import model as vlm_model
 from rau_rt.export.vlm import stages as vlm_stages
 from rau_rt.export.vlm import verify as vlm_verify
 from rau_rt.export.vlm.quantize import INT8_METHODS
-from rau_rt.profiling import peak_rss_mib
+from rau_rt.profiling import peak_rss_mib, release_freed_memory
 from rau_rt.vlm_layout import (
     DECODER,
     EMBED,
@@ -82,7 +81,8 @@ class VlmExportConfig:
     Attributes:
         out: The bundle directory.
         model: A Hugging Face model folder; or None with `random_init`.
-        random_init: "tiny" or "small": build a random-init model and tokenizer instead.
+        random_init: "tiny", "small" or "3b": build a random-init model and tokenizer instead
+            (rau_rt.export.vlm.model.RANDOM_INIT).
         family: model type for `random_init` ("qwen2_5_vl", "qwen2_vl" or "qwen3_vl").
         input_size: square VLM input side in pixels (a multiple of patch x merge: 28;
             Qwen3-VL 32).
@@ -125,7 +125,7 @@ class VlmExportConfig:
 
     def __post_init__(self) -> None:
         if (self.model is None) == (self.random_init is None):
-            raise InputError("give exactly one of --model DIR and --random-init tiny|small")
+            raise InputError("give exactly one of --model DIR and --random-init tiny|small|3b")
         if self.precision not in PRECISIONS:
             raise InputError(f"--precision {self.precision!r}: choose one of {PRECISIONS}")
         if self.int8_method not in INT8_METHODS:
@@ -260,10 +260,11 @@ class _Stages:
         self.peak_rss_mib: dict[str, float] = {}
 
     def next(self, name: str) -> None:
-        now = time.perf_counter()
         if self.times:
             self.bar.update(1)
             self.peak_rss_mib[list(self.times)[-1]] = round(peak_rss_mib())
+        release_freed_memory()  # what the last stage freed, before the next one allocates
+        now = time.perf_counter()
         self.times[name] = now
         self.bar.set_description(name)
 
@@ -380,9 +381,8 @@ def export_vlm(config: VlmExportConfig) -> dict[str, object]:
         stages.next("reference")
         eager = vlm_stages.eager_reference(model, hf, config.new_tokens)
         # Every check from here on reads ONNX Runtime sessions and the references computed
-        # above; the model would only sit beside them.
+        # above; the model would only sit beside them (the next stage hands its memory back).
         del model, hf
-        gc.collect()
 
         stages.next("verify")
         graph_parity = vlm_stages.check_fp32(paths, checks)

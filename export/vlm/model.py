@@ -3,7 +3,7 @@
 A user's fine-tune is a Hugging Face folder (config.json, weights, tokenizer files). The
 exporter loads it here and fails early, naming what is missing, when the architecture is not
 one `rau_rt.vlm_layout.FAMILIES` knows or the tokenizer files are absent.
-`--random-init tiny|small` writes such a folder itself (random weights, a byte-level BPE
+`--random-init tiny|small|3b` writes such a folder itself (random weights, a byte-level BPE
 tokenizer trained locally on a few prompts with the real Qwen special tokens), so tests,
 benchmarks and the demo take the same path a user does.
 """
