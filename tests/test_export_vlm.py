@@ -219,6 +219,7 @@ def test_weights_stream_into_external_data_and_the_graphs_stay_exact(model_dir, 
                                                                      monkeypatch):
     # every graph's weights to `<graph>.data`, as for a model over EXTERNAL_DATA_BYTES
     monkeypatch.setattr(vlm_weights, "EXTERNAL_DATA_BYTES", 0)
+    monkeypatch.setattr(vlm_weights, "_BLOCK_BYTES", 300)  # weights written in several blocks
     summary = vlm.export_vlm(vlm.VlmExportConfig(out=tmp_path / "b", model=model_dir,
                                                  precision="int4"))
     out = Path(summary["bundle"])

@@ -244,21 +244,21 @@ def _attach_weights(model: onnx.ModelProto, module: torch.nn.Module, feeds: set[
     for node in graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
-    total = sum(tensors[n].numel() * tensors[n].element_size() for n in weights)
+    total = sum(tensors[n].numel() * (4 if tensors[n].is_floating_point() else
+                                      tensors[n].element_size()) for n in weights)
     dropped: set[str] = set()
     renamed: dict[str, str] = {}
     with vlm_weights.WeightWriter(path, total) as writer:
         for name in weights:
             tensor = tensors[name].detach()
-            if tensor.is_floating_point():
-                tensor = tensor.float()  # a stored bf16/fp16 weight, upcast one at a time
             users = readers.get(name, [])
             if tensor.ndim == 2 and users and all(_is_transpose_2d(n) for n in users):
                 tensor, name = tensor.t(), f"{name}.T"
                 for node in users:  # the Transposes' readers take the transposed weight
                     dropped.add(node.output[0])
                     renamed[node.output[0]] = name
-            graph.initializer.append(writer.tensor(name, tensor.contiguous().numpy()))
+            # a stored bf16/fp16 weight upcast, a transposed one laid out, by blocks of rows
+            graph.initializer.append(writer.from_torch(name, tensor))
     kept = [n for n in graph.node if not (n.output and n.output[0] in dropped)]
     for node in kept:
         node.input[:] = [renamed.get(name, name) for name in node.input]

@@ -18,6 +18,8 @@ from onnx import numpy_helper
 # Weights above this many bytes go to `<graph file>.data`; smaller graphs keep them inline.
 EXTERNAL_DATA_BYTES = 256 << 20
 _ALIGN = 4096
+# Rows of a weight converted and written at a time by `WeightWriter.from_torch`.
+_BLOCK_BYTES = 64 << 20
 
 
 def data_file(graph: Path) -> Path:
@@ -51,16 +53,43 @@ class WeightWriter:
         array = np.ascontiguousarray(array)
         if not self.external:
             return numpy_helper.from_array(array, name)
-        proto = onnx.TensorProto(name=name, dims=array.shape,
-                                 data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
-        self._file.seek(-self._file.tell() % _ALIGN, 1)
-        offset = self._file.tell()
+        proto = self._open(name, array.shape, array.dtype)
         array.tofile(self._file)
+        return self._close(proto)
+
+    def from_torch(self, name: str, tensor) -> onnx.TensorProto:
+        """An initializer named `name` holding a torch tensor of any layout (a transposed
+        view, say), floating ones upcast to fp32; when external, converted and written a block
+        of rows at a time, so that no whole fp32 or contiguous copy of it is ever made."""
+        if not self.external or tensor.ndim < 2:
+            return self.tensor(name, _numpy(tensor))
+        row = _numpy(tensor[:1])
+        proto = self._open(name, tuple(tensor.shape), row.dtype)
+        rows = max(1, _BLOCK_BYTES // row.nbytes)
+        for start in range(0, tensor.shape[0], rows):
+            _numpy(tensor[start:start + rows]).tofile(self._file)
+        return self._close(proto)
+
+    def _open(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> onnx.TensorProto:
+        """An external initializer's header, its data starting at the next page boundary."""
+        self._file.seek(-self._file.tell() % _ALIGN, 1)
+        self._start = self._file.tell()
+        return onnx.TensorProto(name=name, dims=shape,
+                                data_type=onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
+
+    def _close(self, proto: onnx.TensorProto) -> onnx.TensorProto:
         proto.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", self.path.name), ("offset", str(offset)),
-                           ("length", str(array.nbytes))):
+        for key, value in (("location", self.path.name), ("offset", str(self._start)),
+                           ("length", str(self._file.tell() - self._start))):
             proto.external_data.add(key=key, value=value)
         return proto
+
+
+def _numpy(tensor) -> np.ndarray:
+    """A torch tensor as a contiguous numpy array, floating dtypes as fp32."""
+    if tensor.is_floating_point():
+        tensor = tensor.float()
+    return tensor.contiguous().numpy()
 
 
 def nbytes(tensor: onnx.TensorProto) -> int:
