@@ -449,3 +449,15 @@ def test_a_bf16_checkpoint_exports_exact_fp32_graphs_and_records_its_memory(bf16
     model, _, _ = vlm_model.load(bf16_model_dir)
     assert memory["parameters"] == sum(p.numel() for p in model.parameters())
     assert memory["bound_mib"] == pytest.approx(1.5 * memory["bf16_mib"] + 2048, abs=0.1)
+
+
+def test_io_specs_read_from_the_graph_equal_onnxruntimes(fp32_bundle, quantized):
+    from rau_rt.engines import registry
+    from rau_rt.export.vlm.graphs import io_specs
+
+    files = [fp32_bundle / e.file for e in read_manifest(fp32_bundle).graphs]
+    bundle = Path(quantized["int4"]["bundle"])
+    files += [bundle / e.file for e in read_manifest(bundle).graphs]
+    for path in files:
+        with registry.open_engine(path, "onnxruntime", precision=path.name.split(".")[1]) as e:
+            assert io_specs(path) == (e.inputs, e.outputs), path.name

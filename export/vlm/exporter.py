@@ -39,7 +39,6 @@ from rau_rt.bundle import (
     tool_versions,
     write_manifest,
 )
-from rau_rt.engines import registry
 from rau_rt.errors import InputError
 from rau_rt.export.verify import (
     VLM_PATCH_ATOL,
@@ -235,8 +234,7 @@ def _ranges(layout: VlmLayout, graph: str, prompt: int, max_context: int) -> dic
 
 def _entry(path: Path, graph: str, precision: str, parity: dict, sha: str, command: str,
            ranges: dict | None = None, extra: dict | None = None) -> GraphEntry:
-    with registry.open_engine(path, "onnxruntime", precision=precision) as engine:
-        inputs, outputs = engine.inputs, engine.outputs
+    inputs, outputs = vlm_graphs.io_specs(path)
     import transformers
 
     exporter = {"name": "rau_rt.export.vlm.export_vlm", "version": __version__,

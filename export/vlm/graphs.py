@@ -22,6 +22,7 @@ import torch
 
 from rau_rt.engines.onnxruntime import PRECISION_METADATA_KEY
 from rau_rt.export.vlm import weights as vlm_weights
+from rau_rt.types import TensorSpec
 from rau_rt.vlm_layout import VlmLayout
 
 ONNX_OPSET = 18
@@ -228,6 +229,24 @@ def _standin_weights(module: torch.nn.Module):
     finally:
         for owner, name, parameter in swapped:
             owner._parameters[name] = parameter
+
+
+def io_specs(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """A graph file's (inputs, outputs), read from the graph alone: what an ONNX Runtime
+    session reports, without loading the weights (12 GB for a 3B-class fp32 decoder)."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+
+    def spec(value: onnx.ValueInfoProto) -> TensorSpec:
+        tensor = value.type.tensor_type
+        shape = tuple(d.dim_value if d.HasField("dim_value") else
+                      (d.dim_param if d.HasField("dim_param") else None)
+                      for d in tensor.shape.dim)
+        return TensorSpec(value.name, shape,
+                          onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name)
+
+    initializers = {t.name for t in graph.initializer}
+    return (tuple(spec(v) for v in graph.input if v.name not in initializers),
+            tuple(spec(v) for v in graph.output))
 
 
 def _attach_weights(model: onnx.ModelProto, module: torch.nn.Module, feeds: set[str],
