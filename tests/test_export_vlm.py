@@ -461,3 +461,53 @@ def test_io_specs_read_from_the_graph_equal_onnxruntimes(fp32_bundle, quantized)
     for path in files:
         with registry.open_engine(path, "onnxruntime", precision=path.name.split(".")[1]) as e:
             assert io_specs(path) == (e.inputs, e.outputs), path.name
+
+
+def test_a_decoder_over_the_part_budget_is_checked_in_parts_that_catch_a_bad_layer(model_dir,
+                                                                                   tmp_path):
+    from rau_rt.export.vlm import exporter
+    from rau_rt.export.vlm import stages as vlm_stages
+
+    model, _, fam = vlm_model.load(model_dir, stored_dtype=True)
+    layout = exporter.make_layout(model, fam.name, 448, False)
+    ids, patches = vlm_verify.runtime_inputs(vlm_verify.sample_images(layout.input_size),
+                                             layout, model_dir / "tokenizer.json")
+    paths, checks, layer_inputs = vlm_stages.export_fp32(model, layout, tmp_path, ids, patches)
+    assert len(layer_inputs) == layout.num_layers
+    whole = vlm_stages.check_fp32(paths, checks, layer_inputs)[DECODER]
+    parts = vlm_stages.check_fp32(paths, checks, layer_inputs, max_part_mib=1e-3)[DECODER]
+    assert "parts" not in whole
+    assert parts["parts"] == [{"layers": [0, 1], "passed": True},
+                              {"layers": [1, 2], "passed": True}]
+    # every output the whole graph has, plus the hidden state between the parts
+    assert set(whole["outputs"]) < set(parts["outputs"])
+    assert not list(tmp_path.glob("*.layers-*"))  # the parts' graphs are deleted
+    # a weight of the second layer off by 1 %: the second part fails, the first still passes
+    graph = onnx.load(str(paths[DECODER]))
+    weight = next(t for t in graph.graph.initializer if "layers.1.mlp.down_proj" in t.name)
+    weight.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(weight) * 1.01,
+                                                 weight.name))
+    onnx.save(graph, str(paths[DECODER]))
+    with pytest.raises(ParityError) as failed:
+        vlm_stages.check_fp32(paths, checks, layer_inputs, max_part_mib=1e-3)
+    assert "decoder layers 1 differ" in str(failed.value)  # the second run only
+
+
+def test_an_export_over_its_memory_bound_checks_in_parts_and_skips_the_fp32_bundle_run(
+        model_dir, tmp_path, monkeypatch):
+    from rau_rt.export.vlm import exporter
+
+    record = exporter.memory_record
+    # a bound below the tiny model's graphs: as a 3B-class export on a 13 GB bound
+    monkeypatch.setattr(exporter, "memory_record",
+                        lambda model: {**record(model), "bound_mib": 0.2})
+    summary = vlm.export_vlm(vlm.VlmExportConfig(out=tmp_path / "b", model=model_dir,
+                                                 precision="int4"))
+    assert "exceed the export's memory bound" in summary["end_to_end"]["skipped"]
+    assert "fp32 end to end: skipped" in vlm.format_summary(summary)
+    (decoder,) = read_manifest(tmp_path / "b").entries(DECODER)
+    assert decoder.precision == "int4"
+    assert "skipped" in decoder.parity["fp32_end_to_end"]
+    # the int4 decoder is still measured end to end against transformers
+    assert decoder.parity["positions"] == NEW_TOKENS and decoder.parity["top1_agreement"] > 0
+    assert "transformers eager fp32" in decoder.parity["reference"]

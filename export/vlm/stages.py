@@ -10,9 +10,12 @@ graphs and measure them against the same references.
 
 from __future__ import annotations
 
+import itertools
+import math
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
 from rau_rt import ops
@@ -52,8 +55,8 @@ VERIFIED_ON = "onnxruntime CPUExecutionProvider"
 Checks = dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]
 
 
-def export_fp32(model, layout: VlmLayout, out: Path, ids: np.ndarray,
-                patches: list[np.ndarray]) -> tuple[dict[str, Path], Checks]:
+def export_fp32(model, layout: VlmLayout, out: Path, ids: np.ndarray, patches: list[np.ndarray],
+                ) -> tuple[dict[str, Path], Checks, list[np.ndarray]]:
     """Write the fp32 graphs, and compute each graph's eager outputs on the prompt to check
     them (and their lowered copies) against once the model is gone (`check_fp32`).
 
@@ -62,7 +65,9 @@ def export_fp32(model, layout: VlmLayout, out: Path, ids: np.ndarray,
     (graphs.write_onnx).
 
     Returns:
-        (graph -> fp32 file, graph -> (feeds, expected outputs) as numpy).
+        (graph -> fp32 file, graph -> (feeds, expected outputs) as numpy, the hidden states
+        entering each decoder layer on the decoder's feeds: what a decoder too large to check
+        whole is checked in parts against, `check_fp32`).
     """
     paths = {g: out / f"{g}.fp32.onnx" for g in (*layout.vision_graphs, EMBED, DECODER)}
     deep = layout.deepstack_layers
@@ -96,7 +101,16 @@ def export_fp32(model, layout: VlmLayout, out: Path, ids: np.ndarray,
                    "position_ids": rope_positions(ids, layout)[0],
                    **({"deepstack_embeds": embedded["deepstack_embeds"]} if deep else {}),
                    **{n: np.zeros((1, kv, 0, d), np.float32) for n in layout.past_names}}
-        checks[DECODER] = (prefill, run(decoder, prefill, names))
+        layer_inputs: list[np.ndarray] = []
+        hooks = [layer.register_forward_pre_hook(
+            lambda _m, args, kwargs: layer_inputs.append(
+                (args[0] if args else kwargs["hidden_states"]).float().numpy().copy()),
+            with_kwargs=True) for layer in decoder.language_model.layers]
+        try:
+            checks[DECODER] = (prefill, run(decoder, prefill, names))
+        finally:
+            for hook in hooks:
+                hook.remove()
         for graph, (module, sample) in buckets.items():  # the aspect buckets' vision graphs
             checks[graph] = ({"pixel_values": sample},
                              run(module, {"pixel_values": sample}, visual_names))
@@ -122,19 +136,117 @@ def export_fp32(model, layout: VlmLayout, out: Path, ids: np.ndarray,
     for graph, (module, sample) in buckets.items():
         vlm_graphs.write_onnx(module, {"pixel_values": torch.from_numpy(sample)}, paths[graph],
                               visual_names, {}, "fp32")
-    return paths, checks
+    return paths, checks, layer_inputs
 
 
-def check_fp32(paths: dict[str, Path], checks: Checks) -> dict[str, dict]:
-    """Each fp32 graph against its eager outputs, one ONNX Runtime session at a time."""
+def check_fp32(paths: dict[str, Path], checks: Checks, layer_inputs: list[np.ndarray],
+               max_part_mib: float | None = None) -> dict[str, dict]:
+    """Each fp32 graph against its eager outputs, one ONNX Runtime session at a time.
+
+    A decoder whose weights exceed `max_part_mib` is checked in parts of consecutive layers
+    (`decoder_parts`), each fed the eager hidden state entering its first layer and compared
+    on the hidden state entering the next part (or the logits), its layers' KV and nothing
+    else: no session then holds more than a part's weights.
+    """
     parity = {}
     for graph, (feeds, expected) in checks.items():
-        with registry.open_engine(paths[graph], "onnxruntime", precision="fp32") as engine:
-            got = engine.run(feeds)
-        parity[graph] = compare(expected, got, "fp32")
+        parts = 1
+        if graph == DECODER and max_part_mib is not None:
+            parts = min(len(layer_inputs), math.ceil(graph_mib(paths[graph]) / max_part_mib))
+        if parts > 1:
+            parity[graph] = _check_decoder_in_parts(paths[graph], feeds, expected, layer_inputs,
+                                                    parts)
+            failed = [f"{a}" if b - a == 1 else f"{a}-{b - 1}" for (a, b), ok in (
+                (r["layers"], r["passed"]) for r in parity[graph]["parts"]) if not ok]
+            if failed:
+                raise ParityError(
+                    f"{paths[graph]}: decoder layers {', '.join(failed)} differ from the "
+                    f"PyTorch reference beyond the fp32 tolerance: " + str(
+                        {n: o for n, o in parity[graph]["outputs"].items() if not o["passed"]}))
+        else:
+            with registry.open_engine(paths[graph], "onnxruntime", precision="fp32") as engine:
+                got = engine.run(feeds)
+            parity[graph] = compare(expected, got, "fp32")
         require_parity(parity[graph], str(paths[graph]))
         parity[graph]["reference"] = f"torch {torch.__version__} eager fp32 on cpu"
     return parity
+
+
+def graph_mib(path: Path) -> float:
+    """A graph file's size with its external data, in MiB."""
+    data = path.with_name(path.name + ".data")
+    return (path.stat().st_size + (data.stat().st_size if data.is_file() else 0)) / 2**20
+
+
+def decoder_parts(model: onnx.ModelProto, layers: int, parts: int,
+                  ) -> list[tuple[int, int, str | None, str | None]]:
+    """`parts` runs of consecutive decoder layers: (first layer, end layer, the tensor entering
+    the first layer or None for layer 0, the tensor entering the end layer or None at the end).
+
+    The tensor entering layer k is the one its input RMSNorm reads from outside the layer
+    (TorchScript names nodes by module scope, "/language_model/layers.k/input_layernorm/...").
+    """
+    produced = {o: n.name for n in model.graph.node for o in n.output}
+
+    def entering(k: int) -> str:
+        scope = f"/language_model/layers.{k}/"
+        found = {name for n in model.graph.node if n.name.startswith(scope + "input_layernorm/")
+                 for name in n.input if name in produced and not produced[name].startswith(scope)
+                 and not produced[name].endswith("Constant")
+                 and "/Constant" not in produced[name]}
+        if len(found) != 1:
+            raise ParityError(f"decoder graph: cannot find the hidden state entering layer {k} "
+                              f"(candidates {sorted(found)}); check it whole instead")
+        return found.pop()
+
+    bounds = [round(i * layers / parts) for i in range(parts + 1)]
+    return [(a, b, entering(a) if a else None, entering(b) if b < layers else None)
+            for a, b in itertools.pairwise(bounds)]
+
+
+def _check_decoder_in_parts(path: Path, feeds: dict[str, np.ndarray],
+                            expected: dict[str, np.ndarray], layer_inputs: list[np.ndarray],
+                            parts: int) -> dict[str, object]:
+    """The decoder graph `path` checked in `parts` runs of layers (see check_fp32): each run is
+    extracted to a graph beside it that reads the same weight file, opened, run and deleted."""
+    from onnx.utils import Extractor
+
+    model = onnx.load(str(path), load_external_data=False)
+    runs = decoder_parts(model, len(layer_inputs), parts)
+    known = {v.name for v in model.graph.value_info}
+    for _, _, entry, _ in runs:  # the extractor types a part's new inputs from value_info
+        if entry and entry not in known:
+            model.graph.value_info.append(onnx.helper.make_tensor_value_info(
+                entry, onnx.TensorProto.FLOAT, ["batch", "sequence", layer_inputs[0].shape[-1]]))
+    extractor = Extractor(model)
+    inputs = [i.name for i in model.graph.input]
+    finals = [o.name for o in model.graph.output if not o.name.startswith("present.")]
+    outputs, parts_done = {}, []
+    for first, end, entry, leaving in runs:
+        kv = [f"present.{i}.{kind}" for i in range(first, end) for kind in ("key", "value")]
+        names = [*kv, *([leaving] if leaving else finals)]
+        part = extractor.extract_model([*inputs, *([entry] if entry else [])], names)
+        part_path = path.with_name(f"{path.stem}.layers-{first}-{end}.onnx")
+        onnx.save(part, str(part_path))  # its weights stay in the decoder's data file
+        del part
+        try:
+            with registry.open_engine(part_path, "onnxruntime", precision="fp32") as engine:
+                wanted = {s.name for s in engine.inputs}
+                part_feeds = {n: v for n, v in feeds.items() if n in wanted}
+                if entry:
+                    part_feeds[entry] = layer_inputs[first]
+                got = engine.run(part_feeds)
+        finally:
+            part_path.unlink(missing_ok=True)
+        want = {n: expected[n] for n in kv} | (
+            {leaving: layer_inputs[end]} if leaving else {n: expected[n] for n in finals})
+        record = compare(want, got, "fp32")
+        outputs.update(record["outputs"])
+        parts_done.append({"layers": [first, end], "passed": record["passed"]})
+    return {"precision": "fp32", "passed": all(p["passed"] for p in parts_done),
+            "outputs": outputs, "parts": parts_done,
+            "method": "in runs of consecutive layers, each fed the eager hidden state entering "
+                      "it (the whole graph exceeds the part budget)"}
 
 
 def bucket_samples(layout: VlmLayout) -> dict[tuple[int, int], np.ndarray]:
