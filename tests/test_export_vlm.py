@@ -511,3 +511,25 @@ def test_an_export_over_its_memory_bound_checks_in_parts_and_skips_the_fp32_bund
     # the int4 decoder is still measured end to end against transformers
     assert decoder.parity["positions"] == NEW_TOKENS and decoder.parity["top1_agreement"] > 0
     assert "transformers eager fp32" in decoder.parity["reference"]
+
+
+@pytest.mark.slow
+def test_the_small_class_int4_export_stays_within_its_memory_bound(tmp_path):
+    """The 0.5B-class model (bf16 on disk, 1.5 GiB) exported in its own process, as a user runs
+    it: peak RSS within 1.5x its bf16 bytes + 2 GiB, and a bundle of what runs only."""
+    model, out = tmp_path / "small", tmp_path / "bundle"
+    subprocess.run([sys.executable, "-c", "import sys; from rau_rt.export.vlm.model import "
+                    "build_random; build_random(sys.argv[1], 'small')", str(model)], check=True,
+                   capture_output=True)
+    done = subprocess.run([sys.executable, "-m", "rau_rt", "export", "vlm", "--model",
+                           str(model), "--precision", "int4", "--out", str(out), "--json"],
+                          capture_output=True, text=True, check=True)
+    summary = json.loads(done.stdout)
+    assert max(summary["stage_peak_rss_mib"].values()) <= summary["memory"]["bound_mib"]
+    assert summary["end_to_end"]["passed"]  # the fp32 graphs fit the bound: run whole
+    manifest = read_manifest(out)
+    graphs = [out / e.file for e in manifest.graphs]
+    kept = sum(f.stat().st_size for f in graphs) + sum(
+        data.stat().st_size for f in graphs if (data := vlm_weights.data_file(f)).is_file())
+    on_disk = sum(f.stat().st_size for f in out.iterdir())
+    assert on_disk - kept < 1 << 20  # the rest: tokenizer and JSON

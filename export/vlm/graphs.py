@@ -184,8 +184,8 @@ def write_onnx(module: torch.nn.Module, example: Mapping[str, torch.Tensor], pat
     `<file>.data`.
 
     A model held in bf16 or fp16 (rau_rt.export.vlm.model.load with `stored_dtype`) is traced
-    with fp32 stand-ins for its parameters (one value broadcast to their shapes: no memory;
-    the trace needs shapes, not values) and its weights are written upcast to fp32, so the graph
+    with fp32 stand-ins for its parameters (untouched zero pages: no memory; the trace needs
+    shapes, not values) and its weights are written upcast to fp32, so the graph
     is the fp32 graph of the stored weights.
     """
     with warnings.catch_warnings(), _standin_weights(module):
@@ -206,28 +206,35 @@ def write_onnx(module: torch.nn.Module, example: Mapping[str, torch.Tensor], pat
 
 @contextmanager
 def _standin_weights(module: torch.nn.Module):
-    """Swap every floating parameter under `module` for an fp32 stand-in of its shape, one
-    value broadcast, for the span of the context (tied parameters share one stand-in).
+    """Swap every floating parameter under `module` for an fp32 stand-in of its shape, for the
+    span of the context (tied parameters share one stand-in).
 
-    Each stand-in holds its own tiny value (k x 1e-20 for the k-th): the exporter merges
-    initializers of equal value, which would merge every same-shaped zero stand-in; values
-    this small keep activations near zero, so nothing overflows while tracing.
+    The stand-ins are views into one arena, allocated and never written but for one element
+    per stand-in: the system hands it out as zero pages, which reading does not make
+    resident, so tracing a 3B-class decoder costs no weight memory. (Broadcast stand-ins did
+    not: a Linear copies a broadcast weight to a dense one, 1.2 GB for a 3B lm_head.) Stand-in
+    k starts at element k and holds k x 1e-20 there: the exporter merges initializers of equal
+    value, and values this small keep the trace's activations near zero.
     """
-    swapped, standins = [], {}
-    for owner in module.modules():
-        for name, parameter in owner._parameters.items():
-            if parameter is None or not parameter.is_floating_point():
-                continue
-            if id(parameter) not in standins:
-                value = torch.full((), (len(standins) + 1) * 1e-20, dtype=torch.float32)
-                standins[id(parameter)] = torch.nn.Parameter(value.expand(parameter.shape),
-                                                             requires_grad=False)
-            swapped.append((owner, name, parameter))
-            owner._parameters[name] = standins[id(parameter)]
+    owners = [(owner, name, parameter) for owner in module.modules()
+              for name, parameter in owner._parameters.items()
+              if parameter is not None and parameter.is_floating_point()]
+    unique = list({id(p): p for _, _, p in owners}.values())
+    if not unique:
+        yield
+        return
+    arena = torch.empty(max(p.numel() for p in unique) + len(unique), dtype=torch.float32)
+    standins = {}
+    for k, parameter in enumerate(unique):
+        arena[k] = (k + 1) * 1e-20
+        standins[id(parameter)] = torch.nn.Parameter(
+            arena[k:k + parameter.numel()].view(parameter.shape), requires_grad=False)
+    for owner, name, parameter in owners:
+        owner._parameters[name] = standins[id(parameter)]
     try:
         yield
     finally:
-        for owner, name, parameter in swapped:
+        for owner, name, parameter in owners:
             owner._parameters[name] = parameter
 
 

@@ -36,6 +36,7 @@ from rau_rt.export.vlm import graphs as vlm_graphs
 from rau_rt.export.vlm import model as vlm_model
 from rau_rt.export.vlm import verify as vlm_verify
 from rau_rt.export.vlm.quantize import QuantizeConfig, quantize
+from rau_rt.profiling import release_freed_memory
 from rau_rt.vlm_layout import (
     DECODER,
     EMBED,
@@ -169,6 +170,7 @@ def check_fp32(paths: dict[str, Path], checks: Checks, layer_inputs: list[np.nda
             parity[graph] = compare(expected, got, "fp32")
         require_parity(parity[graph], str(paths[graph]))
         parity[graph]["reference"] = f"torch {torch.__version__} eager fp32 on cpu"
+        release_freed_memory()  # the session's heap, before the next graph's
     return parity
 
 
@@ -276,6 +278,20 @@ def _agreement(tokens: list[int], reference: list[int]) -> float:
     return same / max(len(tokens), len(reference), 1)
 
 
+class _VisionOutputs:
+    """A GraphRunner over `bundle` whose vision graph answers from outputs computed before
+    (in call order), so that a greedy run does not hold the vision tower beside the decoder."""
+
+    def __init__(self, vision, outputs: list[dict[str, np.ndarray]]) -> None:
+        self.vision_entry, self.outputs, self.bundle = vision.entry(VISION), list(outputs), None
+
+    def entry(self, graph: str):
+        return self.vision_entry if graph == VISION else self.bundle.entry(graph)
+
+    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.outputs.pop(0) if graph == VISION else self.bundle.run(graph, feeds)
+
+
 def eager_reference(model, hf, new_tokens: int) -> dict[str, object]:
     """transformers' answer on the prompt, in fp32 (the model may be held in its stored dtype):
     the last prefill logits, `generate`'s greedy tokens and the logits each was picked from."""
@@ -289,8 +305,13 @@ def end_to_end(out: Path, layout: VlmLayout, ids: np.ndarray, patches: list[np.n
     """Prefill logits and greedy tokens through the fp32 bundle vs transformers (`eager`)."""
     prompt = ids.shape[1]
     reference_logits, generated = eager["prefill_logits"], eager["tokens"]
-    with load_bundle(out, config=EngineConfig(precision="fp32")) as bundle:
-        tokens, logits = vlm_verify.greedy(bundle, layout, ids, patches, new_tokens,
+    config = EngineConfig(precision="fp32")
+    with load_bundle(out, config=config, graphs=[VISION]) as vision:
+        seen = _VisionOutputs(vision, [vision.run(VISION, {"pixel_values": p}) for p in patches])
+    release_freed_memory()  # the vision tower is not needed beside the decoder
+    with load_bundle(out, config=config, graphs=[EMBED, DECODER]) as bundle:
+        seen.bundle = bundle
+        tokens, logits = vlm_verify.greedy(seen, layout, ids, patches, new_tokens,
                                            min_new_tokens=new_tokens)
     result = {"prefill_logits_max_abs": float(np.max(np.abs(logits[0] - reference_logits))),
               "prefill_logits_cosine": vlm_verify.cosine(logits[0], reference_logits),
@@ -349,6 +370,7 @@ def quantize_graphs(out: Path, layout: VlmLayout, chosen: dict[str, str],
             if not parity["passed"]:
                 raise ParityError(f"{target}: outside its gate {parity['gate']}: {parity}")
         made[graph] = (target, parity)
+        release_freed_memory()
     return made
 
 
