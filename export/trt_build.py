@@ -263,13 +263,14 @@ def holds_fp32(onnx_path: str | Path) -> bool:
 def convert_fp16(onnx_path: str | Path, out: str | Path,
                  keep_fp32: Sequence[str] = FP32_SENSITIVE_OPS,
                  keep_fp32_nodes: Sequence[str] = (),
-                 keep_io_types: bool | Sequence[str] = True) -> Path:
+                 keep_io_types: bool | Sequence[str] = True, infer_shapes: bool = True) -> Path:
     """Write an fp16 copy of an fp32 graph for a strongly typed fp16 build.
 
     Strongly typed networks take their precision from the graph's types (TensorRT 10 deprecates
     the FP16 builder flag), so the graph itself becomes fp16. Inputs and outputs stay fp32 (Casts
     at the boundary; or only those named in `keep_io_types`, the others becoming float16), and
-    `keep_fp32` op types and `keep_fp32_nodes` node names stay fp32 inside.
+    `keep_fp32` op types and `keep_fp32_nodes` node names stay fp32 inside. `infer_shapes`
+    False: the graph carries its value_info already (the converter types its Casts from it).
     """
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -277,7 +278,7 @@ def convert_fp16(onnx_path: str | Path, out: str | Path,
     converted = convert_float_to_float16(
         model, keep_io_types=keep_io_types if isinstance(keep_io_types, bool)
         else list(keep_io_types), op_block_list=list(keep_fp32),
-        node_block_list=list(keep_fp32_nodes))
+        node_block_list=list(keep_fp32_nodes), disable_shape_infer=not infer_shapes)
     # The source's metadata says fp32; the copy must not (the ORT engine reads it).
     onnx.helper.set_model_props(converted, {PRECISION_METADATA_KEY: "fp16"})
     # protobuf caps one file at 2 GiB (a 3B decoder in fp16 is 6 GB): larger weights go to

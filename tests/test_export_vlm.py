@@ -533,3 +533,33 @@ def test_the_small_class_int4_export_stays_within_its_memory_bound(tmp_path):
         data.stat().st_size for f in graphs if (data := vlm_weights.data_file(f)).is_file())
     on_disk = sum(f.stat().st_size for f in out.iterdir())
     assert on_disk - kept < 1 << 20  # the rest: tokenizer and JSON
+
+
+@pytest.mark.parametrize("graph", [EMBED, DECODER])
+def test_streamed_fp16_conversion_equals_the_converter_on_the_whole_graph(fp32_bundle, tmp_path,
+                                                                          monkeypatch, graph):
+    from rau_rt.export.trt_build import FP32_SENSITIVE_OPS, convert_fp16
+    from rau_rt.export.vlm import fp16 as vlm_fp16
+
+    # weights to `<graph>.data` and written in several blocks, as for a 3B-class graph
+    monkeypatch.setattr(vlm_weights, "EXTERNAL_DATA_BYTES", 0)
+    monkeypatch.setattr(vlm_weights, "_BLOCK_BYTES", 300)
+    layout = read_layout(fp32_bundle)
+    source = fp32_bundle / f"{graph}.fp32.onnx"
+    ours = tmp_path / "ours.onnx"
+    vlm_fp16.convert(source, ours, graph, layout)
+    assert vlm_weights.data_file(ours).stat().st_size > 0
+    model = onnx.load(str(source))
+    keep = [v.name for v in (*model.graph.input, *model.graph.output)
+            if v.name not in vlm_fp16.float16_io(graph, layout)]
+    theirs = convert_fp16(source, tmp_path / "theirs.onnx", keep_fp32=FP32_SENSITIVE_OPS,
+                          keep_fp32_nodes=vlm_fp16.fp32_nodes(model), keep_io_types=keep)
+    a, b = onnx.load(str(ours)), onnx.load(str(theirs))
+    assert [(n.op_type, list(n.input), list(n.output)) for n in a.graph.node] == [
+        (n.op_type, list(n.input), list(n.output)) for n in b.graph.node]
+    mine = {t.name: onnx.numpy_helper.to_array(t, str(tmp_path)) for t in a.graph.initializer}
+    reference = {t.name: onnx.numpy_helper.to_array(t) for t in b.graph.initializer}
+    assert sorted(mine) == sorted(reference)
+    for name, value in reference.items():
+        assert mine[name].dtype == value.dtype, name
+        np.testing.assert_array_equal(mine[name], value, err_msg=name)

@@ -53,6 +53,7 @@ from rau_rt.vlm_layout import (
 VERIFIED_ON = "onnxruntime CPUExecutionProvider"
 
 
+# graph -> (feeds, expected outputs): what each graph, and its lowered copy, is checked on
 Checks = dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]
 
 

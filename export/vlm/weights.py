@@ -57,18 +57,24 @@ class WeightWriter:
         array.tofile(self._file)
         return self._close(proto)
 
+    def rows(self, name: str, array, convert) -> onnx.TensorProto:
+        """An initializer named `name` holding `convert(array)`, where `array` is anything
+        sliced by rows (a torch view, a numpy memmap) and `convert` maps a block of its rows to
+        a numpy array; when external, converted and written a block of rows at a time, so that
+        no whole converted copy of it is ever made."""
+        if not self.external or len(array.shape) < 2:
+            return self.tensor(name, convert(array[...]))
+        row = convert(array[:1])
+        proto = self._open(name, tuple(array.shape), row.dtype)
+        rows = max(1, _BLOCK_BYTES // row.nbytes)
+        for start in range(0, array.shape[0], rows):
+            np.ascontiguousarray(convert(array[start:start + rows])).tofile(self._file)
+        return self._close(proto)
+
     def from_torch(self, name: str, tensor) -> onnx.TensorProto:
         """An initializer named `name` holding a torch tensor of any layout (a transposed
-        view, say), floating ones upcast to fp32; when external, converted and written a block
-        of rows at a time, so that no whole fp32 or contiguous copy of it is ever made."""
-        if not self.external or tensor.ndim < 2:
-            return self.tensor(name, _numpy(tensor))
-        row = _numpy(tensor[:1])
-        proto = self._open(name, tuple(tensor.shape), row.dtype)
-        rows = max(1, _BLOCK_BYTES // row.nbytes)
-        for start in range(0, tensor.shape[0], rows):
-            _numpy(tensor[start:start + rows]).tofile(self._file)
-        return self._close(proto)
+        view, say), floating ones upcast to fp32, written by `rows`."""
+        return self.rows(name, tensor, _numpy)
 
     def _open(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> onnx.TensorProto:
         """An external initializer's header, its data starting at the next page boundary."""
@@ -97,6 +103,16 @@ def nbytes(tensor: onnx.TensorProto) -> int:
     if tensor.data_location == onnx.TensorProto.EXTERNAL:
         return int({e.key: e.value for e in tensor.external_data}["length"])
     return numpy_helper.to_array(tensor).nbytes if not tensor.raw_data else len(tensor.raw_data)
+
+
+def mapped(tensor: onnx.TensorProto, directory: Path) -> np.ndarray:
+    """An initializer's values, external data mapped from its file (read as it is sliced)."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(tensor)
+    info = {e.key: e.value for e in tensor.external_data}
+    return np.memmap(directory / info["location"], mode="r",
+                     dtype=onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type),
+                     offset=int(info.get("offset", 0)), shape=tuple(tensor.dims))
 
 
 def read(tensor: onnx.TensorProto, directory: Path) -> np.ndarray:
