@@ -281,13 +281,16 @@ def _agreement(tokens: list[int], reference: list[int]) -> float:
 
 class _VisionOutputs:
     """A GraphRunner over `bundle` whose vision graph answers from outputs computed before
-    (in call order), so that a greedy run does not hold the vision tower beside the decoder."""
+    (in call order), so that a greedy run does not hold the vision tower beside the decoder.
+    Every vision graph (the aspect buckets' too, unused here) declares the square one's
+    inputs."""
 
-    def __init__(self, vision, outputs: list[dict[str, np.ndarray]]) -> None:
+    def __init__(self, vision, layout: VlmLayout, outputs: list[dict[str, np.ndarray]]) -> None:
         self.vision_entry, self.outputs, self.bundle = vision.entry(VISION), list(outputs), None
+        self.vision_graphs = set(layout.vision_graphs)
 
     def entry(self, graph: str):
-        return self.vision_entry if graph == VISION else self.bundle.entry(graph)
+        return self.vision_entry if graph in self.vision_graphs else self.bundle.entry(graph)
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.outputs.pop(0) if graph == VISION else self.bundle.run(graph, feeds)
@@ -308,7 +311,8 @@ def end_to_end(out: Path, layout: VlmLayout, ids: np.ndarray, patches: list[np.n
     reference_logits, generated = eager["prefill_logits"], eager["tokens"]
     config = EngineConfig(precision="fp32")
     with load_bundle(out, config=config, graphs=[VISION]) as vision:
-        seen = _VisionOutputs(vision, [vision.run(VISION, {"pixel_values": p}) for p in patches])
+        seen = _VisionOutputs(vision, layout,
+                              [vision.run(VISION, {"pixel_values": p}) for p in patches])
     release_freed_memory()  # the vision tower is not needed beside the decoder
     with load_bundle(out, config=config, graphs=[EMBED, DECODER]) as bundle:
         seen.bundle = bundle
