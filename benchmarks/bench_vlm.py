@@ -1,6 +1,6 @@
 """VLM on CPU: prefill, per-token decode and 24-token generation, our graphs vs transformers.
 
-    python -m benchmarks.bench_vlm [--quick] [--json PATH]
+    python -m benchmarks.bench_vlm [--quick | --scale] [--json PATH]
 
 Each model size is built once as a random-init folder (in its own process) and exported with
 `rau-rt export vlm --model DIR --precision int4 --keep-reference` in its own process too, so
@@ -21,9 +21,9 @@ export's peak RSS at the end of each stage against its memory bound (1.5 x the c
 bf16 bytes + 2 GiB), the checkpoint's bytes, every decoder graph's bytes and those of the
 bundle an int4 export without `--keep-reference` keeps.
 Sizes: tiny (the unit tests' model) and, in full mode, small: a 0.5B-class Qwen2.5 text model
-(hidden 896, 24 layers, vocab 151936) with a 1280-wide vision tower of 8 blocks, and 3b:
-Qwen2.5-VL 3B's shapes (text 2048 x 36 layers, the 32-block vision tower), for which only the
-export and each decoder's per-token latency are measured (`EXPORT_ONLY`).
+(hidden 896, 24 layers, vocab 151936) with a 1280-wide vision tower of 8 blocks. `--scale`:
+3b, Qwen2.5-VL 3B's shapes (text 2048 x 36 layers, the 32-block vision tower), for which only
+the export and each decoder's per-token latency are measured (`EXPORT_ONLY`).
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ NEW_TOKENS = 24
 TURN = 5
 # (size, warmup, timed repetitions); small's prefill (15-25 s a call on 2 shared cores) is
 # timed twice per entry.
-RUNS = {"quick": [("tiny", 2, 10)],
-        "full": [("tiny", 3, 20), ("small", 1, 10), ("3b", 0, 5)]}
+RUNS = {"quick": [("tiny", 2, 10)], "full": [("tiny", 3, 20), ("small", 1, 10)],
+        "scale": [("3b", 0, 5)]}
 # Sizes measured without transformers: the export and the decoders' per-token latency only
 # (the fp32 model in transformers would hold 15 GB at 3b; the export holds it in bf16).
 EXPORT_ONLY = ("3b",)
@@ -271,15 +271,22 @@ def _decode_only(size: str, out: Path, layout, repeat: int) -> list[dict[str, ob
 
 
 def main(argv: list[str] | None = None) -> int:
+    scale = "--scale" in (sys.argv[1:] if argv is None else argv)
+
     def collect(args, workdir: Path) -> tuple[list, dict]:
         cases, exports = [], {}
-        for size, warmup, repeat in RUNS["quick" if args.quick else "full"]:
+        mode = "scale" if args.scale else "quick" if args.quick else "full"
+        for size, warmup, repeat in RUNS[mode]:
             made, exports[size] = _bench_size(size, warmup, args.repeat or repeat, workdir)
             cases += made
         return cases, {"exports": exports}
 
-    return run_suite("bench_vlm", __doc__, "benchmarks/results/vlm_cpu.json", collect,
-                     argv=argv, suite=SUITE,
+    return run_suite("bench_vlm", __doc__, "benchmarks/results/vlm_scale_cpu.json" if scale
+                     else "benchmarks/results/vlm_cpu.json", collect, argv=argv, suite=SUITE,
+                     extra_args=lambda parser: parser.add_argument(
+                         "--scale", action="store_true",
+                         help="the 3b size only (about 25 minutes, 35 GB of disk): its export "
+                              "and each decoder's per-token latency, to vlm_scale_cpu.json"),
                      device_extra=lambda: {"torch_threads": torch.get_num_threads()})
 
 

@@ -47,7 +47,20 @@ def latency_stats(samples_ms: Sequence[float] | np.ndarray,
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident set size so far, MiB."""
+    """This process's peak resident set size so far, MiB.
+
+    On Linux, the memory map's high-water mark (/proc/self/status VmHWM): `ru_maxrss` carries
+    over an exec from the forked parent's memory, so a process started by a large one (a
+    benchmark that spawns an export) would report the parent's size as its own floor
+    (13.5 GB for a 3B-class export spawned by bench_vlm, whose own peak was lower).
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024  # bytes vs KiB
 

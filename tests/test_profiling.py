@@ -131,3 +131,17 @@ def test_run_profile_says_when_its_statistics_come_from_histograms():
     short = RunProfile()
     short.write(None, result(0, 10.0, {}))
     assert "statistics" not in short.summary()
+
+
+def test_a_spawned_process_reports_its_own_peak_rss_not_its_parents():
+    import subprocess
+    import sys
+
+    from rau_rt.profiling import peak_rss_mib
+
+    held = np.ones(400 << 20, np.uint8)  # 400 MiB resident in this process
+    assert peak_rss_mib() >= 400
+    child = subprocess.run([sys.executable, "-c", "from rau_rt.profiling import peak_rss_mib; "
+                            "print(peak_rss_mib())"], capture_output=True, text=True, check=True)
+    assert float(child.stdout) < 300  # ru_maxrss would carry this process's 400+ MiB over
+    del held
