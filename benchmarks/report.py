@@ -29,6 +29,8 @@ SUITES = {
                           "free / transformers generate",
     "vlm_cpu.json": ("VLM graphs: prefill and per-token decode, fp32 / int8 (weight-only, "
                      "dynamic) / int4 vs transformers"),
+    "vlm_scale_cpu.json": ("VLM decoders at Qwen2.5-VL 3B's shapes: per decode token, each "
+                           "decoder alone after the fp32 graph (`bench_vlm --scale`)"),
     "pipeline_demo_cpu.json": "Pipeline end to end (`rau-rt bench`): the demo bundle (trained "
                               "demo SAM2 micro 256 px + random-init Qwen2.5-VL tiny 224 px), "
                               "live at 15 fps",
