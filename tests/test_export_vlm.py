@@ -563,3 +563,18 @@ def test_streamed_fp16_conversion_equals_the_converter_on_the_whole_graph(fp32_b
     for name, value in reference.items():
         assert mine[name].dtype == value.dtype, name
         np.testing.assert_array_equal(mine[name], value, err_msg=name)
+
+
+def test_a_qwen3_vl_decoder_checks_in_parts_across_its_deepstack_adds(tmp_path):
+    from rau_rt.export.vlm import exporter
+    from rau_rt.export.vlm import stages as vlm_stages
+
+    # the hidden state entering layers 1 and 2 is the deepstack add's, outside the layers
+    source = vlm_model.build_random(tmp_path / "model", "tiny", "qwen3_vl")
+    model, _, fam = vlm_model.load(source, stored_dtype=True)
+    layout = exporter.make_layout(model, fam.name, 224, False)
+    ids, patches = vlm_verify.runtime_inputs(vlm_verify.sample_images(layout.input_size),
+                                             layout, source / "tokenizer.json")
+    paths, checks, layer_inputs = vlm_stages.export_fp32(model, layout, tmp_path, ids, patches)
+    parity = vlm_stages.check_fp32(paths, checks, layer_inputs, max_part_mib=1e-4)[DECODER]
+    assert parity["parts"] == [{"layers": [k, k + 1], "passed": True} for k in range(3)]

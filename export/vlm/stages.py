@@ -35,6 +35,7 @@ from rau_rt.export.vlm import fp16 as vlm_fp16
 from rau_rt.export.vlm import graphs as vlm_graphs
 from rau_rt.export.vlm import model as vlm_model
 from rau_rt.export.vlm import verify as vlm_verify
+from rau_rt.export.vlm import weights as vlm_weights
 from rau_rt.export.vlm.quantize import QuantizeConfig, quantize
 from rau_rt.profiling import release_freed_memory
 from rau_rt.vlm_layout import (
@@ -177,7 +178,7 @@ def check_fp32(paths: dict[str, Path], checks: Checks, layer_inputs: list[np.nda
 
 def graph_mib(path: Path) -> float:
     """A graph file's size with its external data, in MiB."""
-    data = path.with_name(path.name + ".data")
+    data = vlm_weights.data_file(path)
     return (path.stat().st_size + (data.stat().st_size if data.is_file() else 0)) / 2**20
 
 
@@ -195,7 +196,6 @@ def decoder_parts(model: onnx.ModelProto, layers: int, parts: int,
         scope = f"/language_model/layers.{k}/"
         found = {name for n in model.graph.node if n.name.startswith(scope + "input_layernorm/")
                  for name in n.input if name in produced and not produced[name].startswith(scope)
-                 and not produced[name].endswith("Constant")
                  and "/Constant" not in produced[name]}
         if len(found) != 1:
             raise ParityError(f"decoder graph: cannot find the hidden state entering layer {k} "
