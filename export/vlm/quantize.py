@@ -22,8 +22,9 @@ EPYC, ONNX Runtime 1.32), ms per call, output cosine to fp32 on a random input:
 
 Weight-only int8 with fp32 activations (accuracy_level 0) has no fast CPU kernel: 156 ms per
 decode token there, slower than fp32. On the whole 0.5B-class decoder (`benchmarks.bench_vlm`)
-the two int8 methods decode equally fast (49.7 vs 49.2 ms per token) and dynamic's prefill is
-1.2x faster. Quantized graphs are written one weight at a time (`quantize`).
+the two int8 methods decode within 20 % of each other (49.7 vs 49.2 ms per token in one run,
+57.7 vs 48.3 in the next) and dynamic's prefill is 1.2x faster. Quantized graphs are written
+one weight at a time (`quantize`).
 """
 
 from __future__ import annotations
