@@ -44,6 +44,7 @@ from rau_rt.engines import registry
 from rau_rt.export.vlm import model as vlm_model
 from rau_rt.export.vlm import verify as vlm_verify
 from rau_rt.export.vlm.quantize import QuantizeConfig, quantize
+from rau_rt.export.vlm.stages import graph_mib
 from rau_rt.vlm_decoding import Decoder
 from rau_rt.vlm_layout import DECODER, EMBED, decode_positions, read_layout, rope_positions
 
@@ -74,8 +75,7 @@ class Decoders:
 
 def _mib(*files: Path) -> float:
     """Bytes on disk of the files (and their external data), MiB."""
-    data = [f.with_name(f.name + ".data") for f in files]
-    return round(sum(f.stat().st_size for f in (*files, *data) if f.is_file()) / 2**20, 1)
+    return round(sum(graph_mib(f) for f in files if f.is_file()), 1)
 
 
 def _export(model_dir: Path, out: Path, precision: str, keep_reference: bool) -> dict:

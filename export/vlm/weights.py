@@ -116,12 +116,6 @@ def mapped(tensor: onnx.TensorProto, directory: Path) -> np.ndarray:
 
 
 def read(tensor: onnx.TensorProto, directory: Path) -> np.ndarray:
-    """An initializer's values; external data is read from its file, this tensor only."""
-    if tensor.data_location != onnx.TensorProto.EXTERNAL:
-        return numpy_helper.to_array(tensor)
-    info = {e.key: e.value for e in tensor.external_data}
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-    count = int(info["length"]) // dtype.itemsize
-    array = np.fromfile(directory / info["location"], dtype=dtype, count=count,
-                        offset=int(info.get("offset", 0)))
-    return array.reshape(tuple(tensor.dims))
+    """An initializer's values in memory; external data is read from its file, this tensor
+    only."""
+    return np.array(mapped(tensor, directory))
