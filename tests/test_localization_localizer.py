@@ -285,7 +285,8 @@ def test_forced_tokens_share_decoder_calls(bundle, reference):
         result = localizer.locate_result(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8))
         if '"label"' in result.text:  # at least one item: its keys are forced
             break
-    # one prefill, then one call per chosen token; `"bbox_2d":` and `,"label":"` ride along
+    # one prefill, then one call per chosen token; `{"label":`, the name and `,"bbox_2d":` ride
+    # along
     assert counting.decoder_calls < result.generated_tokens
 
 

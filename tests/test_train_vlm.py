@@ -142,14 +142,16 @@ def test_the_default_grammar_wants_every_region_in_order(model_layout, maker):
             constraint.advance(token)
         return constraint.is_stopped()
 
-    both = '[{"bbox_2d":[1,2,30,40],"label":"a"},{"bbox_2d":null,"label":"b"}]'
-    swapped = '[{"bbox_2d":null,"label":"b"},{"bbox_2d":[1,2,30,40],"label":"a"}]'
-    only_a = '[{"bbox_2d":[1,2,30,40],"label":"a"}]'
-    three = "[" + ",".join(['{"bbox_2d":null,"label":"a"}'] * 3) + "]"
+    both = '[{"label":"a","bbox_2d":[1,2,30,40]},{"label":"b","bbox_2d":null}]'
+    swapped = '[{"label":"b","bbox_2d":null},{"label":"a","bbox_2d":[1,2,30,40]}]'
+    only_a = '[{"label":"a","bbox_2d":[1,2,30,40]}]'
+    three = "[" + ",".join(['{"label":"a","bbox_2d":null}'] * 3) + "]"
+    box_first = '[{"bbox_2d":[1,2,30,40],"label":"a"},{"bbox_2d":null,"label":"b"}]'
     assert accepts("every", both) and accepts("any", both)
     assert not accepts("every", swapped) and accepts("any", swapped)
     assert not accepts("every", only_a) and accepts("any", only_a)
     assert not accepts("every", three) and not accepts("any", three)  # at most one per region
+    assert not accepts("every", box_first) and not accepts("any", box_first)  # label first
 
 
 def test_pairs_are_reproducible_and_only_the_answer_is_labelled(maker):
@@ -188,14 +190,15 @@ def test_three_steps_on_a_fixed_pair_lower_the_loss(maker, model_layout):
 
 
 def test_the_auxiliary_cells_mark_where_the_segments_are(model_layout):
-    """The dense target of the trainer's vision probe: every visible requested segment's box
-    centre lies in an occupied cell of its channel, cells of a segment that is not visible
-    are empty, and the grid is the target's bucket; a probe step lowers its loss."""
+    """The dense targets of the trainer's probes: every visible requested segment's box
+    centre lies in an occupied cell of its channel, its box in `boxes` is its truth box, and
+    the grid is the target's bucket; probe steps lower their loss."""
     import torch
     import transformers
 
+    from rau_rt.geometry import box_iou
     from rau_rt.synthetic import SEGMENTS
-    from rau_rt.train.vlm_trainer import AuxHead, pair_loss
+    from rau_rt.train.vlm_trainer import AuxHead, forward
 
     folder, layout = model_layout
     cells_maker = PairMaker(layout, (folder / "tokenizer.json").read_text(), augment=False,
@@ -217,17 +220,20 @@ def test_the_auxiliary_cells_mark_where_the_segments_are(model_layout):
             near = channel[max(0, int(cy * rows / height) - 1):int(cy * rows / height) + 2,
                            max(0, int(cx * cols / width) - 1):int(cx * cols / width) + 2]
             assert near.any(), (seed, name)
+            fraction = query.boxes[SEGMENTS.index(name)]
+            assert box_iou(tuple(fraction * [width, height, width, height]), box) > 0.9
             checked += 1
     assert checked >= 10
     torch.manual_seed(0)
     model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(folder).train()
     head = AuxHead(model)
-    optimizer = torch.optim.AdamW(head.linear.parameters(), lr=1e-2)
+    optimizer = torch.optim.AdamW(head.heads.parameters(), lr=1e-2)
     pair = cells_maker.draw(10_000_000)
     losses = []
     for _ in range(3):
-        pair_loss(model, pair)  # the forward pass the probe reads the vision tokens of
-        loss = head.loss(pair)
+        loss, terms = head.loss(pair, forward(model, pair, hidden_states=True))
+        assert set(terms) == {"occupancy", "relative_box", "cell", "absolute_box"}
+        assert terms["relative_box"] > 0 and terms["absolute_box"] > 0  # segments reach cells
         losses.append(loss.item())
         optimizer.zero_grad()
         loss.backward()

@@ -72,6 +72,7 @@ class Pair:
     frame_size: tuple[int, int]
     input_sizes: tuple[tuple[int, int], ...]  # each image's model-input (height, width)
     cells: np.ndarray | None = None  # the target's `occupancy` (training draws only)
+    boxes: np.ndarray | None = None  # the target's `segment_boxes` (training draws only)
 
     @property
     def answer_tokens(self) -> int:
@@ -99,6 +100,7 @@ class Query:
     calibre_mm: dict[str, float]
     spacing_mm: float
     cells: np.ndarray | None = None
+    boxes: np.ndarray | None = None
 
 
 def occupancy(masks: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
@@ -111,6 +113,20 @@ def occupancy(masks: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     cells = [cv2.resize(m.astype(np.float32), (cols, rows), interpolation=cv2.INTER_AREA) > 0
              for m in masks]
     return np.stack(cells, -1).reshape(rows * cols, len(masks)).astype(np.float32)
+
+
+def segment_boxes(masks: np.ndarray) -> np.ndarray:
+    """[len(SEGMENTS), 4] float32: each segment's box (x1, y1, x2, y2) as fractions of the
+    frame's width and height, from (len(SEGMENTS), H, W) bool masks; NaN where a segment has
+    no lumen in the frame. The box targets of the trainer's auxiliary heads."""
+    height, width = masks.shape[1:]
+    boxes = np.full((len(masks), 4), np.nan, np.float32)
+    for i, mask in enumerate(masks):
+        ys, xs = np.nonzero(mask)
+        if len(xs):
+            boxes[i] = (xs.min() / width, ys.min() / height, (xs.max() + 1) / width,
+                        (ys.max() + 1) / height)
+    return boxes
 
 
 def answer_text(truth: dict[str, Box | None], layout: VlmLayout,
@@ -205,7 +221,7 @@ class PairMaker:
         another draw from it); None when the reference cannot show its segments."""
         query = self.query(seed)
         return None if query is None else self.pair(query.reference, query.frame, query.names,
-                                                    query.truth, query.cells)
+                                                    query.truth, query.cells, query.boxes)
 
     def query(self, seed: int) -> Query | None:
         """`draw`'s question and truth before tokenizing; None where `draw` gives None."""
@@ -248,15 +264,17 @@ class PairMaker:
             masks = np.stack([segments[n].mask(size) if n in segments and segments[n].present
                               else empty for n in SEGMENTS])
         view, truth, masks = reframe(view, segments, names, rng, masks)
-        cells = None
+        cells = boxes = None
         if masks is not None:
             cells = occupancy(masks, self.layout.merged_grid(self.layout.size_for(view.shape)))
+            boxes = segment_boxes(masks)
         return Query(reference, view, names, truth,
                      {n: float(target.meta.diameters_mm[n]) for n in names},
-                     float(target.meta.pixel_spacing_mm), cells)
+                     float(target.meta.pixel_spacing_mm), cells, boxes)
 
     def pair(self, reference: Reference, frame: np.ndarray, names: tuple[str, ...],
-             truth: dict[str, Box | None], cells: np.ndarray | None = None) -> Pair:
+             truth: dict[str, Box | None], cells: np.ndarray | None = None,
+             boxes: np.ndarray | None = None) -> Pair:
         """The pair for a reference, an 8-bit target frame and its truth boxes."""
         parts = prompts.locate_parts(reference, self.layout, names, self.system)
         frame_size = (int(frame.shape[0]), int(frame.shape[1]))
@@ -271,7 +289,8 @@ class PairMaker:
         patches = (image_patches(reference.image, self.layout, reference.channel_order),
                    image_patches(prompts.annotated_image(reference), self.layout, "rgb"),
                    image_patches(frame, self.layout, "rgb"))
-        return Pair(names, ids, labels, patches, answer, dict(truth), frame_size, sizes, cells)
+        return Pair(names, ids, labels, patches, answer, dict(truth), frame_size, sizes, cells,
+                    boxes)
 
     def stream(self, first_seed: int):
         """Pairs of consecutive seeds from `first_seed` (skipping unusable draws), with the

@@ -64,7 +64,7 @@ class VlmTrainConfig:
     # aspects at its pixel budget (`rau_rt.vlm_layout.aspect_sizes`)
     steps: int = 9000  # ~80 min on 2 cores (a step is ~0.5 s: draw, forward, backward)
     lr: float = 5e-4
-    aux_weight: float = 1.0  # the vision tower's dense segment-occupancy loss (0: off)
+    aux_weight: float = 1.0  # the probes' dense losses (`AuxHead`; 0: off)
     weight_decay: float = 0.05
     warmup: int = 300
     grad_clip: float = 1.0
@@ -153,41 +153,88 @@ def restore(weights: Path, folder: Path) -> Path:
     return folder
 
 
-def pair_loss(model, pair: Pair):
-    """Mean cross-entropy of the answer tokens (transformers shifts the labels)."""
+def forward(model, pair: Pair, hidden_states: bool = False):
+    """The model's outputs on a pair, with the answer's mean cross-entropy as `.loss`
+    (transformers shifts the labels); `hidden_states`: every decoder layer's output too."""
     import torch
 
     ids = torch.from_numpy(pair.ids)
     return model(input_ids=ids, attention_mask=torch.ones_like(ids), **_vision(pair),
-                 labels=torch.from_numpy(pair.labels)).loss
+                 labels=torch.from_numpy(pair.labels), output_hidden_states=hidden_states)
+
+
+def pair_loss(model, pair: Pair):
+    """Mean cross-entropy of the answer tokens."""
+    return forward(model, pair).loss
 
 
 class AuxHead:
-    """The trainer's auxiliary loss on the vision tower: a linear probe of the target image's
-    merged visual tokens predicts which segments' lumen reaches each token's cell
-    (`vlm_data.occupancy`, binary cross-entropy). Dense, per-location supervision teaches a
-    from-scratch vision tower where each segment is far sooner than the answer's few box
-    digits do. The probe is training-only: the model folder and the shipped weights are a
-    plain Qwen2.5-VL.
+    """The trainer's auxiliary losses: two linear probes of the target image's tokens with
+    dense, per-location targets (`vlm_data.occupancy`, `vlm_data.segment_boxes`). The answer's
+    few box digits tell a from-scratch model little; these tell it at every token where each
+    segment is and what its box is. The probes are training-only: the model folder and the
+    shipped weights are a plain Qwen2.5-VL.
+
+    - vision: the vision tower's merged tokens predict which segments reach each token's cell
+      (binary cross-entropy, occupied cells weighted `AUX_POS_WEIGHT`) and, for each segment
+      that does, its box edges' distances from the cell centre (smooth L1, in cells). The
+      tower's attention is relative (2-D RoPE), so it can know a box only relative to a cell.
+    - text: the decoder's hidden state at the target's image tokens after layer
+      `probe_layer` predicts the token's own cell (row, column) and each reaching segment's
+      box in the image (smooth L1, in cells). Those absolute positions are what the answer
+      writes; the decoder can only learn them from its M-RoPE and causal attention, and here
+      it is told to, so that later layers can copy a segment's box from its tokens.
     """
 
     def __init__(self, model) -> None:
         import torch
 
-        self.linear = torch.nn.Linear(model.config.text_config.hidden_size, len(SEGMENTS))
+        hidden = model.config.text_config.hidden_size
+        count = len(SEGMENTS)
+        self.probe_layer = max(1, model.config.text_config.num_hidden_layers // 2)
+        self.image_token = int(model.config.image_token_id)
+        self.merge = FAMILIES[FAMILY].patch_size * FAMILIES[FAMILY].merge_size
+        self.heads = torch.nn.ModuleDict({"vision": torch.nn.Linear(hidden, 5 * count),
+                                          "text": torch.nn.Linear(hidden, 2 + 4 * count)})
         self._merged = None
         model.model.visual.register_forward_hook(self._keep)
 
     def _keep(self, module, inputs, output) -> None:
         self._merged = output.pooler_output  # every image's merged tokens, in prompt order
 
-    def loss(self, pair: Pair):
+    def loss(self, pair: Pair, outputs) -> tuple[object, dict[str, float]]:
+        """The sum of the probes' losses for a pair's forward `outputs` (with hidden states),
+        and each term."""
         import torch
+        from torch.nn.functional import binary_cross_entropy_with_logits, smooth_l1_loss
 
-        target = torch.from_numpy(pair.cells)
-        tokens = self._merged[-target.shape[0]:]  # the target image is the last
-        return torch.nn.functional.binary_cross_entropy_with_logits(
-            self.linear(tokens), target, pos_weight=torch.tensor(AUX_POS_WEIGHT))
+        cells = torch.from_numpy(pair.cells)  # [N, S]
+        count = cells.shape[1]
+        height, width = pair.input_sizes[-1]
+        rows, cols = height // self.merge, width // self.merge
+        scale = torch.tensor([cols, rows, cols, rows], dtype=torch.float32)
+        boxes = torch.from_numpy(pair.boxes) * scale  # [S, 4] in cells, NaN: absent
+        r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+        centre = torch.stack([c.flatten(), r.flatten()], 1).float() + 0.5  # [N, 2] x, y
+        reach = (cells > 0) & ~torch.isnan(boxes[:, 0])[None]  # [N, S]
+        vision = self.heads["vision"](self._merged[-cells.shape[0]:]).view(-1, count, 5)
+        occupied = binary_cross_entropy_with_logits(vision[..., 0], cells,
+                                                    pos_weight=torch.tensor(AUX_POS_WEIGHT))
+        xy = centre[:, None].repeat(1, 1, 2)  # [N, 1, 4]: x, y, x, y
+        edges = torch.cat([xy[..., :2] - boxes[None, :, :2], boxes[None, :, 2:] - xy[..., 2:]],
+                          -1)  # [N, S, 4] distances left, top, right, bottom
+        positions = torch.nonzero(torch.from_numpy(pair.ids[0]) == self.image_token)[:, 0]
+        tokens = outputs.hidden_states[self.probe_layer][0, positions[-cells.shape[0]:]]
+        text = self.heads["text"](tokens)
+        cell = smooth_l1_loss(text[:, :2], centre)
+        zero = text.sum() * 0
+        relative = smooth_l1_loss(vision[..., 1:][reach], edges[reach]) if reach.any() else zero
+        absolute = (smooth_l1_loss(text[:, 2:].view(-1, count, 4)[reach],
+                                   boxes[None].expand(len(centre), -1, -1)[reach])
+                    if reach.any() else zero)
+        terms = {"occupancy": occupied, "relative_box": relative, "cell": cell,
+                 "absolute_box": absolute}
+        return sum(terms.values()), {k: v.item() for k, v in terms.items()}
 
 
 def _vision(pair: Pair) -> dict[str, object]:
@@ -276,6 +323,30 @@ class _GrammarMask:
         return scores.masked_fill(~allowed, float("-inf"))
 
 
+def _prefetched(stream, depth: int = 2):
+    """`stream`'s items, drawn `depth` ahead by a daemon thread: rendering a pair (numpy and
+    OpenCV, which release the GIL) overlaps the step's forward and backward passes. The items
+    and their order are the stream's, so a resumed run draws the same pairs."""
+    import queue
+    import threading
+
+    ready: queue.Queue = queue.Queue(depth)
+
+    def fill() -> None:
+        try:
+            for item in stream:
+                ready.put((item, None))
+        except BaseException as error:  # handed to the consumer, which re-raises it
+            ready.put((None, error))
+
+    threading.Thread(target=fill, daemon=True, name="vlm-pairs").start()
+    while True:
+        item, error = ready.get()
+        if error is not None:
+            raise error
+        yield item
+
+
 def _save_folder(model, folder: Path) -> None:
     """`save_pretrained` into `folder` through a sibling `.partial` folder swapped in, keeping
     the tokenizer files."""
@@ -318,24 +389,24 @@ def train(cfg: VlmTrainConfig, out: Path, *, minutes: float | None = None,
         shutil.rmtree(folder, ignore_errors=True)
         model, _, maker = build(cfg, folder)
     aux = AuxHead(model) if cfg.aux_weight > 0 else None
-    trainable = torch.nn.ModuleDict({"model": model, **({"aux": aux.linear} if aux else {})})
+    trainable = torch.nn.ModuleDict({"model": model, **({"aux": aux.heads} if aux else {})})
     if resume and aux is not None:
-        aux.linear.load_state_dict(state["aux"])
+        aux.heads.load_state_dict(state["aux"])
     optimizer = torch.optim.AdamW(trainable.parameters(), lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
     if resume:
         optimizer.load_state_dict(state["optimizer"])
 
     def step_loss(pair: Pair):
-        answer = pair_loss(model, pair)
+        outputs = forward(model, pair, hidden_states=aux is not None)
         if aux is None:
-            return answer, {}
-        dense = aux.loss(pair)
-        return answer + cfg.aux_weight * dense, {"answer": answer.item(), "aux": dense.item()}
+            return outputs.loss, {}
+        dense, terms = aux.loss(pair, outputs)
+        return outputs.loss + cfg.aux_weight * dense, {"answer": outputs.loss.item(), **terms}
     model.train()
     pairs = validation_pairs(cfg, maker)
     history = at.history
-    stream = maker.stream(at.next_seed)
+    stream = _prefetched(maker.stream(at.next_seed))
     saved: dict[str, object] = {"since": time.monotonic(), "sha256": None}
 
     def record() -> dict[str, object]:
@@ -352,7 +423,7 @@ def train(cfg: VlmTrainConfig, out: Path, *, minutes: float | None = None,
         history.wall_s += time.monotonic() - saved["since"]
         saved["since"] = time.monotonic()
         save_atomic({"config": asdict(cfg), "model": model.state_dict(),
-                     **({"aux": aux.linear.state_dict()} if aux else {}),
+                     **({"aux": aux.heads.state_dict()} if aux else {}),
                      "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
                      "step": at.step, "next_seed": at.next_seed, "history": asdict(history),
                      "window": at.window}, state_path)

@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
                              seed=args.seed, validate_every=args.validate_every)
         return _train(args, cfg, train, "pair",
                       lambda values: {k: v for k, v in values.items()
-                                      if k in ("loss", "aux", "hit_rate", "presence_f1")})
+                                      if k in ("loss", "answer", "hit_rate", "presence_f1")})
     from rau_rt.train.sam2_trainer import TrainConfig, parse_stages, train
 
     try:

@@ -2,7 +2,7 @@
 
 The grammar (lark) accepts exactly the compact JSON the prompt asks for:
 
-    [{"bbox_2d":[x1,y1,x2,y2],"label":"<a requested name>"},...]   or "bbox_2d":null
+    [{"label":"<a requested name>","bbox_2d":[x1,y1,x2,y2]},...]   or "bbox_2d":null
 
 in one of two forms (`ANSWER_FORMS`): "every" (the default) has one item per requested region
 in the order asked, as the prompt requests ("null for a region that is not visible"), so every
@@ -15,8 +15,9 @@ input's side for Qwen2.5-VL's absolute pixels, 1000 for Qwen2-VL), written as `[
 because llguidance's `\\d` also matches Unicode digits. No whitespace is allowed anywhere, and
 the grammar ends at the closing bracket, so generation stops there without an end token
 (notes/constrained_decoding.md: the matcher reports stopped as soon as `]` is consumed).
-What the grammar forces (`"bbox_2d":` after `{`, `],"label":"` after the last number: about
-half of an item's tokens) is handed to the decoder as one multi-token step.
+What the grammar forces (`"label":` after `{`, in the "every" form the name and `,"bbox_2d":`
+after it, `]}` after the last number: about half of an item's tokens) is handed to the decoder
+as one multi-token step.
 
 llguidance is imported lazily: `import rau_rt` stays light, and a localizer without constraint
 does not need it. `Guidance` builds the LLTokenizer once (0.9 s for a 123k vocabulary); a
@@ -68,7 +69,7 @@ def box_grammar(names: Sequence[str], max_coordinate: int, form: str = "every") 
     literals = [_lark_literal(json.dumps(n, ensure_ascii=False)) for n in names]
     common = ['coords: "[" NUM "," NUM "," NUM "," NUM "]" | "null"',
               f"NUM: /{number_pattern(max_coordinate)}/"]
-    item = '"{\\"bbox_2d\\":" coords ",\\"label\\":" LABEL "}"'
+    item = '"{\\"label\\":" LABEL ",\\"bbox_2d\\":" coords "}"'
     if form == "every":
         return "\n".join([
             'start: "[" ' + ' "," '.join(f"item{i}" for i in range(len(names))) + ' "]"',
@@ -89,8 +90,8 @@ def max_answer_bytes(names: Sequence[str], max_coordinate: int) -> int:
     """
     longest = max((json.dumps(n, ensure_ascii=False) for n in names),
                   key=lambda s: len(s.encode()))
-    item = ('{"bbox_2d":[' + ",".join([str(max_coordinate)] * 4) + '],"label":' + longest
-            + "}")
+    item = ('{"label":' + longest + ',"bbox_2d":[' + ",".join([str(max_coordinate)] * 4)
+            + "]}")
     return 2 + len(names) * len(item.encode()) + len(names) - 1
 
 

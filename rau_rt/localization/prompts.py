@@ -44,7 +44,7 @@ ANNOTATED_INTRO = "\nThe same reference with its annotated regions outlined and 
 REGIONS_INTRO = "\nAnnotated regions, bbox_2d as [x1, y1, x2, y2] in {units}:\n"
 TARGET_INTRO = "\nTarget image:"
 LOCATE_REQUEST = ("\nLocate these regions in the target image: {names}. Answer with a JSON list "
-                  'of {{"bbox_2d": [x1, y1, x2, y2], "label": name}}, "bbox_2d": null for a '
+                  'of {{"label": name, "bbox_2d": [x1, y1, x2, y2]}}, "bbox_2d": null for a '
                   "region that is not visible.")
 UNITS = {"absolute": "pixels of the {width}x{height} image",
          "relative_1000": "thousandths of the image width and height (0-1000)"}
@@ -55,13 +55,16 @@ FONT_SCALE = 0.5
 
 
 def answer_json(items: Sequence[tuple[str, Sequence[int] | None]]) -> str:
-    """The compact JSON answer form: [{"bbox_2d":[x1,y1,x2,y2],"label":"name"}, ...].
+    """The compact JSON answer form: [{"label":"name","bbox_2d":[x1,y1,x2,y2]}, ...].
 
-    Compact (no spaces) because the constrained grammar allows no free whitespace; labels are
-    JSON strings (escaped), `None` boxes write `null`.
+    The label comes before its box, so a model writes each box right after the name it is
+    for (with the box first, it must count the items written so far to know which region
+    the box is for). Compact (no spaces) because the constrained grammar allows no free
+    whitespace; labels are JSON strings (escaped), `None` boxes write `null`.
     """
-    return json.dumps([{"bbox_2d": None if box is None else [int(v) for v in box],
-                        "label": name} for name, box in items],
+    return json.dumps([{"label": name,
+                        "bbox_2d": None if box is None else [int(v) for v in box]}
+                       for name, box in items],
                       separators=(",", ":"), ensure_ascii=False)
 
 
