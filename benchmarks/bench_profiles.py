@@ -2,15 +2,16 @@
 
     python -m benchmarks.bench_profiles [--quick] [--json PATH] [--weights W]
 
-The demo's trained SAM2 (`rau_rt/weights/sam2_micro256.safetensors`) exported at micro@256
-fp32 tracks the accuracy benchmark's held-out cines (benchmarks.bench_accuracy: 3-4 regions
-per cine, in its three regimes: a mask on the first frame, a jittered box every 15 frames,
-another patient's annotated reference) once per setting of the memory levers
-(`TrackerConfig.recent_memories` / `recent_pointers` / `memory_interval`, the profiles `exact`
-and `fast`), and sam2's video predictor tracks them once as the baseline. Per setting: Dice
-(segments >= 2 mm) per regime and its mean, the change against `exact`, and median ms per frame
-(all regions, the first two frames excluded); speedup = predictor median / ours.
-Settings take turns cine by cine, so the shared machine's load falls on all of them alike.
+The demo's trained SAM2 (`rau_rt/weights/sam2_micro256.safetensors`) exported at micro@256 fp32
+tracks the accuracy benchmark's held-out cines (benchmarks.bench_accuracy: 3-4 regions per
+cine, in its three regimes: a mask on the first frame, a jittered box every 15 frames, another
+patient's annotated reference) once per setting of the memory levers
+(`TrackerConfig.recent_memories` / `recent_pointers` / `memory_interval` / `memory_pool`, the
+profiles `exact` and `fast`, and combinations with pooling), and sam2's video predictor tracks
+them once as the baseline. Per setting: Dice (segments >= 2 mm) per regime and its mean, the
+change against `exact`, and median ms per frame (all regions, the first two frames excluded);
+speedup = predictor median / ours. Settings take turns cine by cine, so the shared machine's
+load falls on all of them alike.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from rau_rt.bundle import load_bundle
 from rau_rt.config import EngineConfig
 from rau_rt.synthetic.scoring import Scorecard
 from rau_rt.tracking import TrackerConfig
+from rau_rt.tracking.tracker import LEVERS
 
 SUITE = "profiles"
 BASELINE = "sam2-predictor"
@@ -50,7 +52,10 @@ SETTINGS = {
     "pointers-0": TrackerConfig(recent_pointers=0),
     "interval-2": TrackerConfig(memory_interval=2),
     "interval-3": TrackerConfig(memory_interval=3),
+    "pool-2": TrackerConfig(memory_pool=2),
     "fast": TrackerConfig(profile="fast"),
+    "fast+pool-2": TrackerConfig(profile="fast", memory_pool=2),
+    "fast+memories-1+pool-2": TrackerConfig(profile="fast", recent_memories=1, memory_pool=2),
 }
 
 
@@ -89,9 +94,8 @@ def collect(args, workdir: Path) -> tuple[list, dict]:
         cases.append({
             "case": f"{'tracker' if config else 'predictor'}/micro@256/fp32/{name}",
             "backend": "onnxruntime-cpu" if config else "torch-cpu", "precision": "fp32",
-            "levers": None if config is None else dict(zip(
-                ("recent_memories", "recent_pointers", "memory_interval"), config.levers,
-                strict=True)),
+            "levers": None if config is None else dict(zip(LEVERS, config.levers,
+                                                           strict=True)),
             **mine, "baseline": BASELINE, "baseline_median_ms": base["median_ms"],
             "baseline_p90_ms": base["p90_ms"], "speedup": base["median_ms"] / mine["median_ms"],
             "task": {"dice_ge2mm": dice[name], "dice_ge2mm_mean": mean,

@@ -31,6 +31,11 @@ MAX_SLOTS = MAX_CONDITIONING + RECENT_SLOTS
 MAX_POINTERS = MAX_CONDITIONING + RECENT_POINTERS
 CONDITIONING_TPOS = RECENT_SLOTS  # row of maskmem_tpos_enc for a conditioning frame
 MAX_REGIONS = 16  # regions per batched call (the graphs' region range)
+# Memory token pooling (the tracker's `memory_pool` lever): a second memory attention graph
+# whose cross-attention averages each memory frame's keys and values over MEMORY_POOL x
+# MEMORY_POOL blocks (export/sam2/model.py `RealRoPEAttention`); same inputs and outputs.
+POOLED_MEMORY_ATTENTION = "memory_attention_pooled"
+MEMORY_POOL = 2
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""`rau-rt export sam2`: four graphs written, reloaded through rau_rt.engines and verified.
+"""`rau-rt export sam2`: four graphs and memory attention's pooled variant written, reloaded
+through rau_rt.engines and verified.
 
 The micro model is exported once per image size (module fixtures): at 256 px from a random
 checkpoint in Meta's format through the CLI (the user's path), at 512 px with int8. Random
@@ -111,24 +112,25 @@ def _check_fp32_entries(entries, size):
     assert masks["sign_flip_fraction"] <= 1e-3
 
 
-def test_cli_exports_four_verified_fp32_graphs(micro256):
+def test_cli_exports_the_verified_fp32_graphs(micro256):
     bundle, checkpoint, stdout = micro256
     manifest = _manifest(bundle)
     assert manifest["name"] == "sam2-micro-256"
     entries = manifest["graphs"]
-    assert {e["graph"] for e in entries} == GRAPHS and len(entries) == 6
+    assert {e["graph"] for e in entries} == GRAPHS and len(entries) == 8
     assert {e["precision"] for e in entries} == {"fp32"}
     # ONNX Runtime takes each graph's first entry: the fused-attention variant where there is one
     assert [(e["graph"], e["exporter"].get("variant")) for e in entries] == [
         ("image_encoder", "fused-attention"), ("image_encoder", None), ("mask_decoder", None),
         ("memory_attention", "fused-attention"), ("memory_attention", None),
-        ("memory_encoder", None)]
+        ("memory_encoder", None), ("memory_attention_pooled", "fused-attention"),
+        ("memory_attention_pooled", None)]
     assert manifest["files"] == {"sam2.json": file_sha256(bundle / "sam2.json")}
     _check_fp32_entries(entries, 256)
     for entry in entries:
         assert entry["source_checkpoint_sha256"] == file_sha256(checkpoint)
         assert entry["exporter"]["command"].startswith("rau-rt export sam2 --checkpoint")
-    for attention in (e for e in entries if e["graph"] == "memory_attention"):
+    for attention in (e for e in entries if e["graph"].startswith("memory_attention")):
         # regions 1..16; memories 1..10 and pointers 1..19 (4 conditioning frames + 6 / 15
         # recent), TensorRT's optimum at sam2's steady state (7 and 16)
         assert attention["dynamic_ranges"]["memory"] == {"min": [1, 1, 32, 16, 16],
@@ -139,7 +141,7 @@ def test_cli_exports_four_verified_fp32_graphs(micro256):
         assert [s["shape"] for s in attention["inputs"] if s["name"] == "memory"] == [
             ["regions", "memory_slots", 32, 16, 16]]
     assert "graph" in stdout and "IoU" in stdout
-    assert stdout.count("ORT only (fused)") == 2 and "errors" not in stdout
+    assert stdout.count("ORT only (fused)") == 3 and "errors" not in stdout
     for graph in GRAPHS:
         assert graph in stdout
 
@@ -320,4 +322,4 @@ def test_micro_aoti_packages_verify(tmp_path):
 def test_every_sam2_graphs_profile_is_consistent_and_runs(micro_bundle):
     from conftest import assert_profiles_are_consistent
 
-    assert assert_profiles_are_consistent(micro_bundle.directory) >= 4  # the four graphs
+    assert assert_profiles_are_consistent(micro_bundle.directory) >= 5  # every graph

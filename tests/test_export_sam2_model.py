@@ -67,6 +67,41 @@ def test_memory_attention_all_keys_valid_equals_sam2(micro):
     assert (ours - ref.transpose(0, 1)).abs().max().item() <= 1e-6
 
 
+def test_pooled_cross_attention_attends_to_block_means_of_rotated_keys():
+    """memory_pool 2: each memory frame's rotated keys and its values are averaged over 2x2
+    blocks of its grid (written here block by block), pointers stay whole."""
+    torch.manual_seed(4)
+    side, frames, pointer_tokens = SIZE // 16, 2, 8
+    attention = sam2_model.build("micro", SIZE).memory_attention.layers[0].cross_attn_image
+    pooled = sam2_model.RealRoPEAttention(attention, side, pool=2)
+    q = torch.randn(2, side * side, 128)
+    k = torch.randn(2, frames * side * side + pointer_tokens, 32)
+    v = torch.randn_like(k)
+    with torch.no_grad():
+        ours = pooled(q, k, v, num_k_exclude_rope=pointer_tokens)
+        qh, kh, vh = (pooled._heads(proj(x)) for proj, x in
+                      ((pooled.q_proj, q), (pooled.k_proj, k), (pooled.v_proj, v)))
+        qh = sam2_model.rotate(qh, pooled.cos, pooled.sin)
+        spatial = frames * side * side
+        kr = sam2_model.rotate(kh[:, :, :spatial], pooled.cos, pooled.sin)
+        keys, values = [], []
+        for f in range(frames):
+            for by in range(side // 2):
+                for bx in range(side // 2):
+                    cells = [f * side * side + (2 * by + dy) * side + 2 * bx + dx
+                             for dy in (0, 1) for dx in (0, 1)]
+                    keys.append(kr[:, :, cells].mean(2))
+                    values.append(vh[:, :, cells].mean(2))
+        keys = torch.cat([torch.stack(keys, 2), kh[:, :, spatial:]], 2)
+        values = torch.cat([torch.stack(values, 2), vh[:, :, spatial:]], 2)
+        out = F.scaled_dot_product_attention(qh, keys, values)
+        b, h, n, d = out.shape
+        ref = pooled.out_proj(out.transpose(1, 2).reshape(b, n, h * d))
+    assert (ours - ref).abs().max().item() <= 1e-5
+    with pytest.raises(InputError, match="divisor"):
+        sam2_model.RealRoPEAttention(attention, side, pool=3)
+
+
 def test_compacted_memory_equals_sam2_prepare_memory_conditioned_features(micro):
     """At frame 2 sam2 gathers frame 0 (conditioning) and frame 1 (tracked): 2 and 2."""
     model, modules, inputs = micro

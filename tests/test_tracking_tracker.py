@@ -515,13 +515,17 @@ def test_tiny_1024_bundle_matches_sam2_video_predictor(tmp_path):
 def test_profiles_set_the_attended_memories_and_overrides_win():
     from rau_rt.tracking.tracker import PROFILES
 
-    assert TrackerConfig().levers == PROFILES["exact"] == (6, 15, 1)
+    assert TrackerConfig().levers == PROFILES["exact"] == (6, 15, 1, 1)
     assert TrackerConfig().attended == (6, 15)
-    assert TrackerConfig(profile="fast").levers == PROFILES["fast"] == (2, 15, 2)
+    assert TrackerConfig(profile="fast").levers == PROFILES["fast"] == (2, 15, 2, 1)
     assert TrackerConfig(profile="fast", recent_memories=3).levers == (3, *PROFILES["fast"][1:])
-    assert TrackerConfig(memory_interval=4).levers == (6, 15, 4)
+    assert TrackerConfig(memory_interval=4).levers == (6, 15, 4, 1)
+    assert TrackerConfig(memory_pool=2).attention_graph == "memory_attention_pooled"
+    assert TrackerConfig().attention_graph == "memory_attention"
     with pytest.raises(InputError, match="memory_interval"):
         TrackerConfig(memory_interval=0)
+    with pytest.raises(InputError, match="memory_pool"):
+        TrackerConfig(memory_pool=4)
     with pytest.raises(InputError, match="profile"):
         TrackerConfig(profile="fastest")
     with pytest.raises(InputError, match="recent_pointers"):
@@ -540,6 +544,39 @@ class CountingGraphs:
         if graph == "memory_encoder":
             self.encoded.append(len(feeds["masks"]))
         return self._graphs.run(graph, feeds)
+
+
+def test_memory_pool_runs_the_pooled_graph_and_tracks(bundle, clip):
+    """memory_pool 2 attends through memory_attention_pooled (exported and verified beside the
+    exact graph): same frames, same regions, masks close to the exact profile's on this clip;
+    a bundle without the graph is refused by name."""
+    _, images, boxes = clip
+    with load_bundle(bundle) as graphs:
+        calls: list[str] = []
+
+        class Recording(CountingGraphs):
+            def run(self, graph, feeds):
+                calls.append(graph)
+                return super().run(graph, feeds)
+
+        pooled = run_tracker(Tracker(Recording(graphs), TrackerConfig(fill_hole_area=0,
+                                                                      memory_pool=2)),
+                             images[:6], boxes[:2])
+        exact = run_tracker(Tracker(graphs, TrackerConfig(fill_hole_area=0)), images[:6],
+                            boxes[:2])
+        assert "memory_attention_pooled" in calls and "memory_attention" not in calls
+        for got, want in zip(pooled[1:], exact[1:], strict=True):
+            for name, logits in want.low_res_logits.items():
+                assert iou(got.low_res_logits[name] > 0, logits > 0) > 0.8, name
+
+        class WithoutPooled(CountingGraphs):
+            def __init__(self, graphs):
+                super().__init__(graphs)
+                self.engines = {k: v for k, v in graphs.engines.items()
+                                if k != "memory_attention_pooled"}
+
+        with pytest.raises(InputError, match="memory_attention_pooled"):
+            Tracker(WithoutPooled(graphs), TrackerConfig(memory_pool=2))
 
 
 def test_memory_interval_skips_the_memory_encoder_between_stored_frames(bundle, clip):

@@ -38,6 +38,10 @@ memory_encoder
     in  vision_features [1,D,h,w], masks [N,1,S/4,S/4] (selected low-res logits), object_score
         [N,1], binarize [N] bool (True for a mask from prompts: sam2 binarizes those)
     out memory [N,M,h,w] (no-object embedding added where absent), memory_pos [N,M,h,w]
+memory_attention_pooled
+    memory_attention's inputs and outputs; each memory's keys and values are averaged over
+    MEMORY_POOL x MEMORY_POOL blocks after RoPE (the tracker's `memory_pool` lever: a faster
+    approximation, verified against the same pooling in eager torch, not against sam2)
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ from rau_rt.export.sam2.model import RealMemoryAttention, feature_side
 from rau_rt.sam2_layout import (
     MAX_POINTERS,
     MAX_SLOTS,
+    MEMORY_POOL,
+    POOLED_MEMORY_ATTENTION,
     RECENT_POINTERS,
     RECENT_SLOTS,
     Sam2Layout,
@@ -63,13 +69,15 @@ from rau_rt.types import TensorSpec
 NO_OBJECT_LOGIT = -1024.0
 MAX_POINTS = 16
 
-GRAPH_NAMES = ("image_encoder", "mask_decoder", "memory_attention", "memory_encoder")
+GRAPH_NAMES = ("image_encoder", "mask_decoder", "memory_attention", "memory_encoder",
+               POOLED_MEMORY_ATTENTION)
 OUTPUTS = {
     "image_encoder": ("high_res_0", "high_res_1", "vision_features", "vision_pos",
                       "features_no_memory"),
     "mask_decoder": ("masks", "iou", "object_pointers", "object_score"),
     "memory_attention": ("conditioned_features",),
     "memory_encoder": ("memory", "memory_pos"),
+    POOLED_MEMORY_ATTENTION: ("conditioned_features",),
 }
 
 # What manifest.json records per graph (the module docstring has the full contract).
@@ -92,6 +100,10 @@ CONTRACT = {
     "memory_encoder": "vision_features [1,D,h,w]; masks [N,1,S/4,S/4] selected logits; "
                       "object_score [N,1]; binarize [N] bool (True for masks from prompts). "
                       "-> memory [N,M,h,w] (+ no-object embedding where absent), memory_pos",
+    POOLED_MEMORY_ATTENTION: f"memory_attention's inputs and outputs; its cross-attention "
+                             f"averages each memory's keys and values (after RoPE) over "
+                             f"{MEMORY_POOL}x{MEMORY_POOL} blocks: fewer keys, not sam2's "
+                             "result (the tracker's memory_pool lever)",
 }
 
 
@@ -154,12 +166,14 @@ class MaskDecoder(nn.Module):
 
 
 class MemoryAttention(nn.Module):
-    """Current features attend to K spatial memories and Q object pointers per region."""
+    """Current features attend to K spatial memories and Q object pointers per region
+    (`pool` > 1: to the memories' keys pooled over pool x pool blocks, `RealMemoryAttention`)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, pool: int = 1) -> None:
         super().__init__()
         self.model = model
-        self.attention = RealMemoryAttention(model.memory_attention, feature_side(model))
+        self.attention = RealMemoryAttention(model.memory_attention, feature_side(model), pool)
+
 
     def forward(self, current_features, current_pos, memory, memory_pos, memory_tpos_index,
                 object_pointers, pointer_position):
@@ -186,6 +200,13 @@ class MemoryAttention(nn.Module):
                              torch.cat((spatial_pos, pointer_pos), dim=1),
                              num_obj_ptr_tokens=pointers.shape[1])
         return out.transpose(1, 2).reshape(regions, hidden, height, width)
+
+
+class PooledMemoryAttention(MemoryAttention):
+    """The `memory_attention_pooled` graph: MemoryAttention with MEMORY_POOL."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model, MEMORY_POOL)
 
 
 class MemoryEncoder(nn.Module):
@@ -216,7 +237,8 @@ class MemoryEncoder(nn.Module):
 
 
 WRAPPERS = {"image_encoder": ImageEncoder, "mask_decoder": MaskDecoder,
-            "memory_attention": MemoryAttention, "memory_encoder": MemoryEncoder}
+            "memory_attention": MemoryAttention, "memory_encoder": MemoryEncoder,
+            POOLED_MEMORY_ATTENTION: PooledMemoryAttention}
 
 
 def graph_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -255,7 +277,7 @@ def graph_specs(model: nn.Module, float_dtype: str = "float32",
     def frame(name, channels, size):
         return f(name, 1, channels, size, size)
 
-    return {
+    specs = {
         "image_encoder": (
             (f("image", 1, 3, s, s),),
             (frame("high_res_0", d // 8, low), frame("high_res_1", d // 4, s // 8),
@@ -279,6 +301,8 @@ def graph_specs(model: nn.Module, float_dtype: str = "float32",
              f("object_score", n, 1), TensorSpec("binarize", (n,), "bool")),
             (f("memory", n, m, side, side), f("memory_pos", n, m, side, side))),
     }
+    specs[POOLED_MEMORY_ATTENTION] = specs["memory_attention"]
+    return specs
 
 
 class EagerGraphs:

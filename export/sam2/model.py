@@ -247,14 +247,35 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return out.reshape(x.shape).type_as(x)
 
 
-class RealRoPEAttention(nn.Module):
-    """A sam2 RoPEAttention with real-valued rotation (same weights)."""
+def pool_keys(x: torch.Tensor, side: int, pool: int) -> torch.Tensor:
+    """[B, H, frames*side*side, d] spatial keys or values -> [B, H, frames*(side/pool)^2, d]:
+    the mean of each pool x pool block of a frame's grid (frames may be dynamic)."""
+    b, h, _, d = x.shape
+    cells = side // pool
+    blocks = x.reshape(b, h, -1, cells, pool, cells, pool, d).mean(dim=(4, 6))
+    return blocks.reshape(b, h, -1, d)
 
-    def __init__(self, attention: nn.Module, side: int) -> None:
+
+class RealRoPEAttention(nn.Module):
+    """A sam2 RoPEAttention with real-valued rotation (same weights).
+
+    `pool` > 1 (memory token pooling, the tracker's `memory_pool` lever; cross-attention
+    only): after RoPE, each memory frame's keys and values are averaged over pool x pool
+    blocks of its grid, so the queries attend to (side/pool)^2 tokens per memory instead of
+    side^2. A pooled key's score is the mean of its block's scores (q . mean(R_i k_i)), each
+    key rotated at its own position; object pointers are not pooled. Not sam2's computation:
+    a trade of accuracy for speed that the benchmarks measure.
+    """
+
+    def __init__(self, attention: nn.Module, side: int, pool: int = 1) -> None:
         super().__init__()
+        if pool < 1 or side % pool:
+            raise InputError(f"memory pool {pool}: expected >= 1 and a divisor of the feature "
+                             f"side {side}")
         self.q_proj, self.k_proj = attention.q_proj, attention.k_proj
         self.v_proj, self.out_proj = attention.v_proj, attention.out_proj
         self.num_heads = attention.num_heads
+        self.side, self.pool = side, pool
         cos, sin = rope_tables(attention, side)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
@@ -271,8 +292,13 @@ class RealRoPEAttention(nn.Module):
         v = self._heads(self.v_proj(v))
         q = rotate(q, self.cos, self.sin)
         rope_keys = k.shape[-2] - num_k_exclude_rope
-        k = torch.cat((rotate(k[:, :, :rope_keys], self.cos, self.sin), k[:, :, rope_keys:]),
-                      dim=2)
+        spatial_k = rotate(k[:, :, :rope_keys], self.cos, self.sin)
+        spatial_v = v[:, :, :rope_keys]
+        if self.pool > 1:
+            spatial_k = pool_keys(spatial_k, self.side, self.pool)
+            spatial_v = pool_keys(spatial_v, self.side, self.pool)
+        k = torch.cat((spatial_k, k[:, :, rope_keys:]), dim=2)
+        v = torch.cat((spatial_v, v[:, :, rope_keys:]), dim=2)
         out = F.scaled_dot_product_attention(q, k, v)
         b, h, n, d = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, h * d))
@@ -283,15 +309,16 @@ class RealMemoryAttention(nn.Module):
 
     Calls the original layers' norms, MLPs and dropout-free residuals in the order
     `MemoryAttentionLayer.forward` does; it equals the original to float rounding
-    (tests/test_export_sam2_model.py).
+    (tests/test_export_sam2_model.py). `pool` > 1 pools the memory keys of every layer's
+    cross-attention (`RealRoPEAttention`): an approximation, not sam2's result.
     """
 
-    def __init__(self, memory_attention: nn.Module, side: int) -> None:
+    def __init__(self, memory_attention: nn.Module, side: int, pool: int = 1) -> None:
         super().__init__()
         self.source = memory_attention
         self.self_attn = nn.ModuleList(RealRoPEAttention(layer.self_attn, side)
                                        for layer in memory_attention.layers)
-        self.cross_attn = nn.ModuleList(RealRoPEAttention(layer.cross_attn_image, side)
+        self.cross_attn = nn.ModuleList(RealRoPEAttention(layer.cross_attn_image, side, pool)
                                         for layer in memory_attention.layers)
 
     def forward(self, curr: torch.Tensor, curr_pos: torch.Tensor, memory: torch.Tensor,

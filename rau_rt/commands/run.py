@@ -47,7 +47,7 @@ from rau_rt.profiling import (
 )
 from rau_rt.reference import Reference
 from rau_rt.tracking import TrackerConfig
-from rau_rt.tracking.tracker import PROFILES
+from rau_rt.tracking.tracker import LEVERS, PROFILES
 from rau_rt.types import Frame, FrameResult
 
 PROGRESS_EVERY = 5  # frames between progress-bar statistics updates
@@ -238,9 +238,8 @@ def summarize(pipeline: Pipeline, profile: RunProfile, wall_s: float, *, command
                    "keyframe_min_score": pipeline.config.keyframes.min_score,
                    "view_similarity": pipeline.config.keyframes.view_similarity,
                    "tracker_profile": pipeline.tracker.config.profile,
-                   "tracker_levers": dict(zip(
-                       ("recent_memories", "recent_pointers", "memory_interval"),
-                       pipeline.tracker.config.levers, strict=True))},
+                   "tracker_levers": dict(zip(LEVERS, pipeline.tracker.config.levers,
+                                              strict=True))},
         "engines": describe(pipeline),
         **environment(),
         "frames_processed": len(profile),

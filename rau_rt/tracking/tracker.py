@@ -42,7 +42,13 @@ import numpy as np
 from rau_rt import ops
 from rau_rt.errors import InputError, NumericsError
 from rau_rt.reference import pool_features
-from rau_rt.sam2_layout import MAX_REGIONS, Sam2Layout, read_layout
+from rau_rt.sam2_layout import (
+    MAX_REGIONS,
+    MEMORY_POOL,
+    POOLED_MEMORY_ATTENTION,
+    Sam2Layout,
+    read_layout,
+)
 from rau_rt.tracking.memory import MemoryBank, MemoryConfig
 from rau_rt.types import Frame, RegionResult
 
@@ -52,13 +58,14 @@ STAGES = ("preprocess", "image_encoder", "memory_attention", "mask_decoder", "me
 # object score +10.
 MASK_LOGIT = 10.0
 PROMPT_SOURCES = ("vlm", "user")
-# Tracking profiles: (recent memories, recent pointers, memory interval). "exact" is sam2's
-# video predictor (6 memories, 15 pointers, a memory every frame). "fast" attends the 2 newest
-# tracked memories and stores one every second frame (the memory encoder skips the others);
-# measured on the trained demo SAM2 in benchmarks/results/profiles_cpu.json and README
+# Tracking profiles: a value per lever of `LEVERS`. "exact" is sam2's video predictor (6
+# memories, 15 pointers, a memory every frame, memory tokens not pooled). "fast" attends the 2
+# newest tracked memories and stores one every second frame (the memory encoder skips the
+# others); measured on the trained demo SAM2 in benchmarks/results/profiles_cpu.json and README
 # "Tracking profiles" (fewer pointers saved nothing measurable and cost the reference regime
 # Dice, so every pointer stays).
-PROFILES = {"exact": (6, 15, 1), "fast": (2, 15, 2)}
+LEVERS = ("recent_memories", "recent_pointers", "memory_interval", "memory_pool")
+PROFILES = {"exact": (6, 15, 1, 1), "fast": (2, 15, 2, 1)}
 
 
 class GraphRunner(Protocol):
@@ -92,6 +99,9 @@ class TrackerConfig:
         memory_interval: overrides the profile's frames between a region's stored spatial
             memories (1: every frame, as sam2; k: the memory encoder runs for a tracked region
             only when its newest memory is k frames old; `MemoryConfig`).
+        memory_pool: overrides the profile's memory token pooling: 1 (sam2) or MEMORY_POOL,
+            which runs the bundle's `memory_attention_pooled` graph (each memory's keys
+            averaged over 2 x 2 blocks: a quarter of the keys).
     """
 
     max_conditioning: int = 2
@@ -104,6 +114,7 @@ class TrackerConfig:
     recent_memories: int | None = None
     recent_pointers: int | None = None
     memory_interval: int | None = None
+    memory_pool: int | None = None
 
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:
@@ -113,7 +124,9 @@ class TrackerConfig:
         if self.fill_hole_area is not None and self.fill_hole_area < 0:
             raise InputError(f"fill_hole_area: expected >= 0 or None, got {self.fill_hole_area}")
         MemoryConfig((1, 1, 1), 1, self.max_conditioning, self.clip_frames,
-                     *self.levers)  # range checks
+                     *self.levers[:3])  # range checks
+        if self.levers[3] not in (1, MEMORY_POOL):
+            raise InputError(f"memory_pool: expected 1 or {MEMORY_POOL}, got {self.levers[3]}")
 
     @property
     def attended(self) -> tuple[int, int]:
@@ -121,11 +134,17 @@ class TrackerConfig:
         return self.levers[:2]
 
     @property
-    def levers(self) -> tuple[int, int, int]:
-        """(recent memories, recent pointers, memory interval): the profile's unless set."""
-        chosen = (self.recent_memories, self.recent_pointers, self.memory_interval)
+    def levers(self) -> tuple[int, int, int, int]:
+        """The value of each of `LEVERS`: the profile's unless set."""
+        chosen = (self.recent_memories, self.recent_pointers, self.memory_interval,
+                  self.memory_pool)
         return tuple(p if c is None else c  # type: ignore[return-value]
                      for c, p in zip(chosen, PROFILES[self.profile], strict=True))
+
+    @property
+    def attention_graph(self) -> str:
+        """The memory attention graph these levers run."""
+        return "memory_attention" if self.levers[3] == 1 else POOLED_MEMORY_ATTENTION
 
 
 @dataclass(frozen=True)
@@ -184,6 +203,12 @@ class Tracker:
             engines)
         if missing:
             raise InputError(f"the tracker needs the four SAM2 graphs; missing {sorted(missing)}")
+        self._attention = self.config.attention_graph
+        if self._attention not in engines:
+            raise InputError(f"memory_pool {self.config.levers[3]} runs the "
+                             f"{self._attention} graph, which this bundle lacks (exported "
+                             "before rau-rt pooled memory tokens): re-export it, or use "
+                             "memory_pool=1")
         self._dtypes = {graph: {s.name: np.dtype(s.dtype) for s in engine.inputs}
                         for graph, engine in engines.items()}
         size = self.layout.image_size
@@ -194,7 +219,7 @@ class Tracker:
         side = size // 16
         self._memory = MemoryConfig((self.layout.memory_dim, side, side), self.layout.hidden_dim,
                                     self.config.max_conditioning, self.config.clip_frames,
-                                    *self.config.levers)
+                                    *self.config.levers[:3])
         self._fill = (self.layout.fill_hole_area if self.config.fill_hole_area is None
                       else self.config.fill_hole_area)
         self._banks: dict[str, MemoryBank] = {}
@@ -508,7 +533,7 @@ class Tracker:
                     return getattr(chosen[0], field)[None]
                 return np.stack([getattr(f, field) for f in chosen])
 
-            result = self._run("memory_attention", {
+            result = self._run(self._attention, {
                 "current_features": encoded["vision_features"],
                 "current_pos": encoded["vision_pos"], "memory": stack("memory"),
                 "memory_pos": stack("memory_pos"), "memory_tpos_index": stack("tpos_index"),
