@@ -109,7 +109,7 @@ def collect(args, workdir: Path) -> tuple[list, dict]:
 
 
 def table(cases: list[dict]) -> str:
-    lines = ["| setting | memories / pointers / interval | Dice mask / box / reference "
+    lines = ["| setting | memories / pointers / interval / pool | Dice mask / box / reference "
              "| mean (vs exact) | ms/frame | vs predictor |", "|---|---|---|---|---|---|"]
     for c in cases:
         d = c["task"]["dice_ge2mm"]

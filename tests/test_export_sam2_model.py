@@ -10,6 +10,7 @@ the user's path, and bad ones fail naming the keys.
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
@@ -69,7 +70,8 @@ def test_memory_attention_all_keys_valid_equals_sam2(micro):
 
 def test_pooled_cross_attention_attends_to_block_means_of_rotated_keys():
     """memory_pool 2: each memory frame's rotated keys and its values are averaged over 2x2
-    blocks of its grid (written here block by block), pointers stay whole."""
+    blocks of its grid (written here block by block), a pooled key's score gets + log 4 (here
+    as an attention mask), pointers stay whole."""
     torch.manual_seed(4)
     side, frames, pointer_tokens = SIZE // 16, 2, 8
     attention = sam2_model.build("micro", SIZE).memory_attention.layers[0].cross_attn_image
@@ -94,7 +96,9 @@ def test_pooled_cross_attention_attends_to_block_means_of_rotated_keys():
                     values.append(vh[:, :, cells].mean(2))
         keys = torch.cat([torch.stack(keys, 2), kh[:, :, spatial:]], 2)
         values = torch.cat([torch.stack(values, 2), vh[:, :, spatial:]], 2)
-        out = F.scaled_dot_product_attention(qh, keys, values)
+        pooled_keys = frames * (side // 2) ** 2
+        bias = torch.cat([torch.full((pooled_keys,), math.log(4)), torch.zeros(pointer_tokens)])
+        out = F.scaled_dot_product_attention(qh, keys, values, attn_mask=bias[None])
         b, h, n, d = out.shape
         ref = pooled.out_proj(out.transpose(1, 2).reshape(b, n, h * d))
     assert (ours - ref).abs().max().item() <= 1e-5
