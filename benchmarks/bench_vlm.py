@@ -1,6 +1,6 @@
 """VLM on CPU: prefill, per-token decode and 24-token generation, our graphs vs transformers.
 
-    python -m benchmarks.bench_vlm [--quick | --scale] [--json PATH]
+    python -m benchmarks.bench_vlm [--quick | --scale | --exports] [--json PATH]
 
 Each model size is built once as a random-init folder (in its own process) and exported with
 `rau-rt export vlm --model DIR --precision int4 --keep-reference` in its own process too, so
@@ -23,7 +23,9 @@ bundle an int4 export without `--keep-reference` keeps.
 Sizes: tiny (the unit tests' model) and, in full mode, small: a 0.5B-class Qwen2.5 text model
 (hidden 896, 24 layers, vocab 151936) with a 1280-wide vision tower of 8 blocks. `--scale`:
 3b, Qwen2.5-VL 3B's shapes (text 2048 x 36 layers, the 32-block vision tower), for which only
-the export and each decoder's per-token latency are measured (`EXPORT_ONLY`).
+the export and each decoder's per-token latency are measured (`EXPORT_ONLY`). `--exports`:
+what the small size's export costs at each precision, each alone as a user runs it (no
+`--keep-reference`): wall time, peak RSS per stage against the bound, the bundle's bytes.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ TURN = 5
 # timed twice per entry.
 RUNS = {"quick": [("tiny", 2, 10)], "full": [("tiny", 3, 20), ("small", 1, 10)],
         "scale": [("3b", 0, 5)]}
+# `--exports`: the size and precisions whose export cost is measured alone
+EXPORT_COSTS = ("small", ("fp32", "fp16", "int8", "int4"))
 # Sizes measured without transformers: the export and the decoders' per-token latency only
 # (the fp32 model in transformers would hold 15 GB at 3b; the export holds it in bf16).
 EXPORT_ONLY = ("3b",)
@@ -111,12 +115,43 @@ def _export_record(summary: dict, model_dir: Path, out: Path) -> dict[str, objec
                 out / f for f in summary["tokenizer_files"])), 1)}
 
 
-def _bench_size(size: str, warmup: int, repeat: int,
-                root: Path) -> tuple[list[dict[str, object]], dict[str, object]]:
+def _build(size: str, root: Path) -> Path:
+    """A random-init model folder of `size`, built in its own process."""
     model_dir = root / f"{size}-model"
     subprocess.run([sys.executable, "-c", "import sys; from rau_rt.export.vlm.model import "
                     "build_random; build_random(sys.argv[1], sys.argv[2])", str(model_dir), size],
                    check=True, capture_output=True)
+    return model_dir
+
+
+def _export_costs(size: str, root: Path) -> dict[str, object]:
+    """What `rau-rt export vlm` costs at each precision (`--exports`): every export in its own
+    process, without `--keep-reference`, its bundle deleted after it is measured."""
+    import shutil
+
+    model_dir = _build(size, root)
+    costs: dict[str, object] = {"checkpoint_mib": _mib(*model_dir.glob("*.safetensors"))}
+    for precision in EXPORT_COSTS[1]:
+        out = root / f"{size}-{precision}"
+        summary = _export(model_dir, out, precision, keep_reference=False)
+        peak = max(summary["stage_peak_rss_mib"].values())
+        costs["memory"] = summary["memory"]
+        costs[precision] = {
+            "command": f"rau-rt export vlm --model {model_dir.name} --precision {precision}",
+            "export_s": summary["wall_s"], "stage_s": summary["stage_s"],
+            "stage_peak_rss_mib": summary["stage_peak_rss_mib"], "peak_rss_mib": peak,
+            "within_bound": peak <= summary["memory"]["bound_mib"],
+            "bundle_mib": summary["bundle_mb"],
+            "graph_mib": {g["file"]: _mib(out / g["file"]) for g in summary["graphs"]}}
+        print(f"{size} {precision}: {summary['wall_s']} s, peak {peak:.0f} MiB, bundle "
+              f"{summary['bundle_mb']:.0f} MiB", flush=True)
+        shutil.rmtree(out)
+    return costs
+
+
+def _bench_size(size: str, warmup: int, repeat: int,
+                root: Path) -> tuple[list[dict[str, object]], dict[str, object]]:
+    model_dir = _build(size, root)
     out = root / size
     summary = _export(model_dir, out, "int4", keep_reference=True)
     export_s = summary["wall_s"]
@@ -271,22 +306,34 @@ def _decode_only(size: str, out: Path, layout, repeat: int) -> list[dict[str, ob
 
 
 def main(argv: list[str] | None = None) -> int:
-    scale = "--scale" in (sys.argv[1:] if argv is None else argv)
+    given = sys.argv[1:] if argv is None else argv
+    scale, costs = "--scale" in given, "--exports" in given
 
     def collect(args, workdir: Path) -> tuple[list, dict]:
         cases, exports = [], {}
+        if args.exports:
+            return [], {"export_costs": {EXPORT_COSTS[0]: _export_costs(EXPORT_COSTS[0],
+                                                                        workdir)}}
         mode = "scale" if args.scale else "quick" if args.quick else "full"
         for size, warmup, repeat in RUNS[mode]:
             made, exports[size] = _bench_size(size, warmup, args.repeat or repeat, workdir)
             cases += made
         return cases, {"exports": exports}
 
-    return run_suite("bench_vlm", __doc__, "benchmarks/results/vlm_scale_cpu.json" if scale
-                     else "benchmarks/results/vlm_cpu.json", collect, argv=argv, suite=SUITE,
-                     extra_args=lambda parser: parser.add_argument(
-                         "--scale", action="store_true",
-                         help="the 3b size only (about 25 minutes, 35 GB of disk): its export "
-                              "and each decoder's per-token latency, to vlm_scale_cpu.json"),
+    def flags(parser) -> None:
+        parser.add_argument("--scale", action="store_true",
+                            help="the 3b size only (about 25 minutes, 35 GB of disk): its "
+                                 "export and each decoder's per-token latency, to "
+                                 "vlm_scale_cpu.json")
+        parser.add_argument("--exports", action="store_true",
+                            help="what the small size's export costs at each precision (wall, "
+                                 "peak RSS, bundle bytes; about 10 minutes), to "
+                                 "vlm_exports_cpu.json")
+
+    default = ("vlm_scale_cpu.json" if scale else "vlm_exports_cpu.json" if costs
+               else "vlm_cpu.json")
+    return run_suite("bench_vlm", __doc__, f"benchmarks/results/{default}", collect, argv=argv,
+                     suite=SUITE, extra_args=flags,
                      device_extra=lambda: {"torch_threads": torch.get_num_threads()})
 
 
