@@ -189,6 +189,21 @@ def test_three_steps_on_a_fixed_pair_lower_the_loss(maker, model_layout):
     assert losses[3] < losses[0]
 
 
+def test_box_tokens_are_the_tokens_before_each_items_box(maker):
+    """The answer probe's positions: the tokens whose next token spells item i's box value."""
+    from rau_rt.train.vlm_data import box_tokens
+
+    answer = '[{"label":"9","bbox_2d":[88,94,114,103]},{"label":"10","bbox_2d":null}]'
+    encoded = maker.tokenizer.encode(answer, add_special_tokens=False)
+    rows = box_tokens(answer, encoded.offsets)
+    spelled = {item: "".join(encoded.tokens[t + 1] for t, i in rows if i == item)
+               for item in (0, 1)}
+    assert spelled == {0: "[88,94,114,103]", 1: "null"}
+    pair = maker.draw(10_000_003)
+    assert set(pair.box_tokens[:, 1]) == set(range(len(pair.names)))
+    assert pair.box_tokens[:, 0].max() < pair.answer_tokens
+
+
 def test_the_auxiliary_cells_mark_where_the_segments_are(model_layout):
     """The dense targets of the trainer's probes: every visible requested segment's box
     centre lies in an occupied cell of its channel, its box in `boxes` is its truth box, and
@@ -232,7 +247,8 @@ def test_the_auxiliary_cells_mark_where_the_segments_are(model_layout):
     losses = []
     for _ in range(3):
         loss, terms = head.loss(pair, forward(model, pair, hidden_states=True))
-        assert set(terms) == {"occupancy", "relative_box", "cell", "absolute_box"}
+        assert set(terms) == {"occupancy", "relative_box", "cell", "absolute_box",
+                              "answer_presence", "answer_box"}
         assert terms["relative_box"] > 0 and terms["absolute_box"] > 0  # segments reach cells
         losses.append(loss.item())
         optimizer.zero_grad()

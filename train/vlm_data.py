@@ -73,6 +73,9 @@ class Pair:
     input_sizes: tuple[tuple[int, int], ...]  # each image's model-input (height, width)
     cells: np.ndarray | None = None  # the target's `occupancy` (training draws only)
     boxes: np.ndarray | None = None  # the target's `segment_boxes` (training draws only)
+    # [K, 2] int64: (answer token index, item index) of every answer token whose next token
+    # spells an item's box or null: where the answer writes that region's box
+    box_tokens: np.ndarray | None = None
 
     @property
     def answer_tokens(self) -> int:
@@ -127,6 +130,23 @@ def segment_boxes(masks: np.ndarray) -> np.ndarray:
             boxes[i] = (xs.min() / width, ys.min() / height, (xs.max() + 1) / width,
                         (ys.max() + 1) / height)
     return boxes
+
+
+def box_tokens(answer: str, offsets: list[tuple[int, int]]) -> np.ndarray:
+    """[K, 2] (token index, item index): the answer's tokens whose next token lies in an
+    item's box value (`[x1,y1,x2,y2]` or `null`), from the tokens' character `offsets`; the
+    positions whose predictions write that item's box."""
+    key = '"bbox_2d":'
+    spans, at = [], 0
+    while (found := answer.find(key, at)) >= 0:
+        start = found + len(key)
+        spans.append((start, answer.index("}", start)))
+        at = start
+    rows = []
+    for item, (start, end) in enumerate(spans):
+        inside = [t for t, (a, b) in enumerate(offsets) if a < end and b > start]
+        rows += [(t - 1, item) for t in inside if t > 0]
+    return np.array(rows, np.int64).reshape(-1, 2)
 
 
 def answer_text(truth: dict[str, Box | None], layout: VlmLayout,
@@ -282,7 +302,8 @@ class PairMaker:
         sizes = (reference_size, reference_size, self.layout.size_for(frame_size))
         prompt = prompts.conversation_ids(self.tokenizer, parts, self.layout, sizes)
         answer = answer_text({n: truth[n] for n in names}, self.layout, frame_size)
-        answer_ids = [*self.tokenizer.encode(answer, add_special_tokens=False).ids, self._end]
+        encoded = self.tokenizer.encode(answer, add_special_tokens=False)
+        answer_ids = [*encoded.ids, self._end]
         ids = np.concatenate([prompt, np.array([answer_ids], np.int64)], axis=1)
         labels = np.full_like(ids, IGNORE)
         labels[0, prompt.shape[1]:] = answer_ids
@@ -290,7 +311,7 @@ class PairMaker:
                    image_patches(prompts.annotated_image(reference), self.layout, "rgb"),
                    image_patches(frame, self.layout, "rgb"))
         return Pair(names, ids, labels, patches, answer, dict(truth), frame_size, sizes, cells,
-                    boxes)
+                    boxes, box_tokens(answer, encoded.offsets))
 
     def stream(self, first_seed: int):
         """Pairs of consecutive seeds from `first_seed` (skipping unusable draws), with the

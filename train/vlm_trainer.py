@@ -44,7 +44,7 @@ from rau_rt.train.record import (
     write_curve,
     write_json_atomic,
 )
-from rau_rt.train.vlm_data import Pair, PairMaker
+from rau_rt.train.vlm_data import IGNORE, Pair, PairMaker
 from rau_rt.vlm_layout import FAMILIES
 
 SIZES = ("micro", "tiny")  # micro: the demo localizer; tiny: tests
@@ -184,6 +184,11 @@ class AuxHead:
       box in the image (smooth L1, in cells). Those absolute positions are what the answer
       writes; the decoder can only learn them from its M-RoPE and causal attention, and here
       it is told to, so that later layers can copy a segment's box from its tokens.
+    - answer: the decoder's last hidden state (what the LM head reads) at every answer token
+      whose next token writes a requested region's box predicts whether the region is
+      visible and, if it is, its box (binary cross-entropy and smooth L1, in cells): it makes
+      the answer fetch the box from the image tokens, which the digits' cross-entropy alone
+      teaches slowly (the second run's answers were one box for every region).
     """
 
     def __init__(self, model) -> None:
@@ -195,7 +200,8 @@ class AuxHead:
         self.image_token = int(model.config.image_token_id)
         self.merge = FAMILIES[FAMILY].patch_size * FAMILIES[FAMILY].merge_size
         self.heads = torch.nn.ModuleDict({"vision": torch.nn.Linear(hidden, 5 * count),
-                                          "text": torch.nn.Linear(hidden, 2 + 4 * count)})
+                                          "text": torch.nn.Linear(hidden, 2 + 4 * count),
+                                          "answer": torch.nn.Linear(hidden, 5)})
         self._merged = None
         model.model.visual.register_forward_hook(self._keep)
 
@@ -233,8 +239,26 @@ class AuxHead:
                                    boxes[None].expand(len(centre), -1, -1)[reach])
                     if reach.any() else zero)
         terms = {"occupancy": occupied, "relative_box": relative, "cell": cell,
-                 "absolute_box": absolute}
+                 "absolute_box": absolute, **self._answer_terms(pair, outputs, scale, zero)}
         return sum(terms.values()), {k: v.item() for k, v in terms.items()}
+
+    def _answer_terms(self, pair: Pair, outputs, scale, zero) -> dict[str, object]:
+        """The answer probe's terms: presence and box of the region each box token writes."""
+        import torch
+        from torch.nn.functional import binary_cross_entropy_with_logits, smooth_l1_loss
+
+        height, width = pair.frame_size
+        truth = [pair.truth[n] for n in pair.names]
+        start = int(np.argmax(pair.labels[0] != IGNORE))  # the answer's first token
+        rows = torch.from_numpy(pair.box_tokens)
+        predicted = self.heads["answer"](outputs.hidden_states[-1][0, start + rows[:, 0]])
+        visible = torch.tensor([truth[i] is not None for i in pair.box_tokens[:, 1]])
+        boxes = torch.tensor([[0.0] * 4 if truth[i] is None else
+                              [truth[i][0] / width, truth[i][1] / height, truth[i][2] / width,
+                               truth[i][3] / height] for i in pair.box_tokens[:, 1]]) * scale
+        presence = binary_cross_entropy_with_logits(predicted[:, 0], visible.float())
+        box = smooth_l1_loss(predicted[visible, 1:], boxes[visible]) if visible.any() else zero
+        return {"answer_presence": presence, "answer_box": box}
 
 
 def _vision(pair: Pair) -> dict[str, object]:
