@@ -73,7 +73,9 @@ def run_steps(cfg, at: Position, model, optimizer, *,
     """The steps of a run from `at` to `cfg.steps` (or until `minutes` have passed): one
     example a step, AdamW at `learning_rate`, gradients clipped at `cfg.grad_clip`; the loss
     logged as a mean every 50 steps, `evaluate` every `cfg.validate_every`, `checkpoint` every
-    `cfg.checkpoint_minutes`, at the end and on Ctrl-C (then re-raised).
+    `cfg.checkpoint_minutes`, at the end and on Ctrl-C or SIGTERM (then re-raised as
+    KeyboardInterrupt): a run started in the background, where SIGINT is ignored, or stopped
+    by a scheduler keeps its steps too.
 
     Args:
         example: (step, next seed) -> (the step's example, the seed after it).
@@ -83,6 +85,7 @@ def run_steps(cfg, at: Position, model, optimizer, *,
 
     started = last_save = time.monotonic()
     history = at.history
+    on_term = _stop_on_sigterm()
     try:
         while at.step < cfg.steps:
             if minutes is not None and time.monotonic() - started > minutes * 60:
@@ -113,4 +116,21 @@ def run_steps(cfg, at: Position, model, optimizer, *,
     except KeyboardInterrupt:  # Ctrl-C keeps the steps done so far (continue with --resume)
         checkpoint()
         raise
+    finally:
+        on_term()
     checkpoint()
+
+
+def _stop_on_sigterm() -> Callable[[], None]:
+    """Make SIGTERM raise KeyboardInterrupt in the main thread; returns the undo."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    return lambda: signal.signal(signal.SIGTERM, previous)
