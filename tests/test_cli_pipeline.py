@@ -114,7 +114,8 @@ def test_demo_writes_every_output_and_says_what_its_weights_are(demo):
     engines = on["engines"]
     assert set(engines) == {"sam2", "vlm"}
     assert set(engines["sam2"]["graphs"]) == {"image_encoder", "mask_decoder",
-                                              "memory_attention", "memory_encoder"}
+                                              "memory_attention", "memory_encoder",
+                                              "memory_attention_pooled"}  # loaded, unused
     assert all(g["device"] == "cpu" for g in engines["vlm"]["graphs"].values())
     e2e = summary["latency_ms"]["end_to_end"]
     assert e2e["count"] == processed and 0 < e2e["p50"] <= e2e["p99"] <= e2e["max"]
