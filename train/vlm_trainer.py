@@ -169,11 +169,11 @@ def pair_loss(model, pair: Pair):
 
 
 class AuxHead:
-    """The trainer's auxiliary losses: two linear probes of the target image's tokens with
-    dense, per-location targets (`vlm_data.occupancy`, `vlm_data.segment_boxes`). The answer's
-    few box digits tell a from-scratch model little; these tell it at every token where each
-    segment is and what its box is. The probes are training-only: the model folder and the
-    shipped weights are a plain Qwen2.5-VL.
+    """The trainer's auxiliary losses: three linear probes with dense targets, two on the
+    target image's tokens and one on the answer's box tokens (`vlm_data.occupancy`,
+    `segment_boxes`, `box_tokens`). The answer's few box digits tell a from-scratch model
+    little; these tell it at every token where each segment is and what its box is. The
+    probes are training-only: the model folder and the shipped weights are a plain Qwen2.5-VL.
 
     - vision: the vision tower's merged tokens predict which segments reach each token's cell
       (binary cross-entropy, occupied cells weighted `AUX_POS_WEIGHT`) and, for each segment
@@ -188,7 +188,7 @@ class AuxHead:
       whose next token writes a requested region's box predicts whether the region is
       visible and, if it is, its box (binary cross-entropy and smooth L1, in cells): it makes
       the answer fetch the box from the image tokens, which the digits' cross-entropy alone
-      teaches slowly (the second run's answers were one box for every region).
+      teaches slowly (the third run's answers were one box for every region).
     """
 
     def __init__(self, model) -> None:
