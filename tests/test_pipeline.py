@@ -157,13 +157,23 @@ def test_two_streams_on_threads_match_sequential_runs(bundle, sequence):
 
 
 def test_realtime_mode_processes_the_newest_frame_and_counts_drops(bundle, sequence):
-    """Frames every 1 ms against a tracker that needs tens of ms per frame."""
+    """Frames every 1 ms against a consumer that needs 20 ms per frame.
+
+    The slowness is a sink's sleep, not the tracker's: frame 0's truth has no opacified
+    segment, so nothing is tracked and `process` alone can keep up with the source on an idle
+    machine (a CI run once saw 0 drops that way).
+    """
+
+    class SlowDisplay:
+        def write(self, frame, result):
+            time.sleep(0.02)
+
     fast = [Frame(i, i * 0.001, sequence.frames[10 + i % 14], "gray", 12) for i in range(40)]
     config = PipelineConfig(KeyframeConfig(every=0, min_gap=1000), wait_for_localizer=True,
                             realtime=True)
     with LocalizerWorker(TruthLocalizer(sequence), timeout_s=10) as worker:
         pipeline = Pipeline(Tracker(bundle), worker, REGIONS, config)
-        results = pipeline.run(fast)
+        results = pipeline.run(fast, [SlowDisplay()])
     processed = [r.index for r in results]
     # (not "frame 0 is processed": on a loaded machine frame 1 can replace it before the
     # processing thread wakes; that is the rule working, not a fault)
