@@ -108,6 +108,8 @@ class OrtEngine(Engine):
         if not config.spin_wait:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        if not config.prepack_weights:
+            options.add_session_config_entry("session.disable_prepacking", "1")
         model_path = path
         cached = cls._cached_optimized_model(ort, path, config)
         if cached is not None:

@@ -37,6 +37,12 @@ class EngineConfig:
         spin_wait: Let ONNX Runtime's intra-op threads spin after a run (its default): faster
             back-to-back runs, but the spinning threads take the cores from whatever runs next
             (NumPy between graphs, another engine, torch); off for pipelines on few cores.
+        prepack_weights: Let ONNX Runtime's CPU kernels repack MatMul weights into their own
+            layout when the session opens (its default; faster runs). The repacked copy is
+            anonymous memory, made while the weights are also mapped from the file, so opening
+            a session costs about the weights once more at its peak. Off: the weights stay
+            mapped from the file (clean pages the kernel can reclaim) and are packed per call:
+            slower runs, no load-time copy. The VLM exporter's fp32 checks turn it off.
     """
 
     device: str = "cpu"
@@ -49,6 +55,7 @@ class EngineConfig:
     cuda_graph: bool = False
     io_binding: bool = True
     spin_wait: bool = True
+    prepack_weights: bool = True
 
     def __post_init__(self) -> None:
         if self.device != "cpu" and self.device != "cuda" and not (

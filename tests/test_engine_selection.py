@@ -7,6 +7,7 @@ import logging
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from rau_rt import cli
@@ -179,3 +180,44 @@ def test_spin_wait_reaches_the_onnxruntime_session(relu_onnx, spin_wait):
         else:
             assert options.get_session_config_entry(key) == "0"
     engine.close()
+
+
+def test_without_prepacking_a_session_maps_its_weights_and_computes_the_same(tmp_path):
+    """`prepack_weights=False` reaches the session, which then holds no repacked copy of an
+    external-data MatMul weight (64 MiB) in anonymous memory, and its outputs agree with the
+    prepacked session's."""
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((4096, 4096), dtype=np.float32)
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [8, 4096])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [8, 4096])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
+                                   [x], [y], [numpy_helper.from_array(weight, "w")])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    path = tmp_path / "mm.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="mm.onnx.data")
+    del model, graph, weight
+    feeds = {"x": rng.standard_normal((8, 4096), dtype=np.float32)}
+
+    def opened(prepack: bool):
+        before = _rss_anon_mib()
+        engine = registry.open_engine(path, "onnxruntime",
+                                      EngineConfig(prepack_weights=prepack, intra_op_threads=1))
+        return engine, _rss_anon_mib() - before
+
+    packed, packed_mib = opened(True)
+    mapped, mapped_mib = opened(False)
+    options = mapped._session.get_session_options()
+    assert options.get_session_config_entry("session.disable_prepacking") == "1"
+    assert packed_mib > 48 and mapped_mib < 16, (packed_mib, mapped_mib)
+    np.testing.assert_allclose(mapped.run(feeds)["y"], packed.run(feeds)["y"], rtol=1e-5,
+                               atol=1e-4)
+    packed.close()
+    mapped.close()
+
+
+def _rss_anon_mib() -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("RssAnon:")) / 1024
