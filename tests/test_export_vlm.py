@@ -20,12 +20,13 @@ import pytest
 
 from rau_rt import cli
 from rau_rt.bundle import load_bundle, read_manifest
-from rau_rt.config import EngineConfig
+from rau_rt.config import DEFAULT_ENGINE_CONFIG, EngineConfig
 from rau_rt.errors import BundleError, InputError
 from rau_rt.export import vlm
 from rau_rt.export.command import _source_entry
 from rau_rt.export.verify import ParityError
 from rau_rt.export.vlm import model as vlm_model
+from rau_rt.export.vlm import stages as vlm_stages
 from rau_rt.export.vlm import verify as vlm_verify
 from rau_rt.export.vlm import weights as vlm_weights
 from rau_rt.vlm_layout import DECODER, EMBED, VISION, read_layout
@@ -220,8 +221,27 @@ def test_weights_stream_into_external_data_and_the_graphs_stay_exact(model_dir, 
     # every graph's weights to `<graph>.data`, as for a model over EXTERNAL_DATA_BYTES
     monkeypatch.setattr(vlm_weights, "EXTERNAL_DATA_BYTES", 0)
     monkeypatch.setattr(vlm_weights, "_BLOCK_BYTES", 300)  # weights written in several blocks
+    opened: list[tuple[str, bool]] = []  # (graph file or bundle, prepack_weights)
+    open_engine, open_bundle = vlm_stages.registry.open_engine, vlm_stages.load_bundle
+
+    def engine_spy(path, backend=None, config=DEFAULT_ENGINE_CONFIG, **kwargs):
+        opened.append((Path(path).name, config.prepack_weights))
+        return open_engine(path, backend, config, **kwargs)
+
+    def bundle_spy(path, config=DEFAULT_ENGINE_CONFIG, **kwargs):
+        opened.append(("bundle", config.prepack_weights))
+        return open_bundle(path, config=config, **kwargs)
+
+    monkeypatch.setattr(vlm_stages.registry, "open_engine", engine_spy)
+    monkeypatch.setattr(vlm_stages, "load_bundle", bundle_spy)
     summary = vlm.export_vlm(vlm.VlmExportConfig(out=tmp_path / "b", model=model_dir,
                                                  precision="int4"))
+    # the fp32 checks map their weights (no prepacked copy); the lowered graphs and the int4
+    # bundle's drift run as the runtime runs them
+    assert {name: prepack for name, prepack in opened if ".fp32." in name} == {
+        f"{g}.fp32.onnx": False for g in (VISION, EMBED, DECODER)}
+    assert all(prepack for name, prepack in opened if ".int" in name)
+    assert ("bundle", False) in opened and ("bundle", True) in opened  # fp32 run, int4 drift
     out = Path(summary["bundle"])
     # the int4 bundle dropped the fp32 graphs and their data files, kept the lowered ones
     assert not any(out.glob("*.fp32.onnx*"))
@@ -244,7 +264,7 @@ sys.modules["torch"] = None; sys.modules["transformers"] = None
 import numpy as np
 from PIL import Image
 from rau_rt.bundle import load_bundle
-from rau_rt.config import EngineConfig
+from rau_rt.config import DEFAULT_ENGINE_CONFIG, EngineConfig
 from rau_rt.export.vlm import verify as vlm_verify
 from rau_rt.vlm_layout import read_layout
 bundle_dir = {str(fp32_bundle)!r}

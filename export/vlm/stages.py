@@ -48,16 +48,24 @@ from rau_rt.vlm_layout import (
     rope_positions,
 )
 
-# Where lowered graphs are checked: the exporter's engines use the default EngineConfig (CPU).
+# Where lowered graphs are checked: the exporter's engines run on CPU (`check_config`).
 # fp16 graphs run there too: ONNX Runtime computes fp16 ops without a CPU kernel in fp32
 # between inserted Casts, so CPU parity bounds the conversion's rounding, not a GPU's kernels.
 VERIFIED_ON = "onnxruntime CPUExecutionProvider"
-# The fp32 graphs' checks open their sessions without weight prepacking: a session then maps
-# the weights from the file instead of holding a repacked copy beside them while it opens,
-# which was the export's peak (the 0.5B-class decoder: 2480 vs 1968 MiB for that session
-# alone). The kernels are the same; the logits move by ~3e-6, far inside the fp32 tolerance.
-# Lowered graphs are checked with it on, as the runtime runs them.
-_FP32_CHECKS = EngineConfig(precision="fp32", prepack_weights=False)
+
+
+def check_config(graph_precision: str, **fields) -> EngineConfig:
+    """The engine settings a graph of `graph_precision` is checked with (`fields`: more).
+
+    fp32 and fp16 graphs are checked without weight prepacking: a session then maps the
+    weights from the file instead of holding a repacked copy beside them while it opens, which
+    was the export's peak (the 0.5B-class fp32 decoder: 2480 vs 1968 MiB for that session
+    alone). Their MatMuls run the same fp32 kernels either way (fp16 ones between the Casts ONNX
+    Runtime inserts on CPU); the logits move by ~3e-6, far inside the tolerances. int8 and int4
+    kernels compute differently unpacked (MatMulNBits' packed path quantizes activations), so
+    those graphs are checked as the runtime runs them.
+    """
+    return EngineConfig(prepack_weights=graph_precision not in ("fp32", "fp16"), **fields)
 
 
 # graph -> (feeds, expected outputs): what each graph, and its lowered copy, is checked on
@@ -173,7 +181,7 @@ def check_fp32(paths: dict[str, Path], checks: Checks, layer_inputs: list[np.nda
                     f"PyTorch reference beyond the fp32 tolerance: " + str(
                         {n: o for n, o in parity[graph]["outputs"].items() if not o["passed"]}))
         else:
-            with registry.open_engine(paths[graph], "onnxruntime", _FP32_CHECKS,
+            with registry.open_engine(paths[graph], "onnxruntime", check_config("fp32"),
                                       precision="fp32") as engine:
                 got = engine.run(feeds)
             parity[graph] = compare(expected, got, "fp32")
@@ -240,7 +248,7 @@ def _check_decoder_in_parts(path: Path, feeds: dict[str, np.ndarray],
         onnx.save(part, str(part_path))  # its weights stay in the decoder's data file
         del part
         try:
-            with registry.open_engine(part_path, "onnxruntime", _FP32_CHECKS,
+            with registry.open_engine(part_path, "onnxruntime", check_config("fp32"),
                                       precision="fp32") as engine:
                 wanted = {s.name for s in engine.inputs}
                 part_feeds = {n: v for n, v in feeds.items() if n in wanted}
@@ -317,7 +325,7 @@ def end_to_end(out: Path, layout: VlmLayout, ids: np.ndarray, patches: list[np.n
     """Prefill logits and greedy tokens through the fp32 bundle vs transformers (`eager`)."""
     prompt = ids.shape[1]
     reference_logits, generated = eager["prefill_logits"], eager["tokens"]
-    config = _FP32_CHECKS
+    config = check_config("fp32", precision="fp32")
     with load_bundle(out, config=config, graphs=[VISION]) as vision:
         seen = _VisionOutputs(vision, layout,
                               [vision.run(VISION, {"pixel_values": p}) for p in patches])
@@ -374,7 +382,8 @@ def quantize_graphs(out: Path, layout: VlmLayout, chosen: dict[str, str],
         parity["reference_graph"] = paths[graph].name
         if graph != DECODER:
             feeds, expected = checks[graph]
-            with registry.open_engine(target, "onnxruntime", precision=precision) as engine:
+            with registry.open_engine(target, "onnxruntime", check_config(precision),
+                                      precision=precision) as engine:
                 got = engine.run(cast_feeds(feeds, {s.name: s.dtype for s in engine.inputs}))
             tolerance = VLM_GRAPH_TOLERANCES[precision]
             parity.update(compare(expected, got, precision, tolerance))
@@ -393,7 +402,7 @@ def decoder_drift(out: Path, layout: VlmLayout, precision: str, ids: np.ndarray,
     transformers in fp32 (`eager`), teacher-forced along `generate`'s greedy tokens; int8 and
     fp16 are gated (verify.py)."""
     tokens = eager["tokens"]
-    with load_bundle(out) as bundle:
+    with load_bundle(out, config=check_config(precision)) as bundle:
         logits = vlm_verify.forced_logits(bundle, layout, ids, patches, tokens)
         vision = bundle.entry(VISION).precision
         method = (bundle.entry(DECODER).parity or {}).get("quantization", {}).get("method")
