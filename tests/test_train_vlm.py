@@ -9,6 +9,8 @@ reference, frame and names must be the pair's. The answer must parse back to the
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -187,6 +189,36 @@ def test_three_steps_on_a_fixed_pair_lower_the_loss(maker, model_layout):
         loss.backward()
         optimizer.step()
     assert losses[3] < losses[0]
+
+
+def test_a_flipped_context_shows_other_values_and_teaches_only_the_rest(model_layout):
+    """With flips, the answer the model reads has some earlier items' values flipped (box <->
+    null); exactly those values are unlabelled, the probe keeps only their deciding token, and
+    the pair's truth is the query's."""
+    folder, layout = model_layout
+    tokenizer = (folder / "tokenizer.json").read_text()
+    plain, flipping = (PairMaker(layout, tokenizer, flips=f) for f in (0.0, 1.0))
+    seed = next(s for s in range(10_000_000, 10_000_100)
+                if (p := plain.draw(s)) is not None and len(p.names) > 1)
+    truth, pair = plain.draw(seed), flipping.draw(seed)
+    assert pair.answer == truth.answer and pair.truth == truth.truth
+    start = int(np.argmax(pair.labels[0] != IGNORE))
+    shown_text = flipping.tokenizer.decode(pair.ids[0, start:-1].tolist())
+    shown, want = json.loads(shown_text), json.loads(pair.answer)
+    flipped = [i for i, (a, b) in enumerate(zip(shown, want, strict=True))
+               if a["bbox_2d"] != b["bbox_2d"]]
+    assert flipped and len(pair.names) - 1 not in flipped
+    assert all((shown[i]["bbox_2d"] is None) != (want[i]["bbox_2d"] is None) for i in flipped)
+    answer = slice(start, pair.ids.shape[1])
+    ignored = pair.labels[0, answer] == IGNORE
+    tokens = [flipping.tokenizer.id_to_token(int(t)) for t in pair.ids[0, answer]]
+    assert "".join(t for t, i in zip(tokens, ignored, strict=True) if i) == "".join(
+        json.dumps(shown[i]["bbox_2d"], separators=(",", ":")) for i in flipped)
+    np.testing.assert_array_equal(pair.labels[0, answer][~ignored],
+                                  pair.ids[0, answer][~ignored])
+    for i in flipped:  # one probe row: the token before the value, whose prediction decides it
+        [row] = pair.box_tokens[pair.box_tokens[:, 1] == i, 0]
+        assert ignored[row + 1] and not ignored[row]
 
 
 def test_box_tokens_are_the_tokens_before_each_items_box(maker):

@@ -16,6 +16,13 @@ field or a zoomed display is, or padded to it with black bars, as a display capt
 square image is. Images go to the vision input as the localizer sends them (`image_patches`:
 the layout's size of nearest aspect). Frames are windowed to 8 bits with the jitter a site's
 window choice brings, then augmented like the SAM2 training frames.
+
+In a share of the training pairs (`flips`) the answer the model reads is not quite the one it
+is taught: some earlier items' values are flipped (a box written as `null`, a `null` as a
+box) and those values are not labelled (`flip_context`). Presence is correlated across a
+query's regions (before the bolus none is visible), so a model taught only on true answers
+learns to copy the previous item's presence rather than read the frame; decoding greedily, one
+`null` then makes every later region `null`.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ MAX_REGIONS = 6  # annotated on a reference
 RUN_FRAMES = 90  # the cine a target frame comes from: fill, plateau and washout
 REFRAMED = 0.5  # share of targets cropped or padded to a non-square aspect
 KEPT_VISIBLE = 0.5  # a cropped segment stays visible with this share of its lumen in frame
+FLIPPED_ITEM = 0.5  # in a flipped context, each item but the last is flipped with this chance
 
 
 @dataclass(frozen=True)
@@ -55,10 +63,12 @@ class Pair:
 
     Attributes:
         names: the regions asked for, in the reference's order.
-        ids: [1, S] int64 prompt ids (image pads expanded), then the answer and end of turn.
-        labels: [1, S] int64, `IGNORE` except on the answer and end-of-turn tokens.
+        ids: [1, S] int64 prompt ids (image pads expanded), then the answer (as shown: with
+            flipped values where the pair's context was flipped) and end of turn.
+        labels: [1, S] int64, `IGNORE` except on the answer and end-of-turn tokens (and on
+            flipped values).
         patches: the vision inputs of the reference, the annotated reference and the target.
-        answer: the answer text.
+        answer: the true answer text.
         truth: region -> its box in target-frame pixels, None where not visible.
         frame_size: (height, width) of the target frame.
     """
@@ -161,6 +171,25 @@ def answer_text(truth: dict[str, Box | None], layout: VlmLayout,
         for name, box in truth.items()])
 
 
+def flip_context(truth: dict[str, Box | None], frame_size: tuple[int, int],
+                 rng: np.random.Generator) -> tuple[dict[str, Box | None], set[str]]:
+    """The answer's regions with some values flipped, for the model to read (not to learn):
+    each item but the last with chance `FLIPPED_ITEM` (at least one), a box becoming `None` and
+    a `None` a random box in the frame. Returns (the read values, the flipped names)."""
+    names = list(truth)[:-1]
+    chosen = {n for n in names if rng.uniform() < FLIPPED_ITEM} or {str(rng.choice(names))}
+    height, width = frame_size
+    read = dict(truth)
+    for name in chosen:
+        if truth[name] is not None:
+            read[name] = None
+            continue
+        w, h = rng.uniform(0.05, 0.3) * width, rng.uniform(0.05, 0.3) * height
+        x, y = rng.uniform(0, width - w), rng.uniform(0, height - h)
+        read[name] = (x, y, x + w, y + h)
+    return read, chosen
+
+
 def reframe(frame: np.ndarray, segments: dict[str, SegmentTruth], names: tuple[str, ...],
             rng: np.random.Generator, masks: np.ndarray | None = None,
             ) -> tuple[np.ndarray, dict[str, Box | None], np.ndarray | None]:
@@ -220,10 +249,13 @@ class PairMaker:
         tokenizer_json: the text of the model's tokenizer.json.
         system: the system turn; default the family's, as the localizer's default.
         augment: jitter the window and augment the target frame.
+        cells: also draw the targets of the trainer's probes (`occupancy`, `segment_boxes`).
+        flips: with `augment`, the share of pairs whose answer context is flipped
+            (`flip_context`; queries of one region never are).
     """
 
     def __init__(self, layout: VlmLayout, tokenizer_json: str, system: str | None = None, *,
-                 augment: bool = True, cells: bool = False) -> None:
+                 augment: bool = True, cells: bool = False, flips: float = 0.0) -> None:
         from tokenizers import Tokenizer
 
         self.layout = layout
@@ -231,6 +263,7 @@ class PairMaker:
         self.system = layout.family_constants.default_system if system is None else system
         self.augment = augment
         self.cells = cells
+        self.flips = flips
         end = self.tokenizer.token_to_id(IM_END)
         if end is None:
             raise ValueError(f"the tokenizer has no {IM_END} token")
@@ -240,8 +273,15 @@ class PairMaker:
         """The pair of generator seed `seed` (the target patient; the reference patient is
         another draw from it); None when the reference cannot show its segments."""
         query = self.query(seed)
-        return None if query is None else self.pair(query.reference, query.frame, query.names,
-                                                    query.truth, query.cells, query.boxes)
+        if query is None:
+            return None
+        read = None
+        rng = np.random.default_rng([seed, 18, 2])
+        if self.augment and len(query.names) > 1 and rng.uniform() < self.flips:
+            read = flip_context({n: query.truth[n] for n in query.names},
+                                (int(query.frame.shape[0]), int(query.frame.shape[1])), rng)
+        return self.pair(query.reference, query.frame, query.names, query.truth, query.cells,
+                         query.boxes, read)
 
     def query(self, seed: int) -> Query | None:
         """`draw`'s question and truth before tokenizing; None where `draw` gives None."""
@@ -294,24 +334,34 @@ class PairMaker:
 
     def pair(self, reference: Reference, frame: np.ndarray, names: tuple[str, ...],
              truth: dict[str, Box | None], cells: np.ndarray | None = None,
-             boxes: np.ndarray | None = None) -> Pair:
-        """The pair for a reference, an 8-bit target frame and its truth boxes."""
+             boxes: np.ndarray | None = None,
+             read: tuple[dict[str, Box | None], set[str]] | None = None) -> Pair:
+        """The pair for a reference, an 8-bit target frame and its truth boxes; `read`: the
+        flipped values the answer shows and their names (`flip_context`), left unlabelled."""
         parts = prompts.locate_parts(reference, self.layout, names, self.system)
         frame_size = (int(frame.shape[0]), int(frame.shape[1]))
         reference_size = self.layout.size_for(reference.size)
         sizes = (reference_size, reference_size, self.layout.size_for(frame_size))
         prompt = prompts.conversation_ids(self.tokenizer, parts, self.layout, sizes)
         answer = answer_text({n: truth[n] for n in names}, self.layout, frame_size)
-        encoded = self.tokenizer.encode(answer, add_special_tokens=False)
+        shown, flipped = (answer, set()) if read is None else (
+            answer_text(read[0], self.layout, frame_size), read[1])
+        encoded = self.tokenizer.encode(shown, add_special_tokens=False)
         answer_ids = [*encoded.ids, self._end]
         ids = np.concatenate([prompt, np.array([answer_ids], np.int64)], axis=1)
         labels = np.full_like(ids, IGNORE)
         labels[0, prompt.shape[1]:] = answer_ids
+        rows = box_tokens(shown, encoded.offsets)
+        if flipped:  # a flipped value is read, not taught; the probe keeps its deciding token
+            wrong = np.isin(rows[:, 1], [names.index(n) for n in flipped])
+            labels[0, prompt.shape[1] + rows[wrong, 0] + 1] = IGNORE
+            first = np.r_[True, rows[1:, 1] != rows[:-1, 1]]
+            rows = rows[~wrong | first]
         patches = (image_patches(reference.image, self.layout, reference.channel_order),
                    image_patches(prompts.annotated_image(reference), self.layout, "rgb"),
                    image_patches(frame, self.layout, "rgb"))
         return Pair(names, ids, labels, patches, answer, dict(truth), frame_size, sizes, cells,
-                    boxes, box_tokens(answer, encoded.offsets))
+                    boxes, rows)
 
     def stream(self, first_seed: int):
         """Pairs of consecutive seeds from `first_seed` (skipping unusable draws), with the

@@ -65,6 +65,7 @@ class VlmTrainConfig:
     steps: int = 9000  # ~80 min on 2 cores (a step is ~0.5 s: draw, forward, backward)
     lr: float = 5e-4
     aux_weight: float = 1.0  # the probes' dense losses (`AuxHead`; 0: off)
+    flips: float = 0.5  # share of pairs whose answer context is flipped (`vlm_data.flip_context`)
     weight_decay: float = 0.05
     warmup: int = 300
     grad_clip: float = 1.0
@@ -81,6 +82,8 @@ class VlmTrainConfig:
         if self.input_size < 28 or self.input_size % 28:
             raise InputError(f"input_size {self.input_size}: expected a multiple of 28 "
                              "(patch 14 x merge 2)")
+        if not 0 <= self.flips <= 1:
+            raise InputError(f"flips {self.flips}: a share, expected 0..1")
         if self.steps < 1 or self.validate_every < 1 or self.validation_pairs < 1:
             raise InputError("steps, validate_every and validation_pairs must be >= 1")
         if self.first_pair_seed not in TRAIN_SEEDS:
@@ -109,7 +112,8 @@ def load(cfg: VlmTrainConfig, folder: Path):
     model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
         folder, dtype="float32")
     layout = make_layout(model, FAMILY, cfg.input_size, hidden_state=False, aspect_buckets=True)
-    maker = PairMaker(layout, (folder / "tokenizer.json").read_text(), cells=cfg.aux_weight > 0)
+    maker = PairMaker(layout, (folder / "tokenizer.json").read_text(), cells=cfg.aux_weight > 0,
+                      flips=cfg.flips)
     return model, layout, maker
 
 
