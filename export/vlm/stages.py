@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -312,6 +313,22 @@ class _VisionOutputs:
         return self.outputs.pop(0) if graph == VISION else self.bundle.run(graph, feeds)
 
 
+@contextmanager
+def _text_graphs(out: Path, layout: VlmLayout, patches: list[np.ndarray],
+                 config: EngineConfig):
+    """The bundle's embed and decoder graphs as a GraphRunner whose vision graph answers for
+    `patches` (in order) from a session of its own, closed before the decoder's opens: a
+    greedy or teacher-forced run never holds the vision tower beside the decoder (for fp16
+    graphs on CPU, with the fp32 copies of the weights ONNX Runtime folds their Casts into)."""
+    with load_bundle(out, config=config, graphs=[VISION]) as vision:
+        seen = _VisionOutputs(vision, layout,
+                              [vision.run(VISION, {"pixel_values": p}) for p in patches])
+    release_freed_memory()
+    with load_bundle(out, config=config, graphs=[EMBED, DECODER]) as bundle:
+        seen.bundle = bundle
+        yield seen
+
+
 def eager_reference(model, hf, new_tokens: int) -> dict[str, object]:
     """transformers' answer on the prompt, in fp32 (the model may be held in its stored dtype):
     the last prefill logits, `generate`'s greedy tokens and the logits each was picked from."""
@@ -325,13 +342,7 @@ def end_to_end(out: Path, layout: VlmLayout, ids: np.ndarray, patches: list[np.n
     """Prefill logits and greedy tokens through the fp32 bundle vs transformers (`eager`)."""
     prompt = ids.shape[1]
     reference_logits, generated = eager["prefill_logits"], eager["tokens"]
-    config = check_config("fp32", precision="fp32")
-    with load_bundle(out, config=config, graphs=[VISION]) as vision:
-        seen = _VisionOutputs(vision, layout,
-                              [vision.run(VISION, {"pixel_values": p}) for p in patches])
-    release_freed_memory()  # the vision tower is not needed beside the decoder
-    with load_bundle(out, config=config, graphs=[EMBED, DECODER]) as bundle:
-        seen.bundle = bundle
+    with _text_graphs(out, layout, patches, check_config("fp32", precision="fp32")) as seen:
         tokens, logits = vlm_verify.greedy(seen, layout, ids, patches, new_tokens,
                                            min_new_tokens=new_tokens)
     result = {"prefill_logits_max_abs": float(np.max(np.abs(logits[0] - reference_logits))),
@@ -402,7 +413,7 @@ def decoder_drift(out: Path, layout: VlmLayout, precision: str, ids: np.ndarray,
     transformers in fp32 (`eager`), teacher-forced along `generate`'s greedy tokens; int8 and
     fp16 are gated (verify.py)."""
     tokens = eager["tokens"]
-    with load_bundle(out, config=check_config(precision)) as bundle:
+    with _text_graphs(out, layout, patches, check_config(precision)) as bundle:
         logits = vlm_verify.forced_logits(bundle, layout, ids, patches, tokens)
         vision = bundle.entry(VISION).precision
         method = (bundle.entry(DECODER).parity or {}).get("quantization", {}).get("method")
