@@ -65,6 +65,18 @@ def peak_rss_mib() -> float:
     return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024  # bytes vs KiB
 
 
+def reset_peak_rss() -> bool:
+    """Start this process's high-water mark (`peak_rss_mib`) over from its current RSS, so that
+    the next reading is the peak since now (Linux: "5" into /proc/self/clear_refs, Linux 4.0
+    and later). Returns whether it could; where not, the mark keeps counting from the start."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def release_freed_memory() -> None:
     """Collect garbage and hand the C heap's free pages back to the system (glibc's
     `malloc_trim`; elsewhere only the collection). After a large model is freed, glibc keeps

@@ -196,9 +196,10 @@ def test_the_summary_records_peak_rss_at_each_stage(quantized):
     peaks = quantized["int4"]["stage_peak_rss_mib"]
     assert list(peaks) == ["load", "preprocess", "export", "reference", "verify",
                            "quantize", "write"]
-    values = list(peaks.values())
-    assert values == sorted(values) and values[0] > 0  # a high-water mark only rises
-    assert f"peak RSS {values[-1]} MiB" in vlm.format_summary(quantized["int4"])
+    # each stage's own peak: the high-water mark starts over as a stage starts, so a later
+    # stage's peak can be below an earlier one's (the model is freed after `reference`)
+    assert quantized["int4"]["stage_peak_scope"] == "stage" and min(peaks.values()) > 0
+    assert f"peak RSS {max(peaks.values())} MiB" in vlm.format_summary(quantized["int4"])
 
 
 def test_quantized_bundle_runs_and_keeps_lm_head_fp32(quantized):

@@ -145,3 +145,13 @@ def test_a_spawned_process_reports_its_own_peak_rss_not_its_parents():
                             "print(peak_rss_mib())"], capture_output=True, text=True, check=True)
     assert float(child.stdout) < 300  # ru_maxrss would carry this process's 400+ MiB over
     del held
+
+
+def test_the_peak_rss_starts_over_from_the_current_rss():
+    from rau_rt.profiling import peak_rss_mib, reset_peak_rss
+
+    held = np.ones(300 << 20, np.uint8)  # 300 MiB resident, then handed back
+    del held
+    before = peak_rss_mib()
+    assert reset_peak_rss()  # Linux (CI): /proc/self/clear_refs takes "5"
+    assert peak_rss_mib() < before - 200

@@ -49,7 +49,7 @@ from rau_rt.export.vlm import model as vlm_model
 from rau_rt.export.vlm import stages as vlm_stages
 from rau_rt.export.vlm import verify as vlm_verify
 from rau_rt.export.vlm.quantize import INT8_METHODS
-from rau_rt.profiling import peak_rss_mib, release_freed_memory
+from rau_rt.profiling import peak_rss_mib, release_freed_memory, reset_peak_rss
 from rau_rt.vlm_layout import (
     DECODER,
     EMBED,
@@ -242,7 +242,9 @@ def _entry(path: Path, graph: str, precision: str, parity: dict, sha: str, comma
 
 class _Stages:
     """A progress bar over the export stages (tqdm, which transformers brings), with each
-    stage's seconds and the process's peak RSS when it ended (the high-water mark so far)."""
+    stage's seconds and peak RSS. The process's high-water mark is reset as each stage starts
+    (`reset_peak_rss`), so a stage's peak is its own; where the system cannot reset it,
+    `peak_scope` says the peaks are the process's so far."""
 
     def __init__(self, names: list[str], show: bool) -> None:
         from tqdm.auto import tqdm
@@ -250,12 +252,15 @@ class _Stages:
         self.bar = tqdm(total=len(names), disable=not show, unit="stage")
         self.times: dict[str, float] = {}
         self.peak_rss_mib: dict[str, float] = {}
+        self.peak_scope = "stage"
 
     def next(self, name: str) -> None:
         if self.times:
             self.bar.update(1)
             self.peak_rss_mib[list(self.times)[-1]] = round(peak_rss_mib())
         release_freed_memory()  # what the last stage freed, before the next one allocates
+        if not reset_peak_rss():
+            self.peak_scope = "process so far"
         now = time.perf_counter()
         self.times[name] = now
         self.bar.set_description(name)
@@ -408,9 +413,11 @@ def export_vlm(config: VlmExportConfig) -> dict[str, object]:
     return {"bundle": str(out), "family": fam.name, "input_size": list(layout.input_size),
             "aspect_buckets": [list(b) for b in layout.buckets],
             "export_s": round(export_s, 3), "stage_s": times,
-            # the process's high-water mark at the end of each stage (in a process that did
-            # other work first, that work's peak too)
-            "stage_peak_rss_mib": stages.peak_rss_mib, "memory": memory,
+            # each stage's own peak RSS ("stage"; the high-water mark is reset as it starts,
+            # which a caller that reads the process's peak after an export should know), or,
+            # where Linux cannot reset it, the process's so far
+            "stage_peak_rss_mib": stages.peak_rss_mib, "stage_peak_scope": stages.peak_scope,
+            "memory": memory,
             "preprocess": preprocess,
             "end_to_end": {k: v for k, v in fp32.items() if not k.startswith("_")},
             "tokenizer_files": tokenizer_files,
