@@ -221,6 +221,31 @@ def test_a_flipped_context_shows_other_values_and_teaches_only_the_rest(model_la
         assert ignored[row + 1] and not ignored[row]
 
 
+def test_the_frame_effect_measures_whether_the_decisions_read_the_target(maker, model_layout):
+    """`decisions` gives one box-vs-null logit per requested region; a model's answer moves
+    with its target frame (random weights read it too), and not at all for a target that is
+    already the black frame the check swaps in."""
+    from dataclasses import replace
+
+    import torch
+    import transformers
+
+    from rau_rt.localization.localizer import image_patches
+    from rau_rt.train.vlm_trainer import decisions, evaluate
+
+    folder, layout = model_layout
+    torch.manual_seed(0)
+    model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(folder).eval()
+    pair = maker.draw(10_000_003)
+    black = replace(pair, patches=(*pair.patches[:2], image_patches(
+        np.zeros(pair.frame_size, np.uint8), layout, "rgb")))
+    with torch.no_grad():
+        seen, dark = decisions(model, maker, pair), decisions(model, maker, black)
+    assert seen.shape == (len(pair.names),) and np.abs(seen - dark).max() > 1e-3
+    scores = evaluate(model, maker, [black])
+    assert scores["frame_effect"] == 0.0 and 0.0 <= scores["forced_presence"] <= 1.0
+
+
 def test_box_tokens_are_the_tokens_before_each_items_box(maker):
     """The answer probe's positions: the tokens whose next token spells item i's box value."""
     from rau_rt.train.vlm_data import box_tokens
@@ -308,7 +333,8 @@ def test_training_resumes_where_it_stopped_and_leaves_a_model_folder(tmp_path):
     resumed = train(cfg, tmp_path / "resumed", resume=True)
     assert resumed["steps_done"] == straight["steps_done"] == 3
     assert resumed["pair_seeds"] == straight["pair_seeds"]
-    assert set(resumed["validation"][-1]) == {"step", "hit_rate", "mean_iou", "presence_f1"}
+    assert set(resumed["validation"][-1]) == {"step", "hit_rate", "mean_iou", "presence_f1",
+                                              "forced_presence", "frame_effect"}
     model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
         tmp_path / "resumed" / "model")
     state = torch.load(tmp_path / "resumed" / "train_state.pt", weights_only=False)["model"]
