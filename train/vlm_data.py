@@ -159,6 +159,12 @@ def box_tokens(answer: str, offsets: list[tuple[int, int]]) -> np.ndarray:
     return np.array(rows, np.int64).reshape(-1, 2)
 
 
+def deciding(rows: np.ndarray) -> np.ndarray:
+    """A mask of `box_tokens` rows (grouped by item): each item's first, the token whose
+    prediction chooses between a box and `null`."""
+    return np.r_[True, rows[1:, 1] != rows[:-1, 1]] if len(rows) else np.zeros(0, bool)
+
+
 def answer_text(truth: dict[str, Box | None], layout: VlmLayout,
                 frame_size: tuple[int, int]) -> str:
     """The answer the localizer should decode for `truth` (frame pixels) on a frame of
@@ -355,8 +361,7 @@ class PairMaker:
         if flipped:  # a flipped value is read, not taught; the probe keeps its deciding token
             wrong = np.isin(rows[:, 1], [names.index(n) for n in flipped])
             labels[0, prompt.shape[1] + rows[wrong, 0] + 1] = IGNORE
-            first = np.r_[True, rows[1:, 1] != rows[:-1, 1]]
-            rows = rows[~wrong | first]
+            rows = rows[~wrong | deciding(rows)]
         patches = (image_patches(reference.image, self.layout, reference.channel_order),
                    image_patches(prompts.annotated_image(reference), self.layout, "rgb"),
                    image_patches(frame, self.layout, "rgb"))

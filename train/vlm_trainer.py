@@ -45,7 +45,7 @@ from rau_rt.train.record import (
     write_curve,
     write_json_atomic,
 )
-from rau_rt.train.vlm_data import IGNORE, Pair, PairMaker
+from rau_rt.train.vlm_data import IGNORE, Pair, PairMaker, deciding
 from rau_rt.vlm_layout import FAMILIES
 
 SIZES = ("micro", "tiny")  # micro: the demo localizer; tiny: tests
@@ -351,7 +351,7 @@ def decisions(model, maker: PairMaker, pair: Pair) -> np.ndarray:
     box, null = (maker.tokenizer.encode(t, add_special_tokens=False).ids[0] for t in ("[", "null"))
     logits = forward(model, pair).logits[0]
     start = int(np.argmax(pair.labels[0] != IGNORE))
-    rows = pair.box_tokens[np.r_[True, pair.box_tokens[1:, 1] != pair.box_tokens[:-1, 1]], 0]
+    rows = pair.box_tokens[deciding(pair.box_tokens), 0]
     at = logits[start + rows]
     return (at[:, box] - at[:, null]).float().numpy()
 
