@@ -133,6 +133,10 @@ def export_fp32(model, layout: VlmLayout, out: Path, ids: np.ndarray, patches: l
             checks[graph] = ({"pixel_values": sample},
                              run(module, {"pixel_values": sample}, visual_names))
 
+    # The heap the eager runs freed goes back before the traces: it sat under the decoder's
+    # TorchScript export (about 1 GB for a moment at the 0.5B class), and how much of it glibc
+    # had kept varied from run to run.
+    release_freed_memory()
     vlm_graphs.write_onnx(vision, {"pixel_values": torch.from_numpy(patches[0])}, paths[VISION],
                           visual_names, {}, "fp32")
     vlm_graphs.write_onnx(embed, {n: torch.from_numpy(v) for n, v in embed_feeds.items()},
@@ -149,6 +153,7 @@ def export_fp32(model, layout: VlmLayout, out: Path, ids: np.ndarray, patches: l
                "position_ids": torch.arange(3, 7).expand(3, 1, 4).contiguous(),
                **({"deepstack_embeds": torch.randn(deep, 1, 4, h)} if deep else {}),
                **{n: torch.randn(1, kv, 3, d) for n in layout.past_names}}
+    release_freed_memory()
     vlm_graphs.write_onnx(decoder, example, paths[DECODER], names,
                           vlm_graphs.decoder_dynamic_axes(layout), "fp32")
     for graph, (module, sample) in buckets.items():
