@@ -88,6 +88,12 @@ class Pair:
     box_tokens: np.ndarray | None = None
 
     @property
+    def answer_start(self) -> int:
+        """The index in `ids` of the answer's first token (labelled even in a flipped context,
+        whose unlabelled values come later)."""
+        return int(np.argmax(self.labels[0] != IGNORE))
+
+    @property
     def answer_tokens(self) -> int:
         return int((self.labels != IGNORE).sum())
 

@@ -45,7 +45,7 @@ from rau_rt.train.record import (
     write_curve,
     write_json_atomic,
 )
-from rau_rt.train.vlm_data import IGNORE, Pair, PairMaker, deciding
+from rau_rt.train.vlm_data import Pair, PairMaker, deciding
 from rau_rt.vlm_layout import FAMILIES
 
 SIZES = ("micro", "tiny")  # micro: the demo localizer; tiny: tests
@@ -254,7 +254,7 @@ class AuxHead:
 
         height, width = pair.frame_size
         truth = [pair.truth[n] for n in pair.names]
-        start = int(np.argmax(pair.labels[0] != IGNORE))  # the answer's first token
+        start = pair.answer_start
         rows = torch.from_numpy(pair.box_tokens)
         predicted = self.heads["answer"](outputs.hidden_states[-1][0, start + rows[:, 0]])
         visible = torch.tensor([truth[i] is not None for i in pair.box_tokens[:, 1]])
@@ -310,7 +310,7 @@ def evaluate(model, maker: PairMaker, pairs: list[Pair]) -> dict[str, float]:
     ious, tp, fp, fn = [], 0, 0, 0
     with torch.no_grad():
         for pair in pairs:
-            start = int(np.argmax(pair.labels[0] != -100))
+            start = pair.answer_start
             prompt = torch.from_numpy(pair.ids[:, :start])
             limit = max(pair.input_sizes[-1])  # absolute pixels of the target's input
             grammar = _GrammarMask(guidance.matcher(guidance.compile(box_grammar(pair.names,
@@ -350,7 +350,7 @@ def decisions(model, maker: PairMaker, pair: Pair) -> np.ndarray:
     decides whether the region is visible."""
     box, null = (maker.tokenizer.encode(t, add_special_tokens=False).ids[0] for t in ("[", "null"))
     logits = forward(model, pair).logits[0]
-    start = int(np.argmax(pair.labels[0] != IGNORE))
+    start = pair.answer_start
     rows = pair.box_tokens[deciding(pair.box_tokens), 0]
     at = logits[start + rows]
     return (at[:, box] - at[:, null]).float().numpy()
