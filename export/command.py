@@ -123,12 +123,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     model = sam2.add_mutually_exclusive_group(required=True)
     model.add_argument("--checkpoint", type=Path, help="Meta's sam2.1_hiera_*.pt "
                        "({'model': state_dict}); needs --config")
-    model.add_argument("--random-init", choices=("micro", "tiny", "small"),
-                       help="random weights: micro (tests), or the tiny/small configs")
+    model.add_argument("--random-init", choices=("micro", "mini", "tiny", "small"),
+                       help="random weights: micro (tests), mini, or the tiny/small configs")
     sam2.add_argument("--config", help="the checkpoint's config: tiny, small, base_plus, large, "
-                      "micro or a sam2 config path")
+                      "micro, mini or a sam2 config path")
     sam2.add_argument("--image-size", type=int, choices=(1024, 512, 256), default=1024,
-                      help="input side: 1024 (sam2), 512 (MedSAM2, ARCADE); 256 micro only")
+                      help="input side: 1024 (sam2), 512 (MedSAM2, ARCADE); 256 micro and mini "
+                      "only")
     sam2.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
                       help="int8: quantize per graph; fp16: for GPUs, LayerNorm/Softmax kept "
                       "fp32; a graph whose drift is over tolerance stays fp32 (recorded)")

@@ -302,7 +302,8 @@ def test_model_source_rejects_contradictions(tmp_path):
         sam2_model.ModelSource()
     with pytest.raises(InputError, match="needs its config"):
         sam2_model.ModelSource(checkpoint=tmp_path / "x.pt")
-    with pytest.raises(InputError, match="micro model only"):
+    with pytest.raises(InputError, match="micro and mini models only"):
         sam2_model.ModelSource(image_size=256, random_init="tiny")
+    sam2_model.ModelSource(image_size=256, random_init="mini")  # the wider demo config: allowed
     with pytest.raises(InputError, match="expected one of"):
         sam2_model.ModelSource(image_size=640, random_init="micro")

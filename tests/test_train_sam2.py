@@ -70,7 +70,7 @@ def test_jittered_boxes_stay_near_the_truth():
 def test_three_steps_on_a_fixed_clip_lower_the_loss():
     torch.manual_seed(0)
     cfg = TrainConfig(stages=((3, 3),))
-    model = new_model(cfg).train()
+    model = new_model(cfg)[0].train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     clip = _clip("box")
     losses = []
@@ -137,15 +137,43 @@ def test_a_fine_tune_starts_from_the_given_weights_and_records_them(tmp_path):
                             init=str(weights), first_clip_seed=TRAIN_SEEDS.start + 1000,
                             regime_weights=(0.0, 1.0, 0.0))
     # before a step, the model holds the parent's weights (fp16, as they ship), not new ones
-    start = new_model(tuned_cfg).state_dict()
+    start = new_model(tuned_cfg)[0].state_dict()
     trained = torch.load(tmp_path / "parent" / "sam2.pt", weights_only=True)["model"]
     key = "sam_mask_decoder.iou_token.weight"
     assert torch.equal(start[key], trained[key].half().float())
-    assert not torch.equal(start[key], new_model(cfg).state_dict()[key])
+    assert not torch.equal(start[key], new_model(cfg)[0].state_dict()[key])
     tuned = train(tuned_cfg, tmp_path / "tuned")
     assert tuned["init"]["file"] == str(weights)
     assert tuned["init"]["record"]["steps_done"] == parent["steps_done"]
     assert tuned["clip_seeds"][0] == TRAIN_SEEDS.start + 1000
+
+
+def test_a_partial_init_grows_mini_from_micro_weights_and_names_what_started_random(tmp_path):
+    from rau_rt.errors import InputError
+    from rau_rt.export.sam2.model import CheckpointError, load_checkpoint
+
+    cfg = TrainConfig(stages=((1, 1),), validate_every=1, validation_clips=1, warmup=1)
+    train(cfg, tmp_path / "micro")
+    weights = tmp_path / "micro" / "sam2.fp16.safetensors"
+    grown_cfg = TrainConfig(config="mini", stages=((1, 1),), validate_every=1,
+                            validation_clips=1, warmup=1, init=str(weights), init_partial=True)
+    with pytest.raises(CheckpointError, match="shape"):  # without --init-partial: refused
+        new_model(TrainConfig(config="mini", init=str(weights)))
+    model, fresh = new_model(grown_cfg)
+    micro = load_checkpoint(weights, "micro", 256).state_dict()
+    mini = model.state_dict()
+    copied = [k for k in mini if k not in fresh]
+    # everything after the neck's input convolutions comes from micro; the wider trunk is new
+    assert all(k.startswith(("image_encoder.trunk.", "image_encoder.neck.convs.")) for k in fresh)
+    assert any(k.startswith("image_encoder.trunk.") for k in fresh)
+    assert "memory_attention.layers.0.cross_attn_image.q_proj.weight" in copied
+    assert all(torch.equal(mini[k], micro[k]) for k in copied)
+    grown = train(grown_cfg, tmp_path / "mini")
+    assert "image_encoder.trunk.blocks" in grown["init"]["fresh"]
+    assert load_checkpoint(tmp_path / "mini" / "sam2.pt", "mini", 256).image_encoder.trunk \
+        .patch_embed.proj.out_channels == 32
+    with pytest.raises(InputError, match="init_partial"):
+        TrainConfig(init_partial=True)
 
 
 @pytest.mark.parametrize("weights, stages", [((0.5, 0.5), ((1, 2),)), ((0, 0, 0), ((1, 2),)),

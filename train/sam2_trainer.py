@@ -40,7 +40,7 @@ from rau_rt.train.record import (
 )
 from rau_rt.train.sam2_data import REGIME_WEIGHTS, REGIMES, ClipSpec, clip_stream, draw_clip
 
-CONFIGS = ("micro", "tiny")  # micro: 2.6 M parameters; tiny: sam2.1 hiera-t (39 M)
+CONFIGS = ("micro", "mini", "tiny")  # 2.6 M, 3.7 M (micro's wider trunk); sam2.1 hiera-t, 39 M
 WEIGHTS_FILE = "sam2.fp16.safetensors"
 
 
@@ -63,14 +63,16 @@ class TrainConfig:
     threads: int = 2
     regime_weights: tuple[float, float, float] = REGIME_WEIGHTS  # box, mask, reference
     init: str | None = None  # weights to start from (sam2 .pt or .safetensors); None: random
+    init_partial: bool = False  # copy only init's tensors that fit (another config's weights)
 
     def __post_init__(self) -> None:
         if self.config not in CONFIGS:
             raise InputError(f"config {self.config!r}: expected one of {CONFIGS}")
         if self.image_size not in (256, 512):
             raise InputError(f"image_size {self.image_size}: expected 256 or 512")
-        if self.config != "micro" and self.image_size == 256:
-            raise InputError("image_size 256 is for the micro config; tiny trains at 512")
+        if self.config == "tiny" and self.image_size == 256:
+            raise InputError("image_size 256 is for the micro and mini configs; tiny trains at "
+                             "512")
         if not self.stages or any(n < 1 or f < 1 for n, f in self.stages) \
                 or self.validate_every < 1:
             raise InputError("stages of (steps >= 1, frames >= 1) and validate_every >= 1 "
@@ -83,6 +85,8 @@ class TrainConfig:
                              "when a stage has one-frame clips: a mask clip needs 2 frames)")
         if self.init is not None and not Path(self.init).is_file():
             raise InputError(f"init {self.init}: no such file")
+        if self.init_partial and self.init is None:
+            raise InputError("init_partial copies the fitting tensors of init: give init too")
         if self.first_clip_seed not in TRAIN_SEEDS:
             raise InputError(f"first_clip_seed {self.first_clip_seed}: training seeds are "
                              f"{TRAIN_SEEDS.start}..{TRAIN_SEEDS.stop - 1} (disjoint from the "
@@ -119,23 +123,26 @@ def parse_stages(text: str) -> tuple[tuple[int, int], ...]:
     return stages
 
 
-def new_model(cfg: TrainConfig):
+def new_model(cfg: TrainConfig) -> tuple[object, list[str]]:
     """The plain sam2 model of `cfg.config` at `cfg.image_size`: randomly initialised, or
-    holding the weights of `cfg.init` (a fine-tune of an earlier run)."""
+    holding the weights of `cfg.init` (a fine-tune of an earlier run), or with
+    `cfg.init_partial` the tensors of `cfg.init` that fit (a larger config grown from a smaller
+    one's weights). Returns it with the names of the tensors a partial init left random."""
     import torch
 
-    from rau_rt.export.sam2.model import build, load_checkpoint
+    from rau_rt.export.sam2.model import build, load_checkpoint, warm_start
 
     torch.manual_seed(cfg.seed)
-    if cfg.init is not None:
-        return load_checkpoint(cfg.init, cfg.config, cfg.image_size).float()
-    return build(cfg.config, cfg.image_size)
+    if cfg.init is not None and not cfg.init_partial:
+        return load_checkpoint(cfg.init, cfg.config, cfg.image_size).float(), []
+    model = build(cfg.config, cfg.image_size)
+    return model, (warm_start(model, cfg.init) if cfg.init is not None else [])
 
 
-def init_record(path: str | None) -> dict[str, object] | None:
+def init_record(path: str | None, fresh: list[str] = ()) -> dict[str, object] | None:
     """What a fine-tune started from: the file, its sha256 and, where the run folder or the
     shipped weights keep one beside it, that run's record (so shipped weights carry their
-    whole lineage)."""
+    whole lineage); after a partial init, the modules whose tensors started random."""
     if path is None:
         return None
     import hashlib
@@ -144,8 +151,11 @@ def init_record(path: str | None) -> dict[str, object] | None:
     file = Path(path)
     parent = next((p for p in (file.parent / "record.json", file.with_suffix(".json"))
                    if p.is_file()), None)
-    return {"file": str(file), "sha256": hashlib.sha256(file.read_bytes()).hexdigest(),
-            "record": json.loads(parent.read_text()) if parent else None}
+    record = {"file": str(file), "sha256": hashlib.sha256(file.read_bytes()).hexdigest(),
+              "record": json.loads(parent.read_text()) if parent else None}
+    if fresh:
+        record["fresh"] = sorted({".".join(name.split(".")[:3]) for name in fresh})
+    return record
 
 
 def clip_loss(model, clip) -> tuple[object, dict[str, float]]:
@@ -224,7 +234,7 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None, resume: 
     out = Path(out)
     state_path = state_file(out, resume)
     torch.set_num_threads(cfg.threads)
-    model = new_model(cfg)
+    model, fresh = new_model(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     at = Position(0, cfg.first_clip_seed)
     if resume:
@@ -240,7 +250,7 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None, resume: 
                       state["window"])
     model.train()
     clips = validation_clips(cfg)
-    lineage = init_record(cfg.init)
+    lineage = init_record(cfg.init, fresh)
     history = at.history
     saved = {"since": time.monotonic(), "sha256": None}  # the clock and the last weights
     streams: dict[int, object] = {}  # clip length -> its stream (one per curriculum stage)

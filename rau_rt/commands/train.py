@@ -33,6 +33,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     sam2.add_argument("--init", default=None, metavar="WEIGHTS",
                       help="start from these weights (a run's sam2.pt or .safetensors, e.g. the "
                            "shipped ones) instead of random ones; the record keeps their record")
+    sam2.add_argument("--init-partial", action="store_true",
+                      help="copy only the tensors of --init that fit --config and start the rest "
+                           "random: a larger config grown from a smaller one's weights (the "
+                           "record names the modules that started random)")
     sam2.add_argument("--first-clip-seed", type=int, default=defaults.first_clip_seed,
                       help="generator seed of the first training clip (a fine-tune draws new "
                            f"clips from a later one; default {defaults.first_clip_seed})")
@@ -90,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = TrainConfig(config=args.config, image_size=args.image_size,
                       stages=parse_stages(args.stages), lr=args.lr, seed=args.seed,
                       validate_every=args.validate_every, regime_weights=weights,
-                      init=args.init, first_clip_seed=args.first_clip_seed)
+                      init=args.init, init_partial=args.init_partial,
+                      first_clip_seed=args.first_clip_seed)
     return _train(args, cfg, train, "clip",
                   lambda values: {"loss": values["loss"],
                                   **{k.removeprefix("dice_"): v for k, v in values.items()
