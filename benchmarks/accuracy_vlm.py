@@ -33,6 +33,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -45,6 +46,9 @@ from rau_rt.localization.parse import NO_JSON, NOT_IN_ANSWER
 from rau_rt.reference import Reference
 from rau_rt.train import HELD_OUT_SEEDS
 from rau_rt.types import Region
+
+if TYPE_CHECKING:  # bench_accuracy imports this module
+    from benchmarks.bench_accuracy import Sam2Weights
 
 MODEL = "micro"  # the demo localizer's size (`rau-rt train vlm`'s default)
 INPUT = 224  # the trained input size (aspect buckets at its pixel budget)
@@ -217,7 +221,7 @@ def cine_reference(p) -> Reference:
                                                for r in still.regions))
 
 
-def pipeline_suite(weights: Path, sam2_weights: Path, cines, frames: int, workdir: Path,
+def pipeline_suite(weights: Path, sam2_weights: Sam2Weights, cines, frames: int, workdir: Path,
                    precisions=("fp32", "int4")) -> tuple[list[dict], dict]:
     """The `pipeline` cases: `pipeline/<model>/<vlm precision>/vlm` and `.../truth-box`."""
     from benchmarks.bench_accuracy import export_bundle, prepare, schedule, score, tracker_run
@@ -274,7 +278,7 @@ def pipeline_suite(weights: Path, sam2_weights: Path, cines, frames: int, workdi
         cases.append(case)
         print(json.dumps({"case": case["case"], "dice_ge2mm": task["dice_ge2mm"],
                           "gap": task.get("dice_gap_to_truth_box")}), flush=True)
-    facts = {"vlm_weights": str(weights), "sam2_weights": str(sam2_weights),
+    facts = {"vlm_weights": str(weights), "sam2_weights": str(sam2_weights.path),
              "sam2_precision": sam2_choice, "frames": frames,
              "cines": [c.__dict__ | {"regions": p.regions, "first_frame": p.first}
                        for c, p in zip(cines, prepared, strict=True)]}

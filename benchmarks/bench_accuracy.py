@@ -1,7 +1,7 @@
 """Task accuracy of the trained demo models against exact synthetic truth.
 
     python -m benchmarks.bench_accuracy [--suite tracker|localizer|pipeline] [--quick]
-        [--weights FILE] [--vlm-weights FILE] [--json PATH]
+        [--weights FILE [--config micro|mini]] [--vlm-weights FILE] [--json PATH]
 
 The `localizer` and `pipeline` suites (the trained VLM alone, and its keyframe boxes
 prompting the trained SAM2) are described in `benchmarks/accuracy_vlm.py`; the `tracker`
@@ -68,6 +68,46 @@ KEYFRAME_EVERY = 15  # the demo's VLM schedule: one keyframe a second at 15 fps
 REFERENCE_SEED_OFFSET = 5000  # the reference patient of cine `seed` is seed + 5000 (held out)
 DEMO_WEIGHTS = Path(__file__).resolve().parents[1] / "rau_rt" / "weights" / \
     "sam2_micro256.safetensors"
+IMAGE_SIZE = 256  # the demo configs' input side
+
+
+@dataclass(frozen=True)
+class Sam2Weights:
+    """Trained SAM2 weights and the config (architecture) they fit."""
+
+    path: Path
+    config: str
+
+    @classmethod
+    def of(cls, path: Path, config: str | None = None) -> Sam2Weights:
+        """`config` as given, else as the file's metadata names it (`rau-rt train sam2`'s
+        .safetensors do; a sam2 .pt does not, and needs `config`)."""
+        from rau_rt.errors import InputError
+        from rau_rt.export.sam2.model import SMALL_CONFIGS, stored_config
+
+        config = config or stored_config(path)
+        if config not in SMALL_CONFIGS:
+            raise InputError(f"SAM2 weights {path}: config {config!r}; expected one of "
+                             f"{SMALL_CONFIGS} (pass --config for a .pt)")
+        return cls(Path(path), config)
+
+    @property
+    def label(self) -> str:
+        """The model part of a case name, e.g. "micro@256"."""
+        return f"{self.config}@{IMAGE_SIZE}"
+
+    def source(self):
+        from rau_rt.export.sam2.model import ModelSource
+
+        return ModelSource(image_size=IMAGE_SIZE, checkpoint=self.path, config=self.config)
+
+    def predictor(self):
+        """sam2's video predictor holding the weights, hole filling off (no `sam2._C`)."""
+        from rau_rt.export.sam2.model import load_checkpoint
+
+        model = load_checkpoint(self.path, self.config, IMAGE_SIZE)
+        model.fill_hole_area = 0
+        return model
 
 
 @dataclass(frozen=True)
@@ -290,25 +330,21 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if union == 0 else float((a & b).sum() / union)
 
 
-def export_bundle(weights: Path, out: Path, gate: bool) -> dict[str, str]:
-    """The weights exported at micro@256 in int8 (where the exporter accepts it, or every
+def export_bundle(weights: Sam2Weights, out: Path, gate: bool) -> dict[str, str]:
+    """The weights exported at 256 px in int8 (where the exporter accepts it, or every
     graph with `gate` off); returns each graph's first (default) precision."""
     from rau_rt.export.sam2 import Sam2ExportConfig, export_sam2
     from rau_rt.export.sam2.inputs import CheckFrames
-    from rau_rt.export.sam2.model import ModelSource
 
-    source = ModelSource(image_size=256, checkpoint=weights, config="micro")
     with contextlib.redirect_stderr(io.StringIO()):
-        manifest, _ = export_sam2(Sam2ExportConfig(source, out, precision="int8",
+        manifest, _ = export_sam2(Sam2ExportConfig(weights.source(), out, precision="int8",
                                                    precision_gate=gate),
                                   CheckFrames.synthetic(generate_sequence, regions=2))
     return {g: manifest.entries(g)[0].precision for g in manifest.graph_names}
 
 
-def run(weights: Path, cines: tuple[Cine, ...], frames: int, workdir: Path,
+def run(weights: Sam2Weights, cines: tuple[Cine, ...], frames: int, workdir: Path,
         ) -> tuple[list[dict], dict]:
-    from rau_rt.export.sam2.model import load_checkpoint
-
     gated = export_bundle(weights, workdir / "gated", gate=True)
     export_bundle(weights, workdir / "all", gate=False)
     engine = EngineConfig(spin_wait=False)
@@ -317,8 +353,7 @@ def run(weights: Path, cines: tuple[Cine, ...], frames: int, workdir: Path,
                "int8": load_bundle(workdir / "all", config=engine)}
     if set(gated.values()) != {"int8"}:
         bundles["int8-gated"] = load_bundle(workdir / "gated", config=engine)
-    predictor = load_checkpoint(weights, "micro", 256)
-    predictor.fill_hole_area = 0
+    predictor = weights.predictor()
     prepared = [prepare(c, frames, workdir) for c in cines]
     cases = []
     for regime in REGIMES:
@@ -346,7 +381,7 @@ def run(weights: Path, cines: tuple[Cine, ...], frames: int, workdir: Path,
             mine = stats(np.asarray(times[name]))
             row = "predictor" if name == "predictor" else "tracker"
             precision = "fp32" if name == "predictor" else name
-            case = {"case": f"{row}/micro@256/{precision}/{regime}",
+            case = {"case": f"{row}/{weights.label}/{precision}/{regime}",
                     "backend": "torch-cpu" if row == "predictor" else "onnxruntime-cpu",
                     "precision": precision, **mine, "baseline": BASELINE,
                     "baseline_median_ms": base["median_ms"], "baseline_p90_ms": base["p90_ms"],
@@ -366,7 +401,8 @@ def run(weights: Path, cines: tuple[Cine, ...], frames: int, workdir: Path,
                   flush=True)
     for bundle in bundles.values():
         bundle.close()
-    facts = {"weights": str(weights), "exporter_int8_choice": gated,
+    facts = {"weights": str(weights.path), "config": weights.config,
+             "exporter_int8_choice": gated,
              "int8_gated_row": "int8-gated" in bundles,
              "cines": [c.__dict__ | {"regions": p.regions, "first_frame": p.first}
                        for c, p in zip(cines, prepared, strict=True)],
@@ -417,8 +453,11 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"tracker and pipeline: 2 cines of 40 frames; localizer: "
                              f"{QUICK_PAIRS} pairs (each about 3 minutes)")
     parser.add_argument("--weights", type=Path, default=DEMO_WEIGHTS,
-                        help="SAM2 micro@256 weights (.safetensors or sam2 .pt); default the "
+                        help="SAM2 weights at 256 px (.safetensors or sam2 .pt); default the "
                              "shipped demo weights")
+    parser.add_argument("--config", choices=("micro", "mini"), default=None,
+                        help="the architecture --weights fit (default: as the .safetensors "
+                             "metadata names it; a .pt needs it)")
     parser.add_argument("--vlm-weights", type=Path, default=None,
                         help="the VLM's fp16 safetensors (`rau-rt train vlm`'s "
                              "vlm.fp16.safetensors); default the shipped demo weights")
@@ -427,23 +466,25 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks import accuracy_vlm
 
     cines, frames = (HELD_OUT[:2], 40) if args.quick else (HELD_OUT, 60)
+    weights = Sam2Weights.of(args.weights, args.config)
     name = "accuracy" if args.suite == "tracker" else f"accuracy_{args.suite}"
     path = args.json or f"benchmarks/results/{name}{'_quick' if args.quick else ''}_cpu.json"
     vlm_weights = args.vlm_weights or accuracy_vlm.DEMO_VLM
     with tempfile.TemporaryDirectory(prefix="bench_accuracy_") as tmp:
         if args.suite == "tracker":
-            cases, facts = run(args.weights, cines, frames, Path(tmp))
+            cases, facts = run(weights, cines, frames, Path(tmp))
         elif args.suite == "localizer":
             cases, facts = accuracy_vlm.localizer_suite(
                 vlm_weights, QUICK_PAIRS if args.quick else FULL_PAIRS, Path(tmp))
         else:
-            cases, facts = accuracy_vlm.pipeline_suite(vlm_weights, args.weights, cines, frames,
+            cases, facts = accuracy_vlm.pipeline_suite(vlm_weights, weights, cines, frames,
                                                        Path(tmp))
     command = ("python -m benchmarks.bench_accuracy"
                + ("" if args.suite == "tracker" else f" --suite {args.suite}")
                + (" --quick" if args.quick else "")
                + (f" --vlm-weights {args.vlm_weights}" if args.vlm_weights else "")
-               + (f" --weights {args.weights}" if args.weights != DEMO_WEIGHTS else ""))
+               + (f" --weights {args.weights}" if args.weights != DEMO_WEIGHTS else "")
+               + (f" --config {args.config}" if args.config else ""))
     record = write_record(SUITE if args.suite == "tracker" else name, cases, path, command)
     record.update(facts)
     record["summary_md"] = (summary(record) if args.suite == "tracker"

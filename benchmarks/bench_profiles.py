@@ -25,6 +25,7 @@ from benchmarks.bench_accuracy import (
     DEMO_WEIGHTS,
     HELD_OUT,
     REGIMES,
+    Sam2Weights,
     export_bundle,
     predictor_run,
     prepare,
@@ -60,15 +61,12 @@ SETTINGS = {
 
 
 def collect(args, workdir: Path) -> tuple[list, dict]:
-    from rau_rt.export.sam2.model import load_checkpoint
-
-    weights = Path(args.weights)
+    weights = Sam2Weights.of(Path(args.weights), args.config)
     cines, frames = (HELD_OUT[:2], 40) if args.quick else (HELD_OUT, 60)
     export_bundle(weights, workdir / "all", gate=False)
     bundle = load_bundle(workdir / "all", config=EngineConfig(precision="fp32",
                                                                spin_wait=False))
-    predictor = load_checkpoint(weights, "micro", 256)
-    predictor.fill_hole_area = 0
+    predictor = weights.predictor()
     prepared = [prepare(c, frames, workdir) for c in cines]
     names = [*SETTINGS, BASELINE]
     cards = {(n, r): Scorecard() for n in names for r in REGIMES}
@@ -92,7 +90,7 @@ def collect(args, workdir: Path) -> tuple[list, dict]:
         mean = float(np.mean(list(dice[name].values())))
         config = SETTINGS.get(name)
         cases.append({
-            "case": f"{'tracker' if config else 'predictor'}/micro@256/fp32/{name}",
+            "case": f"{'tracker' if config else 'predictor'}/{weights.label}/fp32/{name}",
             "backend": "onnxruntime-cpu" if config else "torch-cpu", "precision": "fp32",
             "levers": None if config is None else dict(zip(LEVERS, config.levers,
                                                            strict=True)),
@@ -126,7 +124,10 @@ def table(cases: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     def extra(parser) -> None:
         parser.add_argument("--weights", default=str(DEMO_WEIGHTS),
-                            help="SAM2 micro@256 weights (default: the shipped demo weights)")
+                            help="SAM2 weights at 256 px (default: the shipped demo weights)")
+        parser.add_argument("--config", choices=("micro", "mini"), default=None,
+                            help="the architecture --weights fit (default: as the "
+                                 ".safetensors metadata names it; a .pt needs it)")
 
     return run_suite("bench_profiles", __doc__, "benchmarks/results/profiles_cpu.json",
                      collect, argv=argv, suite=SUITE, extra_args=extra)

@@ -15,9 +15,9 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("sam2")
 
-from benchmarks.bench_accuracy import HELD_OUT, prepare, score, tracker_run
+from benchmarks.bench_accuracy import HELD_OUT, Sam2Weights, prepare, score, tracker_run
 from rau_rt.bundle import load_bundle
-from rau_rt.commands.demo import SHIPPED_SAM2
+from rau_rt.commands.demo import SHIPPED_SAM2, SHIPPED_SAM2_CONFIG
 from rau_rt.config import EngineConfig
 from rau_rt.synthetic import generate_sequence
 from rau_rt.synthetic.scoring import Scorecard
@@ -32,7 +32,8 @@ def bundle(tmp_path_factory):
     from rau_rt.export.sam2.model import ModelSource
 
     out = tmp_path_factory.mktemp("demo_sam2")
-    source = ModelSource(image_size=256, checkpoint=SHIPPED_SAM2, config="micro")
+    source = ModelSource(image_size=256, checkpoint=SHIPPED_SAM2,
+                         config=SHIPPED_SAM2_CONFIG)
     with contextlib.redirect_stderr(io.StringIO()):
         export_sam2(Sam2ExportConfig(source, out),
                     CheckFrames.synthetic(generate_sequence, regions=2))
@@ -53,3 +54,19 @@ def test_shipped_weights_segment_the_requested_segments(bundle, cine, regime):
     result = card.summary()
     assert result["dice_ge2mm"] >= FLOORS[regime], result
     assert result["presence_acc"] >= 0.8, result
+
+
+def test_the_weights_name_the_config_they_fit(tmp_path):
+    import torch
+
+    from rau_rt.errors import InputError
+    from rau_rt.export.sam2.model import stored_config
+
+    # the demo and the benchmarks build the architecture the shipped file says it was trained as
+    assert stored_config(SHIPPED_SAM2) == SHIPPED_SAM2_CONFIG
+    assert Sam2Weights.of(SHIPPED_SAM2).label == f"{SHIPPED_SAM2_CONFIG}@256"
+    meta_pt = tmp_path / "sam2.pt"  # sam2's own format carries no config: it must be named
+    torch.save({"model": {}}, meta_pt)
+    with pytest.raises(InputError, match="--config"):
+        Sam2Weights.of(meta_pt)
+    assert Sam2Weights.of(meta_pt, "mini").source().name == "mini"

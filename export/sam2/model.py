@@ -182,6 +182,22 @@ def _describe(keys: list[str], limit: int = 8) -> str:
     return shown + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
+def stored_config(path: str | Path) -> str | None:
+    """The config a `.safetensors` file written by `rau-rt train sam2` names in its metadata
+    (e.g. "micro" for the shipped demo weights); None for a `.pt` or a file without one."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("config")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} is not a readable safetensors file "
+                              f"({exc})") from exc
+
+
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
     """The state dict of Meta's `{"model": state_dict}` .pt or of a .safetensors file (the
     project's shipped demo weights: fp16, read back as fp32)."""

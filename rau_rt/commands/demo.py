@@ -45,6 +45,7 @@ from rau_rt.pipeline.factory import SAM2_PART, VLM_PART, PipelineBundle
 DEMO_REGIONS = ("5", "6", "7", "11")  # left main, LAD proximal and mid, proximal circumflex
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 SHIPPED_SAM2 = WEIGHTS / "sam2_micro256.safetensors"
+SHIPPED_SAM2_CONFIG = "micro"  # the architecture the shipped weights fit
 SHIPPED_VLM = WEIGHTS / "vlm_micro.safetensors"
 DEMO_NOTE = ("{models}: the project's demo weights, trained on synthetic angiography only "
              "(rau_rt/weights/*.json): not for clinical use.")
@@ -131,7 +132,7 @@ def _bundle_spec(args: argparse.Namespace) -> dict[str, object]:
     elif args.random_init:
         sam2 = {"random_init": "micro", "image_size": args.image_size or 256}
     else:
-        sam2 = {"checkpoint": str(SHIPPED_SAM2), "config": "micro",
+        sam2 = {"checkpoint": str(SHIPPED_SAM2), "config": SHIPPED_SAM2_CONFIG,
                 "checkpoint_sha256": _shipped_sha256(SHIPPED_SAM2),
                 "image_size": args.image_size or 256}
     if args.vlm is not None:
