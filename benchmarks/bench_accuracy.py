@@ -1,6 +1,6 @@
 """Task accuracy of the trained demo models against exact synthetic truth.
 
-    python -m benchmarks.bench_accuracy [--suite tracker|localizer|pipeline] [--quick]
+    python -m benchmarks.bench_accuracy [--suite tracker|frames|localizer|pipeline] [--quick]
         [--weights FILE [--config micro|mini]] [--vlm-weights FILE] [--json PATH]
 
 The `localizer` and `pipeline` suites (the trained VLM alone, and its keyframe boxes
@@ -33,6 +33,11 @@ bicubic resize instead of `ops.preprocess`'s bilinear one) and keeping every con
 (sam2 attends all of them; a 60-frame cine has at most 4 keyframes, `MAX_CONDITIONING`, where
 the default tracker keeps the first and the newest). The gap between the two IoUs is the
 resize's and the memory bound's; the `same_input` one is the graphs' fidelity.
+
+The `frames` suite decodes every scored frame of the same cines alone, from a box and without
+memory (sam2's `SAM2ImagePredictor`: what a conditioning frame gets), with the exact truth box
+(`frames/<model>/fp32/exact-box`) and with a box jittered as the `box` regime's keyframes are
+(`.../jittered-box`). Tracking keeps at best what a frame decodes: this is its ceiling.
 """
 
 from __future__ import annotations
@@ -439,14 +444,72 @@ def summary(record: dict) -> str:
     return "\n".join(lines)
 
 
-SUITES = ("tracker", "localizer", "pipeline")
+def frames_suite(weights: Sam2Weights, cines: tuple[Cine, ...], frames: int, workdir: Path,
+                 ) -> tuple[list[dict], dict]:
+    """The `frames` cases (module docstring): sam2's image predictor on each frame alone."""
+    import torch
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    from rau_rt.train.sam2_data import jitter_box
+
+    predictor = SAM2ImagePredictor(weights.predictor())
+    # its feature sizes are fixed for 1024 px inputs; these are the 256 px model's
+    predictor._bb_feat_sizes = [(IMAGE_SIZE // s, IMAGE_SIZE // s) for s in (4, 8, 16)]
+    prepared = [prepare(c, frames, workdir) for c in cines]
+    cases = []
+    for kind in ("exact-box", "jittered-box"):
+        card, ms = Scorecard(), []
+        for p in prepared:
+            rng = np.random.default_rng([p.cine.seed, 21])
+            masks = {}
+            for k in range(p.first, frames):
+                truth = p.sequence.truth[k].segments
+                got = np.zeros((len(p.regions), 512, 512), bool)
+                started = time.perf_counter()
+                with torch.inference_mode():
+                    predictor.set_image(p.rgb[k])
+                    for i, name in enumerate(p.regions):
+                        if not (truth[name].present and truth[name].box):
+                            continue  # as the VLM answers null: no prompt, no mask
+                        box = np.asarray(truth[name].box, np.float32)
+                        if kind == "jittered-box":
+                            box = jitter_box(box, 512, rng)
+                        got[i] = predictor.predict(box=box, multimask_output=False)[0][0] > 0
+                ms.append((time.perf_counter() - started) * 1e3)
+                masks[k] = got
+            score(p, masks, card)
+        cases.append({"case": f"frames/{weights.label}/fp32/{kind}", "backend": "torch-cpu",
+                      "precision": "fp32", **stats(np.asarray(ms)), "task": card.summary(),
+                      "fidelity": {}})
+        print(json.dumps({k: cases[-1][k] for k in ("case", "median_ms", "task")}), flush=True)
+    facts = {"weights": str(weights.path), "config": weights.config,
+             "cines": [c.__dict__ | {"regions": p.regions, "first_frame": p.first}
+                       for c, p in zip(cines, prepared, strict=True)], "frames": frames}
+    return cases, facts
+
+
+def frames_summary(record: dict) -> str:
+    lines = ["| case | Dice (≥ 2 mm) | Dice all | boundary F | ≥ 3 mm | 2-3 mm | < 2 mm | "
+             "ms/frame |", "|---|---|---|---|---|---|---|---|"]
+    for c in record["cases"]:
+        t = c["task"]
+        cells = [t["dice_ge2mm"], t["dice_mean"], t["boundary_f"],
+                 *(t["dice_by_calibre"].get(k) for k in (">=3mm", "2-3mm", "<2mm"))]
+        lines.append(f"| {c['case']} | " + " | ".join("-" if v is None else f"{v:.3f}"
+                                                     for v in cells)
+                     + f" | {c['median_ms']:.1f} |")
+    return "\n".join(lines)
+
+
+SUITES = ("tracker", "frames", "localizer", "pipeline")
 QUICK_PAIRS, FULL_PAIRS = 16, 120
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", choices=SUITES, default="tracker",
-                        help="tracker: the SAM2 regimes (default); localizer: the VLM's boxes "
+                        help="tracker: the SAM2 regimes (default); frames: each frame decoded "
+                             "alone from a box, the tracking's ceiling; localizer: the VLM's boxes "
                              "on held-out pairs per precision; pipeline: VLM keyframes -> "
                              "SAM2 beside truth boxes (benchmarks/accuracy_vlm.py)")
     parser.add_argument("--quick", action="store_true",
@@ -473,6 +536,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_accuracy_") as tmp:
         if args.suite == "tracker":
             cases, facts = run(weights, cines, frames, Path(tmp))
+        elif args.suite == "frames":
+            cases, facts = frames_suite(weights, cines, frames, Path(tmp))
         elif args.suite == "localizer":
             cases, facts = accuracy_vlm.localizer_suite(
                 vlm_weights, QUICK_PAIRS if args.quick else FULL_PAIRS, Path(tmp))
@@ -487,8 +552,8 @@ def main(argv: list[str] | None = None) -> int:
                + (f" --config {args.config}" if args.config else ""))
     record = write_record(SUITE if args.suite == "tracker" else name, cases, path, command)
     record.update(facts)
-    record["summary_md"] = (summary(record) if args.suite == "tracker"
-                            else accuracy_vlm.summary(record))
+    record["summary_md"] = {"tracker": summary, "frames": frames_summary}.get(
+        args.suite, accuracy_vlm.summary)(record)
     Path(path).write_text(json.dumps(record, indent=2) + "\n")
     print(record["summary_md"])
     return 0

@@ -44,6 +44,9 @@ SUITES = {
     "accuracy_cpu.json": "Task accuracy of the demo SAM2 against exact synthetic truth: Tracker "
                          "fp32 / int8 vs sam2's SAM2VideoPredictor on the same weights, "
                          "held-out cines",
+    "accuracy_frames_cpu.json": "The ceiling of tracking: each frame of the same held-out cines "
+                                "decoded alone from a box by sam2's SAM2ImagePredictor (no "
+                                "memory), same weights",
 }
 BEGIN, END = "<!-- perf:begin -->", "<!-- perf:end -->"
 
@@ -59,7 +62,8 @@ def render() -> str:
         versions = ", ".join(f"{k} {v}" for k, v in record["versions"].items()
                              if isinstance(v, str))
         table = (pipeline_markdown(record) if record.get("suite") == "rau-rt bench"
-                 else accuracy_markdown(record) if record.get("suite") == "accuracy"
+                 else accuracy_markdown(record)
+                 if record.get("suite") in ("accuracy", "accuracy_frames")
                  else markdown(record))
         parts.append(f"**{heading}** ({versions})\n\n{table}")
     return "\n\n".join(parts)
@@ -94,10 +98,12 @@ def accuracy_markdown(record: dict[str, object]) -> str:
     device = record["device"]
     cines = ", ".join(f"seed {c['seed']} ({c['artery']}, {c['look']}: {'/'.join(c['regions'])})"
                       for c in record["cines"])
+    keyframes = (f"; box keyframes every {record['keyframe_every']} frames"
+                 if "keyframe_every" in record else "")
     return (f"{record['summary_md']}\n\n{len(record['cines'])} held-out cines of "
-            f"{record['frames']} frames at 512² ({cines}); box keyframes every "
-            f"{record['keyframe_every']} frames; ms/frame for 4 regions on {device['cpu']}, "
-            f"{device['physical_cores']} cores. Reproduce: `{record['command']}`")
+            f"{record['frames']} frames at 512² ({cines}){keyframes}; ms/frame for 4 regions on "
+            f"{device['cpu']}, {device['physical_cores']} cores. Reproduce: "
+            f"`{record['command']}`")
 
 
 def rewrite_readme(readme: Path = ROOT / "README.md") -> None:
