@@ -448,11 +448,14 @@ def frames_suite(weights: Sam2Weights, cines: tuple[Cine, ...], frames: int, wor
                  ) -> tuple[list[dict], dict]:
     """The `frames` cases (module docstring): sam2's image predictor on each frame alone."""
     import torch
-    from sam2.sam2_image_predictor import SAM2ImagePredictor
 
     from rau_rt.train.sam2_data import jitter_box
 
-    predictor = SAM2ImagePredictor(weights.predictor())
+    with warnings.catch_warnings():  # its transforms torch.jit.script (deprecated) at init
+        warnings.simplefilter("ignore")
+        from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+        predictor = SAM2ImagePredictor(weights.predictor())
     # its feature sizes are fixed for 1024 px inputs; these are the 256 px model's
     predictor._bb_feat_sizes = [(IMAGE_SIZE // s, IMAGE_SIZE // s) for s in (4, 8, 16)]
     prepared = [prepare(c, frames, workdir) for c in cines]
