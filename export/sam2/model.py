@@ -5,8 +5,8 @@ user of sam2's video predictor takes: Meta's configs with a checkpoint from a pa
 configs with random weights (`tiny`, `small`), or `micro`, a deliberately small SAM2 (Hiera with
 16 channels, 1 memory-attention layer) made of the same classes by config overrides, so unit
 tests export all four graphs in seconds (`mini` widens micro's trunk for the demo weights).
-The override sets follow the measured recipe in
-notes/sam2_parity.md (keys that must change together).
+The override sets follow the measured recipe in notes/sam2_parity.md (keys that must change
+together).
 
 `RealRoPEAttention` replaces sam2's `RoPEAttention` for export: the same projections and the
 same rotation, written with cos/sin tables instead of `view_as_complex` (which neither ONNX
