@@ -106,6 +106,18 @@ class Sam2Weights:
 
         return ModelSource(image_size=IMAGE_SIZE, checkpoint=self.path, config=self.config)
 
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        """`--weights` and `--config`, as `Sam2Weights.of` reads them."""
+        from rau_rt.export.sam2.model import SMALL_CONFIGS
+
+        parser.add_argument("--weights", type=Path, default=DEMO_WEIGHTS,
+                            help="SAM2 weights at 256 px (.safetensors or sam2 .pt); default "
+                                 "the shipped demo weights")
+        parser.add_argument("--config", choices=SMALL_CONFIGS, default=None,
+                            help="the architecture --weights fit (default: as the "
+                                 ".safetensors metadata names it; a .pt needs it)")
+
     def predictor(self):
         """sam2's video predictor holding the weights, hole filling off (no `sam2._C`)."""
         from rau_rt.export.sam2.model import load_checkpoint
@@ -518,12 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help=f"tracker and pipeline: 2 cines of 40 frames; localizer: "
                              f"{QUICK_PAIRS} pairs (each about 3 minutes)")
-    parser.add_argument("--weights", type=Path, default=DEMO_WEIGHTS,
-                        help="SAM2 weights at 256 px (.safetensors or sam2 .pt); default the "
-                             "shipped demo weights")
-    parser.add_argument("--config", choices=("micro", "mini"), default=None,
-                        help="the architecture --weights fit (default: as the .safetensors "
-                             "metadata names it; a .pt needs it)")
+    Sam2Weights.add_arguments(parser)
     parser.add_argument("--vlm-weights", type=Path, default=None,
                         help="the VLM's fp16 safetensors (`rau-rt train vlm`'s "
                              "vlm.fp16.safetensors); default the shipped demo weights")

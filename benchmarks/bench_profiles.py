@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.bench_accuracy import (
-    DEMO_WEIGHTS,
     HELD_OUT,
     REGIMES,
     Sam2Weights,
@@ -123,11 +122,7 @@ def table(cases: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     def extra(parser) -> None:
-        parser.add_argument("--weights", default=str(DEMO_WEIGHTS),
-                            help="SAM2 weights at 256 px (default: the shipped demo weights)")
-        parser.add_argument("--config", choices=("micro", "mini"), default=None,
-                            help="the architecture --weights fit (default: as the "
-                                 ".safetensors metadata names it; a .pt needs it)")
+        Sam2Weights.add_arguments(parser)
 
     return run_suite("bench_profiles", __doc__, "benchmarks/results/profiles_cpu.json",
                      collect, argv=argv, suite=SUITE, extra_args=extra)
