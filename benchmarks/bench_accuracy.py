@@ -58,6 +58,7 @@ from PIL import Image
 
 from benchmarks.harness import stats, write_record
 from rau_rt.bundle import load_bundle
+from rau_rt.commands.demo import SHIPPED_SAM2
 from rau_rt.config import EngineConfig
 from rau_rt.ops import IMAGENET_MEAN, IMAGENET_STD
 from rau_rt.sam2_layout import MAX_CONDITIONING
@@ -71,8 +72,7 @@ BASELINE = "sam2-predictor"
 REGIMES = ("mask", "box", "reference")
 KEYFRAME_EVERY = 15  # the demo's VLM schedule: one keyframe a second at 15 fps
 REFERENCE_SEED_OFFSET = 5000  # the reference patient of cine `seed` is seed + 5000 (held out)
-DEMO_WEIGHTS = Path(__file__).resolve().parents[1] / "rau_rt" / "weights" / \
-    "sam2_micro256.safetensors"
+DEMO_WEIGHTS = SHIPPED_SAM2  # what `rau-rt demo` exports; its config is SHIPPED_SAM2_CONFIG
 IMAGE_SIZE = 256  # the demo configs' input side
 
 

@@ -54,6 +54,7 @@ import torch
 from benchmarks.bench_accuracy import DEMO_WEIGHTS, HELD_OUT, write_jpegs
 from benchmarks.harness import case_record, markdown, write_record
 from rau_rt.bundle import load_bundle
+from rau_rt.commands.demo import SHIPPED_SAM2_CONFIG
 from rau_rt.config import EngineConfig
 from rau_rt.export.sam2 import Sam2ExportConfig, export_sam2
 from rau_rt.export.sam2.graphs import EagerGraphs
@@ -79,8 +80,8 @@ class Run:
 
 RUNS = {
     "full": (Run("tiny", 1024, 14), Run("tiny", 512, 24, (1, 3, 8)),
-             Run("micro", 256, 40, (1, 3, 8), trained=True)),
-    "quick": (Run("micro", 256, 24, (3, 8), trained=True),),
+             Run(SHIPPED_SAM2_CONFIG, 256, 40, (1, 3, 8), trained=True)),
+    "quick": (Run(SHIPPED_SAM2_CONFIG, 256, 24, (3, 8), trained=True),),
     "cuda": (Run("tiny", 1024, 40),),
 }
 PROFILE_NAMES = ("exact", "fast")

@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks.bench_tracker import Run
     from benchmarks.harness import environment
+    from rau_rt.commands.demo import SHIPPED_SAM2_CONFIG
 
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - started:6.1f} s] {message}", flush=True)
@@ -213,13 +214,13 @@ def main(argv: list[str] | None = None) -> int:
     log(f"on {versions.get('gpu', args.device)}: " + ", ".join(
         f"{k} {v}" for k, v in versions.items() if k != "gpu"))
     if args.smoke:
-        runs = (Run("micro", 256, min(args.frames, 8), (1,), trained=True),)
+        runs = (Run(SHIPPED_SAM2_CONFIG, 256, min(args.frames, 8), (1,), trained=True),)
         decoders = (SMOKE_DECODER,)
         prompt, steps, warmup = 32, 3, 1
     else:
         runs = (Run("tiny", 1024, args.frames, (1, 3, 8)),
                 Run("tiny", 512, args.frames, (1, 3, 8)),
-                Run("micro", 256, args.frames, (1, 3, 8), trained=True))
+                Run(SHIPPED_SAM2_CONFIG, 256, args.frames, (1, 3, 8), trained=True))
         decoders = DECODERS
         prompt, steps, warmup = PROMPT_TOKENS, DECODE_STEPS, DECODE_WARMUP
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
