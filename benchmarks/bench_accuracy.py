@@ -72,7 +72,6 @@ BASELINE = "sam2-predictor"
 REGIMES = ("mask", "box", "reference")
 KEYFRAME_EVERY = 15  # the demo's VLM schedule: one keyframe a second at 15 fps
 REFERENCE_SEED_OFFSET = 5000  # the reference patient of cine `seed` is seed + 5000 (held out)
-DEMO_WEIGHTS = SHIPPED_SAM2  # what `rau-rt demo` exports; its config is SHIPPED_SAM2_CONFIG
 IMAGE_SIZE = 256  # the demo configs' input side
 
 
@@ -111,7 +110,7 @@ class Sam2Weights:
         """`--weights` and `--config`, as `Sam2Weights.of` reads them."""
         from rau_rt.export.sam2.model import SMALL_CONFIGS
 
-        parser.add_argument("--weights", type=Path, default=DEMO_WEIGHTS,
+        parser.add_argument("--weights", type=Path, default=SHIPPED_SAM2,
                             help="SAM2 weights at 256 px (.safetensors or sam2 .pt); default "
                                  "the shipped demo weights")
         parser.add_argument("--config", choices=SMALL_CONFIGS, default=None,
@@ -558,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
                + ("" if args.suite == "tracker" else f" --suite {args.suite}")
                + (" --quick" if args.quick else "")
                + (f" --vlm-weights {args.vlm_weights}" if args.vlm_weights else "")
-               + (f" --weights {args.weights}" if args.weights != DEMO_WEIGHTS else "")
+               + (f" --weights {args.weights}" if args.weights != SHIPPED_SAM2 else "")
                + (f" --config {args.config}" if args.config else ""))
     record = write_record(SUITE if args.suite == "tracker" else name, cases, path, command)
     record.update(facts)

@@ -51,10 +51,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.bench_accuracy import DEMO_WEIGHTS, HELD_OUT, write_jpegs
+from benchmarks.bench_accuracy import HELD_OUT, write_jpegs
 from benchmarks.harness import case_record, markdown, write_record
 from rau_rt.bundle import load_bundle
-from rau_rt.commands.demo import SHIPPED_SAM2_CONFIG
+from rau_rt.commands.demo import SHIPPED_SAM2, SHIPPED_SAM2_CONFIG
 from rau_rt.config import EngineConfig
 from rau_rt.export.sam2 import Sam2ExportConfig, export_sam2
 from rau_rt.export.sam2.graphs import EagerGraphs
@@ -229,10 +229,10 @@ def latency_cases(run: Run, workdir: Path, device: str, backend: str,
                   ) -> tuple[list[dict], dict]:
     """Cases of one run (module docstring); `cuda_graph`: the torch backend's engines capture
     CUDA graphs (`EngineConfig.cuda_graph`), recorded in the backend's name."""
-    source = (ModelSource(image_size=run.image_size, checkpoint=DEMO_WEIGHTS, config=run.model)
+    source = (ModelSource(image_size=run.image_size, checkpoint=SHIPPED_SAM2, config=run.model)
               if run.trained else ModelSource(image_size=run.image_size, random_init=run.model))
     facts: dict[str, object] = {"model": run.model, "image_size": run.image_size,
-                                "weights": str(DEMO_WEIGHTS) if run.trained else "random-init"}
+                                "weights": str(SHIPPED_SAM2) if run.trained else "random-init"}
     if backend == "onnxruntime":
         out = workdir / f"{run.model}_{run.image_size}{'_trained' if run.trained else ''}"
         started = time.perf_counter()
