@@ -117,6 +117,40 @@ def test_training_resumes_where_it_stopped_and_sam2_loads_the_checkpoint(tmp_pat
     assert record["validation"][-1]["step"] == 2 and "dice_box" in record["validation"][-1]
 
 
+def test_pooled_memory_training_computes_what_the_pooled_graph_runs():
+    from rau_rt.errors import InputError
+    from rau_rt.export.sam2.model import RealMemoryAttention, feature_side
+
+    pooled = new_model(TrainConfig(memory_pool=2))[0].eval()
+    plain = new_model(TrainConfig())[0].eval()  # the same seed: the same weights
+    assert {k: v.shape for k, v in pooled.state_dict().items()} == \
+        {k: v.shape for k, v in plain.state_dict().items()}
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in pooled.state_dict().items())
+    side, pointers = feature_side(plain), 4
+    torch.manual_seed(1)
+    curr, curr_pos = torch.randn(2, side * side, 2, plain.hidden_dim)
+    memory, memory_pos = torch.randn(2, 2 * side * side + pointers, 2, plain.mem_dim)
+
+    def attend(model):  # sam2's call in _prepare_memory_conditioned_features
+        return model.memory_attention(curr=[curr], curr_pos=[curr_pos], memory=memory,
+                                      memory_pos=memory_pos, num_obj_ptr_tokens=pointers)
+
+    with torch.no_grad():
+        trained_on = attend(pooled).transpose(0, 1)
+        graph = RealMemoryAttention(plain.memory_attention, side, pool=2)(
+            curr.transpose(0, 1), curr_pos.transpose(0, 1), memory.transpose(0, 1),
+            memory_pos.transpose(0, 1), pointers)
+        unpooled = attend(plain).transpose(0, 1)
+    torch.testing.assert_close(trained_on, graph, atol=1e-5, rtol=1e-5)
+    assert (trained_on - unpooled).abs().max() > 1e-2  # pooling is not sam2's computation
+    pooled.train()
+    attend(pooled).square().mean().backward()  # gradients reach sam2's own parameters
+    grad = pooled.memory_attention.layers[0].cross_attn_image.k_proj.weight.grad
+    assert grad is not None and grad.abs().max() > 0
+    with pytest.raises(InputError, match="memory_pool"):
+        TrainConfig(memory_pool=3)
+
+
 def test_a_run_folder_is_not_overwritten(tmp_path):
     from rau_rt.errors import InputError
 

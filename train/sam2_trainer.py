@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from rau_rt.errors import InputError
+from rau_rt.sam2_layout import MEMORY_POOL
 from rau_rt.train import TRAIN_SEEDS, VALIDATION_SEEDS
 from rau_rt.train.loop import History, Position, run_steps, state_file
 from rau_rt.train.record import (
@@ -64,6 +65,7 @@ class TrainConfig:
     regime_weights: tuple[float, float, float] = REGIME_WEIGHTS  # box, mask, reference
     init: str | None = None  # weights to start from (sam2 .pt or .safetensors); None: random
     init_partial: bool = False  # copy only init's tensors that fit (another config's weights)
+    memory_pool: int = 1  # 1: sam2's memory attention; MEMORY_POOL: trained pooled (`pool_memory`)
 
     def __post_init__(self) -> None:
         if self.config not in CONFIGS:
@@ -87,6 +89,9 @@ class TrainConfig:
             raise InputError(f"init {self.init}: no such file")
         if self.init_partial and self.init is None:
             raise InputError("init_partial copies the fitting tensors of init: give init too")
+        if self.memory_pool not in (1, MEMORY_POOL):
+            raise InputError(f"memory_pool {self.memory_pool}: expected 1 (sam2's memory "
+                             f"attention) or {MEMORY_POOL} (the tracker's pooled memory)")
         if self.first_clip_seed not in TRAIN_SEEDS:
             raise InputError(f"first_clip_seed {self.first_clip_seed}: training seeds are "
                              f"{TRAIN_SEEDS.start}..{TRAIN_SEEDS.stop - 1} (disjoint from the "
@@ -134,9 +139,35 @@ def new_model(cfg: TrainConfig) -> tuple[object, list[str]]:
 
     torch.manual_seed(cfg.seed)
     if cfg.init is not None and not cfg.init_partial:
-        return load_checkpoint(cfg.init, cfg.config, cfg.image_size).float(), []
-    model = build(cfg.config, cfg.image_size)
-    return model, (warm_start(model, cfg.init) if cfg.init is not None else [])
+        model, fresh = load_checkpoint(cfg.init, cfg.config, cfg.image_size).float(), []
+    else:
+        model = build(cfg.config, cfg.image_size)
+        fresh = warm_start(model, cfg.init) if cfg.init is not None else []
+    pool_memory(model, cfg.memory_pool)
+    return model, fresh
+
+
+def pool_memory(model, pool: int) -> None:
+    """Make `model`'s memory attention attend pooled memory tokens, as the tracker's
+    `memory_pool` lever runs it (the bundle's `memory_attention_pooled` graph), so a fine-tune
+    learns the keys that graph gives it; EdgeTAM trains its memory compressor likewise.
+
+    Each layer's cross-attention gets the forward of `RealRoPEAttention(pool=pool)` over its
+    own projections: the parameters and the state dict stay sam2's, so the weights export and
+    load unchanged, and the pooled graph computes what was trained. Unlike sam2's
+    cross-attention, the pooled one drops no attention weights in training (sam2: 0.1).
+    `pool` 1 leaves the model alone.
+    """
+    from rau_rt.export.sam2.model import RealRoPEAttention, feature_side
+
+    if pool == 1:
+        return
+    side = feature_side(model)
+    for layer in model.memory_attention.layers:
+        attention = layer.cross_attn_image
+        # An instance attribute: nn.Module.__call__ finds it before the class's forward, and
+        # sam2's layer still sees a RoPEAttention (it passes the pointer count by that type).
+        attention.forward = RealRoPEAttention(attention, side, pool).forward
 
 
 def init_record(path: str | None, fresh: list[str] = ()) -> dict[str, object] | None:

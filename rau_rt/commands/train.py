@@ -43,6 +43,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     weights = ",".join(f"{w:g}" for w in defaults.regime_weights)
     sam2.add_argument("--regime-weights", default=weights, metavar="BOX,MASK,REFERENCE",
                       help=f"how often each prompt regime is drawn (default {weights})")
+    sam2.add_argument("--memory-pool", type=int, choices=(1, 2), default=defaults.memory_pool,
+                      help="2: memory attention attends each memory's tokens pooled 2x2, as "
+                           "the tracker's memory_pool=2 runs it, so the weights learn it "
+                           "(default 1: sam2's memory attention)")
     sam2.add_argument("--validate-every", type=int, default=defaults.validate_every)
     sam2.add_argument("--minutes", type=float, default=None,
                       help="stop after this long (checkpointed; continue with --resume)")
@@ -95,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
                       stages=parse_stages(args.stages), lr=args.lr, seed=args.seed,
                       validate_every=args.validate_every, regime_weights=weights,
                       init=args.init, init_partial=args.init_partial,
-                      first_clip_seed=args.first_clip_seed)
+                      first_clip_seed=args.first_clip_seed, memory_pool=args.memory_pool)
     return _train(args, cfg, train, "clip",
                   lambda values: {"loss": values["loss"],
                                   **{k.removeprefix("dice_"): v for k, v in values.items()
