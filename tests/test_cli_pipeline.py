@@ -29,6 +29,7 @@ from rau_rt.cli import main
 from rau_rt.errors import BundleError, InputError
 from rau_rt.io.annotations import write_reference_annotation
 from rau_rt.synthetic import formats, generate_sequence, make_reference
+from rau_rt.tracking import TrackerConfig
 from rau_rt.types import Region
 
 REGIONS = ("6", "7")
@@ -113,9 +114,9 @@ def test_demo_writes_every_output_and_says_what_its_weights_are(demo):
     assert all(set(a["located"]) == set(on["regions"]) for a in on["pipeline"]["answers"])
     engines = on["engines"]
     assert set(engines) == {"sam2", "vlm"}
+    # only the graphs the exact profile runs: the pooled memory attention stays on disk
     assert set(engines["sam2"]["graphs"]) == {"image_encoder", "mask_decoder",
-                                              "memory_attention", "memory_encoder",
-                                              "memory_attention_pooled"}  # loaded, unused
+                                              "memory_attention", "memory_encoder"}
     assert all(g["device"] == "cpu" for g in engines["vlm"]["graphs"].values())
     e2e = summary["latency_ms"]["end_to_end"]
     assert e2e["count"] == processed and 0 < e2e["p50"] <= e2e["p99"] <= e2e["max"]
@@ -326,6 +327,10 @@ def test_open_pipeline_without_a_vlm_needs_masks(demo, tmp_path):
     outlined = Reference(image, (Region("a", polygon=((4, 4), (20, 4), (20, 20))),))
     with open_pipeline(only_sam2, outlined) as pipeline:
         assert pipeline.worker is None and pipeline.tracker.regions == ["a"]
+    # a pipeline opens the memory attention graph its profile runs, not both
+    with open_pipeline(only_sam2, outlined, tracker=TrackerConfig(memory_pool=2)) as pipeline:
+        assert set(pipeline.bundles["sam2"].engines) == {
+            "image_encoder", "mask_decoder", "memory_attention_pooled", "memory_encoder"}
     with pytest.raises(BundleError, match="no SAM2 bundle"):
         open_pipeline(tmp_path, outlined)
 

@@ -569,14 +569,19 @@ def test_memory_pool_runs_the_pooled_graph_and_tracks(bundle, clip):
             for name, logits in want.low_res_logits.items():
                 assert iou(got.low_res_logits[name] > 0, logits > 0) > 0.8, name
 
-        class WithoutPooled(CountingGraphs):
-            def __init__(self, graphs):
+        class Without(CountingGraphs):
+            def __init__(self, graphs, graph):
                 super().__init__(graphs)
-                self.engines = {k: v for k, v in graphs.engines.items()
-                                if k != "memory_attention_pooled"}
+                self.engines = {k: v for k, v in graphs.engines.items() if k != graph}
 
         with pytest.raises(InputError, match="memory_attention_pooled"):
-            Tracker(WithoutPooled(graphs), TrackerConfig(memory_pool=2))
+            Tracker(Without(graphs, "memory_attention_pooled"), TrackerConfig(memory_pool=2))
+        # the pooled graph stands in for the plain one (what a pipeline opens for memory_pool 2)
+        only_pooled = Without(graphs, "memory_attention")
+        assert run_tracker(Tracker(only_pooled, TrackerConfig(fill_hole_area=0, memory_pool=2)),
+                           images[:3], boxes[:2])[-1].regions
+        with pytest.raises(InputError, match=r"four SAM2 graphs.*'memory_attention'"):
+            Tracker(only_pooled, TrackerConfig())
 
 
 def test_memory_interval_skips_the_memory_encoder_between_stored_frames(bundle, clip):

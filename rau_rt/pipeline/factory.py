@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from rau_rt.bundle import MANIFEST, load_bundle
+from rau_rt.bundle import MANIFEST, load_bundle, read_manifest
 from rau_rt.config import EngineConfig
 from rau_rt.errors import BundleError, InputError
 from rau_rt.localization import Localizer, LocalizerConfig, LocalizerWorker
@@ -133,7 +133,12 @@ def open_pipeline(bundle: str | Path, reference: Reference | Sequence[Reference]
                              "found; give them a polygon or mask, or add a VLM bundle")
     opened, workers = {}, []
     try:
-        sam2 = opened[SAM2_PART] = load_bundle(paths.sam2, backend, engine)
+        tracker = tracker or TrackerConfig()
+        # Only the graphs the tracker runs; one the bundle lacks is left to the Tracker, which
+        # says how to get it.
+        exported = read_manifest(paths.sam2).graph_names
+        sam2 = opened[SAM2_PART] = load_bundle(
+            paths.sam2, backend, engine, graphs=[g for g in tracker.graphs if g in exported])
         stream_tracker = Tracker(sam2, tracker)
         if masks:
             stream_tracker.add_reference(_frame(primary), masks)

@@ -146,6 +146,13 @@ class TrackerConfig:
         """The memory attention graph these levers run."""
         return "memory_attention" if self.levers[3] == 1 else POOLED_MEMORY_ATTENTION
 
+    @property
+    def graphs(self) -> tuple[str, ...]:
+        """The bundle graphs these settings run: a pipeline opens only these (the other
+        memory attention graph would hold its weights and, on TensorRT, its activation memory
+        for nothing)."""
+        return ("image_encoder", "mask_decoder", self.attention_graph, "memory_encoder")
+
 
 @dataclass(frozen=True)
 class TrackStep:
@@ -199,11 +206,13 @@ class Tracker:
         layout = getattr(graphs, "layout", None)
         self.layout: Sam2Layout = layout if layout is not None else read_layout(graphs.directory)
         engines = graphs.engines
-        missing = {"image_encoder", "mask_decoder", "memory_attention", "memory_encoder"} - set(
-            engines)
+        self._attention = self.config.attention_graph
+        # the pooled memory attention stands in for the plain one (a pipeline opens one of them)
+        missing = {"image_encoder", "mask_decoder", "memory_encoder"} - set(engines)
+        if self._attention == "memory_attention" and self._attention not in engines:
+            missing.add(self._attention)
         if missing:
             raise InputError(f"the tracker needs the four SAM2 graphs; missing {sorted(missing)}")
-        self._attention = self.config.attention_graph
         if self._attention not in engines:
             raise InputError(f"memory_pool {self.config.levers[3]} runs the "
                              f"{self._attention} graph, which this bundle lacks (exported "
