@@ -52,6 +52,9 @@ class Sam2Layout:
         stability_delta, stability_threshold: 0.05 and 0.98 in every sam2.1 config.
         mask_downsample_weight: the (4, 4) kernel of `mask_downsample`, row-major.
         mask_downsample_bias: its bias.
+        memory_pool: the memory token pooling the weights were trained with (1: sam2's memory
+            attention; MEMORY_POOL: `rau-rt train sam2 --memory-pool 2`). The tracker warns
+            when its `memory_pool` lever differs: such weights lose accuracy.
     """
 
     image_size: int
@@ -63,6 +66,7 @@ class Sam2Layout:
     stability_threshold: float
     mask_downsample_weight: tuple[float, ...]
     mask_downsample_bias: float
+    memory_pool: int = 1
     version: int = LAYOUT_VERSION
 
     @property
@@ -110,4 +114,7 @@ def read_layout(directory: str | Path) -> Sam2Layout:
         raise BundleError(f"{path}: expected a 4x4 mask_downsample kernel and an image size "
                           f"divisible by 16, got {len(layout.mask_downsample_weight)} weights and "
                           f"{layout.image_size}; re-export the bundle")
+    if layout.memory_pool not in (1, MEMORY_POOL):
+        raise BundleError(f"{path}: memory_pool {layout.memory_pool!r}, expected 1 or "
+                          f"{MEMORY_POOL}; re-export the bundle")
     return layout

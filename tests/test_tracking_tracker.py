@@ -20,7 +20,9 @@ negative on chosen frames, which only an eager model can take.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
+import json
 import warnings
 from pathlib import Path
 
@@ -582,6 +584,24 @@ def test_memory_pool_runs_the_pooled_graph_and_tracks(bundle, clip):
                            images[:3], boxes[:2])[-1].regions
         with pytest.raises(InputError, match=r"four SAM2 graphs.*'memory_attention'"):
             Tracker(only_pooled, TrackerConfig())
+
+
+def test_tracking_with_another_pooling_than_the_weights_were_trained_with_warns(bundle, caplog,
+                                                                                 tmp_path):
+    with load_bundle(bundle) as graphs:
+        trained_pooled = CountingGraphs(graphs)
+        trained_pooled.layout = dataclasses.replace(trained_pooled.layout, memory_pool=2)
+        with caplog.at_level("WARNING", logger="rau_rt.tracking.tracker"):
+            Tracker(trained_pooled, TrackerConfig(memory_pool=2))
+            Tracker(CountingGraphs(graphs), TrackerConfig())
+            assert not caplog.records
+            Tracker(trained_pooled, TrackerConfig(profile="fast"))
+        assert "trained with memory_pool 2" in caplog.text
+    data = json.loads((Path(bundle) / LAYOUT_FILE).read_text())
+    assert data["memory_pool"] == 1  # random weights: trained (if at all) as sam2
+    (tmp_path / LAYOUT_FILE).write_text(json.dumps(data | {"memory_pool": 3}))
+    with pytest.raises(BundleError, match="memory_pool 3"):
+        read_layout(tmp_path)
 
 
 def test_memory_interval_skips_the_memory_encoder_between_stored_frames(bundle, clip):

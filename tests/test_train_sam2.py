@@ -151,6 +151,31 @@ def test_pooled_memory_training_computes_what_the_pooled_graph_runs():
         TrainConfig(memory_pool=3)
 
 
+def test_weights_trained_pooled_say_so(tmp_path):
+    """The safetensors metadata carries the pooling, which `rau-rt export sam2` writes into
+    the bundle's sam2.json (the tracker warns when it runs another)."""
+    from safetensors.torch import load_file, save_file
+
+    from rau_rt.export.sam2.model import CheckpointError, stored_memory_pool
+
+    quick = dict(stages=((1, 1),), validate_every=1, validation_clips=1, warmup=1)
+    train(TrainConfig(memory_pool=2, **quick), tmp_path / "pooled")
+    train(TrainConfig(**quick), tmp_path / "plain")
+    assert stored_memory_pool(tmp_path / "pooled" / "sam2.fp16.safetensors") == 2
+    assert stored_memory_pool(tmp_path / "plain" / "sam2.fp16.safetensors") == 1
+    assert stored_memory_pool(tmp_path / "pooled" / "sam2.pt") == 2
+    assert stored_memory_pool(tmp_path / "plain" / "sam2.pt") == 1
+    meta = tmp_path / "meta.pt"  # Meta's format: the state dict alone
+    torch.save({"model": torch.load(tmp_path / "pooled" / "sam2.pt")["model"]}, meta)
+    assert stored_memory_pool(meta) == 1
+    assert stored_memory_pool(None) == 1  # random weights
+    bad = tmp_path / "bad.safetensors"
+    save_file(load_file(tmp_path / "plain" / "sam2.fp16.safetensors"), bad,
+              metadata={"memory_pool": "two"})
+    with pytest.raises(CheckpointError, match="memory_pool 'two'"):
+        stored_memory_pool(bad)
+
+
 def test_a_run_folder_is_not_overwritten(tmp_path):
     from rau_rt.errors import InputError
 

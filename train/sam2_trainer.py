@@ -11,7 +11,8 @@ holds the model, the optimizer, the next seed and torch's RNG state, so a run st
 
 Files in `--out`:
     train_state.pt  the resumable state (written atomically every `checkpoint_minutes`)
-    sam2.pt         sam2's `{"model": state_dict}` of the latest checkpoint
+    sam2.pt         sam2's `{"model": state_dict}` of the latest checkpoint (and the
+                    run's "memory_pool", which sam2 ignores)
     sam2.fp16.safetensors  the same weights in fp16, as the repository ships them
                     (rau_rt/weights/, with record.json beside them)
     record.json     command, seeds, steps, wall time, losses, validation Dice, versions, commit
@@ -311,10 +312,12 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None, resume: 
                      "step": at.step, "next_seed": at.next_seed, "history": asdict(history),
                      "window": at.window},
                     state_path)
-        save_atomic({"model": model.state_dict()}, out / "sam2.pt")
+        save_atomic({"model": model.state_dict(), "memory_pool": cfg.memory_pool},
+                    out / "sam2.pt")
         saved["sha256"] = save_fp16_safetensors(
             model.state_dict(), out / WEIGHTS_FILE,
-            {"model": "sam2", "config": cfg.config, "image_size": str(cfg.image_size)})
+            {"model": "sam2", "config": cfg.config, "image_size": str(cfg.image_size),
+             "memory_pool": str(cfg.memory_pool)})
         write_json_atomic(out / "record.json", record())
         write_curve(out / "curve.png", history.steps, history.losses, history.validation)
 

@@ -52,7 +52,12 @@ from rau_rt.export import quantize as int8
 from rau_rt.export.graph import DynamicDim, export_graph
 from rau_rt.export.sam2 import graphs
 from rau_rt.export.sam2.inputs import CheckFrames, build_inputs, to_numpy
-from rau_rt.export.sam2.model import RANDOM_PRESENCE_BIAS, ModelSource, load_model
+from rau_rt.export.sam2.model import (
+    RANDOM_PRESENCE_BIAS,
+    ModelSource,
+    load_model,
+    stored_memory_pool,
+)
 from rau_rt.export.verify import (
     SAM2_MASK_TOLERANCES,
     SAM2_TOLERANCES,
@@ -359,7 +364,8 @@ def export_sam2(config: Sam2ExportConfig, check: CheckFrames,
                              if e.precision == "fp32" and config.precision != "fp32" else "")
                     for e in graph_entries)
     name = f"sam2-{source.name}-{source.image_size}"
-    write_layout(directory, graphs.layout(model))
+    write_layout(directory, replace(graphs.layout(model),
+                                    memory_pool=stored_memory_pool(source.checkpoint)))
     manifest = Manifest(name=name, graphs=tuple(entries),
                         files=side_files(directory, [LAYOUT_FILE]))
     write_manifest(directory, manifest)

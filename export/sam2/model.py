@@ -182,20 +182,47 @@ def _describe(keys: list[str], limit: int = 8) -> str:
     return shown + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
-def stored_config(path: str | Path) -> str | None:
-    """The config a `.safetensors` file written by `rau-rt train sam2` names in its metadata
-    (e.g. "micro" for the shipped demo weights); None for a `.pt` or a file without one."""
+def _stored_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a `.safetensors` file written by `rau-rt train sam2`; {} for a `.pt`."""
     path = Path(path)
     if path.suffix != ".safetensors" or not path.is_file():
-        return None
+        return {}
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), "pt") as f:
-            return (f.metadata() or {}).get("config")
+            return dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path} is not a readable safetensors file "
                               f"({exc})") from exc
+
+
+def stored_config(path: str | Path) -> str | None:
+    """The config a `.safetensors` file written by `rau-rt train sam2` names in its metadata
+    (e.g. "micro" for the shipped demo weights); None for a `.pt` or a file without one."""
+    return _stored_metadata(path).get("config")
+
+
+def stored_memory_pool(path: str | Path | None) -> int:
+    """The memory token pooling weights were trained with (`rau-rt train sam2 --memory-pool`:
+    the `.safetensors` metadata, or "memory_pool" beside "model" in a run's `sam2.pt`); 1,
+    sam2's, for Meta's checkpoints, older files and no checkpoint."""
+    if path is None:
+        return 1
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        value = _stored_metadata(path).get("memory_pool", "1")
+    else:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # _read_state says what is wrong with the file when it loads it
+            return 1
+        value = data.get("memory_pool", 1) if isinstance(data, dict) else 1
+    try:
+        return int(value)
+    except ValueError:
+        raise CheckpointError(f"checkpoint {path}: metadata memory_pool {value!r} is not a "
+                              "number") from None
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:

@@ -31,6 +31,7 @@ error leaves the tracker as it was.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -51,6 +52,8 @@ from rau_rt.sam2_layout import (
 )
 from rau_rt.tracking.memory import MemoryBank, MemoryConfig
 from rau_rt.types import Frame, RegionResult
+
+log = logging.getLogger(__name__)
 
 STAGES = ("preprocess", "image_encoder", "memory_attention", "mask_decoder", "memory_encoder",
           "postprocess")
@@ -218,6 +221,11 @@ class Tracker:
                              f"{self._attention} graph, which this bundle lacks (exported "
                              "before rau-rt pooled memory tokens): re-export it, or use "
                              "memory_pool=1")
+        if self.config.levers[3] != self.layout.memory_pool:
+            log.warning("memory_pool %d, but these weights were trained with memory_pool %d "
+                        "(sam2.json): tracking with another pooling than in training costs "
+                        "accuracy (README 'Tracking profiles')", self.config.levers[3],
+                        self.layout.memory_pool)
         self._dtypes = {graph: {s.name: np.dtype(s.dtype) for s in engine.inputs}
                         for graph, engine in engines.items()}
         size = self.layout.image_size
