@@ -44,7 +44,8 @@ def run_suite(module: str, doc: str, default_json: str,
     workdir)` in a temporary folder, write the record and print its README table.
 
     `collect` returns the cases, or (cases, facts) with facts added to the record's top level.
-    The recorded command is `python -m benchmarks.<module>` with the flags that change it.
+    The recorded command is `python -m benchmarks.<module>` with every flag that differs from
+    its default (`--json` aside).
     """
     import tempfile
 
@@ -54,8 +55,12 @@ def run_suite(module: str, doc: str, default_json: str,
     cases, facts = collected if isinstance(collected, tuple) else (collected, {})
     flags = [f for f, on in (("--quick", args.quick),
                              (f"--repeat {args.repeat}", args.repeat)) if on]
-    flags += [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
-              if k not in ("quick", "json", "repeat") and v is True]
+    defaults = vars(parse_args("", default_json, [], extra_args))
+    for key, value in vars(args).items():
+        if key in ("quick", "json", "repeat") or value == defaults[key]:
+            continue
+        flag = f"--{key.replace('_', '-')}"
+        flags.append(flag if value is True else f"{flag} {value}")
     command = " ".join([f"python -m benchmarks.{module}", *flags])
     record = write_record(suite or module.removeprefix("bench_"), cases, args.json, command,
                           **(device_extra() if device_extra else {}))
