@@ -10,7 +10,9 @@ patient's annotated reference) once per setting of the memory levers
 profiles `exact` and `fast`, and combinations with pooling), and sam2's video predictor tracks
 them once as the baseline. Per setting: Dice (segments >= 2 mm) per regime and its mean, the
 change against `exact`, and median ms per frame (all regions, the first two frames excluded);
-speedup = predictor median / ours. Settings take turns cine by cine, so the shared machine's
+speedup = predictor median / ours. The record names the memory pooling the weights were
+trained with (`weights_memory_pool`; settings with another pool run mismatched, as the
+tracker warns). Settings take turns cine by cine, so the shared machine's
 load falls on all of them alike.
 """
 
@@ -34,6 +36,7 @@ from benchmarks.bench_accuracy import (
 from benchmarks.harness import run_suite, stats
 from rau_rt.bundle import load_bundle
 from rau_rt.config import EngineConfig
+from rau_rt.sam2_layout import read_layout
 from rau_rt.synthetic.scoring import Scorecard
 from rau_rt.tracking import TrackerConfig
 from rau_rt.tracking.tracker import LEVERS
@@ -65,6 +68,7 @@ def collect(args, workdir: Path) -> tuple[list, dict]:
     export_bundle(weights, workdir / "all", gate=False)
     bundle = load_bundle(workdir / "all", config=EngineConfig(precision="fp32",
                                                                spin_wait=False))
+    trained_pool = read_layout(workdir / "all").memory_pool  # others run mismatched
     predictor = weights.predictor()
     prepared = [prepare(c, frames, workdir) for c in cines]
     names = [*SETTINGS, BASELINE]
@@ -98,7 +102,7 @@ def collect(args, workdir: Path) -> tuple[list, dict]:
             "task": {"dice_ge2mm": dice[name], "dice_ge2mm_mean": mean,
                      "dice_change_vs_exact": mean - exact_mean},
             "fidelity": {}})
-    facts = {"weights": str(weights), "frames": frames,
+    facts = {"weights": str(weights), "weights_memory_pool": trained_pool, "frames": frames,
              "cines": [c.__dict__ | {"regions": p.regions} for c, p in zip(cines, prepared,
                                                                             strict=True)],
              "summary_md": table(cases)}

@@ -2,6 +2,7 @@
 Dice against truth on trained weights, memory over a long stream.
 
     python -m benchmarks.bench_tracker [--quick] [--device cuda] [--frames N] [--json PATH]
+        [--run CONFIG@SIZE] [--regions N,N] [--memory-pool 2]
 
 Latency (cases `<config>@<size>/<regions>r/<precision>/<profile>`, baseline `sam2-predictor`):
 the same weights and the same synthetic angiography frames, written as JPEG for the predictor
@@ -26,7 +27,9 @@ ONNX Runtime fp32 and int8 bundles (`rau-rt export sam2 --precision int8`; graph
 drift was over tolerance stay fp32 and the record says which). GPU (`--device cuda`): tiny at
 1024, the torch CUDA backend (eager graphs, fp32 and fp16) vs the predictor on the same GPU
 (`python -m benchmarks.gpu_check` is the full GPU check). `--quick`: the trained micro@256 at 3
-and 8 regions.
+and 8 regions. `--run tiny@512 --regions 3` measures one run at chosen region counts;
+`--memory-pool 2` adds each profile with pooled memory tokens (`fast+pool-2`; README "Memory
+token pooling"), which on random-init weights says what pooling saves, not what it costs.
 
 Memory: the micro model at 256; RSS of a Tracker (ONNX Runtime bundle) over 10,000 frames (the
 clip's frames cycled) and of the predictor over a 300-frame clip (it loads every frame up front
@@ -224,11 +227,23 @@ def _stages(samples: list[dict], warmup: int) -> dict[str, float]:
     return {k: round(float(np.median([s[k] for s in kept])), 2) for k in kept[0]}
 
 
+def settings(memory_pool: int = 1) -> dict[str, TrackerConfig]:
+    """Each profile, hole filling off; with `memory_pool` > 1 also each profile with its
+    memory tokens pooled (`<profile>+pool-<k>`: the bundle's `memory_attention_pooled`)."""
+    out = {p: TrackerConfig(fill_hole_area=0, profile=p) for p in PROFILE_NAMES}
+    if memory_pool > 1:
+        out |= {f"{p}+pool-{memory_pool}": TrackerConfig(fill_hole_area=0, profile=p,
+                                                         memory_pool=memory_pool)
+                for p in PROFILE_NAMES}
+    return out
+
+
 def latency_cases(run: Run, workdir: Path, device: str, backend: str,
                   precisions: tuple[str, ...], cuda_graph: bool = False,
-                  ) -> tuple[list[dict], dict]:
+                  memory_pool: int = 1) -> tuple[list[dict], dict]:
     """Cases of one run (module docstring); `cuda_graph`: the torch backend's engines capture
-    CUDA graphs (`EngineConfig.cuda_graph`), recorded in the backend's name."""
+    CUDA graphs (`EngineConfig.cuda_graph`), recorded in the backend's name; `memory_pool`:
+    pooled settings beside the profiles (`settings`)."""
     source = (ModelSource(image_size=run.image_size, checkpoint=SHIPPED_SAM2, config=run.model)
               if run.trained else ModelSource(image_size=run.image_size, random_init=run.model))
     facts: dict[str, object] = {"model": run.model, "image_size": run.image_size,
@@ -265,9 +280,8 @@ def latency_cases(run: Run, workdir: Path, device: str, backend: str,
         else:
             images, boxes = write_clip(video, run.image_size, run.frames, regions)
             clip = Clip(video, images, boxes, [f"r{k}" for k in range(len(boxes))])
-        trackers = {f"{p}/{profile}": Tracker(bundles[p], TrackerConfig(fill_hole_area=0,
-                                                                         profile=profile))
-                    for p in precisions for profile in PROFILE_NAMES}
+        trackers = {f"{p}/{name}": Tracker(bundles[p], config)
+                    for p in precisions for name, config in settings(memory_pool).items()}
         result = compare_run(predictor, trackers, video, clip.images, clip.boxes, device)
         theirs = np.asarray(result[BASELINE]["ms"][warmup:])
         dice = {}
@@ -275,7 +289,7 @@ def latency_cases(run: Run, workdir: Path, device: str, backend: str,
             dice = {name: dice_card(clip, result[name]["masks"]).summary()["dice_ge2mm"]
                     for name in result}
         for name in trackers:
-            precision, profile = name.split("/")
+            precision, setting = name.split("/")
             ours = result[name]
             fidelity = {"iou_vs_predictor_mean": float(np.mean(_ious(
                             ours["masks"], result[BASELINE]["masks"]))),
@@ -284,11 +298,12 @@ def latency_cases(run: Run, workdir: Path, device: str, backend: str,
                         "stage_ms": _stages(ours["stage_ms"], warmup)}
             if precision != "fp32":
                 fidelity["iou_vs_fp32_mean"] = float(np.mean(_ious(
-                    ours["masks"], result[f"fp32/{profile}"]["masks"])))
+                    ours["masks"], result[f"fp32/{setting}"]["masks"])))
             case = case_record(
                 f"{run.model}@{run.image_size}/{regions}r/{name}", f"{backend}-{device}",
                 precision, np.asarray(ours["ms"][warmup:]), BASELINE, theirs, fidelity)
-            case["profile"] = profile
+            case["profile"] = trackers[name].config.profile
+            case["memory_pool"] = trackers[name].config.levers[3]
             if run.trained:
                 case["task"] = {"dice_ge2mm": dice[name], "dice_ge2mm_predictor": dice[BASELINE],
                                 "dice_change_vs_exact": dice[name] - dice[f"{precision}/exact"],
@@ -431,9 +446,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="where to write the JSON record")
     parser.add_argument("--memory-only", action="store_true",
                         help="rerun the memory part and update the existing record's")
+    parser.add_argument("--run", default=None, metavar="CONFIG@SIZE",
+                        help="only this run of the mode's (e.g. tiny@512)")
+    parser.add_argument("--regions", default=None, metavar="N,N",
+                        help="region counts instead of the run's (e.g. 3)")
+    parser.add_argument("--memory-pool", type=int, choices=(1, 2), default=1,
+                        help="2: each profile also with pooled memory tokens "
+                             "(`<profile>+pool-2`)")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
     runs = RUNS["cuda" if cuda else "quick" if args.quick else "full"]
+    if args.run:
+        runs = tuple(r for r in runs if f"{r.model}@{r.image_size}" == args.run)
+        if not runs:
+            parser.error(f"--run {args.run}: not a run of this mode")
+    if args.regions:
+        counts = tuple(int(n) for n in args.regions.split(","))
+        runs = tuple(dataclasses.replace(r, regions=counts) for r in runs)
     backend = args.backend or ("torch" if cuda else "onnxruntime")
     if backend == "onnxruntime" and cuda:
         parser.error("on CUDA this benchmark runs the torch backend (onnxruntime-gpu is not in "
@@ -463,13 +492,16 @@ def main(argv: list[str] | None = None) -> int:
             if args.frames:
                 run = dataclasses.replace(run, frames=args.frames)
             run_cases, run_facts = latency_cases(run, Path(tmp), args.device, backend,
-                                                 precisions)
+                                                 precisions, memory_pool=args.memory_pool)
             cases += run_cases
             facts.append(run_facts)
     command = ("python -m benchmarks.bench_tracker" + (" --quick" if args.quick else "")
                + (f" --device {args.device}" if cuda else "")
                + (f" --backend {backend}" if args.backend else "")
-               + (f" --frames {args.frames}" if args.frames else ""))
+               + (f" --frames {args.frames}" if args.frames else "")
+               + (f" --run {args.run}" if args.run else "")
+               + (f" --regions {args.regions}" if args.regions else "")
+               + (f" --memory-pool {args.memory_pool}" if args.memory_pool > 1 else ""))
     extra = {"torch_threads": torch.get_num_threads()}
     if cuda:
         extra["gpu"] = torch.cuda.get_device_name()
