@@ -13,7 +13,9 @@ MatMul/Conv it kept 0.9998. QDQ is the format TensorRT builds int8 engines from.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,8 @@ import onnx
 from rau_rt.engines.onnxruntime import PRECISION_METADATA_KEY
 from rau_rt.errors import InputError
 
+log = logging.getLogger(__name__)
+
 METHODS = ("dynamic", "qdq")
 QDQ_OPS = ("MatMul", "Conv")
 DYNAMIC_OPS = ("MatMul", "Gemm")
@@ -29,6 +33,44 @@ DYNAMIC_OPS = ("MatMul", "Gemm")
 
 class NothingToQuantizeError(InputError):
     """The graph has none of the ops the method quantizes (it stays fp32)."""
+
+
+class _RootStandIn(logging.Handler):
+    """The root logger's handler while ONNX Runtime quantizes (`_host_logging_untouched`):
+    ONNX Runtime's own root-logger records go to this module's logger at DEBUG; any other
+    record is handled as it would have been without this handler."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name == "root":
+            log.debug("onnxruntime: %s", record.getMessage())
+            return
+        logger: logging.Logger | None = logging.getLogger(record.name)
+        while logger is not None:  # a handler of the host's takes it: nothing to stand in for
+            if any(h is not self for h in logger.handlers):
+                return
+            logger = logger.parent if logger.propagate else None
+        last = logging.lastResort
+        if last is not None and record.levelno >= last.level:
+            last.handle(record)
+
+
+@contextlib.contextmanager
+def _host_logging_untouched() -> Iterator[None]:
+    """ONNX Runtime's quantizers warn through the root logger (`logging.warning`), and the
+    first such call configures the host's logging (`logging.basicConfig`: a handler on
+    sys.stderr as it is at that moment). Under a redirected stderr (the benchmarks hide the
+    exporter's output) every later log line of the process went there, the tracker's
+    warnings too. While ONNX Runtime runs, a stand-in handler keeps basicConfig out."""
+    root = logging.getLogger()
+    if root.handlers:  # configured already: basicConfig does nothing
+        yield
+        return
+    stand_in = _RootStandIn()
+    root.addHandler(stand_in)
+    try:
+        yield
+    finally:
+        root.removeHandler(stand_in)
 
 
 class _Frames:
@@ -78,17 +120,20 @@ def quantize(source: str | Path, out: str | Path, method: str = "dynamic",
             raise NothingToQuantizeError(
                 f"{source}: no {'/'.join(DYNAMIC_OPS)} to quantize dynamically (Conv stays fp32: "
                 "ConvInteger is slower than fp32 Conv on CPU)")
-        quantize_dynamic(source, out, weight_type=QuantType.QInt8,
-                         op_types_to_quantize=list(DYNAMIC_OPS))
+        with _host_logging_untouched():
+            quantize_dynamic(source, out, weight_type=QuantType.QInt8,
+                             op_types_to_quantize=list(DYNAMIC_OPS))
     else:
         if not calibration:
             raise InputError("qdq quantization needs calibration feeds (frames through the "
                              "graph); none were given")
         reader = type("FrameReader", (_Frames, CalibrationDataReader), {})(calibration)
-        quantize_static(source, out, reader, quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=list(QDQ_OPS), per_channel=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+        with _host_logging_untouched():
+            quantize_static(source, out, reader, quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=list(QDQ_OPS), per_channel=True,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            extra_options={"ActivationSymmetric": True,
+                                           "WeightSymmetric": True})
     model = onnx.load(str(out))
     onnx.helper.set_model_props(model, {PRECISION_METADATA_KEY: "int8",
                                         "rau_rt.int8_method": method})

@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import io
 import json
+import logging
 import time
 
 import numpy as np
@@ -253,6 +254,36 @@ def test_a_graph_without_matmul_gets_no_dynamic_int8(tmp_path):
     with pytest.raises(int8.NothingToQuantizeError, match="no MatMul/Gemm"):
         int8.quantize(tmp_path / "conv.onnx", tmp_path / "conv.int8.onnx")
     assert not (tmp_path / "conv.int8.onnx").exists()
+
+
+def test_int8_quantization_leaves_the_hosts_logging_alone(tmp_path):
+    """ONNX Runtime's quantizer warns on the root logger, whose first use installs a handler
+    on sys.stderr as it is then: under a redirected stderr every later log line was lost."""
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4, 8])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, 8])
+    w = onnx.numpy_helper.from_array(np.eye(8, dtype=np.float32), "w")
+    graph = onnx.helper.make_graph([onnx.helper.make_node("MatMul", ["x", "w"], ["y"])],
+                                   "matmul", [x], [y], [w])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    onnx.save(model, str(tmp_path / "matmul.onnx"))
+    root = logging.getLogger()
+    seen: list[logging.LogRecord] = []
+    spy = logging.Handler(logging.DEBUG)
+    spy.emit = seen.append
+    saved, root.handlers = root.handlers, []  # pytest's capture handlers would hide the bug
+    int8.log.addHandler(spy)
+    int8.log.setLevel(logging.DEBUG)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            int8.quantize(tmp_path / "matmul.onnx", tmp_path / "matmul.int8.onnx")
+        assert root.handlers == []
+    finally:
+        root.handlers = saved
+        int8.log.removeHandler(spy)
+        int8.log.setLevel(logging.NOTSET)
+    assert any("pre-processing" in r.getMessage() for r in seen)
+    assert (tmp_path / "matmul.int8.onnx").exists()
 
 
 @pytest.mark.parametrize("graph", ["mask_decoder", "memory_attention"])
