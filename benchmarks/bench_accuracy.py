@@ -56,7 +56,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from benchmarks.harness import stats, write_record
+from benchmarks.harness import reproduce_command, stats, write_record
 from rau_rt.bundle import load_bundle
 from rau_rt.commands.demo import SHIPPED_SAM2
 from rau_rt.config import EngineConfig
@@ -553,12 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cases, facts = accuracy_vlm.pipeline_suite(vlm_weights, weights, cines, frames,
                                                        Path(tmp))
-    command = ("python -m benchmarks.bench_accuracy"
-               + ("" if args.suite == "tracker" else f" --suite {args.suite}")
-               + (" --quick" if args.quick else "")
-               + (f" --vlm-weights {args.vlm_weights}" if args.vlm_weights else "")
-               + (f" --weights {args.weights}" if args.weights != SHIPPED_SAM2 else "")
-               + (f" --config {args.config}" if args.config else ""))
+    command = reproduce_command("bench_accuracy", args, parser.parse_args([]))
     record = write_record(SUITE if args.suite == "tracker" else name, cases, path, command)
     record.update(facts)
     record["summary_md"] = {"tracker": summary, "frames": frames_summary}.get(

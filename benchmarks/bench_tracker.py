@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from benchmarks.bench_accuracy import HELD_OUT, write_jpegs
-from benchmarks.harness import case_record, markdown, write_record
+from benchmarks.harness import case_record, markdown, reproduce_command, write_record
 from rau_rt.bundle import load_bundle
 from rau_rt.commands.demo import SHIPPED_SAM2, SHIPPED_SAM2_CONFIG
 from rau_rt.config import EngineConfig
@@ -495,13 +495,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  precisions, memory_pool=args.memory_pool)
             cases += run_cases
             facts.append(run_facts)
-    command = ("python -m benchmarks.bench_tracker" + (" --quick" if args.quick else "")
-               + (f" --device {args.device}" if cuda else "")
-               + (f" --backend {backend}" if args.backend else "")
-               + (f" --frames {args.frames}" if args.frames else "")
-               + (f" --run {args.run}" if args.run else "")
-               + (f" --regions {args.regions}" if args.regions else "")
-               + (f" --memory-pool {args.memory_pool}" if args.memory_pool > 1 else ""))
+    command = reproduce_command("bench_tracker", args, parser.parse_args([]))
     extra = {"torch_threads": torch.get_num_threads()}
     if cuda:
         extra["gpu"] = torch.cuda.get_device_name()

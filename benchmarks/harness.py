@@ -53,15 +53,7 @@ def run_suite(module: str, doc: str, default_json: str,
     with tempfile.TemporaryDirectory(prefix=f"{module}_") as workdir:
         collected = collect(args, Path(workdir))
     cases, facts = collected if isinstance(collected, tuple) else (collected, {})
-    flags = [f for f, on in (("--quick", args.quick),
-                             (f"--repeat {args.repeat}", args.repeat)) if on]
-    defaults = vars(parse_args("", default_json, [], extra_args))
-    for key, value in vars(args).items():
-        if key in ("quick", "json", "repeat") or value == defaults[key]:
-            continue
-        flag = f"--{key.replace('_', '-')}"
-        flags.append(flag if value is True else f"{flag} {value}")
-    command = " ".join([f"python -m benchmarks.{module}", *flags])
+    command = reproduce_command(module, args, parse_args("", default_json, [], extra_args))
     record = write_record(suite or module.removeprefix("bench_"), cases, args.json, command,
                           **(device_extra() if device_extra else {}))
     if facts:
@@ -69,6 +61,19 @@ def run_suite(module: str, doc: str, default_json: str,
         Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     print(markdown(record))
     return 0
+
+
+def reproduce_command(module: str, args: argparse.Namespace,
+                      defaults: argparse.Namespace) -> str:
+    """`python -m benchmarks.<module>` with every flag whose value differs from its default
+    (`--json` aside: where the record goes does not change it)."""
+    flags = []
+    for key, value in vars(args).items():
+        if key == "json" or value == getattr(defaults, key):
+            continue
+        flag = f"--{key.replace('_', '-')}"
+        flags.append(flag if value is True else f"{flag} {value}")
+    return " ".join([f"python -m benchmarks.{module}", *flags])
 
 
 def time_interleaved(

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
-from benchmarks.harness import run_suite
+from benchmarks.harness import reproduce_command, run_suite
 
 CASE = {"case": "a", "backend": "onnxruntime-cpu", "precision": "fp32", "median_ms": 2.0,
         "p90_ms": 2.5, "baseline": "b", "baseline_median_ms": 4.0, "baseline_p90_ms": 5.0,
@@ -33,3 +34,13 @@ def test_the_recorded_command_has_every_flag_that_changed_the_run(tmp_path, caps
     assert _command(tmp_path, "--weights", "shipped.safetensors") == \
         "python -m benchmarks.bench_x"
     assert "Reproduce: `python -m benchmarks.bench_x`" in capsys.readouterr().out
+
+
+def test_a_hand_parsed_benchmark_records_its_changed_values_the_same_way():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--frames", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(["--frames", "6", "--device", "cpu", "--json", "out.json"])
+    assert reproduce_command("bench_y", args, parser.parse_args([])) == \
+        "python -m benchmarks.bench_y --frames 6"
