@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from benchmarks.bench_tracker import Run
-    from benchmarks.harness import environment
+    from benchmarks.harness import environment, reproduce_command
     from rau_rt.commands.demo import SHIPPED_SAM2_CONFIG
 
     def log(message: str) -> None:
@@ -232,8 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     gpu = versions.get("gpu")
     record = {"suite": SUITE, **environment(gpu=gpu), "check_versions": versions,
               "cases": cases, "tracker_runs": facts,
-              "command": "python -m benchmarks.gpu_check" + "".join(
-                  f" {a}" for a in (argv if argv is not None else sys.argv[1:])),
+              "command": reproduce_command("gpu_check", args, parser.parse_args([])),
               "wall_s": round(time.perf_counter() - started, 1),
               "torch_threads": torch.get_num_threads()}
     path = Path(args.json or f"benchmarks/results/gpu_check_{gpu_slug(gpu or args.device)}.json")
