@@ -284,14 +284,28 @@ class Bundle:
         self.close()
 
 
+def _missing_precision(directory: Path, graph: str, precision: str,
+                       exported: list[GraphEntry]) -> str:
+    """Why `graph` cannot run at `precision`: what it has, the exporter's reason where it
+    kept the graph at another precision (an int8 export keeps a graph fp32 when int8 misses
+    its parity gate), and the two ways out."""
+    have = sorted({e.precision for e in exported})
+    reasons = sorted({e.exporter["precision_choice"] for e in exported
+                      if precision in e.exporter.get("precision_choice", "")})
+    why = f"; the exporter's choice: {'; '.join(reasons)}" if reasons else ""
+    return (f"{directory}: no {precision} entry for graph {graph!r} (has {have}{why}); export "
+            f"that precision, or leave the precision unset (--precision, "
+            f"EngineConfig.precision) to run each graph's first entry, the exporter's choice")
+
+
 def _choose(directory: Path, graph: str, candidates: list[GraphEntry], backend: str | None,
             config: EngineConfig, host_info) -> tuple[GraphEntry, str | None]:
     """(entry, backend to open it with) for one graph, following ARCHITECTURE.md rule 5."""
     if config.precision is not None:
-        candidates = [e for e in candidates if e.precision == config.precision]
-    if not candidates:
-        raise BundleError(f"{directory}: no {config.precision} entry for graph {graph!r}; "
-                          "export that precision or drop EngineConfig.precision")
+        exported, candidates = candidates, [e for e in candidates
+                                            if e.precision == config.precision]
+        if not candidates:
+            raise BundleError(_missing_precision(directory, graph, config.precision, exported))
     if backend is None:  # the manifest's preferred entry, with the backend it names
         return candidates[0], candidates[0].backend
     if backend != registry.AUTO:

@@ -174,6 +174,21 @@ def test_precision_request_selects_entries(relu_bundle):
         load_bundle(relu_bundle, config=EngineConfig(precision="fp16"))
 
 
+def test_precision_the_exporter_rejected_says_why_and_the_way_out(tmp_path):
+    # an int8 export keeps a graph fp32 when int8 misses its gate; asking for int8 then names
+    # the gate's reason and how to run the exporter's choice instead
+    write_relu(tmp_path / "relu.onnx")
+    choice = "fp32: int8 (dynamic) rejected: masks IoU 0.9756 (>= 0.98)"
+    write_manifest(tmp_path, Manifest("relu", (entry_for(
+        tmp_path, "relu.onnx", exporter={"name": "test", "precision_choice": choice}),)))
+    with pytest.raises(BundleError) as info:
+        load_bundle(tmp_path, config=EngineConfig(precision="int8"))
+    message = str(info.value)
+    assert "no int8 entry for graph 'relu' (has ['fp32']" in message
+    assert choice in message
+    assert "leave the precision unset (--precision" in message
+
+
 def test_auto_skips_an_engine_for_another_host(relu_bundle, monkeypatch, caplog):
     add_engine(relu_bundle, compute_capability="8.7")
     monkeypatch.setattr(registry.backend_class("tensorrt"), "available", classmethod(
