@@ -34,9 +34,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; its CPU twin runs here"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def micro_bundle(tmp_path_factory):
-    """A random-init micro SAM2 bundle at 256 px, exported and loaded once per module."""
+    """A random-init micro SAM2 bundle at 256 px, exported and loaded once for the whole run
+    (an export takes about 50 s; four modules read it, none changes it)."""
     import contextlib
     import io
 
