@@ -1,11 +1,14 @@
 """What every `rau-rt train` run shares: the run folder's state file, the step loop, the
-learning-rate schedule and the history that the record and the curve show."""
+learning-rate schedule, the examples drawn ahead and the history that the record and the
+curve show."""
 
 from __future__ import annotations
 
 import math
+import queue
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -62,6 +65,52 @@ def state_file(out: Path, resume: bool) -> Path:
         raise InputError(f"--resume: {path} does not exist")
     out.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def prefetched(stream: Iterator, depth: int = 2, name: str = "train-examples") -> Iterator:
+    """`stream`'s items, drawn `depth` ahead by a daemon thread: rendering a synthetic example
+    (numpy and OpenCV, which release the GIL) overlaps the step's forward and backward passes,
+    where it took a quarter (8-frame SAM2 clips) to half (single frames) of a step on 2 cores.
+    The items and their order are the stream's, so a resumed run draws the same examples; an
+    error in the stream is raised here. Closing the returned generator (or dropping it) stops
+    the thread at its next item."""
+    ready: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    end = object()
+
+    def hand_over(entry) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def fill() -> None:
+        try:
+            for item in stream:
+                if not hand_over((item, None)):
+                    return
+        except BaseException as error:  # handed to the consumer, which re-raises it
+            hand_over((None, error))
+        else:
+            hand_over((end, None))
+
+    def drain() -> Iterator:
+        try:
+            while True:
+                item, error = ready.get()
+                if error is not None:
+                    raise error
+                if item is end:
+                    return
+                yield item
+        finally:
+            stop.set()
+
+    threading.Thread(target=fill, daemon=True, name=name).start()
+    return drain()
 
 
 def run_steps(cfg, at: Position, model, optimizer, *,

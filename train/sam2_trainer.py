@@ -31,7 +31,7 @@ import numpy as np
 from rau_rt.errors import InputError
 from rau_rt.sam2_layout import MEMORY_POOL
 from rau_rt.train import TRAIN_SEEDS, VALIDATION_SEEDS
-from rau_rt.train.loop import History, Position, run_steps, state_file
+from rau_rt.train.loop import History, Position, prefetched, run_steps, state_file
 from rau_rt.train.record import (
     LICENCE,
     save_atomic,
@@ -290,9 +290,11 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None, resume: 
     def example(step: int, next_seed: int):
         frames = cfg.frames_at(step)
         if frames not in streams:  # the next stage of the curriculum (or a resumed one)
+            for stream in streams.values():
+                stream.close()
             streams.clear()
-            streams[frames] = clip_stream(next_seed, ClipSpec(
-                cfg.image_size, frames, regime_weights=cfg.regime_weights))
+            streams[frames] = prefetched(clip_stream(next_seed, ClipSpec(
+                cfg.image_size, frames, regime_weights=cfg.regime_weights)), name="sam2-clips")
         return next(streams[frames])
 
     def record() -> dict[str, object]:
@@ -321,8 +323,12 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None, resume: 
         write_json_atomic(out / "record.json", record())
         write_curve(out / "curve.png", history.steps, history.losses, history.validation)
 
-    run_steps(cfg, at, model, optimizer, example=example,
-              loss=lambda clip: clip_loss(model, clip),
-              evaluate=lambda: evaluate(model, clips), checkpoint=checkpoint,
-              minutes=minutes, progress=progress)
+    try:
+        run_steps(cfg, at, model, optimizer, example=example,
+                  loss=lambda clip: clip_loss(model, clip),
+                  evaluate=lambda: evaluate(model, clips), checkpoint=checkpoint,
+                  minutes=minutes, progress=progress)
+    finally:
+        for stream in streams.values():
+            stream.close()
     return record()

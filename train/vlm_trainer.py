@@ -36,7 +36,7 @@ from rau_rt.geometry import box_iou
 from rau_rt.localization.localizer import image_patches
 from rau_rt.synthetic import SEGMENTS
 from rau_rt.train import TRAIN_SEEDS, VALIDATION_SEEDS
-from rau_rt.train.loop import History, Position, run_steps, state_file
+from rau_rt.train.loop import History, Position, prefetched, run_steps, state_file
 from rau_rt.train.record import (
     LICENCE,
     save_atomic,
@@ -381,30 +381,6 @@ class _GrammarMask:
         return scores.masked_fill(~allowed, float("-inf"))
 
 
-def _prefetched(stream, depth: int = 2):
-    """`stream`'s items, drawn `depth` ahead by a daemon thread: rendering a pair (numpy and
-    OpenCV, which release the GIL) overlaps the step's forward and backward passes. The items
-    and their order are the stream's, so a resumed run draws the same pairs."""
-    import queue
-    import threading
-
-    ready: queue.Queue = queue.Queue(depth)
-
-    def fill() -> None:
-        try:
-            for item in stream:
-                ready.put((item, None))
-        except BaseException as error:  # handed to the consumer, which re-raises it
-            ready.put((None, error))
-
-    threading.Thread(target=fill, daemon=True, name="vlm-pairs").start()
-    while True:
-        item, error = ready.get()
-        if error is not None:
-            raise error
-        yield item
-
-
 def _save_folder(model, folder: Path) -> None:
     """`save_pretrained` into `folder` through a sibling `.partial` folder swapped in, keeping
     the tokenizer files."""
@@ -464,7 +440,7 @@ def train(cfg: VlmTrainConfig, out: Path, *, minutes: float | None = None,
     model.train()
     pairs = validation_pairs(cfg, maker)
     history = at.history
-    stream = _prefetched(maker.stream(at.next_seed))
+    stream = prefetched(maker.stream(at.next_seed), name="vlm-pairs")
     saved: dict[str, object] = {"since": time.monotonic(), "sha256": None}
 
     def record() -> dict[str, object]:
@@ -492,8 +468,11 @@ def train(cfg: VlmTrainConfig, out: Path, *, minutes: float | None = None,
         write_json_atomic(out / "record.json", record())
         write_curve(out / "curve.png", history.steps, history.losses, history.validation)
 
-    run_steps(cfg, at, trainable, optimizer, example=lambda step, seed: next(stream),
-              loss=step_loss,
-              evaluate=lambda: evaluate(model, maker, pairs), checkpoint=checkpoint,
-              minutes=minutes, progress=progress)
+    try:
+        run_steps(cfg, at, trainable, optimizer, example=lambda step, seed: next(stream),
+                  loss=step_loss,
+                  evaluate=lambda: evaluate(model, maker, pairs), checkpoint=checkpoint,
+                  minutes=minutes, progress=progress)
+    finally:
+        stream.close()
     return record()
