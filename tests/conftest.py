@@ -56,6 +56,33 @@ def micro_bundle(tmp_path_factory):
         yield loaded
 
 
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """`rau-rt demo` at a reduced size, run twice (the second reuses the cached bundle with
+    keyframe localization on): its output folders, bundle and printed text. Once per run:
+    exporting the shipped SAM2 takes about 50 s, and the CLI tests and the accuracy test
+    (which reads the bundle's `sam2/`, the user's export of the shipped weights) share it;
+    none changes it."""
+    import contextlib
+    import io
+
+    from rau_rt.cli import main
+
+    root = tmp_path_factory.mktemp("demo")
+    out, cache = root / "out", root / "cache"
+    args = ["demo", "--out", str(out), "--cache", str(cache), "--frames", "8", "--size", "256",
+            "--quiet"]
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
+        assert main(args) == 0
+        first = stdout.getvalue()
+        stdout.truncate(0)
+        assert main([*args, "--localize", "on", "--out", str(root / "on")]) == 0  # cached
+        second = stdout.getvalue()
+    (bundle,) = [p for p in cache.iterdir() if p.name.startswith("demo-")]
+    return {"out": out, "on": root / "on", "bundle": bundle, "first": first, "second": second}
+
+
 def assert_profiles_are_consistent(directory) -> int:
     """Every manifest entry's dynamic ranges (the TensorRT profile): each dynamic input has
     one, min <= opt <= max per dimension, and the graph runs on ONNX Runtime at its `min` and

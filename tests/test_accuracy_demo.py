@@ -1,14 +1,12 @@
-"""The shipped demo SAM2 finds the right anatomy: exported through the user's path, run by the
-Tracker on a held-out cine, scored against exact truth (issue 15: an accuracy regression test,
-not a timing test). The shipped weights are below the goals (Dice 0.85 from a mask, 0.75 from
-boxes): the floors here are what they reach on this cine (seed 101, 40 frames: mask 0.65, box
-0.60, reference 0.53 on segments >= 2 mm) less 0.05, so a regression fails; raise them with
-better weights. Random weights score about 0.005."""
+"""The shipped demo SAM2 finds the right anatomy: exported through the user's path (`rau-rt
+demo`'s bundle, the session's `demo` fixture), run by the Tracker on a held-out cine, scored
+against exact truth (issue 15: an accuracy regression test, not a timing test). The shipped
+weights are below the goals (Dice 0.85 from a mask, 0.75 from boxes): the floors here are what
+they reach on this cine (seed 101, 40 frames: mask 0.65, box 0.60, reference 0.53 on segments
+>= 2 mm) less 0.05, so a regression fails; raise them with better weights. Random weights
+score about 0.005."""
 
 from __future__ import annotations
-
-import contextlib
-import io
 
 import pytest
 
@@ -19,25 +17,14 @@ from benchmarks.bench_accuracy import HELD_OUT, Sam2Weights, prepare, score, tra
 from rau_rt.bundle import load_bundle
 from rau_rt.commands.demo import SHIPPED_SAM2, SHIPPED_SAM2_CONFIG
 from rau_rt.config import EngineConfig
-from rau_rt.synthetic import generate_sequence
 from rau_rt.synthetic.scoring import Scorecard
 
 FLOORS = {"mask": 0.60, "box": 0.55, "reference": 0.47}
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    from rau_rt.export.sam2 import Sam2ExportConfig, export_sam2
-    from rau_rt.export.sam2.inputs import CheckFrames
-    from rau_rt.export.sam2.model import ModelSource
-
-    out = tmp_path_factory.mktemp("demo_sam2")
-    source = ModelSource(image_size=256, checkpoint=SHIPPED_SAM2,
-                         config=SHIPPED_SAM2_CONFIG)
-    with contextlib.redirect_stderr(io.StringIO()):
-        export_sam2(Sam2ExportConfig(source, out),
-                    CheckFrames.synthetic(generate_sequence, regions=2))
-    with load_bundle(out, config=EngineConfig(spin_wait=False)) as loaded:
+def bundle(demo):
+    with load_bundle(demo["bundle"] / "sam2", config=EngineConfig(spin_wait=False)) as loaded:
         yield loaded
 
 

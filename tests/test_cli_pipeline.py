@@ -2,8 +2,9 @@
 the demo's Qwen2.5-VL: the shipped micro once it ships, else a random-init tiny; exported and
 verified by the demo), the real localizer in its worker, real files.
 
-The demo runs twice at a reduced size (it builds the bundle the other tests use; the second run
-reuses it with keyframe localization on, whatever the default chose); `run` goes
+The demo runs twice at a reduced size (the session's `demo` fixture in conftest.py: it builds
+the bundle the other tests use; the second run reuses it with keyframe localization on,
+whatever the default chose); `run` goes
 over a synthetic MKV, a 16-bit PNG folder, a 12-bit XA DICOM and pydicom's RGB ultrasound
 cine; bad inputs end in a one-line typed error and exit code 1.
 """
@@ -11,8 +12,6 @@ cine; bad inputs end in a one-line typed error and exit code 1.
 from __future__ import annotations
 
 import ast
-import contextlib
-import io
 import json
 import subprocess
 import sys
@@ -34,24 +33,6 @@ from rau_rt.types import Region
 
 REGIONS = ("6", "7")
 SIZE = 128
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """`rau-rt demo` at a reduced size: its output folder, bundle and printed text."""
-    root = tmp_path_factory.mktemp("demo")
-    out, cache = root / "out", root / "cache"
-    args = ["demo", "--out", str(out), "--cache", str(cache), "--frames", "8", "--size", "256",
-            "--quiet"]
-    stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
-        assert main(args) == 0
-        first = stdout.getvalue()
-        stdout.truncate(0)
-        assert main([*args, "--localize", "on", "--out", str(root / "on")]) == 0  # cached
-        second = stdout.getvalue()
-    (bundle,) = [p for p in cache.iterdir() if p.name.startswith("demo-")]
-    return {"out": out, "on": root / "on", "bundle": bundle, "first": first, "second": second}
 
 
 @pytest.fixture(scope="module")
