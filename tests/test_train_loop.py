@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from dataclasses import dataclass
 
 import pytest
@@ -77,9 +76,6 @@ def test_closing_the_examples_stops_their_thread():
 
     drawn = prefetched(endless(), depth=2, name="test-examples")
     assert next(drawn) == 0
-    drawn.close()
-    deadline = time.monotonic() + 5
-    while any(t.name == "test-examples" for t in threading.enumerate()):
-        assert time.monotonic() < deadline, "the drawing thread outlived its stream"
-        time.sleep(0.05)
+    drawn.close()  # a thread still drawing at exit aborted a run stopped by SIGTERM
+    assert not any(t.name == "test-examples" for t in threading.enumerate())
     assert len(drawn_up_to) <= 4  # the item taken, the queue's two and the one in hand

@@ -73,7 +73,7 @@ def prefetched(stream: Iterator, depth: int = 2, name: str = "train-examples") -
     where it took a quarter (8-frame SAM2 clips) to half (single frames) of a step on 2 cores.
     The items and their order are the stream's, so a resumed run draws the same examples; an
     error in the stream is raised here. Closing the returned generator (or dropping it) stops
-    the thread at its next item."""
+    the thread and waits for the item it is drawing."""
     ready: queue.Queue = queue.Queue(depth)
     stop = threading.Event()
     end = object()
@@ -106,10 +106,12 @@ def prefetched(stream: Iterator, depth: int = 2, name: str = "train-examples") -
                 if item is end:
                     return
                 yield item
-        finally:
+        finally:  # a thread left drawing when the interpreter exits can abort it in C++
             stop.set()
+            thread.join(timeout=60)
 
-    threading.Thread(target=fill, daemon=True, name=name).start()
+    thread = threading.Thread(target=fill, daemon=True, name=name)
+    thread.start()
     return drain()
 
 
