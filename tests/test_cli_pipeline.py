@@ -4,9 +4,9 @@ verified by the demo), the real localizer in its worker, real files.
 
 The demo runs twice at a reduced size (the session's `demo` fixture in conftest.py: it builds
 the bundle the other tests use; the second run reuses it with keyframe localization on,
-whatever the default chose); `run` goes
-over a synthetic MKV, a 16-bit PNG folder, a 12-bit XA DICOM and pydicom's RGB ultrasound
-cine; bad inputs end in a one-line typed error and exit code 1.
+whatever the default chose); `run` goes over a synthetic MKV, a 16-bit PNG folder, a 12-bit XA
+DICOM and pydicom's RGB ultrasound cine; bad inputs end in a one-line typed error and exit
+code 1.
 """
 
 from __future__ import annotations

@@ -287,12 +287,15 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None, resume: 
     saved = {"since": time.monotonic(), "sha256": None}  # the clock and the last weights
     streams: dict[int, object] = {}  # clip length -> its stream (one per curriculum stage)
 
+    def end_streams() -> None:  # stops the thread drawing ahead
+        for stream in streams.values():
+            stream.close()
+        streams.clear()
+
     def example(step: int, next_seed: int):
         frames = cfg.frames_at(step)
         if frames not in streams:  # the next stage of the curriculum (or a resumed one)
-            for stream in streams.values():
-                stream.close()
-            streams.clear()
+            end_streams()
             streams[frames] = prefetched(clip_stream(next_seed, ClipSpec(
                 cfg.image_size, frames, regime_weights=cfg.regime_weights)), name="sam2-clips")
         return next(streams[frames])
@@ -329,6 +332,5 @@ def train(cfg: TrainConfig, out: Path, *, minutes: float | None = None, resume: 
                   evaluate=lambda: evaluate(model, clips), checkpoint=checkpoint,
                   minutes=minutes, progress=progress)
     finally:
-        for stream in streams.values():
-            stream.close()
+        end_streams()
     return record()
