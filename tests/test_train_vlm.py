@@ -129,6 +129,43 @@ def test_the_answer_parses_back_to_the_truth_and_fits_the_grammar(model_layout, 
     assert boxes >= 5 and nulls >= 1  # both kinds of answer were drawn
 
 
+def test_a_grounding_pair_asks_one_region_in_the_target_alone(model_layout, maker):
+    """The pretext task: the localizer's request and answer form for one region, with the
+    target as the only image (no reference); the answer parses back to the truth, a segment
+    the frame does not show answers null, and the frame effect is measured on that image."""
+    import torch
+    import transformers
+
+    from rau_rt.localization import prompts
+    from rau_rt.train.vlm_trainer import evaluate
+
+    folder, layout = model_layout
+    grounding = PairMaker(layout, (folder / "tokenizer.json").read_text(), augment=False,
+                          task="ground")
+    pairs = [grounding.draw(seed) for seed in range(10_000_000, 10_000_016)]
+    assert all(p is not None and len(p.names) == 1 and len(p.patches) == 1 for p in pairs)
+    shown = sum(p.truth[p.names[0]] is not None for p in pairs)
+    assert 0 < shown < len(pairs)  # mostly a segment in view, sometimes one that is not
+    fam = layout.family_constants
+    for pair in pairs:
+        text = grounding.tokenizer.decode(pair.ids[0, :pair.answer_start].tolist())
+        assert text.count(prompts.TARGET_INTRO.strip()) == 1
+        assert prompts.REFERENCE_INTRO not in text
+        assert prompts.locate_request(pair.names).strip() in text
+        merged = pair.patches[0].shape[0] // 4  # merge 2 x 2
+        assert (pair.ids[0] == layout.image_token_id).sum() == merged
+        [name] = pair.names
+        got = parse_answer(pair.answer, pair.names, fam.box_convention, pair.input_sizes[0],
+                           pair.frame_size)[name].box
+        assert (got is None) == (pair.truth[name] is None)
+    torch.manual_seed(0)
+    model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(folder).eval()
+    scores = evaluate(model, grounding, pairs[:2])
+    assert scores["frame_effect"] > 0.0  # random weights read their one image too
+    with pytest.raises(ValueError, match="task"):
+        PairMaker(layout, (folder / "tokenizer.json").read_text(), task="detect")
+
+
 def test_the_default_grammar_wants_every_region_in_order(model_layout, maker):
     """The "every" form (the localizer's default) rejects an answer that drops or reorders a
     region; "any" takes both."""
@@ -344,3 +381,31 @@ def test_training_resumes_where_it_stopped_and_leaves_a_model_folder(tmp_path):
         torch.testing.assert_close(state[name], other[name], msg=name)  # and the same run
     assert (tmp_path / "resumed" / "model" / "tokenizer.json").is_file()
     assert (tmp_path / "resumed" / "vlm.fp16.safetensors").is_file()
+
+
+def test_a_run_can_start_from_another_runs_weights(tmp_path):
+    """`init`: a locate run starts from a grounding run's fp16 weights (the pretext, then the
+    task), and its record names the file it started from with that run's record."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from rau_rt.train.vlm_trainer import WEIGHTS_FILE, VlmTrainConfig, train
+
+    base = VlmTrainConfig(size="tiny", input_size=INPUT, steps=2, validate_every=2,
+                          validation_pairs=1, warmup=1)
+    train(VlmTrainConfig(**{**base.__dict__, "task": "ground"}), tmp_path / "ground")
+    weights = tmp_path / "ground" / WEIGHTS_FILE
+    cfg = VlmTrainConfig(**{**base.__dict__, "init": str(weights)})
+    record = train(cfg, tmp_path / "locate", minutes=0)  # checkpointed before its first step
+    assert record["init"]["record"]["config"]["task"] == "ground"
+    assert record["init"]["sha256"] == json.loads(
+        (tmp_path / "ground" / "record.json").read_text())["weights"]["sha256"]
+    started = torch.load(tmp_path / "locate" / "train_state.pt", weights_only=False)["model"]
+    for name, value in load_file(weights).items():
+        torch.testing.assert_close(started[name], value.float(), msg=name)
+    with pytest.raises(InputError, match="no such file"):
+        VlmTrainConfig(init=str(tmp_path / "missing.safetensors"))
+    with pytest.raises(InputError, match="tiny model, not micro"):
+        train(VlmTrainConfig(init=str(weights), steps=1), tmp_path / "micro", minutes=0)

@@ -42,6 +42,24 @@ def save_fp16_safetensors(state: dict, path: Path, metadata: dict[str, str]) -> 
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def init_record(path: str | None, fresh: list[str] = ()) -> dict[str, object] | None:
+    """What a fine-tune started from: the file, its sha256 and, where the run folder or the
+    shipped weights keep one beside it, that run's record (so shipped weights carry their
+    whole lineage); after a partial init, the modules whose tensors started random."""
+    if path is None:
+        return None
+    import hashlib
+
+    file = Path(path)
+    parent = next((p for p in (file.parent / "record.json", file.with_suffix(".json"))
+                   if p.is_file()), None)
+    record = {"file": str(file), "sha256": hashlib.sha256(file.read_bytes()).hexdigest(),
+              "record": json.loads(parent.read_text()) if parent else None}
+    if fresh:
+        record["fresh"] = sorted({".".join(name.split(".")[:3]) for name in fresh})
+    return record
+
+
 def write_json_atomic(path: Path, data: object) -> None:
     partial = path.with_name(path.name + ".partial")
     partial.write_text(json.dumps(data, indent=2) + "\n")

@@ -34,6 +34,7 @@ from rau_rt.train import TRAIN_SEEDS, VALIDATION_SEEDS
 from rau_rt.train.loop import History, Position, prefetched, run_steps, state_file
 from rau_rt.train.record import (
     LICENCE,
+    init_record,
     save_atomic,
     save_fp16_safetensors,
     training_record,
@@ -169,25 +170,6 @@ def pool_memory(model, pool: int) -> None:
         # An instance attribute: nn.Module.__call__ finds it before the class's forward, and
         # sam2's layer still sees a RoPEAttention (it passes the pointer count by that type).
         attention.forward = RealRoPEAttention(attention, side, pool).forward
-
-
-def init_record(path: str | None, fresh: list[str] = ()) -> dict[str, object] | None:
-    """What a fine-tune started from: the file, its sha256 and, where the run folder or the
-    shipped weights keep one beside it, that run's record (so shipped weights carry their
-    whole lineage); after a partial init, the modules whose tensors started random."""
-    if path is None:
-        return None
-    import hashlib
-    import json
-
-    file = Path(path)
-    parent = next((p for p in (file.parent / "record.json", file.with_suffix(".json"))
-                   if p.is_file()), None)
-    record = {"file": str(file), "sha256": hashlib.sha256(file.read_bytes()).hexdigest(),
-              "record": json.loads(parent.read_text()) if parent else None}
-    if fresh:
-        record["fresh"] = sorted({".".join(name.split(".")[:3]) for name in fresh})
-    return record
 
 
 def clip_loss(model, clip) -> tuple[object, dict[str, float]]:

@@ -47,7 +47,7 @@ from rau_rt.synthetic.render import window_8bit
 from rau_rt.synthetic.sequence import SegmentTruth
 from rau_rt.train.augment import augment_8bit
 from rau_rt.types import Box, Region
-from rau_rt.vlm_layout import ASPECTS, IM_END, VlmLayout
+from rau_rt.vlm_layout import ASPECTS, IM_END, IMAGE_PLACEHOLDER, VlmLayout
 
 IGNORE = -100  # label of tokens outside the answer (torch's cross-entropy ignore_index)
 MAX_REGIONS = 6  # annotated on a reference
@@ -55,6 +55,10 @@ RUN_FRAMES = 90  # the cine a target frame comes from: fill, plateau and washout
 REFRAMED = 0.5  # share of targets cropped or padded to a non-square aspect
 KEPT_VISIBLE = 0.5  # a cropped segment stays visible with this share of its lumen in frame
 FLIPPED_ITEM = 0.5  # in a flipped context, each item but the last is flipped with this chance
+# The tasks a PairMaker draws: "locate", the localizer's query; "ground", its pretext (one
+# region asked in the target alone, no reference)
+TASKS = ("locate", "ground")
+GROUND_VISIBLE = 0.85  # a grounding query asks for a segment the frame shows with this chance
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,8 @@ class Pair:
             flipped values where the pair's context was flipped) and end of turn.
         labels: [1, S] int64, `IGNORE` except on the answer and end-of-turn tokens (and on
             flipped values).
-        patches: the vision inputs of the reference, the annotated reference and the target.
+        patches: the vision inputs of the reference, the annotated reference and the target
+            (a grounding pair: the target's alone).
         answer: the true answer text.
         truth: region -> its box in target-frame pixels, None where not visible.
         frame_size: (height, width) of the target frame.
@@ -76,7 +81,7 @@ class Pair:
     names: tuple[str, ...]
     ids: np.ndarray
     labels: np.ndarray
-    patches: tuple[np.ndarray, np.ndarray, np.ndarray]
+    patches: tuple[np.ndarray, ...]
     answer: str
     truth: dict[str, Box | None]
     frame_size: tuple[int, int]
@@ -104,7 +109,7 @@ class Query:
     the runtime's `Localizer` on held-out seeds).
 
     Attributes:
-        reference: patient A's annotated reference.
+        reference: patient A's annotated reference (None: a grounding query).
         frame: patient B's target frame, uint8 (H, W), after `reframe`.
         names: the regions asked for, in the reference's order.
         truth: region -> its box in frame pixels, None where not visible.
@@ -112,7 +117,7 @@ class Query:
         spacing_mm: the frame's pixel spacing at the isocentre.
     """
 
-    reference: Reference
+    reference: Reference | None
     frame: np.ndarray
     names: tuple[str, ...]
     truth: dict[str, Box | None]
@@ -253,6 +258,17 @@ def reframe(frame: np.ndarray, segments: dict[str, SegmentTruth], names: tuple[s
     return out, cropped, masks
 
 
+def _target(seed: int, artery: str, dominance: str, look: str, rng: np.random.Generator):
+    """The target: one frame, at a random moment of the bolus and the heartbeat, of the cine of
+    generator seed `seed` (size, frame rate, motion and stenoses drawn from `rng`)."""
+    size = int(rng.choice((256, 384, 512)))
+    fps = float(rng.choice((7.5, 15.0, 30.0), p=(0.2, 0.6, 0.2)))
+    motion = Motion(rng.uniform(4, 40), rng.uniform(0, 20), rng.uniform(55, 100))
+    cfg = SequenceConfig(seed, RUN_FRAMES, size, fps, None, artery, dominance, motion, None,
+                         int(rng.integers(0, 3)), None, True, look)
+    return render_frames(cfg, [int(rng.integers(0, RUN_FRAMES))])
+
+
 class PairMaker:
     """Pairs for one model: its layout (`vlm.json` contract) and tokenizer.
 
@@ -264,11 +280,21 @@ class PairMaker:
         cells: also draw the targets of the trainer's probes (`occupancy`, `segment_boxes`).
         flips: with `augment`, the share of pairs whose answer context is flipped
             (`flip_context`; queries of one region never are).
+        task: "locate", the localizer's query (another patient's annotated reference, then
+            the target); or "ground", its pretext: one region, named, asked in the target
+            alone (no reference image or regions; the localizer's request and answer form).
+            Grounding queries ask for a segment the frame shows with chance
+            `GROUND_VISIBLE`, else for any of the artery's segments (`null` where not shown).
     """
 
     def __init__(self, layout: VlmLayout, tokenizer_json: str, system: str | None = None, *,
-                 augment: bool = True, cells: bool = False, flips: float = 0.0) -> None:
+                 augment: bool = True, cells: bool = False, flips: float = 0.0,
+                 task: str = "locate") -> None:
         from tokenizers import Tokenizer
+
+        if task not in TASKS:
+            raise ValueError(f"task {task!r}: expected one of {TASKS}")
+        self.task = task
 
         self.layout = layout
         self.tokenizer = Tokenizer.from_str(tokenizer_json)
@@ -302,15 +328,16 @@ class PairMaker:
         dominance = str(rng.choice(("right", "left"), p=(0.85, 0.15)))
         look = "clinical" if rng.uniform() < 0.8 else "classic"
         available = segments_of(artery, dominance)
+        if self.task == "ground":
+            target = _target(seed, artery, dominance, look, rng)
+            segments = target.truth[0].segments
+            shown = [n for n in available if segments[n].present and segments[n].box]
+            pool = shown if shown and rng.uniform() < GROUND_VISIBLE else available
+            return self._finish(None, target, (str(rng.choice(pool)),), rng)
         count = int(rng.integers(2, min(MAX_REGIONS, len(available)) + 1))
         annotated = tuple(sorted((str(n) for n in rng.choice(available, count, replace=False)),
                                  key=available.index))
-        size = int(rng.choice((256, 384, 512)))
-        fps = float(rng.choice((7.5, 15.0, 30.0), p=(0.2, 0.6, 0.2)))
-        motion = Motion(rng.uniform(4, 40), rng.uniform(0, 20), rng.uniform(55, 100))
-        cfg = SequenceConfig(seed, RUN_FRAMES, size, fps, None, artery, dominance, motion, None,
-                             int(rng.integers(0, 3)), None, True, look)
-        target = render_frames(cfg, [int(rng.integers(0, RUN_FRAMES))])
+        target = _target(seed, artery, dominance, look, rng)
         try:
             still = make_reference(seed + 1, int(rng.choice((256, 384, 512))), artery=artery,
                                    dominance=dominance, segments=annotated,
@@ -322,6 +349,13 @@ class PairMaker:
         keep = rng.uniform(size=count) < 0.7
         keep[int(rng.integers(0, count))] = True
         names = tuple(n for n, k in zip(annotated, keep, strict=True) if k)
+        return self._finish(reference, target, names, rng)
+
+    def _finish(self, reference: Reference | None, target, names: tuple[str, ...],
+                rng: np.random.Generator) -> Query:
+        """The query of a rendered target frame: windowed (and augmented), reframed, with the
+        truth of `names` and the probes' targets."""
+        size = int(target.frames[0].shape[0])
         window = target.meta.window
         if self.augment:  # the window a site or a DICOM header picks varies
             centre, width = window
@@ -344,16 +378,22 @@ class PairMaker:
                      {n: float(target.meta.diameters_mm[n]) for n in names},
                      float(target.meta.pixel_spacing_mm), cells, boxes)
 
-    def pair(self, reference: Reference, frame: np.ndarray, names: tuple[str, ...],
+    def pair(self, reference: Reference | None, frame: np.ndarray, names: tuple[str, ...],
              truth: dict[str, Box | None], cells: np.ndarray | None = None,
              boxes: np.ndarray | None = None,
              read: tuple[dict[str, Box | None], set[str]] | None = None) -> Pair:
-        """The pair for a reference, an 8-bit target frame and its truth boxes; `read`: the
-        flipped values the answer shows and their names (`flip_context`), left unlabelled."""
-        parts = prompts.locate_parts(reference, self.layout, names, self.system)
+        """The pair for a reference (None: grounding, the target alone), an 8-bit target frame
+        and its truth boxes; `read`: the flipped values the answer shows and their names
+        (`flip_context`), left unlabelled."""
         frame_size = (int(frame.shape[0]), int(frame.shape[1]))
-        reference_size = self.layout.size_for(reference.size)
-        sizes = (reference_size, reference_size, self.layout.size_for(frame_size))
+        if reference is None:
+            parts = prompts.PromptParts((prompts.TARGET_INTRO.lstrip(),), (
+                IMAGE_PLACEHOLDER, prompts.locate_request(names)), self.system)
+            sizes: tuple[tuple[int, int], ...] = (self.layout.size_for(frame_size),)
+        else:
+            parts = prompts.locate_parts(reference, self.layout, names, self.system)
+            reference_size = self.layout.size_for(reference.size)
+            sizes = (reference_size, reference_size, self.layout.size_for(frame_size))
         prompt = prompts.conversation_ids(self.tokenizer, parts, self.layout, sizes)
         answer = answer_text({n: truth[n] for n in names}, self.layout, frame_size)
         shown, flipped = (answer, set()) if read is None else (
@@ -368,9 +408,10 @@ class PairMaker:
             wrong = np.isin(rows[:, 1], [names.index(n) for n in flipped])
             labels[0, prompt.shape[1] + rows[wrong, 0] + 1] = IGNORE
             rows = rows[~wrong | deciding(rows)]
-        patches = (image_patches(reference.image, self.layout, reference.channel_order),
-                   image_patches(prompts.annotated_image(reference), self.layout, "rgb"),
-                   image_patches(frame, self.layout, "rgb"))
+        target = image_patches(frame, self.layout, "rgb")
+        patches = (target,) if reference is None else (
+            image_patches(reference.image, self.layout, reference.channel_order),
+            image_patches(prompts.annotated_image(reference), self.layout, "rgb"), target)
         return Pair(names, ids, labels, patches, answer, dict(truth), frame_size, sizes, cells,
                     boxes, rows)
 

@@ -2,11 +2,12 @@
 
 The model is `Qwen2_5_VLForConditionalGeneration` of the exporter's `micro` size (text 256 x 4
 layers, vision 256 x 4 blocks, patch 14, merge 2; `rau_rt.export.vlm.model.RANDOM_INIT`) with the
-project's local tokenizer, built from random initialisation, so what it produces is a Hugging
-Face folder like a user's fine-tune: `rau-rt export vlm --model DIR/model` takes it on the
-user's path. One pair per step (`rau_rt.train.vlm_data`: the localizer's own prompt, the truth
-answer), cross-entropy on the answer tokens only, AdamW with warm-up and cosine decay,
-gradients clipped at norm 1; resumable like `rau-rt train sam2`.
+project's local tokenizer, built from random initialisation (or from an earlier run's weights,
+`init`), so what it produces is a Hugging Face folder like a user's fine-tune: `rau-rt export
+vlm --model DIR/model` takes it on the user's path. One pair per step (`rau_rt.train.vlm_data`:
+the localizer's own prompt, the truth answer; or with `task="ground"` its pretext, one named
+region in the target alone), cross-entropy on the answer tokens only, AdamW with warm-up and
+cosine decay, gradients clipped at norm 1; resumable like `rau-rt train sam2`.
 
 Validation (fixed pairs from VALIDATION_SEEDS, unaugmented) decodes greedily with transformers
 under the localizer's answer grammar and parses the answer as the localizer does: box hit rate
@@ -39,13 +40,14 @@ from rau_rt.train import TRAIN_SEEDS, VALIDATION_SEEDS
 from rau_rt.train.loop import History, Position, prefetched, run_steps, state_file
 from rau_rt.train.record import (
     LICENCE,
+    init_record,
     save_atomic,
     save_fp16_safetensors,
     training_record,
     write_curve,
     write_json_atomic,
 )
-from rau_rt.train.vlm_data import Pair, PairMaker, deciding
+from rau_rt.train.vlm_data import TASKS, Pair, PairMaker, deciding
 from rau_rt.vlm_layout import FAMILIES
 
 SIZES = ("micro", "tiny")  # micro: the demo localizer; tiny: tests
@@ -67,10 +69,12 @@ class VlmTrainConfig:
     lr: float = 5e-4
     aux_weight: float = 1.0  # the probes' dense losses (`AuxHead`; 0: off)
     flips: float = 0.5  # share of pairs whose answer context is flipped (`vlm_data.flip_context`)
+    task: str = "locate"  # the localizer's query, or "ground": its pretext (`vlm_data.TASKS`)
     weight_decay: float = 0.05
     warmup: int = 300
     grad_clip: float = 1.0
     seed: int = 0  # model init and torch's RNG
+    init: str | None = None  # a run's `WEIGHTS_FILE` to start from (e.g. its pretext); None: random
     first_pair_seed: int = TRAIN_SEEDS.start
     checkpoint_minutes: float = 5.0
     validate_every: int = 1500
@@ -83,10 +87,14 @@ class VlmTrainConfig:
         if self.input_size < 28 or self.input_size % 28:
             raise InputError(f"input_size {self.input_size}: expected a multiple of 28 "
                              "(patch 14 x merge 2)")
+        if self.task not in TASKS:
+            raise InputError(f"task {self.task!r}: expected one of {TASKS}")
         if not 0 <= self.flips <= 1:
             raise InputError(f"flips {self.flips}: a share, expected 0..1")
         if self.steps < 1 or self.validate_every < 1 or self.validation_pairs < 1:
             raise InputError("steps, validate_every and validation_pairs must be >= 1")
+        if self.init is not None and not Path(self.init).is_file():
+            raise InputError(f"init {self.init}: no such file")
         if self.first_pair_seed not in TRAIN_SEEDS:
             raise InputError(f"first_pair_seed {self.first_pair_seed}: training seeds are "
                              f"{TRAIN_SEEDS.start}..{TRAIN_SEEDS.stop - 1} (disjoint from the "
@@ -94,13 +102,20 @@ class VlmTrainConfig:
 
 
 def build(cfg: VlmTrainConfig, folder: Path):
-    """A random-init model folder of `cfg.size` at `folder`, loaded: (model, layout, maker)."""
+    """The model folder a run starts from at `folder`, loaded: (model, layout, maker). Random
+    of `cfg.size`, or holding the weights of `cfg.init` (which must be of that size)."""
     import torch
 
     from rau_rt.export.vlm.model import build_random
 
     torch.manual_seed(cfg.seed)
-    build_random(folder, cfg.size, FAMILY, seed=cfg.seed)
+    if cfg.init is None:
+        build_random(folder, cfg.size, FAMILY, seed=cfg.seed)
+    elif restored_size(Path(cfg.init)) != cfg.size:
+        raise InputError(f"init {cfg.init}: weights of the {restored_size(Path(cfg.init))} "
+                         f"model, not {cfg.size}")
+    else:
+        restore(Path(cfg.init), folder)
     return load(cfg, folder)
 
 
@@ -114,7 +129,7 @@ def load(cfg: VlmTrainConfig, folder: Path):
         folder, dtype="float32")
     layout = make_layout(model, FAMILY, cfg.input_size, hidden_state=False, aspect_buckets=True)
     maker = PairMaker(layout, (folder / "tokenizer.json").read_text(), cells=cfg.aux_weight > 0,
-                      flips=cfg.flips)
+                      flips=cfg.flips, task=cfg.task)
     return model, layout, maker
 
 
@@ -129,20 +144,12 @@ def restore(weights: Path, folder: Path) -> Path:
     """
     import torch
     import transformers
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from rau_rt.export.vlm.model import build_random
 
     weights, folder = Path(weights), Path(folder)
-    if not weights.is_file():
-        raise InputError(f"{weights}: no such weights file")
-    with safe_open(str(weights), "pt") as handle:
-        meta = handle.metadata() or {}
-    size = meta.get("size")
-    if meta.get("model") != "vlm" or size not in SIZES or meta.get("family") != FAMILY:
-        raise InputError(f"{weights}: saved for {meta or 'an unknown model'}, not a {FAMILY} "
-                         f"VLM of `rau-rt train vlm` (sizes {SIZES})")
+    size = restored_size(weights)
     build_random(folder, size, FAMILY)
     model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
         folder, dtype="float32")
@@ -156,6 +163,25 @@ def restore(weights: Path, folder: Path) -> Path:
         model.load_state_dict(state)
     model.save_pretrained(folder)
     return folder
+
+
+def restored_size(weights: Path) -> str:
+    """The model size `rau-rt train vlm` weights were trained at (their metadata).
+
+    Raises:
+        InputError: no such file, or not weights of `rau-rt train vlm`.
+    """
+    from safetensors import safe_open
+
+    if not weights.is_file():
+        raise InputError(f"{weights}: no such weights file")
+    with safe_open(str(weights), "pt") as handle:
+        meta = handle.metadata() or {}
+    size = meta.get("size")
+    if meta.get("model") != "vlm" or size not in SIZES or meta.get("family") != FAMILY:
+        raise InputError(f"{weights}: saved for {meta or 'an unknown model'}, not a {FAMILY} "
+                         f"VLM of `rau-rt train vlm` (sizes {SIZES})")
+    return size
 
 
 def forward(model, pair: Pair, hidden_states: bool = False):
@@ -278,7 +304,8 @@ def _vision(pair: Pair) -> dict[str, object]:
 
 def validation_pairs(cfg: VlmTrainConfig, maker: PairMaker) -> list[Pair]:
     """Fixed, unaugmented pairs from VALIDATION_SEEDS."""
-    fixed = PairMaker(maker.layout, maker.tokenizer.to_str(), maker.system, augment=False)
+    fixed = PairMaker(maker.layout, maker.tokenizer.to_str(), maker.system, augment=False,
+                      task=maker.task)
     chosen = []
     for seed in VALIDATION_SEEDS:
         pair = fixed.draw(seed)
@@ -333,7 +360,7 @@ def evaluate(model, maker: PairMaker, pairs: list[Pair]) -> dict[str, float]:
         for pair in pairs:
             seen = decisions(model, maker, pair)
             dark = image_patches(np.zeros(pair.frame_size, np.uint8), layout, "rgb")
-            black = decisions(model, maker, replace(pair, patches=(*pair.patches[:2], dark)))
+            black = decisions(model, maker, replace(pair, patches=(*pair.patches[:-1], dark)))
             visible = np.array([pair.truth[n] is not None for n in pair.names])
             right += list((seen > 0) == visible)
             moved += list(np.abs(_sigmoid(seen) - _sigmoid(black)))
@@ -439,6 +466,7 @@ def train(cfg: VlmTrainConfig, out: Path, *, minutes: float | None = None,
         return outputs.loss + cfg.aux_weight * dense, {"answer": outputs.loss.item(), **terms}
     model.train()
     pairs = validation_pairs(cfg, maker)
+    lineage = init_record(cfg.init)
     history = at.history
     stream = prefetched(maker.stream(at.next_seed), name="vlm-pairs")
     saved: dict[str, object] = {"since": time.monotonic(), "sha256": None}
@@ -449,9 +477,9 @@ def train(cfg: VlmTrainConfig, out: Path, *, minutes: float | None = None,
                                history.validation,
                                history.losses[-1] if history.losses else None,
                                seeds_key="pair_seeds")
-        return {**base, "weights": {"file": WEIGHTS_FILE, "sha256": saved["sha256"],
-                                    "dtype": "fp16", "licence": LICENCE,
-                                    "model_folder": "model"}}
+        return {**base, "init": lineage,
+                "weights": {"file": WEIGHTS_FILE, "sha256": saved["sha256"], "dtype": "fp16",
+                            "licence": LICENCE, "model_folder": "model"}}
 
     def checkpoint() -> None:
         history.wall_s += time.monotonic() - saved["since"]

@@ -68,7 +68,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     vlm.add_argument("--steps", type=int, default=vlm_defaults.steps,
                      help=f"one pair per step (default {vlm_defaults.steps})")
     vlm.add_argument("--lr", type=float, default=vlm_defaults.lr)
+    vlm.add_argument("--task", choices=("locate", "ground"), default=vlm_defaults.task,
+                     help="locate: the localizer's query (default); ground: its pretext, one "
+                          "named region in the target alone, no reference")
     vlm.add_argument("--seed", type=int, default=vlm_defaults.seed, help="model init seed")
+    vlm.add_argument("--init", default=None, metavar="WEIGHTS",
+                     help="start from a run's vlm.fp16.safetensors (e.g. a --task ground run's) "
+                          "instead of random initialisation")
     vlm.add_argument("--validate-every", type=int, default=vlm_defaults.validate_every)
     vlm.add_argument("--minutes", type=float, default=None,
                      help="stop after this long (checkpointed; continue with --resume)")
@@ -84,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
         from rau_rt.train.vlm_trainer import VlmTrainConfig, train
 
         cfg = VlmTrainConfig(input_size=args.input_size, steps=args.steps, lr=args.lr,
-                             seed=args.seed, validate_every=args.validate_every)
+                             seed=args.seed, validate_every=args.validate_every,
+                             task=args.task, init=args.init)
         return _train(args, cfg, train, "pair",
                       lambda values: {k: v for k, v in values.items()
                                       if k in ("loss", "answer", "hit_rate", "presence_f1")})

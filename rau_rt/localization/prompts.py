@@ -139,9 +139,14 @@ def locate_parts(reference: Reference, layout: VlmLayout, names: Sequence[str],
     if unknown:
         raise InputError(f"locate: regions {unknown} are not annotated on reference "
                          f"{reference.name!r}; it has {list(reference.region_names)}")
-    request = LOCATE_REQUEST.format(names=", ".join(json.dumps(n, ensure_ascii=False)
-                                                    for n in names))
-    return PromptParts(reference_parts(reference, layout), (IMAGE_PLACEHOLDER, request), system)
+    return PromptParts(reference_parts(reference, layout),
+                       (IMAGE_PLACEHOLDER, locate_request(names)), system)
+
+
+def locate_request(names: Sequence[str]) -> str:
+    """The request part naming the wanted regions (`LOCATE_REQUEST`)."""
+    return LOCATE_REQUEST.format(names=", ".join(json.dumps(n, ensure_ascii=False)
+                                                 for n in names))
 
 
 def ask_parts(reference: Reference, layout: VlmLayout, question: str,
