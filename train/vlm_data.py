@@ -295,7 +295,6 @@ class PairMaker:
         if task not in TASKS:
             raise ValueError(f"task {task!r}: expected one of {TASKS}")
         self.task = task
-
         self.layout = layout
         self.tokenizer = Tokenizer.from_str(tokenizer_json)
         self.system = layout.family_constants.default_system if system is None else system

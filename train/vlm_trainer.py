@@ -111,11 +111,11 @@ def build(cfg: VlmTrainConfig, folder: Path):
     torch.manual_seed(cfg.seed)
     if cfg.init is None:
         build_random(folder, cfg.size, FAMILY, seed=cfg.seed)
-    elif restored_size(Path(cfg.init)) != cfg.size:
-        raise InputError(f"init {cfg.init}: weights of the {restored_size(Path(cfg.init))} "
-                         f"model, not {cfg.size}")
-    else:
-        restore(Path(cfg.init), folder)
+        return load(cfg, folder)
+    size = restored_size(Path(cfg.init))
+    if size != cfg.size:
+        raise InputError(f"init {cfg.init}: weights of the {size} model, not {cfg.size}")
+    restore(Path(cfg.init), folder)
     return load(cfg, folder)
 
 
