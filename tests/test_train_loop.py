@@ -79,3 +79,38 @@ def test_closing_the_examples_stops_their_thread():
     drawn.close()  # a thread still drawing at exit aborted a run stopped by SIGTERM
     assert not any(t.name == "test-examples" for t in threading.enumerate())
     assert len(drawn_up_to) <= 4  # the item taken, the queue's two and the one in hand
+
+
+def test_a_step_of_several_examples_averages_their_gradients():
+    """`per_step`: one optimizer step on the mean of its examples' losses, the examples
+    drawn in seed order, the logged loss and terms their means."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1, 1)
+    twin = torch.nn.Linear(1, 1)
+    twin.load_state_dict(model.state_dict())
+    cfg = Config(steps=1, lr=0.1, grad_clip=1e9)
+    at = Position(0, 5)
+    drawn, shown = [], []
+
+    def example(step, seed):
+        drawn.append(seed)
+        return float(seed), seed + 1
+
+    def loss(x):
+        value = (model(torch.tensor([[x]])) - 1.0).pow(2).sum()
+        return value, {"x": x}
+
+    run_steps(cfg, at, model, torch.optim.SGD(model.parameters(), lr=1.0), example=example,
+              loss=loss, evaluate=dict, checkpoint=lambda: None, minutes=None,
+              progress=lambda step, values: shown.append(values), per_step=3)
+    assert drawn == [5, 6, 7] and at.step == 1 and at.next_seed == 8
+    mean = sum((twin(torch.tensor([[x]])) - 1.0).pow(2).sum() for x in (5.0, 6.0, 7.0)) / 3
+    optimizer = torch.optim.SGD(twin.parameters(), lr=1.0)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.1  # the schedule's first step (warm-up 1)
+    mean.backward()
+    optimizer.step()
+    for mine, theirs in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(mine, theirs)
+    assert shown[0]["x"] == pytest.approx(6.0)
+    assert shown[0]["loss"] == pytest.approx(mean.item())

@@ -166,6 +166,40 @@ def test_a_grounding_pair_asks_one_region_in_the_target_alone(model_layout, make
         PairMaker(layout, (folder / "tokenizer.json").read_text(), task="detect")
 
 
+def test_a_reading_pair_is_a_grounding_pair_with_the_segment_drawn(model_layout):
+    """The pretext's pretext: the same query as grounding on the same seed, but a segment the
+    frame shows is drawn on it as a reference's regions are (its box in the first colour of
+    the palette), so the answer is the drawn box; a segment not shown leaves the frame as it
+    is."""
+    from rau_rt import ops
+
+    folder, layout = model_layout
+    tokenizer = (folder / "tokenizer.json").read_text()
+    ground = PairMaker(layout, tokenizer, augment=False, task="ground")
+    read = PairMaker(layout, tokenizer, augment=False, task="read")
+    drawn = blank = 0
+    for seed in range(10_000_000, 10_000_016):
+        plain, marked = ground.query(seed), read.query(seed)
+        assert marked.names == plain.names and marked.truth == plain.truth
+        box = marked.truth[marked.names[0]]
+        if box is None:
+            np.testing.assert_array_equal(marked.frame, plain.frame)
+            blank += 1
+            continue
+        assert marked.frame.shape == (*plain.frame.shape[:2], 3)
+        x1, y1, x2, y2 = box
+        if marked.frame.shape[0] == marked.frame.shape[1]:  # not reframed: box as drawn
+            colour = np.asarray(ops.PALETTE[0], np.uint8)
+            assert (marked.frame[y2 - 1, x1:x2] == colour).all()  # the box's bottom edge
+            assert (marked.frame[y1:y2, x2 - 1] == colour).all()  # and its right edge
+            drawn += 1
+        assert (marked.frame[..., 0] != marked.frame[..., 1]).any()
+        pair = read.pair(None, marked.frame, marked.names, marked.truth)
+        assert len(pair.patches) == 1 and pair.answer == ground.pair(
+            None, plain.frame, plain.names, plain.truth).answer
+    assert drawn and blank
+
+
 def test_the_default_grammar_wants_every_region_in_order(model_layout, maker):
     """The "every" form (the localizer's default) rejects an answer that drops or reorders a
     region; "any" takes both."""
@@ -409,3 +443,19 @@ def test_a_run_can_start_from_another_runs_weights(tmp_path):
         VlmTrainConfig(init=str(tmp_path / "missing.safetensors"))
     with pytest.raises(InputError, match="tiny model, not micro"):
         train(VlmTrainConfig(init=str(weights), steps=1), tmp_path / "micro", minutes=0)
+
+
+def test_pairs_per_step_draw_that_many_pairs_for_each_step(tmp_path):
+    """`pairs_per_step`: two steps of two pairs go through the same pair seeds as four steps
+    of one, and the record says so."""
+    from rau_rt.train.vlm_trainer import VlmTrainConfig, train
+
+    base = VlmTrainConfig(size="tiny", input_size=INPUT, steps=4, validate_every=4,
+                          validation_pairs=1, warmup=1, aux_weight=0.0)
+    single = train(base, tmp_path / "single")
+    double = train(VlmTrainConfig(**{**base.__dict__, "steps": 2, "pairs_per_step": 2}),
+                   tmp_path / "double")
+    assert double["steps_done"] == 2 and double["config"]["pairs_per_step"] == 2
+    assert double["pair_seeds"] == single["pair_seeds"]
+    with pytest.raises(InputError, match="pairs_per_step"):
+        VlmTrainConfig(pairs_per_step=0)

@@ -120,17 +120,20 @@ def run_steps(cfg, at: Position, model, optimizer, *,
               loss: Callable[[object], tuple[object, dict[str, float]]],
               evaluate: Callable[[], dict[str, float]], checkpoint: Callable[[], None],
               minutes: float | None,
-              progress: Callable[[int, dict[str, float]], None] | None) -> None:
-    """The steps of a run from `at` to `cfg.steps` (or until `minutes` have passed): one
-    example a step, AdamW at `learning_rate`, gradients clipped at `cfg.grad_clip`; the loss
+              progress: Callable[[int, dict[str, float]], None] | None,
+              per_step: int = 1) -> None:
+    """The steps of a run from `at` to `cfg.steps` (or until `minutes` have passed):
+    `per_step` examples a step (their gradients averaged), AdamW at `learning_rate`, gradients
+    clipped at `cfg.grad_clip`; the loss
     logged as a mean every 50 steps, `evaluate` every `cfg.validate_every`, `checkpoint` every
     `cfg.checkpoint_minutes`, at the end and on Ctrl-C or SIGTERM (then re-raised as
     KeyboardInterrupt): a run started in the background, where SIGINT is ignored, or stopped
     by a scheduler keeps its steps too.
 
     Args:
-        example: (step, next seed) -> (the step's example, the seed after it).
+        example: (step, next seed) -> (an example of the step, the seed after it).
         loss: example -> (loss tensor, its terms as floats).
+        per_step: examples per optimizer step (the step's loss and terms are their means).
     """
     import torch
 
@@ -141,16 +144,21 @@ def run_steps(cfg, at: Position, model, optimizer, *,
         while at.step < cfg.steps:
             if minutes is not None and time.monotonic() - started > minutes * 60:
                 break
-            drawn, seed_after = example(at.step, at.next_seed)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, at.step)
-            value, terms = loss(drawn)
             optimizer.zero_grad(set_to_none=True)
-            value.backward()
+            seed_after, values, summed = at.next_seed, [], {}
+            for _ in range(per_step):  # one backward each: memory stays one example's
+                drawn, seed_after = example(at.step, seed_after)
+                value, terms = loss(drawn)
+                (value / per_step).backward()
+                values.append(value.item())
+                for key, term in terms.items():
+                    summed[key] = summed.get(key, 0.0) + term / per_step
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             at.step, at.next_seed = at.step + 1, seed_after
-            current = value.item()
+            current, terms = float(np.mean(values)), summed
             at.window.append(current)
             if at.step % 50 == 0 or at.step == cfg.steps:
                 history.steps.append(at.step)

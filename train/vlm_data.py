@@ -56,8 +56,9 @@ REFRAMED = 0.5  # share of targets cropped or padded to a non-square aspect
 KEPT_VISIBLE = 0.5  # a cropped segment stays visible with this share of its lumen in frame
 FLIPPED_ITEM = 0.5  # in a flipped context, each item but the last is flipped with this chance
 # The tasks a PairMaker draws: "locate", the localizer's query; "ground", its pretext (one
-# region asked in the target alone, no reference)
-TASKS = ("locate", "ground")
+# region asked in the target alone, no reference); "read", the pretext's pretext (the same, with
+# the asked segment outlined, boxed and labelled on the target as the reference's are)
+TASKS = ("locate", "ground", "read")
 GROUND_VISIBLE = 0.85  # a grounding query asks for a segment the frame shows with this chance
 
 
@@ -110,7 +111,8 @@ class Query:
 
     Attributes:
         reference: patient A's annotated reference (None: a grounding query).
-        frame: patient B's target frame, uint8 (H, W), after `reframe`.
+        frame: patient B's target frame, uint8 (H, W), after `reframe` ((H, W, 3) RGB in a
+            "read" query: the asked segment drawn on it).
         names: the regions asked for, in the reference's order.
         truth: region -> its box in frame pixels, None where not visible.
         calibre_mm: region -> the segment's mean lumen diameter.
@@ -285,6 +287,10 @@ class PairMaker:
             alone (no reference image or regions; the localizer's request and answer form).
             Grounding queries ask for a segment the frame shows with chance
             `GROUND_VISIBLE`, else for any of the artery's segments (`null` where not shown).
+            "read": a grounding query with the asked segment, where shown, drawn on the
+            target as `prompts.annotated_image` draws a reference's regions (outline, box,
+            label): its answer is the drawn box, so a model learns to write where a mark is
+            before it learns to find an unmarked segment.
     """
 
     def __init__(self, layout: VlmLayout, tokenizer_json: str, system: str | None = None, *,
@@ -327,7 +333,7 @@ class PairMaker:
         dominance = str(rng.choice(("right", "left"), p=(0.85, 0.15)))
         look = "clinical" if rng.uniform() < 0.8 else "classic"
         available = segments_of(artery, dominance)
-        if self.task == "ground":
+        if self.task in ("ground", "read"):
             target = _target(seed, artery, dominance, look, rng)
             segments = target.truth[0].segments
             shown = [n for n in available if segments[n].present and segments[n].box]
@@ -363,6 +369,10 @@ class PairMaker:
         if self.augment:
             view = augment_8bit(view, rng)
         segments = target.truth[0].segments
+        if self.task == "read" and segments[names[0]].present and segments[names[0]].box:
+            drawn = Region(names[0], box=segments[names[0]].box,
+                           mask=segments[names[0]].mask(size))
+            view = prompts.annotated_image(Reference(view, (drawn,)))
         masks = None
         if self.cells:  # every segment's opacified lumen, in SEGMENTS order
             empty = np.zeros((size, size), bool)

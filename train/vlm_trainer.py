@@ -4,10 +4,12 @@ The model is `Qwen2_5_VLForConditionalGeneration` of the exporter's `micro` size
 layers, vision 256 x 4 blocks, patch 14, merge 2; `rau_rt.export.vlm.model.RANDOM_INIT`) with the
 project's local tokenizer, built from random initialisation (or from an earlier run's weights,
 `init`), so what it produces is a Hugging Face folder like a user's fine-tune: `rau-rt export
-vlm --model DIR/model` takes it on the user's path. One pair per step (`rau_rt.train.vlm_data`:
-the localizer's own prompt, the truth answer; or with `task="ground"` its pretext, one named
-region in the target alone), cross-entropy on the answer tokens only, AdamW with warm-up and
-cosine decay, gradients clipped at norm 1; resumable like `rau-rt train sam2`.
+vlm --model DIR/model` takes it on the user's path. `pairs_per_step` pairs a step
+(`rau_rt.train.vlm_data`: the localizer's own prompt, the truth answer; or with `task="ground"`
+its pretext, one named region in the target alone, and with `task="read"` that region drawn on
+the target), cross-entropy on the answer tokens only, AdamW with warm-up and cosine decay,
+gradients averaged over the step's pairs and clipped at norm 1; resumable like `rau-rt train
+sam2`.
 
 Validation (fixed pairs from VALIDATION_SEEDS, unaugmented) decodes greedily with transformers
 under the localizer's answer grammar and parses the answer as the localizer does: box hit rate
@@ -65,11 +67,12 @@ class VlmTrainConfig:
     size: str = "micro"
     input_size: int = 224  # the square vision input (multiple of patch x merge = 28); other
     # aspects at its pixel budget (`rau_rt.vlm_layout.aspect_sizes`)
-    steps: int = 9000  # ~80 min on 2 cores (a step is ~0.5 s: draw, forward, backward)
+    steps: int = 9000  # ~80 min on 2 cores (a step of one pair is ~0.5 s)
+    pairs_per_step: int = 1  # gradients averaged over this many pairs per optimizer step
     lr: float = 5e-4
     aux_weight: float = 1.0  # the probes' dense losses (`AuxHead`; 0: off)
     flips: float = 0.5  # share of pairs whose answer context is flipped (`vlm_data.flip_context`)
-    task: str = "locate"  # the localizer's query, or "ground": its pretext (`vlm_data.TASKS`)
+    task: str = "locate"  # the localizer's query, or a pretext: "ground", "read" (`vlm_data.TASKS`)
     weight_decay: float = 0.05
     warmup: int = 300
     grad_clip: float = 1.0
@@ -91,8 +94,9 @@ class VlmTrainConfig:
             raise InputError(f"task {self.task!r}: expected one of {TASKS}")
         if not 0 <= self.flips <= 1:
             raise InputError(f"flips {self.flips}: a share, expected 0..1")
-        if self.steps < 1 or self.validate_every < 1 or self.validation_pairs < 1:
-            raise InputError("steps, validate_every and validation_pairs must be >= 1")
+        if min(self.steps, self.pairs_per_step, self.validate_every, self.validation_pairs) < 1:
+            raise InputError("steps, pairs_per_step, validate_every and validation_pairs must "
+                             "be >= 1")
         if self.init is not None and not Path(self.init).is_file():
             raise InputError(f"init {self.init}: no such file")
         if self.first_pair_seed not in TRAIN_SEEDS:
@@ -500,7 +504,7 @@ def train(cfg: VlmTrainConfig, out: Path, *, minutes: float | None = None,
         run_steps(cfg, at, trainable, optimizer, example=lambda step, seed: next(stream),
                   loss=step_loss,
                   evaluate=lambda: evaluate(model, maker, pairs), checkpoint=checkpoint,
-                  minutes=minutes, progress=progress)
+                  minutes=minutes, progress=progress, per_step=cfg.pairs_per_step)
     finally:
         stream.close()
     return record()

@@ -54,6 +54,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                       help="continue the run in --out with the same arguments")
     sam2.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    from rau_rt.train.vlm_data import TASKS
     from rau_rt.train.vlm_trainer import VlmTrainConfig
 
     vlm_defaults = VlmTrainConfig()
@@ -66,14 +67,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
                      help=f"square vision input, a multiple of 28 (default "
                           f"{vlm_defaults.input_size})")
     vlm.add_argument("--steps", type=int, default=vlm_defaults.steps,
-                     help=f"one pair per step (default {vlm_defaults.steps})")
+                     help=f"optimizer steps (default {vlm_defaults.steps})")
+    vlm.add_argument("--pairs-per-step", type=int, default=vlm_defaults.pairs_per_step,
+                     help="pairs whose gradients each step averages (default "
+                          f"{vlm_defaults.pairs_per_step})")
     vlm.add_argument("--lr", type=float, default=vlm_defaults.lr)
-    vlm.add_argument("--task", choices=("locate", "ground"), default=vlm_defaults.task,
+    vlm.add_argument("--task", choices=TASKS, default=vlm_defaults.task,
                      help="locate: the localizer's query (default); ground: its pretext, one "
-                          "named region in the target alone, no reference")
+                          "named region in the target alone, no reference; read: the same "
+                          "with that region drawn on the target")
+    vlm.add_argument("--aux-weight", type=float, default=vlm_defaults.aux_weight,
+                     help="weight of the training-only probes' dense losses (0: off; default "
+                          f"{vlm_defaults.aux_weight})")
     vlm.add_argument("--seed", type=int, default=vlm_defaults.seed, help="model init seed")
     vlm.add_argument("--init", default=None, metavar="WEIGHTS",
-                     help="start from a run's vlm.fp16.safetensors (e.g. a --task ground run's) "
+                     help="start from a run's vlm.fp16.safetensors (e.g. a pretext run's) "
                           "instead of random initialisation")
     vlm.add_argument("--validate-every", type=int, default=vlm_defaults.validate_every)
     vlm.add_argument("--minutes", type=float, default=None,
@@ -91,8 +99,9 @@ def run(args: argparse.Namespace) -> int:
 
         cfg = VlmTrainConfig(input_size=args.input_size, steps=args.steps, lr=args.lr,
                              seed=args.seed, validate_every=args.validate_every,
-                             task=args.task, init=args.init)
-        return _train(args, cfg, train, "pair",
+                             task=args.task, init=args.init,
+                             pairs_per_step=args.pairs_per_step, aux_weight=args.aux_weight)
+        return _train(args, cfg, train, "pair" if cfg.pairs_per_step == 1 else "step",
                       lambda values: {k: v for k, v in values.items()
                                       if k in ("loss", "answer", "hit_rate", "presence_f1")})
     from rau_rt.train.sam2_trainer import TrainConfig, parse_stages, train
