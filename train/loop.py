@@ -124,11 +124,10 @@ def run_steps(cfg, at: Position, model, optimizer, *,
               per_step: int = 1) -> None:
     """The steps of a run from `at` to `cfg.steps` (or until `minutes` have passed):
     `per_step` examples a step (their gradients averaged), AdamW at `learning_rate`, gradients
-    clipped at `cfg.grad_clip`; the loss
-    logged as a mean every 50 steps, `evaluate` every `cfg.validate_every`, `checkpoint` every
-    `cfg.checkpoint_minutes`, at the end and on Ctrl-C or SIGTERM (then re-raised as
-    KeyboardInterrupt): a run started in the background, where SIGINT is ignored, or stopped
-    by a scheduler keeps its steps too.
+    clipped at `cfg.grad_clip`; the loss logged as a mean every 50 steps, `evaluate` every
+    `cfg.validate_every`, `checkpoint` every `cfg.checkpoint_minutes`, at the end and on Ctrl-C
+    or SIGTERM (then re-raised as KeyboardInterrupt): a run started in the background, where
+    SIGINT is ignored, or stopped by a scheduler keeps its steps too.
 
     Args:
         example: (step, next seed) -> (an example of the step, the seed after it).

@@ -111,8 +111,8 @@ class Query:
 
     Attributes:
         reference: patient A's annotated reference (None: a grounding query).
-        frame: patient B's target frame, uint8 (H, W), after `reframe` ((H, W, 3) RGB in a
-            "read" query: the asked segment drawn on it).
+        frame: patient B's target frame, uint8 (H, W), after `reframe`; (H, W, 3) RGB where
+            a "read" query's segment is shown and drawn on it.
         names: the regions asked for, in the reference's order.
         truth: region -> its box in frame pixels, None where not visible.
         calibre_mm: region -> the segment's mean lumen diameter.
