@@ -369,9 +369,9 @@ class PairMaker:
         if self.augment:
             view = augment_8bit(view, rng)
         segments = target.truth[0].segments
-        if self.task == "read" and segments[names[0]].present and segments[names[0]].box:
-            drawn = Region(names[0], box=segments[names[0]].box,
-                           mask=segments[names[0]].mask(size))
+        asked = segments[names[0]]
+        if self.task == "read" and asked.present and asked.box:
+            drawn = Region(names[0], box=asked.box, mask=asked.mask(size))
             view = prompts.annotated_image(Reference(view, (drawn,)))
         masks = None
         if self.cells:  # every segment's opacified lumen, in SEGMENTS order
