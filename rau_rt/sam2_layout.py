@@ -36,6 +36,27 @@ MAX_REGIONS = 16  # regions per batched call (the graphs' region range)
 # MEMORY_POOL blocks (export/sam2/model.py `RealRoPEAttention`); same inputs and outputs.
 POOLED_MEMORY_ATTENTION = "memory_attention_pooled"
 MEMORY_POOL = 2
+# Windowed memory attention (the tracker's `memory_window` lever): a third graph that conditions
+# only a square of the frame's tokens, each region its own, of side (S/16) / MEMORY_WINDOW (a
+# quarter of the tokens): memory_attention's inputs plus `window_index`.
+WINDOWED_MEMORY_ATTENTION = "memory_attention_window"
+MEMORY_WINDOW = 2
+
+
+def window_side(side: int) -> int:
+    """The side W of the windowed memory attention's square (in tokens) on a side x side grid."""
+    return side // MEMORY_WINDOW
+
+
+def window_index(box: np.ndarray, side: int) -> np.ndarray:
+    """Row-major token indices [W*W] of the windowed memory attention's square on a side x side
+    grid, centred on `box` (x1 y1 x2 y2 in grid units) and kept inside the grid."""
+    window = window_side(side)
+    x0, y0 = (int(np.clip(np.floor((box[i] + box[i + 2] - window) / 2 + 0.5), 0,
+                          side - window)) for i in (0, 1))
+    rows, cols = np.meshgrid(np.arange(y0, y0 + window), np.arange(x0, x0 + window),
+                             indexing="ij")
+    return (rows * side + cols).ravel().astype(np.int64)
 
 
 @dataclass(frozen=True)

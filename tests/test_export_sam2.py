@@ -1,5 +1,5 @@
-"""`rau-rt export sam2`: four graphs and memory attention's pooled variant written, reloaded
-through rau_rt.engines and verified.
+"""`rau-rt export sam2`: four graphs and memory attention's pooled and windowed variants written,
+reloaded through rau_rt.engines and verified.
 
 The micro model is exported once per image size (module fixtures): at 256 px from a random
 checkpoint in Meta's format through the CLI (the user's path), at 512 px with int8. Random
@@ -118,14 +118,15 @@ def test_cli_exports_the_verified_fp32_graphs(micro256):
     manifest = _manifest(bundle)
     assert manifest["name"] == "sam2-micro-256"
     entries = manifest["graphs"]
-    assert {e["graph"] for e in entries} == GRAPHS and len(entries) == 8
+    assert {e["graph"] for e in entries} == GRAPHS and len(entries) == 10
     assert {e["precision"] for e in entries} == {"fp32"}
     # ONNX Runtime takes each graph's first entry: the fused-attention variant where there is one
     assert [(e["graph"], e["exporter"].get("variant")) for e in entries] == [
         ("image_encoder", "fused-attention"), ("image_encoder", None), ("mask_decoder", None),
         ("memory_attention", "fused-attention"), ("memory_attention", None),
         ("memory_encoder", None), ("memory_attention_pooled", "fused-attention"),
-        ("memory_attention_pooled", None)]
+        ("memory_attention_pooled", None), ("memory_attention_window", "fused-attention"),
+        ("memory_attention_window", None)]
     assert manifest["files"] == {"sam2.json": file_sha256(bundle / "sam2.json")}
     _check_fp32_entries(entries, 256)
     for entry in entries:
@@ -141,8 +142,13 @@ def test_cli_exports_the_verified_fp32_graphs(micro256):
             "min": [1, 1], "opt": [2, 16], "max": [16, 19]}
         assert [s["shape"] for s in attention["inputs"] if s["name"] == "memory"] == [
             ["regions", "memory_slots", 32, 16, 16]]
+    window = next(e for e in entries if e["graph"] == "memory_attention_window")
+    # each region's window: a quarter of the 16 x 16 grid
+    assert [s["shape"] for s in window["inputs"] if s["name"] == "window_index"] == [
+        ["regions", 64]]
+    assert [s["shape"] for s in window["outputs"]] == [["regions", 128, 8, 8]]
     assert "graph" in stdout and "IoU" in stdout
-    assert stdout.count("ORT only (fused)") == 3 and "errors" not in stdout
+    assert stdout.count("ORT only (fused)") == 4 and "errors" not in stdout
     for graph in GRAPHS:
         assert graph in stdout
 
@@ -153,7 +159,8 @@ def test_bundle_runs_tracking_frames_and_one_region_like_eager(micro256, micro25
     _, modules, inputs = micro256_eager
     one = {graph: {name: (t[:1] if name in exporter.DYNAMIC[graph] else t)
                    for name, t in inputs.calibration[graph][-1].items()}
-           for graph in ("mask_decoder", "memory_attention", "memory_encoder")}
+           for graph in ("mask_decoder", "memory_attention", "memory_encoder",
+                         "memory_attention_window")}
     assert one["mask_decoder"]["point_coords"].shape == (1, 1, 2)
     with load_bundle(bundle) as loaded:
         for graph, feeds in one.items():

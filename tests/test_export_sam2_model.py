@@ -106,6 +106,59 @@ def test_pooled_cross_attention_attends_to_block_means_of_rotated_keys():
         sam2_model.RealRoPEAttention(attention, side, pool=3)
 
 
+def test_windowed_memory_attention_is_sam2s_layers_on_each_regions_window():
+    """memory_window: each region's window tokens go through sam2's own layers: self-attention
+    among the window's tokens only (sam2's RoPEAttention on the window as a grid of its own:
+    its RoPE is relative, so the window's offset cancels), cross-attention of the window's
+    queries, rotated at their positions in the whole grid, to the whole memory (sam2's complex
+    RoPE); windows differ per region."""
+    from sam2.modeling.position_encoding import apply_rotary_enc
+
+    torch.manual_seed(5)
+    side, frames, pointer_tokens = SIZE // 16, 2, 8
+    source = sam2_model.build("micro", SIZE).memory_attention.eval()
+    real = sam2_model.RealMemoryAttention(source, side)
+    tokens, window = side * side, side // 2
+    curr, curr_pos = torch.randn(1, tokens, 128), torch.randn(1, tokens, 128)
+    memory = torch.randn(2, frames * tokens + pointer_tokens, 32)
+    memory_pos = torch.randn_like(memory)
+    corners = [(0, 0), (5, 3)]  # (row, column) of each region's window
+    index = torch.stack([torch.tensor([(y + i) * side + x + j for i in range(window)
+                                       for j in range(window)]) for y, x in corners])
+    with torch.no_grad():
+        ours = real(curr, curr_pos, memory, memory_pos, pointer_tokens, window=index)
+        table = source.layers[0].cross_attn_image.compute_cis(end_x=side, end_y=side)
+        for r in range(2):
+            x, pos = curr[:, index[r]], curr_pos[:, index[r]]
+            values = memory[r:r + 1]
+            keys = (memory + memory_pos)[r:r + 1]
+            out = x + 0.1 * pos if source.pos_enc_at_input else x
+            for layer in source.layers:
+                t = layer.norm1(out)
+                q = t + pos if layer.pos_enc_at_attn else t
+                out = out + layer.self_attn(q, q, t)
+                t = layer.norm2(out)
+                cross = layer.cross_attn_image
+                queries = t + pos if layer.pos_enc_at_cross_attn_queries else t
+                qh = cross._separate_heads(cross.q_proj(queries), cross.num_heads)
+                kh = cross._separate_heads(cross.k_proj(
+                    keys if layer.pos_enc_at_cross_attn_keys else values), cross.num_heads)
+                vh = cross._separate_heads(cross.v_proj(values), cross.num_heads)
+                qh, _ = apply_rotary_enc(qh, qh[:, :, :0], table[index[r]])
+                spatial = frames * tokens
+                _, rotated = apply_rotary_enc(torch.zeros_like(kh[:, :, :tokens]),
+                                              kh[:, :, :spatial], table, repeat_freqs_k=True)
+                kh = torch.cat([rotated, kh[:, :, spatial:]], 2)
+                attended = F.scaled_dot_product_attention(qh, kh, vh)
+                out = out + cross.out_proj(cross._recombine_heads(attended))
+                t = layer.norm3(out)
+                out = out + layer.linear2(layer.activation(layer.linear1(t)))
+            ref = source.norm(out)
+            assert (ours[r:r + 1] - ref).abs().max().item() <= 1e-4, r
+    assert ours.shape == (2, window * window, 128)
+    assert not torch.allclose(ours[0], ours[1])
+
+
 def test_compacted_memory_equals_sam2_prepare_memory_conditioned_features(micro):
     """At frame 2 sam2 gathers frame 0 (conditioning) and frame 1 (tracked): 2 and 2."""
     model, modules, inputs = micro

@@ -14,15 +14,16 @@ verified the same way; a graph whose drift exceeds `verify.SAM2_TOLERANCES` stay
 manifest says why -> `manifest.json` and `sam2.json` (`rau_rt.sam2_layout`: token-selection
 settings, mask_downsample weights).
 
-Memory attention is exported twice: as sam2 computes it, and as `memory_attention_pooled` (each
-memory's keys and values averaged over 2 x 2 blocks after RoPE: the tracker's `memory_pool`
-lever), each verified against its own eager module. Both take sam2's own compacted layout:
-1..MAX_SLOTS spatial memories and 1..MAX_POINTERS object pointers as dynamic dimensions (no
-padding, no masks), so the first computes exactly what sam2 attends to; TensorRT builds one
-profile over those ranges with the steady state (7 memories, 16 pointers) as its optimum, and
-the tracker's MemoryBank hands it views of fixed arrays (RSS constant over a stream). Regions
-are the batch dimension, dynamic 1..16 (each region's memory differs; the frame's features
-enter once with batch 1).
+Memory attention is exported three times: as sam2 computes it, as `memory_attention_pooled`
+(each memory's keys and values averaged over 2 x 2 blocks after RoPE: the tracker's
+`memory_pool` lever) and as `memory_attention_window` (only a square of a quarter of the frame's
+tokens around each region: the `memory_window` lever), each verified against its own eager
+module. All take sam2's own compacted layout: 1..MAX_SLOTS spatial memories and 1..MAX_POINTERS
+object pointers as dynamic dimensions (no padding, no masks), so the first computes exactly what
+sam2 attends to; TensorRT builds one profile over those ranges with the steady state (7
+memories, 16 pointers) as its optimum, and the tracker's MemoryBank hands it views of fixed
+arrays (RSS constant over a stream). Regions are the batch dimension, dynamic 1..16 (each
+region's memory differs; the frame's features enter once with batch 1).
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ from rau_rt.sam2_layout import (
     POOLED_MEMORY_ATTENTION,
     RECENT_POINTERS,
     RECENT_SLOTS,
+    WINDOWED_MEMORY_ATTENTION,
     write_layout,
 )
 
@@ -101,11 +103,14 @@ DYNAMIC = {
                        "binarize": {0: REGIONS}},
 }
 DYNAMIC[POOLED_MEMORY_ATTENTION] = DYNAMIC["memory_attention"]
+DYNAMIC[WINDOWED_MEMORY_ATTENTION] = {**DYNAMIC["memory_attention"],
+                                      "window_index": {0: REGIONS}}
 MASK_OUTPUTS = {"mask_decoder": "masks"}
 # Graphs whose attention dominates: exported a second time with ONNX Runtime's fused attention
 # (export/fused_attention.py), listed first for ONNX Runtime; the standard graph stays the
 # TensorRT source.
-FUSED_ATTENTION_GRAPHS = ("image_encoder", "memory_attention", POOLED_MEMORY_ATTENTION)
+FUSED_ATTENTION_GRAPHS = ("image_encoder", "memory_attention", POOLED_MEMORY_ATTENTION,
+                          WINDOWED_MEMORY_ATTENTION)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,12 @@ memory_attention_pooled
     memory_attention's inputs and outputs; each memory's keys and values are averaged over
     MEMORY_POOL x MEMORY_POOL blocks after RoPE (the tracker's `memory_pool` lever: a faster
     approximation, verified against the same pooling in eager torch, not against sam2)
+memory_attention_window
+    in  memory_attention's inputs, and window_index [N,W*W] int64: each region's square window
+        of the h x w grid (row-major token indices, W = h / MEMORY_WINDOW)
+    out conditioned_window [N,D,W,W]: the window's tokens conditioned on the region's memory;
+        their self-attention sees only the window (the tracker's `memory_window` lever: a
+        faster approximation, verified against the same windowing in eager torch)
 """
 
 from __future__ import annotations
@@ -58,10 +64,13 @@ from rau_rt.sam2_layout import (
     MAX_POINTERS,
     MAX_SLOTS,
     MEMORY_POOL,
+    MEMORY_WINDOW,
     POOLED_MEMORY_ATTENTION,
     RECENT_POINTERS,
     RECENT_SLOTS,
+    WINDOWED_MEMORY_ATTENTION,
     Sam2Layout,
+    window_side,
 )
 from rau_rt.types import TensorSpec
 
@@ -70,7 +79,7 @@ NO_OBJECT_LOGIT = -1024.0
 MAX_POINTS = 16
 
 GRAPH_NAMES = ("image_encoder", "mask_decoder", "memory_attention", "memory_encoder",
-               POOLED_MEMORY_ATTENTION)
+               POOLED_MEMORY_ATTENTION, WINDOWED_MEMORY_ATTENTION)
 OUTPUTS = {
     "image_encoder": ("high_res_0", "high_res_1", "vision_features", "vision_pos",
                       "features_no_memory"),
@@ -78,6 +87,7 @@ OUTPUTS = {
     "memory_attention": ("conditioned_features",),
     "memory_encoder": ("memory", "memory_pos"),
     POOLED_MEMORY_ATTENTION: ("conditioned_features",),
+    WINDOWED_MEMORY_ATTENTION: ("conditioned_window",),
 }
 
 # What manifest.json records per graph (the module docstring has the full contract).
@@ -104,6 +114,11 @@ CONTRACT = {
                              f"averages each memory's keys and values (after RoPE) over "
                              f"{MEMORY_POOL}x{MEMORY_POOL} blocks: fewer keys, not sam2's "
                              "result (the tracker's memory_pool lever)",
+    WINDOWED_MEMORY_ATTENTION: f"memory_attention's inputs plus window_index [N,W*W] int64 "
+                               f"(each region's square of the grid, row-major, W = side/"
+                               f"{MEMORY_WINDOW}) -> conditioned_window [N,D,W,W]; the "
+                               "window's self-attention sees only the window: not sam2's "
+                               "result (the tracker's memory_window lever)",
 }
 
 
@@ -177,13 +192,23 @@ class MemoryAttention(nn.Module):
 
     def forward(self, current_features, current_pos, memory, memory_pos, memory_tpos_index,
                 object_pointers, pointer_position):
+        regions, hidden, height, width = (memory.shape[0], *current_features.shape[1:])
+        # batch 1: the attention shares the first self-attention among the regions
+        out = self.attention(*self.tokens(current_features, current_pos, memory, memory_pos,
+                                          memory_tpos_index, object_pointers,
+                                          pointer_position))
+        return out.transpose(1, 2).reshape(regions, hidden, height, width)
+
+    def tokens(self, current_features, current_pos, memory, memory_pos, memory_tpos_index,
+               object_pointers, pointer_position) -> tuple:
+        """The graph inputs as `RealMemoryAttention` takes them: (current tokens, their
+        positions, memory tokens, their positions, the pointer token count)."""
         from sam2.modeling.sam2_utils import get_1d_sine_pe
 
         model = self.model
         regions, slots, mem_dim, height, width = memory.shape
         hidden = current_features.shape[1]
         tokens = height * width
-        # batch 1: the attention shares the first self-attention among the regions
         curr = current_features.flatten(2).transpose(1, 2)
         curr_pos = current_pos.flatten(2).transpose(1, 2)
         spatial = memory.permute(0, 1, 3, 4, 2).reshape(regions, slots * tokens, mem_dim)
@@ -196,10 +221,8 @@ class MemoryAttention(nn.Module):
         pointers = object_pointers.reshape(regions, -1, mem_dim)
         pointer_pos = model.obj_ptr_tpos_proj(get_1d_sine_pe(pointer_position, dim=hidden))
         pointer_pos = pointer_pos.repeat_interleave(split, dim=1)
-        out = self.attention(curr, curr_pos, torch.cat((spatial, pointers), dim=1),
-                             torch.cat((spatial_pos, pointer_pos), dim=1),
-                             num_obj_ptr_tokens=pointers.shape[1])
-        return out.transpose(1, 2).reshape(regions, hidden, height, width)
+        return (curr, curr_pos, torch.cat((spatial, pointers), dim=1),
+                torch.cat((spatial_pos, pointer_pos), dim=1), pointers.shape[1])
 
 
 class PooledMemoryAttention(MemoryAttention):
@@ -207,6 +230,19 @@ class PooledMemoryAttention(MemoryAttention):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model, MEMORY_POOL)
+
+
+class WindowedMemoryAttention(MemoryAttention):
+    """The `memory_attention_window` graph: MemoryAttention for each region's window only."""
+
+    def forward(self, current_features, current_pos, memory, memory_pos, memory_tpos_index,
+                object_pointers, pointer_position, window_index):
+        regions, hidden = memory.shape[0], current_features.shape[1]
+        side = window_side(current_features.shape[-1])
+        out = self.attention(*self.tokens(current_features, current_pos, memory, memory_pos,
+                                          memory_tpos_index, object_pointers,
+                                          pointer_position), window=window_index)
+        return out.transpose(1, 2).reshape(regions, hidden, side, side)
 
 
 class MemoryEncoder(nn.Module):
@@ -238,7 +274,8 @@ class MemoryEncoder(nn.Module):
 
 WRAPPERS = {"image_encoder": ImageEncoder, "mask_decoder": MaskDecoder,
             "memory_attention": MemoryAttention, "memory_encoder": MemoryEncoder,
-            POOLED_MEMORY_ATTENTION: PooledMemoryAttention}
+            POOLED_MEMORY_ATTENTION: PooledMemoryAttention,
+            WINDOWED_MEMORY_ATTENTION: WindowedMemoryAttention}
 
 
 def graph_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -302,6 +339,11 @@ def graph_specs(model: nn.Module, float_dtype: str = "float32",
             (f("memory", n, m, side, side), f("memory_pos", n, m, side, side))),
     }
     specs[POOLED_MEMORY_ATTENTION] = specs["memory_attention"]
+    window = window_side(side)
+    specs[WINDOWED_MEMORY_ATTENTION] = (
+        (*specs["memory_attention"][0],
+         TensorSpec("window_index", (n, window * window), "int64")),
+        (f("conditioned_window", n, d, window, window),))
     return specs
 
 

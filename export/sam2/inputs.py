@@ -23,7 +23,13 @@ from torch import nn
 
 from rau_rt import ops
 from rau_rt.errors import InputError
-from rau_rt.sam2_layout import CONDITIONING_TPOS, POOLED_MEMORY_ATTENTION, RECENT_POINTERS
+from rau_rt.sam2_layout import (
+    CONDITIONING_TPOS,
+    POOLED_MEMORY_ATTENTION,
+    RECENT_POINTERS,
+    WINDOWED_MEMORY_ATTENTION,
+    window_index,
+)
 
 SOURCE_SIZE = 512  # ARCADE's native frame size
 SEQUENCE_FRAMES = 16  # the tree is filled from about frame 9 with a one-frame contrast delay
@@ -165,9 +171,16 @@ def build_inputs(model: nn.Module, modules: dict[str, nn.Module],
             out.add("memory_encoder", feeds, example=t == 1)
             memories.append(modules["memory_encoder"](*feeds.values()))
             pointers.append(ptr)
-    # the pooled memory attention takes the same feeds (verified against its own eager pooling)
+    # the pooled memory attention takes the same feeds (verified against its own eager pooling),
+    # the windowed one the same plus each region's window, centred on its prompt box
     out.example[POOLED_MEMORY_ATTENTION] = out.example["memory_attention"]
     out.calibration[POOLED_MEMORY_ATTENTION] = out.calibration["memory_attention"]
+    windows = torch.from_numpy(np.stack([window_index(
+        box * scale / 16, size // 16) for box in check.boxes]))
+    out.example[WINDOWED_MEMORY_ATTENTION] = {**out.example["memory_attention"],
+                                              "window_index": windows}
+    out.calibration[WINDOWED_MEMORY_ATTENTION] = [
+        {**feeds, "window_index": windows} for feeds in out.calibration["memory_attention"]]
     return out
 
 

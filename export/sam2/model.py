@@ -330,6 +330,18 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return out.reshape(x.shape).type_as(x)
 
 
+def rotate_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`rotate` with a table row per token and batch item: x [B, H, tokens, head_dim], cos and
+    sin [B, tokens, head_dim/2] (a table gathered at each item's own token positions: the
+    windowed memory attention's queries)."""
+    dim = x.shape[-1]
+    pairs = x.float().reshape(*x.shape[:-1], dim // 2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[:, None], sin[:, None]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.reshape(x.shape).type_as(x)
+
+
 def pool_keys(x: torch.Tensor, side: int, pool: int) -> torch.Tensor:
     """[B, H, frames*side*side, d] spatial keys or values -> [B, H, frames*(side/pool)^2, d]:
     the mean of each pool x pool block of a frame's grid (frames may be dynamic)."""
@@ -388,14 +400,27 @@ class RealRoPEAttention(nn.Module):
         return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                num_k_exclude_rope: int | torch.SymInt = 0) -> torch.Tensor:
-        """Attention of q over k/v; the last `num_k_exclude_rope` keys (pointers) skip RoPE."""
+                num_k_exclude_rope: int | torch.SymInt = 0,
+                window: torch.Tensor | None = None, keys_in_window: bool = False,
+                ) -> torch.Tensor:
+        """Attention of q over k/v; the last `num_k_exclude_rope` keys (pointers) skip RoPE.
+
+        `window` [B, T] int64: the grid positions (row-major token indices) of each item's T
+        queries, when they are not the whole grid (the windowed memory attention);
+        `keys_in_window`: the keys sit at those positions too (its self-attention), else they
+        are whole grids (memory frames)."""
         q = self._heads(self.q_proj(q))
         k = self._heads(self.k_proj(k))
         v = self._heads(self.v_proj(v))
-        q = rotate(q, self.cos, self.sin)
         rope_keys = k.shape[-2] - num_k_exclude_rope
-        spatial_k = rotate(k[:, :, :rope_keys], self.cos, self.sin)
+        if window is None:
+            q = rotate(q, self.cos, self.sin)
+            spatial_k = rotate(k[:, :, :rope_keys], self.cos, self.sin)
+        else:
+            cos, sin = self.cos[window], self.sin[window]
+            q = rotate_rows(q, cos, sin)
+            spatial_k = (rotate_rows(k[:, :, :rope_keys], cos, sin) if keys_in_window
+                         else rotate(k[:, :, :rope_keys], self.cos, self.sin))
         spatial_v = v[:, :, :rope_keys]
         pointer_k, pointer_v = k[:, :, rope_keys:], v[:, :, rope_keys:]
         if self.pool > 1:
@@ -425,27 +450,35 @@ class RealMemoryAttention(nn.Module):
                                         for layer in memory_attention.layers)
 
     def forward(self, curr: torch.Tensor, curr_pos: torch.Tensor, memory: torch.Tensor,
-                memory_pos: torch.Tensor, num_obj_ptr_tokens: int | torch.SymInt) -> torch.Tensor:
+                memory_pos: torch.Tensor, num_obj_ptr_tokens: int | torch.SymInt,
+                window: torch.Tensor | None = None) -> torch.Tensor:
         """[B, HW, D] current tokens + [B, Nk, M] memory tokens -> [B, HW, D] conditioned.
 
         `curr` and `curr_pos` may have batch 1 for B regions of one frame: the first layer's
         self-attention sees only the frame's tokens, so it runs once and its output is shared
         (broadcast) by the regions; everything after it depends on each region's memory.
+
+        `window` [B, T] int64 (with `curr` of batch 1): only the tokens at these grid positions
+        are conditioned, each region its own T, and the result is [B, T, D]. Their
+        self-attention sees only the window's tokens, so this is not sam2's result for them
+        (the tracker's `memory_window` lever); the memory keys are whole, as in sam2.
         """
         source = self.source
+        if window is not None:
+            curr, curr_pos = curr[0][window], curr_pos[0][window]
         output = curr + 0.1 * curr_pos if source.pos_enc_at_input else curr
         for index, (layer, self_attn, cross_attn) in enumerate(zip(
                 source.layers, self.self_attn, self.cross_attn, strict=True)):
             tgt2 = layer.norm1(output)
             q = k = tgt2 + curr_pos if layer.pos_enc_at_attn else tgt2
-            output = output + self_attn(q, k, tgt2)
-            if index == 0:
+            output = output + self_attn(q, k, tgt2, window=window, keys_in_window=True)
+            if index == 0 and window is None:
                 output = output.expand(memory.shape[0], -1, -1)
             tgt2 = layer.norm2(output)
             output = output + cross_attn(
                 tgt2 + curr_pos if layer.pos_enc_at_cross_attn_queries else tgt2,
                 memory + memory_pos if layer.pos_enc_at_cross_attn_keys else memory,
-                memory, num_k_exclude_rope=num_obj_ptr_tokens)
+                memory, num_k_exclude_rope=num_obj_ptr_tokens, window=window)
             tgt2 = layer.norm3(output)
             output = output + layer.linear2(layer.activation(layer.linear1(tgt2)))
         return source.norm(output)
