@@ -517,11 +517,11 @@ def test_tiny_1024_bundle_matches_sam2_video_predictor(tmp_path):
 def test_profiles_set_the_attended_memories_and_overrides_win():
     from rau_rt.tracking.tracker import PROFILES
 
-    assert TrackerConfig().levers == PROFILES["exact"] == (6, 15, 1, 1)
+    assert TrackerConfig().levers == PROFILES["exact"] == (6, 15, 1, 1, 0)
     assert TrackerConfig().attended == (6, 15)
-    assert TrackerConfig(profile="fast").levers == PROFILES["fast"] == (2, 15, 2, 1)
+    assert TrackerConfig(profile="fast").levers == PROFILES["fast"]
     assert TrackerConfig(profile="fast", recent_memories=3).levers == (3, *PROFILES["fast"][1:])
-    assert TrackerConfig(memory_interval=4).levers == (6, 15, 4, 1)
+    assert TrackerConfig(memory_interval=4).levers == (6, 15, 4, 1, 0)
     assert TrackerConfig(memory_pool=2).attention_graph == "memory_attention_pooled"
     assert TrackerConfig().attention_graph == "memory_attention"
     with pytest.raises(InputError, match="memory_interval"):
@@ -532,6 +532,13 @@ def test_profiles_set_the_attended_memories_and_overrides_win():
         TrackerConfig(profile="fastest")
     with pytest.raises(InputError, match="recent_pointers"):
         TrackerConfig(recent_pointers=16)
+    with pytest.raises(InputError, match="memory_window"):
+        TrackerConfig(memory_window=-1)
+    with pytest.raises(InputError, match=r"memory_window.*memory_pool 2"):
+        TrackerConfig(memory_window=3, memory_pool=2)
+    assert TrackerConfig(memory_window=3).graphs == (
+        "image_encoder", "mask_decoder", "memory_attention", "memory_attention_window",
+        "memory_encoder")
 
 
 class CountingGraphs:
@@ -546,6 +553,14 @@ class CountingGraphs:
         if graph == "memory_encoder":
             self.encoded.append(len(feeds["masks"]))
         return self._graphs.run(graph, feeds)
+
+
+class Without(CountingGraphs):
+    """A loaded bundle without one of its graphs (exported before the graph existed)."""
+
+    def __init__(self, graphs, graph):
+        super().__init__(graphs)
+        self.engines = {k: v for k, v in graphs.engines.items() if k != graph}
 
 
 def test_memory_pool_runs_the_pooled_graph_and_tracks(bundle, clip):
@@ -570,11 +585,6 @@ def test_memory_pool_runs_the_pooled_graph_and_tracks(bundle, clip):
         for got, want in zip(pooled[1:], exact[1:], strict=True):
             for name, logits in want.low_res_logits.items():
                 assert iou(got.low_res_logits[name] > 0, logits > 0) > 0.8, name
-
-        class Without(CountingGraphs):
-            def __init__(self, graphs, graph):
-                super().__init__(graphs)
-                self.engines = {k: v for k, v in graphs.engines.items() if k != graph}
 
         with pytest.raises(InputError, match="memory_attention_pooled"):
             Tracker(Without(graphs, "memory_attention_pooled"), TrackerConfig(memory_pool=2))
@@ -626,3 +636,69 @@ def test_memory_interval_skips_the_memory_encoder_between_stored_frames(bundle, 
     # until the first skipped memory would be read, nothing differs from sam2's profile
     for got, want in zip(steps[:2], exact, strict=True):
         np.testing.assert_array_equal(got.low_res_logits["A"], want.low_res_logits["A"])
+
+
+class SquareMasks(CountingGraphs):
+    """A loaded bundle whose mask decoder answers one square (low-res rows and columns
+    `square`, logit +5, -5 elsewhere, object score +5) and that records, per frame, the memory
+    attention calls (graph, regions) and the decoder's features for tracked frames."""
+
+    def __init__(self, graphs, square: slice):
+        super().__init__(graphs)
+        self.square = square
+        self.calls: list[tuple[str, int]] = []
+        self.embeds: list[np.ndarray] = []
+
+    def run(self, graph, feeds):
+        out = super().run(graph, feeds)
+        if graph.startswith("memory_attention"):
+            self.calls.append((graph, len(feeds["memory"])))
+        if graph == "mask_decoder":
+            masks = np.full_like(out["masks"], -5.0)
+            masks[:, :, self.square, self.square] = 5.0
+            out = {**out, "masks": masks, "object_score": np.full_like(out["object_score"], 5)}
+            if (feeds["point_labels"] == -1).all():
+                self.embeds.append(feeds["image_embed"].copy())
+        return out
+
+
+def test_memory_window_conditions_a_window_around_the_last_box(bundle, clip):
+    """memory_window 2 on micro@256 (16 x 16 feature grid, 8 x 8 windows): after a full pass,
+    two windowed frames, then a full one; a prompt starts over; the features outside the window
+    are the previous frame's and the mask is background there; a box that does not fit the
+    window with a token to spare always gets full passes."""
+    _, images, boxes = clip
+    with load_bundle(bundle) as graphs:
+        small = SquareMasks(graphs, slice(20, 28))  # grid cells 5-6: window cells 2-9
+        tracker = Tracker(small, TrackerConfig(fill_hole_area=0, memory_window=2))
+        tracker.prompt(0, {"A": boxes[0]})
+        steps = []
+        for t, image in enumerate(images[:9]):
+            if t == 6:
+                tracker.prompt(6, {"A": boxes[0]})
+            small.calls.clear()
+            steps.append((tracker.step(image), list(small.calls)))
+        full, window = ("memory_attention", 1), ("memory_attention_window", 1)
+        assert [calls for _, calls in steps] == [
+            [], [full], [window], [window], [full], [window], [], [full], [window]]
+        # frame 2 (windowed) against frame 1: the same features outside cells 2-9
+        inside = np.zeros((16, 16), bool)
+        inside[2:10, 2:10] = True
+        first, second = small.embeds[0][0], small.embeds[1][0]
+        np.testing.assert_array_equal(second[:, ~inside], first[:, ~inside])
+        assert not np.allclose(second[:, inside], first[:, inside])
+        logits = steps[2][0].low_res_logits["A"]
+        assert (logits[20:28, 20:28] == 5.0).all()
+        outside = np.ones((64, 64), bool)
+        outside[8:40, 8:40] = False
+        assert (logits[outside] == -1024.0).all()
+        assert (steps[1][0].low_res_logits["A"][outside] == -5.0).all()  # a full pass: as is
+
+        big = SquareMasks(graphs, slice(4, 40))  # 9 cells: no window fits it with one to spare
+        tracker = Tracker(big, TrackerConfig(fill_hole_area=0, memory_window=2))
+        tracker.prompt(0, {"A": boxes[0]})
+        for image in images[:4]:
+            tracker.step(image)
+        assert big.calls == [("memory_attention", 1)] * 3
+        with pytest.raises(InputError, match="memory_attention_window"):
+            Tracker(Without(graphs, "memory_attention_window"), TrackerConfig(memory_window=2))

@@ -10,7 +10,10 @@ Per frame (notes/sam2_parity.md, section 2, is the specification):
 3. Every other region with memory is tracked: `memory_attention` over the memory sam2 would
    gather (one batched call per distinct memory size: one in steady state), then the decoder
    with no prompt: the best-IoU of tokens 1-3 and that token's pointer; the mask enters
-   memory as sigmoid x 20 - 10 of the unfilled logits, as a tracked frame.
+   memory as sigmoid x 20 - 10 of the unfilled logits, as a tracked frame. With the
+   `memory_window` lever, a region tracked on the previous frame whose box fits conditions
+   only a window of a quarter of the tokens around that box (`memory_attention_window`), keeps
+   its previous frame's features elsewhere, and its mask is background outside the window.
 4. One batched `memory_encoder` call over the regions that store a memory (all of them unless
    a profile's `memory_interval` skips tracked ones on this frame); post-processing (hole
    filling, upsampling to the frame, threshold, box, score).
@@ -47,8 +50,11 @@ from rau_rt.sam2_layout import (
     MAX_REGIONS,
     MEMORY_POOL,
     POOLED_MEMORY_ATTENTION,
+    WINDOWED_MEMORY_ATTENTION,
     Sam2Layout,
     read_layout,
+    window_index,
+    window_side,
 )
 from rau_rt.tracking.memory import MemoryBank, MemoryConfig
 from rau_rt.types import Frame, RegionResult
@@ -62,13 +68,16 @@ STAGES = ("preprocess", "image_encoder", "memory_attention", "mask_decoder", "me
 MASK_LOGIT = 10.0
 PROMPT_SOURCES = ("vlm", "user")
 # Tracking profiles: a value per lever of `LEVERS`. "exact" is sam2's video predictor (6
-# memories, 15 pointers, a memory every frame, memory tokens not pooled). "fast" attends the 2
-# newest tracked memories and stores one every second frame (the memory encoder skips the
-# others); measured on the trained demo SAM2 in benchmarks/results/profiles_cpu.json and README
-# "Tracking profiles" (fewer pointers saved nothing measurable and cost the reference regime
-# Dice, so every pointer stays).
-LEVERS = ("recent_memories", "recent_pointers", "memory_interval", "memory_pool")
-PROFILES = {"exact": (6, 15, 1, 1), "fast": (2, 15, 2, 1)}
+# memories, 15 pointers, a memory every frame, memory tokens not pooled, every token
+# conditioned). "fast" attends the 2 newest tracked memories and stores one every second frame
+# (the memory encoder skips the others); measured on the trained demo SAM2 in
+# benchmarks/results/profiles_cpu.json and README "Tracking profiles" (fewer pointers saved
+# nothing measurable and cost the reference regime Dice, so every pointer stays).
+LEVERS = ("recent_memories", "recent_pointers", "memory_interval", "memory_pool",
+          "memory_window")
+PROFILES = {"exact": (6, 15, 1, 1, 0), "fast": (2, 15, 2, 1, 0)}
+# logit of a low-res mask pixel outside a windowed region's window (sam2's NO_OBJ_SCORE)
+OUTSIDE_WINDOW_LOGIT = -1024.0
 
 
 class GraphRunner(Protocol):
@@ -105,6 +114,13 @@ class TrackerConfig:
         memory_pool: overrides the profile's memory token pooling: 1 (sam2) or MEMORY_POOL,
             which runs the bundle's `memory_attention_pooled` graph (each memory's keys
             averaged over 2 x 2 blocks: a quarter of the keys).
+        memory_window: overrides the profile's windowed memory attention: 0 (sam2: every
+            token of the frame is conditioned on the region's memory) or k >= 1: up to k frames
+            in a row condition only a square of a quarter of the tokens around the region's
+            last box (the bundle's `memory_attention_window` graph); the rest of the region's
+            features are its previous frame's and its mask is background outside the square.
+            A region gets a full pass after k windowed frames, after a prompt, when it was
+            absent or its box does not fit the square with a token to spare.
     """
 
     max_conditioning: int = 2
@@ -118,6 +134,7 @@ class TrackerConfig:
     recent_pointers: int | None = None
     memory_interval: int | None = None
     memory_pool: int | None = None
+    memory_window: int | None = None
 
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:
@@ -130,6 +147,13 @@ class TrackerConfig:
                      *self.levers[:3])  # range checks
         if self.levers[3] not in (1, MEMORY_POOL):
             raise InputError(f"memory_pool: expected 1 or {MEMORY_POOL}, got {self.levers[3]}")
+        if self.levers[4] < 0:
+            raise InputError(f"memory_window: expected 0 (off) or k >= 1 windowed frames in a "
+                             f"row, got {self.levers[4]}")
+        if self.levers[4] and self.levers[3] != 1:
+            raise InputError("memory_window runs sam2's unpooled memory attention on the "
+                             "window; it does not combine with memory_pool "
+                             f"{self.levers[3]}")
 
     @property
     def attended(self) -> tuple[int, int]:
@@ -137,10 +161,10 @@ class TrackerConfig:
         return self.levers[:2]
 
     @property
-    def levers(self) -> tuple[int, int, int, int]:
+    def levers(self) -> tuple[int, int, int, int, int]:
         """The value of each of `LEVERS`: the profile's unless set."""
         chosen = (self.recent_memories, self.recent_pointers, self.memory_interval,
-                  self.memory_pool)
+                  self.memory_pool, self.memory_window)
         return tuple(p if c is None else c  # type: ignore[return-value]
                      for c, p in zip(chosen, PROFILES[self.profile], strict=True))
 
@@ -154,7 +178,9 @@ class TrackerConfig:
         """The bundle graphs these settings run: a pipeline opens only these (the other
         memory attention graph would hold its weights and, on TensorRT, its activation memory
         for nothing)."""
-        return ("image_encoder", "mask_decoder", self.attention_graph, "memory_encoder")
+        windowed = (WINDOWED_MEMORY_ATTENTION,) if self.levers[4] else ()
+        return ("image_encoder", "mask_decoder", self.attention_graph, *windowed,
+                "memory_encoder")
 
 
 @dataclass(frozen=True)
@@ -170,6 +196,7 @@ class TrackStep:
         stage_ms: wall time per stage (STAGES).
         vision_features: the frame's image-encoder features [1, D, h, w]; None when no
             region was tracked (the encoder did not run).
+        windowed: the regions whose memory attention ran on a window (`memory_window`).
     """
 
     index: int
@@ -179,6 +206,7 @@ class TrackStep:
     low_res_logits: Mapping[str, np.ndarray]
     stage_ms: Mapping[str, float]
     vision_features: np.ndarray | None = None
+    windowed: tuple[str, ...] = ()
 
     @cached_property
     def descriptor(self) -> np.ndarray | None:
@@ -192,6 +220,16 @@ class _Decoded:
     masks: np.ndarray  # (n, S/4, S/4) selected logits
     pointers: np.ndarray  # (n, D)
     scores: np.ndarray  # (n,)
+
+
+@dataclass
+class _WindowState:
+    """What the `memory_window` lever keeps of a region's last tracked frame."""
+
+    features: np.ndarray  # (D, h, w) its conditioned features (outside a window: reused)
+    frame: int = -1  # the frame they are of
+    box: np.ndarray | None = None  # its mask's box in feature-grid units; None: absent
+    run: int = 0  # windowed frames in a row up to `frame`
 
 
 class Tracker:
@@ -221,6 +259,11 @@ class Tracker:
                              f"{self._attention} graph, which this bundle lacks (exported "
                              "before rau-rt pooled memory tokens): re-export it, or use "
                              "memory_pool=1")
+        if self.config.levers[4] and WINDOWED_MEMORY_ATTENTION not in engines:
+            raise InputError(f"memory_window {self.config.levers[4]} runs the "
+                             f"{WINDOWED_MEMORY_ATTENTION} graph, which this bundle lacks "
+                             "(exported before rau-rt windowed memory attention): re-export it, "
+                             "or use memory_window=0")
         if self.config.levers[3] != self.layout.memory_pool:
             log.warning("memory_pool %d, but these weights were trained with memory_pool %d "
                         "(sam2.json): tracking with another pooling than in training costs "
@@ -240,6 +283,7 @@ class Tracker:
         self._fill = (self.layout.fill_hole_area if self.config.fill_hole_area is None
                       else self.config.fill_hole_area)
         self._banks: dict[str, MemoryBank] = {}
+        self._windows: dict[str, _WindowState] = {}  # the memory_window lever's state
         self._pending: dict[str, tuple[np.ndarray, str]] = {}
         self._next = 0
         self._frame_size: tuple[int, int] | None = None
@@ -259,7 +303,8 @@ class Tracker:
     @property
     def memory_nbytes(self) -> int:
         """Bytes held by the memory banks (constant per region over the stream)."""
-        return sum(bank.nbytes for bank in self._banks.values())
+        return (sum(bank.nbytes for bank in self._banks.values())
+                + sum(state.features.nbytes for state in self._windows.values()))
 
     def remove_region(self, name: str) -> None:
         """Stop tracking `name` and drop its memory (other regions are untouched)."""
@@ -267,6 +312,7 @@ class Tracker:
             raise InputError(f"region {name!r} is not tracked; tracked: {self.regions}")
         del self._banks[name]
         self._pending.pop(name, None)
+        self._windows.pop(name, None)
 
     def _room(self, names: Sequence[str]) -> None:
         new = [n for n in names if n not in self._banks]
@@ -397,6 +443,7 @@ class Tracker:
             bank.add_conditioning(frame, memory["memory"][i], memory["memory_pos"][i],
                                   decoded.pointers[i], pinned=True)
             self._banks[name] = bank
+            self._windows.pop(name, None)  # features conditioned on the old memory
 
     def prompt(self, frame_index: int, boxes_by_region: Mapping[str, Sequence[float]],
                source: str = "user") -> None:
@@ -459,6 +506,7 @@ class Tracker:
         encoded = self._run("image_encoder", {"image": x[None]})
         clock = _lap(times, "image_encoder", clock)
         decoded = []
+        conditioned = outside = None
         if prompted:
             height, width = frame_size
             size = self.layout.image_size
@@ -473,11 +521,15 @@ class Tracker:
                                         multimask=False))
             clock = _lap(times, "mask_decoder", clock)
         if tracked:
-            conditioned = self._attend(encoded, tracked, t)
+            conditioned, outside = self._attend(encoded, tracked, t)
             clock = _lap(times, "memory_attention", clock)
             n = len(tracked)
             decoded.append(self._decode(conditioned, encoded, np.zeros((n, 1, 2), np.float32),
                                         np.full((n, 1), -1, np.int32), multimask=True))
+            if outside is not None:  # a windowed region's mask stays inside its window
+                cell = self.layout.low_res // outside.shape[-1]
+                decoded[-1].masks[outside.repeat(cell, axis=1).repeat(cell, axis=2)] = (
+                    OUTSIDE_WINDOW_LOGIT)
             clock = _lap(times, "mask_decoder", clock)
         logits = np.concatenate([d.masks for d in decoded])
         pointers = np.concatenate([d.pointers for d in decoded])
@@ -527,22 +579,34 @@ class Tracker:
                 del self._pending[name]
             else:
                 bank.add_tracked(t, *stored.get(i, (None, None)), pointers[i])
+        if self.config.levers[4]:
+            self._keep_windows(names[:len(prompted)], tracked, conditioned, outside,
+                               filled[len(prompted):], scores[len(prompted):], t)
         self._next, self._frame_size = t + 1, frame_size
         order = [n for n in self._banks if n in results]
+        windowed = () if outside is None else tuple(
+            n for i, n in enumerate(tracked) if outside[i].any())
         return TrackStep(t, frame_size, {n: results[n] for n in order},
                          {n: float(scores[names.index(n)]) for n in order},
                          {n: filled[names.index(n)] for n in order}, times,
-                         encoded["vision_features"])
+                         encoded["vision_features"], windowed)
 
-    def _attend(self, encoded: dict[str, np.ndarray], names: list[str], t: int) -> np.ndarray:
+    def _attend(self, encoded: dict[str, np.ndarray], names: list[str], t: int,
+                ) -> tuple[np.ndarray, np.ndarray | None]:
         """Memory attention for `names`, batched: one call per distinct (memories, pointers)
-        count (one call in steady state; regions that joined late have less memory)."""
+        count (one call in steady state; regions that joined late have less memory), windowed
+        regions (`memory_window`) in calls of their own.
+
+        Returns the conditioned features [n, D, h, w] and, where a region was windowed, which
+        of its feature cells lie outside its window ([n, h, w] bool; None if none was)."""
         feeds = {n: self._banks[n].feeds(t) for n in names}
-        groups: dict[tuple[int, int], list[str]] = {}
+        windows = {n: self._window(n, t) for n in names}
+        groups: dict[tuple[bool, tuple[int, int]], list[str]] = {}
         for name in names:
-            groups.setdefault(feeds[name].counts, []).append(name)
+            groups.setdefault((windows[name] is not None, feeds[name].counts), []).append(name)
         out = np.empty((len(names), *encoded["vision_features"].shape[1:]), np.float32)
-        for members in groups.values():
+        outside = np.zeros((len(names), *out.shape[2:]), bool)
+        for (windowed, _), members in groups.items():
             chosen = [feeds[n] for n in members]
 
             def stack(field: str, chosen=chosen) -> np.ndarray:
@@ -550,14 +614,67 @@ class Tracker:
                     return getattr(chosen[0], field)[None]
                 return np.stack([getattr(f, field) for f in chosen])
 
-            result = self._run(self._attention, {
+            inputs = {
                 "current_features": encoded["vision_features"],
                 "current_pos": encoded["vision_pos"], "memory": stack("memory"),
                 "memory_pos": stack("memory_pos"), "memory_tpos_index": stack("tpos_index"),
                 "object_pointers": stack("pointers"),
-                "pointer_position": stack("pointer_position")})["conditioned_features"]
-            out[[names.index(n) for n in members]] = result
-        return out
+                "pointer_position": stack("pointer_position")}
+            rows = [names.index(n) for n in members]
+            if not windowed:
+                out[rows] = self._run(self._attention, inputs)["conditioned_features"]
+                continue
+            index = np.stack([windows[n] for n in members])
+            result = self._run(WINDOWED_MEMORY_ATTENTION, {**inputs, "window_index": index})
+            inside = result["conditioned_window"].reshape(len(members), out.shape[1], -1)
+            for j, (row, name) in enumerate(zip(rows, members, strict=True)):
+                features = out[row].reshape(out.shape[1], -1)  # a view into `out`
+                features[:] = self._windows[name].features.reshape(out.shape[1], -1)
+                features[:, index[j]] = inside[j]
+                outside[row] = True
+                outside[row].reshape(-1)[index[j]] = False
+        return out, (outside if outside.any() else None)
+
+    def _window(self, name: str, t: int) -> np.ndarray | None:
+        """The token indices of `name`'s window at frame `t`, or None for a full pass: the
+        lever is off, the region was not tracked through memory attention at t-1 (new,
+        prompted or re-prompted), was absent there, its box does not fit the window with a
+        token to spare, or it has had `memory_window` windowed frames in a row (a new
+        reference also starts over)."""
+        limit = self.config.levers[4]
+        state = self._windows.get(name)
+        if not limit or state is None or state.frame != t - 1 or state.box is None \
+                or state.run >= limit:
+            return None
+        side = state.features.shape[-1]
+        x1, y1, x2, y2 = state.box
+        if max(x2 - x1, y2 - y1) > window_side(side) - 1:
+            return None
+        return window_index(state.box, side)
+
+    def _keep_windows(self, prompted: list[str], tracked: list[str],
+                      conditioned: np.ndarray | None, outside: np.ndarray | None,
+                      logits: np.ndarray, scores: np.ndarray, t: int) -> None:
+        """Commit what the `memory_window` lever needs of this frame: each tracked region's
+        conditioned features, its box in feature-grid units and its run of windowed frames
+        (prompted regions start over: their features had no memory attention)."""
+        for name in prompted:
+            self._windows.pop(name, None)
+        for i, name in enumerate(tracked):
+            state = self._windows.get(name)
+            if state is None:
+                state = self._windows[name] = _WindowState(np.empty_like(conditioned[i]))
+            windowed = outside is not None and bool(outside[i].any())
+            state.run = state.run + 1 if windowed else 0
+            state.features[...] = conditioned[i]
+            state.frame = t
+            fg = logits[i] > self.config.mask_threshold
+            state.box = None
+            if scores[i] > 0 and fg.any():
+                cell = logits.shape[-1] / conditioned.shape[-1]
+                rows, cols = np.flatnonzero(fg.any(axis=1)), np.flatnonzero(fg.any(axis=0))
+                state.box = np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1],
+                                     np.float64) / cell
 
 
 def _lap(times: dict[str, float], stage: str, since: float) -> float:
