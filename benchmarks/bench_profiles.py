@@ -6,13 +6,13 @@ The demo's trained SAM2 (`rau_rt/weights/sam2_micro256.safetensors`) exported at
 tracks the accuracy benchmark's held-out cines (benchmarks.bench_accuracy: 3-4 regions per
 cine, in its three regimes: a mask on the first frame, a jittered box every 15 frames, another
 patient's annotated reference) once per setting of the memory levers
-(`TrackerConfig.recent_memories` / `recent_pointers` / `memory_interval` / `memory_pool`, the
-profiles `exact` and `fast`, and combinations with pooling), and sam2's video predictor tracks
-them once as the baseline. Per setting: Dice (segments >= 2 mm) per regime and its mean, the
-change against `exact`, and median ms per frame (all regions, the first two frames excluded);
-speedup = predictor median / ours. The record names the memory pooling the weights were
-trained with (`weights_memory_pool`; settings with another pool run mismatched, as the
-tracker warns). Settings take turns cine by cine, so the shared machine's
+(`TrackerConfig.recent_memories` / `recent_pointers` / `memory_interval` / `memory_pool` /
+`memory_window`, the profiles `exact` and `fast`, and combinations with pooling and windows),
+and sam2's video predictor tracks them once as the baseline. Per setting: Dice (segments >= 2
+mm) per regime and its mean, the change against `exact`, and median ms per frame (all regions,
+the first two frames excluded); speedup = predictor median / ours. The record names the memory
+pooling the weights were trained with (`weights_memory_pool`; settings with another pool run
+mismatched, as the tracker warns). Settings take turns cine by cine, so the shared machine's
 load falls on all of them alike.
 """
 
@@ -56,7 +56,10 @@ SETTINGS = {
     "interval-2": TrackerConfig(memory_interval=2),
     "interval-3": TrackerConfig(memory_interval=3),
     "pool-2": TrackerConfig(memory_pool=2),
+    "window-3": TrackerConfig(memory_window=3),
+    "window-6": TrackerConfig(memory_window=6),
     "fast": TrackerConfig(profile="fast"),
+    "fast+window-3": TrackerConfig(profile="fast", memory_window=3),
     "fast+pool-2": TrackerConfig(profile="fast", memory_pool=2),
     "fast+memories-1+pool-2": TrackerConfig(profile="fast", recent_memories=1, memory_pool=2),
 }
@@ -110,7 +113,8 @@ def collect(args, workdir: Path) -> tuple[list, dict]:
 
 
 def table(cases: list[dict]) -> str:
-    lines = ["| setting | memories / pointers / interval / pool | Dice mask / box / reference "
+    lines = ["| setting | memories / pointers / interval / pool / window | Dice mask / box / "
+             "reference "
              "| mean (vs exact) | ms/frame | vs predictor |", "|---|---|---|---|---|---|"]
     for c in cases:
         d = c["task"]["dice_ge2mm"]

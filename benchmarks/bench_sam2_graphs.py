@@ -1,8 +1,9 @@
 """SAM2's four graphs on CPU: torch eager vs ONNX Runtime fp32 vs ONNX Runtime int8 (vs AOTI).
 
-    python -m benchmarks.bench_sam2_graphs [--quick] [--aoti] [--json PATH]
+    python -m benchmarks.bench_sam2_graphs [--quick] [--run CONFIG@SIZE] [--aoti] [--json PATH]
 
-Full: SAM2.1-tiny (random weights) at 1024 and 512 px; quick: the micro model at 256 and 512.
+Full: SAM2.1-tiny (random weights) at 1024 and 512 px; quick: the micro model at 256 and 512;
+`--run tiny@512` one of the mode's sizes.
 Each size is exported with `rau_rt.export.sam2.export_sam2` (fp32 + dynamic int8, verified; the
 export time is recorded), then every graph runs on the feeds it was verified on (2 regions;
 memory attention over 2 memories and 2 pointers, frame 2 of the check clip) through
@@ -50,7 +51,7 @@ RUNS = {
     "full": (Run("tiny", 1024, 5, 20), Run("tiny", 512, 10, 30)),
     "quick": (Run("micro", 256, 5, 10), Run("micro", 512, 5, 10)),
 }
-SLOW = ("image_encoder", "memory_attention")
+SLOW = ("image_encoder", "memory_attention")  # and its pooled and windowed variants
 
 
 def _fidelity(graph: str, reference: dict, outputs: dict, precision: str) -> dict[str, object]:
@@ -93,7 +94,7 @@ def bench(run: Run, workdir: Path, aoti: bool) -> tuple[list[dict[str, object]],
                                                 EngineConfig(), precision=entry.precision)
         feeds = to_numpy(inputs.example[graph])
         results = {name: engine.run(feeds) for name, engine in engines.items()}
-        slow = graph in SLOW
+        slow = graph.startswith(SLOW)
         samples = time_interleaved(
             {name: (lambda e=engine, f=feeds: e.run(f)) for name, engine in engines.items()},
             warmup=1, repeat=run.repeat_slow if slow else run.repeat_fast, turn=1,
@@ -114,7 +115,11 @@ def bench(run: Run, workdir: Path, aoti: bool) -> tuple[list[dict[str, object]],
 def main(argv: list[str] | None = None) -> int:
     def collect(args, workdir: Path) -> tuple[list, dict]:
         cases, exports = [], []
-        for run in RUNS["quick" if args.quick else "full"]:
+        runs = [r for r in RUNS["quick" if args.quick else "full"]
+                if args.run in (None, f"{r.model}@{r.image_size}")]
+        if not runs:
+            raise SystemExit(f"--run {args.run}: not a size of this mode")
+        for run in runs:
             if args.repeat:
                 run = dataclasses.replace(run, repeat_slow=args.repeat, repeat_fast=args.repeat)
             run_cases, facts = bench(run, workdir, args.aoti)
@@ -125,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     def aoti_flag(parser) -> None:
         parser.add_argument("--aoti", action="store_true",
                             help="also time the AOTInductor packages (minutes of compiling)")
+        parser.add_argument("--run", default=None, metavar="CONFIG@SIZE",
+                            help="only this size of the mode's (e.g. tiny@512)")
 
     return run_suite("bench_sam2_graphs", __doc__, "benchmarks/results/sam2_graphs_cpu.json",
                      collect, argv=argv, suite=SUITE, extra_args=aoti_flag,

@@ -2,7 +2,7 @@
 Dice against truth on trained weights, memory over a long stream.
 
     python -m benchmarks.bench_tracker [--quick] [--device cuda] [--frames N] [--json PATH]
-        [--run CONFIG@SIZE] [--regions N,N] [--memory-pool 2]
+        [--run CONFIG@SIZE] [--regions N,N] [--memory-pool 2] [--memory-window K]
 
 Latency (cases `<config>@<size>/<regions>r/<precision>/<profile>`, baseline `sam2-predictor`):
 the same weights and the same synthetic angiography frames, written as JPEG for the predictor
@@ -29,7 +29,11 @@ drift was over tolerance stay fp32 and the record says which). GPU (`--device cu
 (`python -m benchmarks.gpu_check` is the full GPU check). `--quick`: the trained micro@256 at 3
 and 8 regions. `--run tiny@512 --regions 3` measures one run at chosen region counts;
 `--memory-pool 2` adds each profile with pooled memory tokens (`fast+pool-2`; README "Memory
-token pooling"), which on random-init weights says what pooling saves, not what it costs.
+token pooling"), which on random-init weights says what pooling saves, not what it costs;
+`--memory-window K` adds each profile with windowed memory attention (`fast+window-K`; README
+"Windowed memory attention"), each case recording the share of its tracked region-frames that
+ran windowed (on random-init weights masks are noise, so that share says whether the timing
+measured windows at all).
 
 Memory: the micro model at 256; RSS of a Tracker (ONNX Runtime bundle) over 10,000 frames (the
 clip's frames cycled) and of the predictor over a 300-frame clip (it loads every frame up front
@@ -203,7 +207,7 @@ def compare_run(predictor, trackers: dict[str, Tracker], video: Path, images, bo
     """Interleave the predictor and every tracker frame by frame; samples and masks per entry."""
     runs: dict[str, object] = {BASELINE: predictor_frames(predictor, video, boxes, device)}
     runs.update({name: tracker_frames(t, images, boxes, device) for name, t in trackers.items()})
-    out = {name: {"ms": [], "masks": [], "stage_ms": []} for name in runs}
+    out = {name: {"ms": [], "masks": [], "stage_ms": [], "windowed": []} for name in runs}
     try:
         for _ in images:
             for name, frames in runs.items():
@@ -212,6 +216,7 @@ def compare_run(predictor, trackers: dict[str, Tracker], video: Path, images, bo
                 out[name]["masks"].append(got[0])
                 if len(got) > 2:
                     out[name]["stage_ms"].append(dict(got[2].stage_ms))
+                    out[name]["windowed"].append(len(got[2].windowed))
     finally:  # a suspended predictor holds stderr redirected: an error would print nowhere
         for frames in runs.values():
             frames.close()
@@ -227,23 +232,28 @@ def _stages(samples: list[dict], warmup: int) -> dict[str, float]:
     return {k: round(float(np.median([s[k] for s in kept])), 2) for k in kept[0]}
 
 
-def settings(memory_pool: int = 1) -> dict[str, TrackerConfig]:
+def settings(memory_pool: int = 1, memory_window: int = 0) -> dict[str, TrackerConfig]:
     """Each profile, hole filling off; with `memory_pool` > 1 also each profile with its
-    memory tokens pooled (`<profile>+pool-<k>`: the bundle's `memory_attention_pooled`)."""
+    memory tokens pooled (`<profile>+pool-<k>`: the bundle's `memory_attention_pooled`), with
+    `memory_window` k > 0 each profile windowed (`<profile>+window-<k>`)."""
     out = {p: TrackerConfig(fill_hole_area=0, profile=p) for p in PROFILE_NAMES}
     if memory_pool > 1:
         out |= {f"{p}+pool-{memory_pool}": TrackerConfig(fill_hole_area=0, profile=p,
                                                          memory_pool=memory_pool)
+                for p in PROFILE_NAMES}
+    if memory_window:
+        out |= {f"{p}+window-{memory_window}": TrackerConfig(
+                    fill_hole_area=0, profile=p, memory_window=memory_window)
                 for p in PROFILE_NAMES}
     return out
 
 
 def latency_cases(run: Run, workdir: Path, device: str, backend: str,
                   precisions: tuple[str, ...], cuda_graph: bool = False,
-                  memory_pool: int = 1) -> tuple[list[dict], dict]:
+                  memory_pool: int = 1, memory_window: int = 0) -> tuple[list[dict], dict]:
     """Cases of one run (module docstring); `cuda_graph`: the torch backend's engines capture
-    CUDA graphs (`EngineConfig.cuda_graph`), recorded in the backend's name; `memory_pool`:
-    pooled settings beside the profiles (`settings`)."""
+    CUDA graphs (`EngineConfig.cuda_graph`), recorded in the backend's name; `memory_pool`,
+    `memory_window`: pooled or windowed settings beside the profiles (`settings`)."""
     source = (ModelSource(image_size=run.image_size, checkpoint=SHIPPED_SAM2, config=run.model)
               if run.trained else ModelSource(image_size=run.image_size, random_init=run.model))
     facts: dict[str, object] = {"model": run.model, "image_size": run.image_size,
@@ -281,7 +291,8 @@ def latency_cases(run: Run, workdir: Path, device: str, backend: str,
             images, boxes = write_clip(video, run.image_size, run.frames, regions)
             clip = Clip(video, images, boxes, [f"r{k}" for k in range(len(boxes))])
         trackers = {f"{p}/{name}": Tracker(bundles[p], config)
-                    for p in precisions for name, config in settings(memory_pool).items()}
+                    for p in precisions
+                    for name, config in settings(memory_pool, memory_window).items()}
         result = compare_run(predictor, trackers, video, clip.images, clip.boxes, device)
         theirs = np.asarray(result[BASELINE]["ms"][warmup:])
         dice = {}
@@ -304,6 +315,11 @@ def latency_cases(run: Run, workdir: Path, device: str, backend: str,
                 precision, np.asarray(ours["ms"][warmup:]), BASELINE, theirs, fidelity)
             case["profile"] = trackers[name].config.profile
             case["memory_pool"] = trackers[name].config.levers[3]
+            if trackers[name].config.levers[4]:
+                # tracked region-frames after warm-up that ran windowed
+                tracked = regions * (len(ours["windowed"]) - warmup)
+                case["memory_window"] = trackers[name].config.levers[4]
+                case["windowed_fraction"] = sum(ours["windowed"][warmup:]) / max(tracked, 1)
             if run.trained:
                 case["task"] = {"dice_ge2mm": dice[name], "dice_ge2mm_predictor": dice[BASELINE],
                                 "dice_change_vs_exact": dice[name] - dice[f"{precision}/exact"],
@@ -453,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-pool", type=int, choices=(1, 2), default=1,
                         help="2: each profile also with pooled memory tokens "
                              "(`<profile>+pool-2`)")
+    parser.add_argument("--memory-window", type=int, default=0, metavar="K",
+                        help="K > 0: each profile also with windowed memory attention "
+                             "(`<profile>+window-K`)")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
     runs = RUNS["cuda" if cuda else "quick" if args.quick else "full"]
@@ -492,7 +511,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.frames:
                 run = dataclasses.replace(run, frames=args.frames)
             run_cases, run_facts = latency_cases(run, Path(tmp), args.device, backend,
-                                                 precisions, memory_pool=args.memory_pool)
+                                                 precisions, memory_pool=args.memory_pool,
+                                                 memory_window=args.memory_window)
             cases += run_cases
             facts.append(run_facts)
     command = reproduce_command("bench_tracker", args, parser.parse_args([]))
