@@ -579,17 +579,18 @@ class Tracker:
                 del self._pending[name]
             else:
                 bank.add_tracked(t, *stored.get(i, (None, None)), pointers[i])
+        windowed = (np.zeros(len(tracked), bool) if outside is None
+                    else outside.any(axis=(1, 2)))  # per tracked region
         if self.config.levers[4]:
-            self._keep_windows(names[:len(prompted)], tracked, conditioned, outside,
+            self._keep_windows(names[:len(prompted)], tracked, conditioned, windowed,
                                filled[len(prompted):], scores[len(prompted):], t)
         self._next, self._frame_size = t + 1, frame_size
         order = [n for n in self._banks if n in results]
-        windowed = () if outside is None else tuple(
-            n for i, n in enumerate(tracked) if outside[i].any())
         return TrackStep(t, frame_size, {n: results[n] for n in order},
                          {n: float(scores[names.index(n)]) for n in order},
                          {n: filled[names.index(n)] for n in order}, times,
-                         encoded["vision_features"], windowed)
+                         encoded["vision_features"],
+                         tuple(n for n, w in zip(tracked, windowed, strict=True) if w))
 
     def _attend(self, encoded: dict[str, np.ndarray], names: list[str], t: int,
                 ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -605,7 +606,7 @@ class Tracker:
         for name in names:
             groups.setdefault((windows[name] is not None, feeds[name].counts), []).append(name)
         out = np.empty((len(names), *encoded["vision_features"].shape[1:]), np.float32)
-        outside = np.zeros((len(names), *out.shape[2:]), bool)
+        outside = None  # allocated only when a region runs windowed
         for (windowed, _), members in groups.items():
             chosen = [feeds[n] for n in members]
 
@@ -627,13 +628,15 @@ class Tracker:
             index = np.stack([windows[n] for n in members])
             result = self._run(WINDOWED_MEMORY_ATTENTION, {**inputs, "window_index": index})
             inside = result["conditioned_window"].reshape(len(members), out.shape[1], -1)
+            if outside is None:
+                outside = np.zeros((len(names), *out.shape[2:]), bool)
             for j, (row, name) in enumerate(zip(rows, members, strict=True)):
                 features = out[row].reshape(out.shape[1], -1)  # a view into `out`
                 features[:] = self._windows[name].features.reshape(out.shape[1], -1)
                 features[:, index[j]] = inside[j]
                 outside[row] = True
                 outside[row].reshape(-1)[index[j]] = False
-        return out, (outside if outside.any() else None)
+        return out, outside
 
     def _window(self, name: str, t: int) -> np.ndarray | None:
         """The token indices of `name`'s window at frame `t`, or None for a full pass: the
@@ -653,7 +656,7 @@ class Tracker:
         return window_index(state.box, side)
 
     def _keep_windows(self, prompted: list[str], tracked: list[str],
-                      conditioned: np.ndarray | None, outside: np.ndarray | None,
+                      conditioned: np.ndarray | None, windowed: np.ndarray,
                       logits: np.ndarray, scores: np.ndarray, t: int) -> None:
         """Commit what the `memory_window` lever needs of this frame: each tracked region's
         conditioned features, its box in feature-grid units and its run of windowed frames
@@ -664,8 +667,7 @@ class Tracker:
             state = self._windows.get(name)
             if state is None:
                 state = self._windows[name] = _WindowState(np.empty_like(conditioned[i]))
-            windowed = outside is not None and bool(outside[i].any())
-            state.run = state.run + 1 if windowed else 0
+            state.run = state.run + 1 if windowed[i] else 0
             state.features[...] = conditioned[i]
             state.frame = t
             fg = logits[i] > self.config.mask_threshold
