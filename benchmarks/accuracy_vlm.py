@@ -236,7 +236,7 @@ def pipeline_suite(weights: Path, sam2_weights: Sam2Weights, cines, frames: int,
     vlm_ms = {p: [] for p in precisions}
     try:
         for p in prepared:
-            masks, _ = tracker_run(sam2, p, "box")
+            masks, _, _ = tracker_run(sam2, p, "box")
             score(p, masks, cards["truth-box"])
             reference = cine_reference(p)
             _, events = schedule(p, "box")
@@ -260,7 +260,7 @@ def pipeline_suite(weights: Path, sam2_weights: Sam2Weights, cines, frames: int,
                                     >= HIT_IOU)
                 finally:
                     bundle.close()
-                masks, _ = tracker_run(sam2, p, "box", events=answered)
+                masks, _, _ = tracker_run(sam2, p, "box", events=answered)
                 score(p, masks, cards[precision])
     finally:
         sam2.close()

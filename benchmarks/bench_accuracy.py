@@ -236,12 +236,14 @@ def sam2_input(rgb: np.ndarray, size: int) -> np.ndarray:
 def tracker_run(bundle, p: Prepared, regime: str, same_input: bool = False,
                 events: dict[int, tuple[str, list]] | None = None,
                 config: TrackerConfig | None = None,
-                ) -> tuple[dict[int, np.ndarray], list[float]]:
+                ) -> tuple[dict[int, np.ndarray], list[float], list[int]]:
     """The Tracker over the regime's frames and prompts (or `events` instead of the regime's
     prompts: the pipeline suite's VLM boxes); `same_input` runs it as sam2 runs: on sam2's own
     preprocessed frames instead of `ops.preprocess`'s (bilinear) and with room for every
     keyframe as a conditioning frame (sam2 keeps them all). `config`: the tracker's settings
-    (its profile; default sam2's), with hole filling off and the conditioning room set here."""
+    (its profile; default sam2's), with hole filling off and the conditioning room set here.
+    Returns the masks per frame, ms per frame and the regions that ran windowed per frame
+    (`TrackStep.windowed`; 0 without `memory_window`)."""
     frames, scheduled = schedule(p, regime)
     events = scheduled if events is None else events
     conditioning = len(events) if same_input else TrackerConfig.max_conditioning
@@ -262,7 +264,7 @@ def tracker_run(bundle, p: Prepared, regime: str, same_input: bool = False,
         given = model_input(image)
         tracker.add_reference(given.pop("frame"), dict(zip(names, events[-1][1], strict=True)),
                               **given)
-    out, ms = {}, []
+    out, ms, windowed = {}, [], []
     for k in frames:
         boxes = {n: b for n, b in zip(names, events.get(k, (None, []))[1], strict=False)
                  if b is not None}
@@ -271,9 +273,10 @@ def tracker_run(bundle, p: Prepared, regime: str, same_input: bool = False,
         started = time.perf_counter()
         step = tracker.step(**model_input(p.rgb[k]))
         ms.append((time.perf_counter() - started) * 1e3)
+        windowed.append(len(step.windowed))
         out[k] = np.stack([step.regions[n].mask if n in step.regions and step.regions[n].present
                            else np.zeros((512, 512), bool) for n in names])
-    return out, ms
+    return out, ms, windowed
 
 
 def predictor_run(model, p: Prepared, regime: str, workdir: Path,
@@ -381,12 +384,12 @@ def run(weights: Sam2Weights, cines: tuple[Cine, ...], frames: int, workdir: Pat
             theirs, ms = predictor_run(predictor, p, regime, workdir)
             score(p, theirs, cards["predictor"])
             times["predictor"].extend(ms[2:])
-            same, _ = tracker_run(bundles["fp32"], p, regime, same_input=True)
+            same, _, _ = tracker_run(bundles["fp32"], p, regime, same_input=True)
             same_input.extend(_iou(same[k][i], theirs[k][i]) for k in same
                               for i in range(len(p.regions))
                               if same[k][i].any() or theirs[k][i].any())
             for precision, bundle in bundles.items():
-                ours, ms = tracker_run(bundle, p, regime)
+                ours, ms, _ = tracker_run(bundle, p, regime)
                 score(p, ours, cards[precision])
                 times[precision].extend(ms[2:])
                 ious[precision].extend(_iou(ours[k][i], theirs[k][i]) for k in ours

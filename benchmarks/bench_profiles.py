@@ -44,7 +44,7 @@ from rau_rt.tracking.tracker import LEVERS
 SUITE = "profiles"
 BASELINE = "sam2-predictor"
 # name -> tracker settings: the two profiles and one lever at a time around `exact` ("fast"
-# is memories-2 with interval-2)
+# is memories-2 with interval-2 and window-3)
 SETTINGS = {
     "exact": TrackerConfig(),
     "memories-4": TrackerConfig(recent_memories=4),
@@ -59,9 +59,8 @@ SETTINGS = {
     "window-3": TrackerConfig(memory_window=3),
     "window-6": TrackerConfig(memory_window=6),
     "fast": TrackerConfig(profile="fast"),
-    "fast+window-3": TrackerConfig(profile="fast", memory_window=3),
-    "fast+pool-2": TrackerConfig(profile="fast", memory_pool=2),
-    "fast+memories-1+pool-2": TrackerConfig(profile="fast", recent_memories=1, memory_pool=2),
+    "fast+window-0": TrackerConfig(profile="fast", memory_window=0),
+    "fast+pool-2+window-0": TrackerConfig(profile="fast", memory_pool=2, memory_window=0),
 }
 
 
@@ -77,15 +76,19 @@ def collect(args, workdir: Path) -> tuple[list, dict]:
     names = [*SETTINGS, BASELINE]
     cards = {(n, r): Scorecard() for n in names for r in REGIMES}
     times: dict[str, list[float]] = {n: [] for n in names}
+    windowed = dict.fromkeys(SETTINGS, 0)  # region-frames that ran windowed
+    region_frames = 0  # per setting: every region on every frame
     for p in prepared:
         for regime in REGIMES:
             masks, ms = predictor_run(predictor, p, regime, workdir)
             score(p, masks, cards[BASELINE, regime])
             times[BASELINE].extend(ms[2:])
             for name, config in SETTINGS.items():
-                masks, ms = tracker_run(bundle, p, regime, config=config)
+                masks, ms, ran_windowed = tracker_run(bundle, p, regime, config=config)
                 score(p, masks, cards[name, regime])
                 times[name].extend(ms[2:])
+                windowed[name] += sum(ran_windowed)
+            region_frames += len(p.regions) * len(ms)
     bundle.close()
     base = stats(np.asarray(times[BASELINE]))
     dice = {n: {r: cards[n, r].summary()["dice_ge2mm"] for r in REGIMES} for n in names}
@@ -100,6 +103,7 @@ def collect(args, workdir: Path) -> tuple[list, dict]:
             "backend": "onnxruntime-cpu" if config else "torch-cpu", "precision": "fp32",
             "levers": None if config is None else dict(zip(LEVERS, config.levers,
                                                            strict=True)),
+            "windowed_fraction": None if config is None else windowed[name] / region_frames,
             **mine, "baseline": BASELINE, "baseline_median_ms": base["median_ms"],
             "baseline_p90_ms": base["p90_ms"], "speedup": base["median_ms"] / mine["median_ms"],
             "task": {"dice_ge2mm": dice[name], "dice_ge2mm_mean": mean,
@@ -113,14 +117,16 @@ def collect(args, workdir: Path) -> tuple[list, dict]:
 
 
 def table(cases: list[dict]) -> str:
-    lines = ["| setting | memories / pointers / interval / pool / window | Dice mask / box / "
-             "reference "
-             "| mean (vs exact) | ms/frame | vs predictor |", "|---|---|---|---|---|---|"]
+    lines = ["| setting | memories / pointers / interval / pool / window | windowed | Dice mask "
+             "/ box / reference | mean (vs exact) | ms/frame | vs predictor |",
+             "|---|---|---|---|---|---|---|"]
     for c in cases:
         d = c["task"]["dice_ge2mm"]
         levers = "sam2" if c["levers"] is None else " / ".join(
             str(v) for v in c["levers"].values())
+        share = c.get("windowed_fraction")  # absent in records before it was counted
         lines.append(f"| {c['case'].rsplit('/', 1)[1]} | {levers} | "
+                     + ("-" if share is None else f"{share:.0%}") + " | "
                      + " / ".join(f"{d[r]:.3f}" for r in REGIMES)
                      + f" | {c['task']['dice_ge2mm_mean']:.3f} "
                      f"({c['task']['dice_change_vs_exact']:+.3f}) | {c['median_ms']:.1f} | "

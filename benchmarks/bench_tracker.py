@@ -30,10 +30,10 @@ drift was over tolerance stay fp32 and the record says which). GPU (`--device cu
 and 8 regions. `--run tiny@512 --regions 3` measures one run at chosen region counts;
 `--memory-pool 2` adds each profile with pooled memory tokens (`fast+pool-2`; README "Memory
 token pooling"), which on random-init weights says what pooling saves, not what it costs;
-`--memory-window K` adds each profile with windowed memory attention (`fast+window-K`; README
-"Windowed memory attention"), each case recording the share of its tracked region-frames that
-ran windowed (on random-init weights masks are noise, so that share says whether the timing
-measured windows at all).
+`--memory-window K` adds each profile whose window lever is not K with it (`exact+window-3`,
+`fast+window-0`: `fast` without its window; README "Windowed memory attention"). Every case
+that windows records the share of its tracked region-frames that ran windowed (on random-init
+weights masks are noise, so that share says whether the timing measured windows at all).
 
 Memory: the micro model at 256; RSS of a Tracker (ONNX Runtime bundle) over 10,000 frames (the
 clip's frames cycled) and of the predictor over a 300-frame clip (it loads every frame up front
@@ -70,6 +70,7 @@ from rau_rt.export.sam2.model import ModelSource, load_model
 from rau_rt.synthetic import generate_sequence
 from rau_rt.synthetic.scoring import Scorecard
 from rau_rt.tracking import Tracker, TrackerConfig
+from rau_rt.tracking.tracker import PROFILES
 
 SUITE = "tracker"
 BASELINE = "sam2-predictor"
@@ -232,25 +233,30 @@ def _stages(samples: list[dict], warmup: int) -> dict[str, float]:
     return {k: round(float(np.median([s[k] for s in kept])), 2) for k in kept[0]}
 
 
-def settings(memory_pool: int = 1, memory_window: int = 0) -> dict[str, TrackerConfig]:
+def settings(memory_pool: int = 1, memory_window: int | None = None
+             ) -> dict[str, TrackerConfig]:
     """Each profile, hole filling off; with `memory_pool` > 1 also each profile with its
-    memory tokens pooled (`<profile>+pool-<k>`: the bundle's `memory_attention_pooled`), with
-    `memory_window` k > 0 each profile windowed (`<profile>+window-<k>`)."""
+    memory tokens pooled (`<profile>+pool-<k>`: the bundle's `memory_attention_pooled`; a
+    profile that windows gets `+window-0`, as pooling does not combine with windows); with
+    `memory_window` k each profile whose window is not k with that window
+    (`<profile>+window-<k>`; k = 0 turns a profile's window off)."""
     out = {p: TrackerConfig(fill_hole_area=0, profile=p) for p in PROFILE_NAMES}
     if memory_pool > 1:
-        out |= {f"{p}+pool-{memory_pool}": TrackerConfig(fill_hole_area=0, profile=p,
-                                                         memory_pool=memory_pool)
+        out |= {f"{p}+pool-{memory_pool}" + ("+window-0" if PROFILES[p][4] else ""):
+                TrackerConfig(fill_hole_area=0, profile=p, memory_pool=memory_pool,
+                              memory_window=0)
                 for p in PROFILE_NAMES}
-    if memory_window:
+    if memory_window is not None:
         out |= {f"{p}+window-{memory_window}": TrackerConfig(
                     fill_hole_area=0, profile=p, memory_window=memory_window)
-                for p in PROFILE_NAMES}
+                for p in PROFILE_NAMES if PROFILES[p][4] != memory_window}
     return out
 
 
 def latency_cases(run: Run, workdir: Path, device: str, backend: str,
                   precisions: tuple[str, ...], cuda_graph: bool = False,
-                  memory_pool: int = 1, memory_window: int = 0) -> tuple[list[dict], dict]:
+                  memory_pool: int = 1, memory_window: int | None = None
+                  ) -> tuple[list[dict], dict]:
     """Cases of one run (module docstring); `cuda_graph`: the torch backend's engines capture
     CUDA graphs (`EngineConfig.cuda_graph`), recorded in the backend's name; `memory_pool`,
     `memory_window`: pooled or windowed settings beside the profiles (`settings`)."""
@@ -469,9 +475,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-pool", type=int, choices=(1, 2), default=1,
                         help="2: each profile also with pooled memory tokens "
                              "(`<profile>+pool-2`)")
-    parser.add_argument("--memory-window", type=int, default=0, metavar="K",
-                        help="K > 0: each profile also with windowed memory attention "
-                             "(`<profile>+window-K`)")
+    parser.add_argument("--memory-window", type=int, default=None, metavar="K",
+                        help="each profile whose window is not K also with K windowed frames "
+                             "(`<profile>+window-K`; 0: the window off)")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
     runs = RUNS["cuda" if cuda else "quick" if args.quick else "full"]

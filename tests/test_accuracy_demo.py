@@ -35,7 +35,7 @@ def cine(tmp_path_factory):
 
 @pytest.mark.parametrize("regime", sorted(FLOORS))
 def test_shipped_weights_segment_the_requested_segments(bundle, cine, regime):
-    masks, _ = tracker_run(bundle, cine, regime)
+    masks, _, _ = tracker_run(bundle, cine, regime)
     card = Scorecard()
     score(cine, masks, card)
     result = card.summary()

@@ -166,7 +166,7 @@ def test_run_on_an_mkv_with_the_real_localizer(demo, cine, reference_json, tmp_p
     assert summary["config"]["tracker_profile"] == "fast"
     assert summary["config"]["tracker_levers"] == {"recent_memories": 2, "recent_pointers": 15,
                                                    "memory_interval": 2, "memory_pool": 1,
-                                                   "memory_window": 0}
+                                                   "memory_window": 3}
     keyframes = [k["frame"] for k in summary["pipeline"]["keyframes"]]
     assert keyframes == [0, 2, 4]
     # offline: every keyframe's answer (the real VLM's, boxes or none) arrives before the next

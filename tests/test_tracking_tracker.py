@@ -536,6 +536,11 @@ def test_profiles_set_the_attended_memories_and_overrides_win():
         TrackerConfig(memory_window=-1)
     with pytest.raises(InputError, match=r"memory_window.*memory_pool 2"):
         TrackerConfig(memory_window=3, memory_pool=2)
+    # fast windows, so pooling with it needs the window turned off by name
+    with pytest.raises(InputError, match=r"profile 'fast', set memory_window=0"):
+        TrackerConfig(profile="fast", memory_pool=2)
+    assert TrackerConfig(profile="fast", memory_pool=2, memory_window=0).levers == (
+        2, 15, 2, 2, 0)
     assert TrackerConfig(memory_window=3).graphs == (
         "image_encoder", "mask_decoder", "memory_attention", "memory_attention_window",
         "memory_encoder")

@@ -69,13 +69,14 @@ MASK_LOGIT = 10.0
 PROMPT_SOURCES = ("vlm", "user")
 # Tracking profiles: a value per lever of `LEVERS`. "exact" is sam2's video predictor (6
 # memories, 15 pointers, a memory every frame, memory tokens not pooled, every token
-# conditioned). "fast" attends the 2 newest tracked memories and stores one every second frame
-# (the memory encoder skips the others); measured on the trained demo SAM2 in
+# conditioned). "fast" attends the 2 newest tracked memories, stores one every second frame
+# (the memory encoder skips the others) and lets up to 3 frames in a row condition only a
+# window around a region's last box; measured on the trained demo SAM2 in
 # benchmarks/results/profiles_cpu.json and README "Tracking profiles" (fewer pointers saved
 # nothing measurable and cost the reference regime Dice, so every pointer stays).
 LEVERS = ("recent_memories", "recent_pointers", "memory_interval", "memory_pool",
           "memory_window")
-PROFILES = {"exact": (6, 15, 1, 1, 0), "fast": (2, 15, 2, 1, 0)}
+PROFILES = {"exact": (6, 15, 1, 1, 0), "fast": (2, 15, 2, 1, 3)}
 # logit of a low-res mask pixel outside a windowed region's window (sam2's NO_OBJ_SCORE)
 OUTSIDE_WINDOW_LOGIT = -1024.0
 
@@ -153,7 +154,8 @@ class TrackerConfig:
         if self.levers[4] and self.levers[3] != 1:
             raise InputError("memory_window runs sam2's unpooled memory attention on the "
                              "window; it does not combine with memory_pool "
-                             f"{self.levers[3]}")
+                             f"{self.levers[3]} (with profile {self.profile!r}, set "
+                             "memory_window=0 to pool)")
 
     @property
     def attended(self) -> tuple[int, int]:
