@@ -33,7 +33,8 @@ SUITES = {
                            "decoder alone after the fp32 graph (`bench_vlm --scale`)"),
     "pipeline_demo_cpu.json": "Pipeline end to end (`rau-rt bench`): the demo bundle (trained "
                               "demo SAM2 micro 256 px + random-init Qwen2.5-VL tiny 224 px), "
-                              "live at 15 fps",
+                              "live at 15 fps, profile exact",
+    "pipeline_demo_fast_cpu.json": "Pipeline end to end (`rau-rt bench`): the same, profile fast",
     "pipeline_demo8_exact_cpu.json": "Pipeline end to end (`rau-rt bench`): the demo bundle "
                                      "at 8 regions, profile exact, back to back",
     "pipeline_demo8_fast_cpu.json": "Pipeline end to end (`rau-rt bench`): the demo bundle at "

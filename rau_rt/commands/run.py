@@ -317,7 +317,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="VLM graphs' precision (fp32, int8, int4; default: first entry)")
     parser.add_argument("--profile", choices=sorted(PROFILES), default="exact",
                         help="tracking profile: exact (sam2's memory selection) or fast (2 "
-                        "attended memories, one stored every second frame; README 'Tracking "
+                        "attended memories, one stored every second frame, up to 3 frames in "
+                        "a row conditioned on a window around each region; README 'Tracking "
                         "profiles')")
 
 
