@@ -28,8 +28,9 @@ drift was over tolerance stay fp32 and the record says which). GPU (`--device cu
 1024, the torch CUDA backend (eager graphs, fp32 and fp16) vs the predictor on the same GPU
 (`python -m benchmarks.gpu_check` is the full GPU check). `--quick`: the trained micro@256 at 3
 and 8 regions. `--run tiny@512 --regions 3` measures one run at chosen region counts;
-`--memory-pool 2` adds each profile with pooled memory tokens (`fast+pool-2`; README "Memory
-token pooling"), which on random-init weights says what pooling saves, not what it costs;
+`--memory-pool 2` adds each profile with pooled memory tokens (`exact+pool-2`,
+`fast+pool-2+window-0`; README "Memory token pooling"), which on random-init weights says what
+pooling saves, not what it costs;
 `--memory-window K` adds each profile whose window lever is not K with it (`exact+window-3`,
 `fast+window-0`: `fast` without its window; README "Windowed memory attention"). Every case
 that windows records the share of its tracked region-frames that ran windowed (on random-init
