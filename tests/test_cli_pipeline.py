@@ -72,7 +72,7 @@ def test_demo_writes_every_output_and_says_what_its_weights_are(demo):
     assert processed + dropped == 8 and processed >= 2  # live replay: late frames drop
     # keyframes by default only when the shipped VLM's record meets the accuracy goal
     fit = SHIPPED_VLM.is_file() and (shipped_vlm_hit_rate() or 0.0) >= VLM_GOAL
-    assert summary["localize"] is fit and summary["config"]["realtime"] is True
+    assert summary["config"]["localize"] is fit and summary["config"]["realtime"] is True
     assert len(summary["notes"]) == (1 if fit else 2)
     why = "below its accuracy goal" if SHIPPED_VLM.is_file() else "no trained demo VLM ships"
     assert (why in demo["first"]) is not fit
@@ -86,7 +86,7 @@ def test_demo_writes_every_output_and_says_what_its_weights_are(demo):
     assert picture is not None and picture.shape == (256, 2 * 256 + 6, 3)
     # --localize on: the trained VLM on keyframes, its answers scored against their frames
     on = json.loads((demo["on"] / "summary.json").read_text())
-    assert on["localize"] is True and "VLM:" not in demo["second"]
+    assert on["config"]["localize"] is True and "VLM:" not in demo["second"]
     assert on["pipeline"]["keyframes"][0] == {"frame": 0, "reason": "first"}
     located = on["localizer_accuracy"]
     assert located["answers"] == len(on["pipeline"]["answers"])
@@ -261,6 +261,16 @@ def test_bench_reports_percentiles_deadline_and_memory(demo, tmp_path, capsys):
     assert latency["peak_rss_mib"] > 50 and record["gpu_memory"]["peak_mib"] is None
     assert record["versions"]["onnxruntime"] and record["host"]["cores"] >= 1
     assert (out / "bench.md").exists() and cv2.imread(str(out / "latency.png")) is not None
+    assert record["config"]["localize"] is True and "vlm" in record["engines"]
+    assert record["pipeline"]["keyframes"][0]["reason"] == "first"
+    # the demo's own workload while its VLM is below its goal: SAM2 alone, no keyframes
+    code, _, _ = run_cli(capsys, "bench", "--bundle", str(demo["bundle"]), "--source",
+                         "synthetic:seed=1&frames=6&size=128&fps=30", "--frames", "6",
+                         "--warmup", "2", "--localize", "off", "--out", str(out), "--quiet")
+    record = json.loads((out / "bench.json").read_text())
+    assert code == 0 and record["config"]["localize"] is False
+    assert set(record["engines"]) == {"sam2"} and record["pipeline"]["keyframes"] == []
+    assert record["vlm_query_ms"]["count"] == 0
 
 
 def test_bad_inputs_end_in_a_typed_one_line_error(demo, cine, reference_json, tmp_path, capsys):
@@ -280,6 +290,8 @@ def test_bad_inputs_end_in_a_typed_one_line_error(demo, cine, reference_json, tm
         (["--source", str(not_dicom)], "scan.dcm"),
         (["--source", str(video), "--regions", "6,99"], "regions ['99'] are not in"),
         (["--source", str(video), "--reference", str(bad_reference)], "$.regions[1].box"),
+        (["--source", str(video), "--localize", "off", "--localizer", "triton://h:8000"],
+         "--localize off and --localizer triton://h:8000"),
     ]
     for extra, message in cases:
         args = ["run", "--bundle", bundle, "--reference", str(reference_json), "--out",

@@ -47,6 +47,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "uncalibrated, see README)")
     parser.add_argument("--keyframe-every", type=int, default=KeyframeConfig().every,
                         help="VLM keyframe schedule in frames")
+    run_command.add_localize_argument(parser)
     parser.add_argument("--out", type=Path, default=Path("rau-rt-bench"),
                         help="output folder (default ./rau-rt-bench)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -94,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
         sam2_engine, vlm_engine = run_command.engine_configs(args)
         with open_pipeline(args.bundle, reference, regions, config, backend=args.backend,
                            engine=sam2_engine, vlm_engine=vlm_engine,
-                           tracker=run_command.tracker_config(args)) as pipeline:
+                           tracker=run_command.tracker_config(args),
+                           localize=run_command.localize(args)) as pipeline:
             profile, wall, interrupted = run_command.stream(
                 pipeline, source, [], max_frames=args.frames, fps=args.realtime,
                 progress=not args.quiet, desc="bench")

@@ -306,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
             record = run_command.summarize(
                 pipeline, profile, wall, command=run_command.command_line(args), source=source,
                 fps=source.fps, interrupted=interrupted,
-                extra={"notes": notes, "localize": localize, "bundle": str(bundle),
+                extra={"notes": notes, "bundle": str(bundle),
                        "accuracy": truth.summary(), "localizer_accuracy": keyframes,
                        "outputs": {type(s).__name__: str(s.path) for s in sinks}})
         paths = run_command.write_report(args.out, record, profile, "rau-rt demo")

@@ -232,7 +232,8 @@ def summarize(pipeline: Pipeline, profile: RunProfile, wall_s: float, *, command
         "regions": list(pipeline.regions),
         "references": ([r.name for r in pipeline.bank.references] if pipeline.bank is not None
                        else None),
-        "config": {"realtime": pipeline.config.realtime,
+        "config": {"localize": bool(pipeline.workers),  # VLM keyframes (bundle or central)
+                   "realtime": pipeline.config.realtime,
                    "wait_for_localizer": pipeline.config.wait_for_localizer,
                    "keyframe_every": pipeline.config.keyframes.every,
                    "keyframe_min_score": pipeline.config.keyframes.min_score,
@@ -322,6 +323,21 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         "profiles')")
 
 
+def add_localize_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--localize", choices=("on", "off"), default="on",
+                        help="VLM keyframes (default on); off: SAM2 follows the regions from "
+                        "the reference's memory alone and the bundle's VLM is not loaded (as "
+                        "`rau-rt demo` runs while its VLM is below its accuracy goal)")
+
+
+def localize(args: argparse.Namespace) -> bool:
+    """`--localize`, refused where it contradicts `--localizer URL`."""
+    if args.localize == "off" and getattr(args, "localizer", None):
+        raise InputError(f"--localize off and --localizer {args.localizer}: a central "
+                         "localizer answers keyframes, which --localize off turns off")
+    return args.localize == "on"
+
+
 def tracker_config(args: argparse.Namespace) -> TrackerConfig:
     return TrackerConfig(profile=args.profile)
 
@@ -370,6 +386,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="a central localizer server (triton://host:port or "
                         "triton+grpc://host:port, see `rau-rt serve-localizer`) answers the "
                         "keyframes instead of the bundle's VLM")
+    add_localize_argument(parser)
     parser.add_argument("--max-frames", type=int, default=None, help="stop after N frames")
     parser.add_argument("--fps", type=float, default=None,
                         help="frame rate of an image folder (default: timestamps are frame "
@@ -427,7 +444,7 @@ def run(args: argparse.Namespace) -> int:
     with claim_output(args.out), source, open_pipeline(
             args.bundle, references, regions, pipeline_config(args), backend=args.backend,
             engine=sam2_engine, vlm_engine=vlm_engine, tracker=tracker_config(args),
-            localizer=args.localizer) as pipeline:
+            localizer=args.localizer, localize=localize(args)) as pipeline:
         sinks = open_sinks(args.out, not args.no_overlay, args.masks, args.dicom_seg, source,
                            args.realtime)
         stalled = None
