@@ -35,6 +35,11 @@ SUITES = {
                               "demo SAM2 micro 256 px + random-init Qwen2.5-VL tiny 224 px), "
                               "live at 15 fps, profile exact",
     "pipeline_demo_fast_cpu.json": "Pipeline end to end (`rau-rt bench`): the same, profile fast",
+    "pipeline_demo_localize_off_cpu.json": "Pipeline end to end (`rau-rt bench --localize off`): "
+                                           "the demo bundle's SAM2 alone, no VLM keyframes (as "
+                                           "`rau-rt demo` runs), live at 15 fps, profile exact",
+    "pipeline_demo_localize_off_fast_cpu.json": "Pipeline end to end (`rau-rt bench --localize "
+                                                "off`): the same, profile fast",
     "pipeline_demo8_exact_cpu.json": "Pipeline end to end (`rau-rt bench`): the demo bundle "
                                      "at 8 regions, profile exact, back to back",
     "pipeline_demo8_fast_cpu.json": "Pipeline end to end (`rau-rt bench`): the demo bundle at "
