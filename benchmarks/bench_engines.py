@@ -3,11 +3,15 @@
     python -m benchmarks.bench_engines [--quick] [--json PATH]
 
 The model is exported with `rau_rt.export.graph.export_graph` (which verifies parity) and every
-backend runs through the same `Engine.run` API, NumPy in and out. Backends take turns of
-`TURN` timed calls so that the VM's drift (+-25 % between runs on the 2-core box,
-notes/feasibility.md) hits all of them alike; ratios are against eager from the same run. The
-first call of every turn is not timed: ONNX Runtime's pool threads keep spinning for a while
-after a call and would slow whichever backend runs next (benchmarks.harness, `settle`).
+backend runs through the same `Engine.run` API, NumPy in and out. One more row runs the same
+ONNX graph in a plain ONNX Runtime session with all of ORT's own fusions
+(`onnxruntime-skip-layernorm`): what rau-rt's CPU sessions ran before they skipped
+SkipLayerNormFusion (engines/onnxruntime.py), so the record says what skipping it gains.
+Backends take turns of `TURN` timed calls so that the VM's drift (+-25 % between runs on the
+2-core box, notes/feasibility.md) hits all of them alike; ratios are against eager from the
+same run. The first call of every turn is not timed: ONNX Runtime's pool threads keep
+spinning for a while after a call and would slow whichever backend runs next
+(benchmarks.harness, `settle`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from rau_rt.types import TensorSpec
 
 SUITE = "engines"
 BASELINE = "torch-eager"
+FUSED = "onnxruntime-skip-layernorm"  # ORT's default fusions, SkipLayerNormalization included
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,17 @@ class ConvAttention(nn.Module):
         return self.head(tokens.mean(dim=1)), tokens
 
 
+def _plain_session(path: Path):
+    """An ONNX Runtime CPU session with ORT's defaults (every fusion, SkipLayerNormalization
+    included), threads as the engine's."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), sess_options=options,
+                                providers=["CPUExecutionProvider"])
+
+
 def run(size: Size, workdir: Path) -> list[dict[str, object]]:
     """Export, load every backend, time the interleaved loop; one case per backend."""
     torch.manual_seed(0)
@@ -98,15 +114,18 @@ def run(size: Size, workdir: Path) -> list[dict[str, object]]:
                                             config=EngineConfig(graph_optimization="all")),
     }
     feeds = {"image": example["image"].numpy()}
+    fused = _plain_session(workdir / entries["onnxruntime"].file)
     results = {name: engine.run(feeds) for name, engine in engines.items()}
-    samples = time_interleaved({name: (lambda e=engine: e.run(feeds))
-                                for name, engine in engines.items()},
-                               warmup=size.warmup, repeat=size.iterations, turn=TURN, settle=1)
+    results[FUSED] = dict(zip(names, fused.run(names, feeds), strict=True))
+    calls = {name: (lambda e=engine: e.run(feeds)) for name, engine in engines.items()}
+    calls[FUSED] = lambda: fused.run(names, feeds)
+    samples = time_interleaved(calls, warmup=size.warmup, repeat=size.iterations, turn=TURN,
+                               settle=1)
     for engine in engines.values():
         engine.close()
     case = f"conv_attention_{size.image}px_{(size.image // PATCH) ** 2}tok_d{size.dim}"
     cases = []
-    for name in engines:
+    for name in calls:
         parity = compare(results[BASELINE], results[name], "fp32")
         cases.append(case_record(
             case, name, "fp32", samples[name], BASELINE, samples[BASELINE],

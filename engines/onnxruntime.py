@@ -31,6 +31,14 @@ from rau_rt.types import TensorSpec
 
 log = logging.getLogger(__name__)
 
+# ONNX Runtime graph optimizers a CPU session skips. SkipLayerNormFusion turns Add +
+# LayerNormalization into SkipLayerNormalization, whose CPU kernel (ORT 1.32) ran 2.7-3.8x
+# slower than the two ops it replaces on the 2-core Intel Xeon VM at every shape tried
+# ([8,256,128] to [1,4096,256]); without it SAM2's mask decoder ran 8 % faster (micro@256 and
+# tiny@512), memory attention up to 3 % (README "Engines and bundles"; `benchmarks.bench_engines`
+# times the `onnxruntime` engine against a plain session with the fusion).
+CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
+
 # ONNX Runtime's type strings -> NumPy dtype names.
 ORT_DTYPES = {
     "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
@@ -123,7 +131,8 @@ class OrtEngine(Engine):
                 options.optimized_model_filepath = str(config.optimized_model_path)
         try:
             session = ort.InferenceSession(str(model_path), sess_options=options,
-                                           providers=providers)
+                                           providers=providers,
+                                           disabled_optimizers=cls._disabled(providers))
         except (ort.capi.onnxruntime_pybind11_state.InvalidProtobuf,
                 ort.capi.onnxruntime_pybind11_state.InvalidGraph,
                 ort.capi.onnxruntime_pybind11_state.NoSuchFile) as exc:
@@ -185,11 +194,19 @@ class OrtEngine(Engine):
         return cache if recorded == OrtEngine._cache_key(ort, source, config) else None
 
     @staticmethod
-    def _cache_key(ort, source: Path, config: EngineConfig) -> dict[str, str]:
-        # An optimized graph is specific to the source, ORT build, device and level that wrote it
-        # (level "all" fuses for the host's instruction set).
+    def _disabled(providers: list) -> list[str]:
+        """The graph optimizers a session with these providers skips (CPU first: see
+        CPU_DISABLED_OPTIMIZERS)."""
+        first = providers[0] if isinstance(providers[0], str) else providers[0][0]
+        return list(CPU_DISABLED_OPTIMIZERS) if first == "CPUExecutionProvider" else []
+
+    @staticmethod
+    def _cache_key(ort, source: Path, config: EngineConfig) -> dict[str, object]:
+        # An optimized graph is specific to the source, ORT build, device, level and skipped
+        # optimizers that wrote it (level "all" fuses for the host's instruction set).
         return {"sha256": _file_sha256(source), "onnxruntime": ort.__version__,
-                "device": config.device, "level": config.graph_optimization}
+                "device": config.device, "level": config.graph_optimization,
+                "disabled_optimizers": OrtEngine._disabled(OrtEngine._providers(ort, config))}
 
     @staticmethod
     def _record_cache_source(ort, source: Path, config: EngineConfig) -> None:
