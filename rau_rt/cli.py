@@ -80,7 +80,8 @@ COMMANDS: tuple[Command, ...] = (
             "stream with a pipeline bundle; writes results, overlay and a latency summary",
             _configure("run"), _run("run")),
     Command("demo", "the whole job on built-in defaults: synthetic cine + reference, a "
-            "random-init bundle (cached), VLM keyframes + SAM2 tracking, outputs and latency",
+            "bundle of the demo models (cached), SAM2 tracking (+ VLM keyframes when fit), "
+            "outputs, latency and accuracy against the cine's truth",
             _configure("demo"), _run("demo")),
     Command("bench", "latency of a pipeline bundle on this box: per stage and end to end, "
             "jitter, tail, deadline misses, peak memory (JSON, Markdown, PNG)",

@@ -95,9 +95,12 @@ def test_demo_writes_every_output_and_says_what_its_weights_are(demo):
     assert all(set(a["located"]) == set(on["regions"]) for a in on["pipeline"]["answers"])
     engines = on["engines"]
     assert set(engines) == {"sam2", "vlm"}
-    # only the graphs the exact profile runs: the pooled memory attention stays on disk
+    # the demo tracks with `fast` and opens only the graphs it runs: its windowed memory
+    # attention, not the pooled one
+    assert summary["config"]["tracker_profile"] == on["config"]["tracker_profile"] == "fast"
     assert set(engines["sam2"]["graphs"]) == {"image_encoder", "mask_decoder",
-                                              "memory_attention", "memory_encoder"}
+                                              "memory_attention", "memory_attention_window",
+                                              "memory_encoder"}
     assert all(g["device"] == "cpu" for g in engines["vlm"]["graphs"].values())
     e2e = summary["latency_ms"]["end_to_end"]
     assert e2e["count"] == processed and 0 < e2e["p50"] <= e2e["p99"] <= e2e["max"]

@@ -320,7 +320,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tracking profile: exact (sam2's memory selection) or fast (2 "
                         "attended memories, one stored every second frame, up to 3 frames in "
                         "a row conditioned on a window around each region; README 'Tracking "
-                        "profiles')")
+                        "profiles'; default %(default)s)")
 
 
 def add_localize_argument(parser: argparse.ArgumentParser) -> None:
